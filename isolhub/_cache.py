@@ -1,0 +1,250 @@
+"""The on-disk store: immutable snapshots keyed by commit, moving refs, locks.
+
+Layout under `get_dir()`:
+
+    repos/<repo-key>/origin              the spec location, for `isolhub cache ls`
+    repos/<repo-key>/refs/<ref>          a text file holding the commit SHA the ref last resolved to
+    repos/<repo-key>/snapshots/<sha>/    the repository tree at that commit; never changes once there
+    checkpoints/<file>                   weights (torch.hub's layout, shared with it)
+    trusted_list                         torch.hub's trust file
+    .locks/<name>.lock                   filelocks (only avoid duplicate work)
+
+A snapshot is written into a uniquely named staging folder beside its final place and renamed in,
+so a reader sees either nothing or the whole tree; correctness never depends on the lock, because
+`flock` succeeds for everyone on some network filesystems.
+
+Example:
+    >>> install_snapshot(spec, sha, lambda staging: extract_into(staging))
+    PosixPath('/root/.cache/isolhub/repos/github--o--r/snapshots/3f2a...')
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import re
+import shutil
+import stat
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from urllib.parse import quote
+
+import filelock
+
+from ._config import get_dir
+from ._errors import CacheError
+from ._spec import RepoSpec
+
+STAGING_PREFIX = ".staging-"
+_STALE_STAGING_S = 3600
+_SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def hub_dir(*, create: bool = False) -> Path:
+    """The hub dir as a Path; with `create`, made if missing (a clear error if it cannot be)."""
+    root = Path(get_dir())
+    if create:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CacheError(
+                f"cache not writable: {root} ({e.strerror}); set ISOLHUB_HOME or call set_dir()"
+            ) from e
+    return root
+
+
+def repo_key(spec: RepoSpec) -> str:
+    """A filesystem-safe, collision-free folder name for the repository of `spec`."""
+    if spec.kind == "github":
+        owner, name = spec.location.split("/")
+        return f"github--{owner}--{name}"
+    digest = hashlib.sha256(spec.location.encode()).hexdigest()[:12]
+    return f"{spec.kind}--{_SAFE.sub('_', spec.name)[:40]}--{digest}"
+
+
+def repo_dir(spec: RepoSpec) -> Path:
+    """`<hub>/repos/<repo-key>` for `spec`'s repository."""
+    return hub_dir() / "repos" / repo_key(spec)
+
+
+def snapshot_path(spec: RepoSpec, sha: str) -> Path:
+    """Where the snapshot of `spec`'s repository at commit `sha` lives (it may not exist yet)."""
+    return repo_dir(spec) / "snapshots" / sha
+
+
+def _ref_file(spec: RepoSpec, ref: str) -> Path:
+    # quote() keeps refs with '/' in one file and keeps 'a/b' and 'a_b' apart.
+    return repo_dir(spec) / "refs" / quote(ref, safe="")
+
+
+def read_ref(spec: RepoSpec, ref: str) -> str | None:
+    """The SHA `ref` last resolved to, from the cache; None when unknown."""
+    try:
+        sha = _ref_file(spec, ref).read_text().strip()
+    except OSError:
+        return None
+    return sha if re.fullmatch(r"[0-9a-f]{40}", sha) else None
+
+
+def write_ref(spec: RepoSpec, ref: str, sha: str) -> None:
+    """Record that `ref` resolved to `sha` (atomically; best effort on a read-only cache)."""
+    path = _ref_file(spec, ref)
+    if read_ref(spec, ref) == sha:
+        return
+    with contextlib.suppress(OSError):
+        write_text_atomic(path, sha + "\n")
+        origin = repo_dir(spec) / "origin"
+        if not origin.exists():
+            write_text_atomic(origin, spec.location + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a unique temp file and `os.replace`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+@contextlib.contextmanager
+def lock(name: str, timeout: float = 600) -> Iterator[None]:
+    """Hold the cross-process lock `<hub>/.locks/<name>.lock`; it only avoids duplicate work.
+
+    Where the lock file cannot be created (read-only cache) the body still runs unlocked.
+    """
+    locks = hub_dir() / ".locks"
+    try:
+        locks.mkdir(parents=True, exist_ok=True)
+        fl = filelock.FileLock(str(locks / f"{_SAFE.sub('_', name)}.lock"), timeout=timeout)
+        fl.acquire()
+    except (OSError, filelock.Timeout):
+        yield
+        return
+    try:
+        yield
+    finally:
+        fl.release()
+
+
+def install_snapshot(
+    spec: RepoSpec, sha: str, populate: Callable[[Path], None], *, force: bool = False
+) -> Path:
+    """Make `snapshots/<sha>` exist, filling a fresh staging folder with `populate(staging)`.
+
+    `populate` must write the whole tree into the (empty, existing) folder it is given or raise;
+    on any failure the staging folder is removed and nothing changes. With `force`, an existing
+    snapshot is replaced by a freshly populated one.
+
+    Raises:
+        CacheError: the cache is not writable.
+    """
+    final = snapshot_path(spec, sha)
+    if final.is_dir() and not force:
+        return final
+    parent = final.parent
+    hub_dir(create=True)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CacheError(
+            f"cache not writable: {parent} ({e.strerror}); set ISOLHUB_HOME or call set_dir()"
+        ) from e
+    with lock(f"{repo_key(spec)}-{sha}"):
+        if final.is_dir() and not force:
+            return final
+        sweep_staging(parent)
+        staging = parent / f"{STAGING_PREFIX}{sha[:12]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            staging.mkdir()
+            populate(staging)
+            _make_read_only(staging)
+            _move_into_place(staging, final, replace=force)
+        except OSError as e:
+            raise _disk_error(e, parent) from e
+        finally:
+            if staging.exists():
+                remove_tree(staging)
+    return final
+
+
+def _move_into_place(staging: Path, final: Path, *, replace: bool) -> None:
+    if replace and final.exists():
+        trash = final.with_name(f"{STAGING_PREFIX}old-{uuid.uuid4().hex[:8]}")
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(final, trash)
+        try:
+            os.rename(staging, final)
+        finally:
+            if trash.exists():
+                remove_tree(trash)
+        return
+    try:
+        os.rename(staging, final)
+    except OSError as e:
+        # Another process (maybe with a lying lock) won the race with identical content.
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not final.is_dir():
+            raise
+
+
+def _make_read_only(root: Path) -> None:
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            p = os.path.join(dirpath, f)
+            st = os.lstat(p)
+            if stat.S_ISREG(st.st_mode):
+                os.chmod(p, st.st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+
+
+def _disk_error(e: OSError, where: Path) -> CacheError:
+    if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return CacheError(
+            f"no space left while writing under {where}: {e}; free space or move the hub"
+        )
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return CacheError(
+            f"cache not writable: {where} ({e.strerror}); set ISOLHUB_HOME or call set_dir()"
+        )
+    return CacheError(f"could not write under {where}: {e}")
+
+
+def sweep_staging(parent: Path, max_age_s: float = _STALE_STAGING_S) -> None:
+    """Remove staging folders left by dead processes (by pid) or older than `max_age_s`."""
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return
+    now = time.time()
+    for entry in entries:
+        if not entry.name.startswith(STAGING_PREFIX):
+            continue
+        m = re.match(rf"{re.escape(STAGING_PREFIX)}[0-9a-f]+-(\d+)-", entry.name)
+        dead = m is not None and not _pid_alive(int(m.group(1)))
+        with contextlib.suppress(OSError):
+            if dead or now - entry.lstat().st_mtime > max_age_s:
+                remove_tree(entry)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_tree(path: Path) -> None:
+    """Remove `path` (a folder or file), never following symlinks out of it."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+        return
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,53 @@
+"""Where isolhub keeps things and how it reaches the outside, resolved at call time.
+
+Precedence for the hub dir: `set_dir()` > `$ISOLHUB_HOME` > `$XDG_CACHE_HOME/isolhub` >
+the platformdirs user cache dir. Nothing here is read at import time.
+
+Example:
+    >>> import isolhub
+    >>> isolhub.set_dir("/tmp/hub")
+    >>> isolhub.get_dir()
+    '/tmp/hub'
+"""
+
+from __future__ import annotations
+
+import os
+
+import platformdirs
+
+DEFAULT_GITHUB_API = "https://api.github.com"
+
+_hub_dir_override: str | None = None
+
+
+def set_dir(d: str | os.PathLike[str]) -> None:
+    """Use `d` as the hub dir for this process (`~` is expanded), as `torch.hub.set_dir`."""
+    global _hub_dir_override
+    _hub_dir_override = os.path.expanduser(os.fspath(d))
+
+
+def get_dir() -> str:
+    """Return the hub dir: `set_dir()` > `$ISOLHUB_HOME` > `$XDG_CACHE_HOME/isolhub` > user cache."""
+    if _hub_dir_override is not None:
+        return _hub_dir_override
+    if os.environ.get("ISOLHUB_HOME"):
+        return os.path.expanduser(os.environ["ISOLHUB_HOME"])
+    if os.environ.get("XDG_CACHE_HOME"):
+        return os.path.join(os.path.expanduser(os.environ["XDG_CACHE_HOME"]), "isolhub")
+    return platformdirs.user_cache_dir("isolhub", appauthor=False)
+
+
+def is_offline() -> bool:
+    """True when `ISOLHUB_OFFLINE` is set to a true value (1, true, yes, on)."""
+    return os.environ.get("ISOLHUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def github_api() -> str:
+    """Base URL of the GitHub REST API (`$ISOLHUB_GITHUB_API`, default the public API)."""
+    return os.environ.get("ISOLHUB_GITHUB_API", DEFAULT_GITHUB_API).rstrip("/")
+
+
+def github_token() -> str | None:
+    """`$GITHUB_TOKEN`, or None; sent only to the `github_api()` host."""
+    return os.environ.get("GITHUB_TOKEN") or None

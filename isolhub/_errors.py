@@ -1,0 +1,161 @@
+"""The single exception tree of isolhub.
+
+* `IsolhubError` — root; catch it to catch everything isolhub raises.
+  * `SpecError(IsolhubError, ValueError)` — a spec string is malformed.
+  * `ResolveError` — a ref could not be turned into a commit.
+    * `RefNotFoundError` — the repository has no such branch, tag or commit.
+    * `OfflineError(ResolveError, ConnectionError)` — offline and not in the cache.
+  * `UntrustedRepoError` — the trust check refused the repository.
+  * `FetchError` — a source or file could not be downloaded.
+    * `DownloadError` — an HTTP download failed (names the URL).
+      * `HashMismatchError(DownloadError, RuntimeError)` — bytes do not match the expected hash.
+  * `ArchiveError` — an archive is malformed or hostile; nothing was written.
+  * `CacheError` — the cache could not be used (not writable, corrupt entry).
+    * `CacheCorruptedError` — a cached entry failed verification.
+  * `EntrypointError(IsolhubError, RuntimeError)` — the hubconf has no such callable.
+  * `MissingDependenciesError(IsolhubError, RuntimeError)` — `dependencies` names absent modules.
+  * `WorkerError` — something went wrong in or with a worker process.
+    * `WorkerCrashedError` — the worker died (exit code, signal name, stderr tail).
+    * `WorkerTimeoutError` — the worker overran its timeout and was killed.
+    * `SandboxError` — a requested protection could not be applied.
+    * `RemoteError` — the hubconf code raised; carries the remote type, message, traceback.
+  * `TransportError` — a result could not be moved between processes.
+    * `ProtocolError` — a malformed, oversize or unexpected frame.
+  * `HandleClosedError` — a remote handle was used after its worker went away.
+
+Every error pickles (so it can cross process boundaries) with its attributes intact.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+
+class IsolhubError(Exception):
+    """Root of every error isolhub raises.
+
+    Example:
+        >>> try:
+        ...     hub.load("owner/repo:v1", "net")
+        ... except isolhub.IsolhubError as e:
+        ...     print(e)
+    """
+
+    def __init__(self, message: str = "", **attrs: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        for key, value in attrs.items():
+            setattr(self, key, value)
+        self._attrs = attrs
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_error, (type(self), self.message, self._attrs))
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _rebuild_error(cls: type[IsolhubError], message: str, attrs: dict[str, Any]) -> IsolhubError:
+    return cls(message, **attrs)
+
+
+class SpecError(IsolhubError, ValueError):
+    """Raised when a spec string matches none of the accepted forms."""
+
+
+class ResolveError(IsolhubError):
+    """Raised when a branch, tag or commit cannot be resolved to a commit SHA."""
+
+
+class RefNotFoundError(ResolveError):
+    """Raised when the repository exists but has no such branch, tag or commit."""
+
+
+class OfflineError(ResolveError, ConnectionError):
+    """Raised in offline mode (`ISOLHUB_OFFLINE=1`) when what is asked for is not cached."""
+
+
+class UntrustedRepoError(IsolhubError):
+    """Raised when a repository is not trusted and no one could be asked (no terminal)."""
+
+
+class FetchError(IsolhubError):
+    """Raised when a source snapshot could not be fetched (git or HTTP)."""
+
+
+class DownloadError(FetchError):
+    """Raised when an HTTP download fails; the message names the URL and the cause."""
+
+
+class HashMismatchError(DownloadError, RuntimeError):
+    """Raised when downloaded bytes do not match the expected hash; the target is untouched."""
+
+
+class ArchiveError(IsolhubError):
+    """Raised when an archive is malformed or hostile; the offending member is named."""
+
+
+class CacheError(IsolhubError):
+    """Raised when the cache cannot be read or written."""
+
+
+class CacheCorruptedError(CacheError):
+    """Raised when a cached entry fails verification (size, hash or embedded commit)."""
+
+
+class EntrypointError(IsolhubError, RuntimeError):
+    """Raised when the hubconf has no callable of the requested name."""
+
+
+class MissingDependenciesError(IsolhubError, RuntimeError):
+    """Raised when modules named in the hubconf's `dependencies` list cannot be found."""
+
+
+class WorkerError(IsolhubError):
+    """Something went wrong in or with a worker process (carries `spec` and `pid`)."""
+
+
+class WorkerCrashedError(WorkerError):
+    """Raised when a worker dies before answering: exit code or signal, and its stderr tail."""
+
+
+class WorkerTimeoutError(WorkerError):
+    """Raised when a worker overruns its `timeout`; it has been killed."""
+
+
+class SandboxError(WorkerError):
+    """Raised when a protection the sandbox policy asks for cannot be applied."""
+
+
+class RemoteError(WorkerError):
+    """Raised when hubconf code raised inside the worker.
+
+    Attributes: `remote_type` (the exception's qualified type name), `remote_message` and
+    `remote_traceback` (the worker's formatted traceback, as text).
+    """
+
+
+class TransportError(IsolhubError):
+    """Raised when a result cannot be moved from a worker to the parent."""
+
+
+class ProtocolError(TransportError):
+    """Raised on a malformed, oversize or unexpected frame from a worker."""
+
+
+class HandleClosedError(IsolhubError):
+    """Raised when a remote handle is used after it was closed or its worker died."""
+
+
+def describe_exit(status: int | None) -> str:
+    """Describe a `waitpid`-style decoded return code: `exit code 3` or `signal SIGSEGV (-11)`."""
+    if status is None:
+        return "unknown exit status"
+    if status < 0:
+        try:
+            name = signal.Signals(-status).name
+        except ValueError:
+            name = f"signal {-status}"
+        return f"killed by {name} ({status})"
+    return f"exit code {status}"
