@@ -1,0 +1,220 @@
+"""The torch.hub-compatible functions, built on the one-way flow of isolhub:
+
+    spec string ──▶ RepoSpec ──▶ Snapshot (commit-pinned, cached) ──▶ Worker ──▶ result
+      _spec          _source / _cache / _git / _github              _process ⇄ _worker
+                                                                   _arena, _byvalue (transport)
+
+Each call runs the repo in its own worker process, so the repo's modules never enter this
+process's `sys.modules` and two refs of one repo can be loaded side by side.
+
+Example:
+    >>> import isolhub as hub
+    >>> hub.list("git+file:///srv/net.git@v1")
+    ['resnet']
+    >>> a = hub.load("git+file:///srv/net.git@v1", "resnet", pretrained=False)
+    >>> b = hub.load("git+file:///srv/net.git@v2", "resnet", pretrained=False)
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from typing import Any
+
+from . import _byvalue
+from ._arena import ArenaReader
+from ._config import get_dir
+from ._errors import ProtocolError, SpecError
+from ._process import Worker
+from ._protocol import decode
+from ._source import Snapshot, fetch_snapshot
+from ._spec import parse_spec
+
+MODES = ("module", "state_dict")
+
+
+def start_worker(snapshot: Snapshot, *, start_method: str = "zygote") -> Worker:
+    """Start a worker serving `snapshot` (the caller closes it)."""
+    tag = (snapshot.sha or str(abs(hash(str(snapshot.path)))))[:12]
+    init = {
+        "snapshot": str(snapshot.path),
+        "module_name": f"isolhub_hubconf_{tag}",
+        "hub_dir": get_dir(),
+    }
+    return Worker.start(snapshot.label, init, start_method=start_method)
+
+
+def _snapshot(
+    repo_or_dir: Any, source: str, trust_repo: Any, force_reload: bool, verbose: bool, fn: str
+) -> Snapshot:
+    spec = parse_spec(repo_or_dir, source)
+    return fetch_snapshot(
+        spec, trust_repo=trust_repo, force_reload=force_reload, verbose=verbose, calling_fn=fn
+    )
+
+
+def list(  # noqa: A001 - torch.hub's name
+    github: str,
+    force_reload: bool = False,
+    skip_validation: bool = False,
+    trust_repo: Any = "check",
+    verbose: bool = True,
+    *,
+    source: str = "github",
+    timeout: float | None = None,
+) -> list[str]:  # type: ignore[valid-type]
+    """The entrypoints of a repo's hubconf: its public callables, imported ones included.
+
+    hubconf is imported in a worker, never in this process.
+
+    Raises:
+        SpecError, ResolveError, UntrustedRepoError, FetchError: the repo could not be had.
+        RemoteError: importing hubconf raised. WorkerError: the worker died or timed out.
+    """
+    snap = _snapshot(github, source, trust_repo, force_reload, verbose, "list")
+    with start_worker(snap) as w:
+        reply, _ = w.request({"op": "list"}, timeout)
+    return reply["value"]
+
+
+def help(  # noqa: A001 - torch.hub's name
+    github: str,
+    model: str,
+    force_reload: bool = False,
+    skip_validation: bool = False,
+    trust_repo: Any = "check",
+    *,
+    source: str = "github",
+    verbose: bool = True,
+    timeout: float | None = None,
+) -> str | None:
+    """The docstring of entrypoint `model` (None if it has none).
+
+    Raises:
+        EntrypointError: no such callable. MissingDependenciesError: `dependencies` unmet.
+        and what `list` raises.
+    """
+    _check_model_name(model)
+    snap = _snapshot(github, source, trust_repo, force_reload, verbose, "help")
+    with start_worker(snap) as w:
+        reply, _ = w.request({"op": "help", "entry": model}, timeout)
+    return reply["value"]
+
+
+def load(
+    repo_or_dir: str,
+    model: str,
+    *args: Any,
+    source: str = "github",
+    trust_repo: Any = "check",
+    force_reload: bool = False,
+    verbose: bool = True,
+    skip_validation: bool = False,
+    mode: str = "module",
+    timeout: float | None = None,
+    seed: int | None = None,
+    **kwargs: Any,
+) -> Any:
+    """Call entrypoint `model(*args, **kwargs)` of the repo in a worker and return its result.
+
+    `mode="module"` (trusted code) ships the returned object back with its classes by value and
+    its tensors through shared memory; `mode="state_dict"` is `load_state_dict`. `timeout` bounds
+    the worker's time (it is killed past it); `seed` seeds torch and random first.
+
+    Raises:
+        EntrypointError, MissingDependenciesError, RemoteError: as torch.hub, but typed.
+        WorkerCrashedError, WorkerTimeoutError: the worker died or hung.
+        and what `list` raises.
+    """
+    _check_model_name(model)
+    if mode not in MODES:
+        raise SpecError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+    snap = _snapshot(repo_or_dir, source, trust_repo, force_reload, verbose, "load")
+    with start_worker(snap) as w:
+        return call(w, model, args, kwargs, result=mode, timeout=timeout, seed=seed)
+
+
+def load_state_dict(
+    repo_or_dir: str,
+    model: str,
+    *args: Any,
+    source: str = "github",
+    trust_repo: Any = "check",
+    force_reload: bool = False,
+    verbose: bool = True,
+    skip_validation: bool = False,
+    timeout: float | None = None,
+    seed: int | None = None,
+    **kwargs: Any,
+) -> OrderedDict[str, Any]:
+    """The `state_dict()` of what entrypoint `model` returns, through shared memory, no pickle.
+
+    Tied weights stay tied (one storage). Same arguments and errors as `load`.
+    """
+    return load(
+        repo_or_dir,
+        model,
+        *args,
+        source=source,
+        trust_repo=trust_repo,
+        force_reload=force_reload,
+        verbose=verbose,
+        skip_validation=skip_validation,
+        mode="state_dict",
+        timeout=timeout,
+        seed=seed,
+        **kwargs,
+    )
+
+
+def call(
+    worker: Worker,
+    entry: str,
+    args: tuple[Any, ...] = (),
+    kwargs: dict[str, Any] | None = None,
+    *,
+    result: str = "module",
+    timeout: float | None = None,
+    seed: int | None = None,
+) -> Any:
+    """Call `entry` in a live worker and decode its result (`module` or `state_dict`)."""
+    message = {
+        "op": "call",
+        "entry": entry,
+        "args": tuple(args),
+        "kwargs": dict(kwargs or {}),
+        "result": result,
+        "seed": seed,
+    }
+    reply, fds = worker.request(message, timeout)
+    return decode_result(reply, fds)
+
+
+def decode_result(reply: dict[str, Any], fds: list[int]) -> Any:
+    """Rebuild a `call` reply in this process; consumes `fds`."""
+    if len(fds) > 1:
+        for fd in fds:
+            os.close(fd)
+        raise ProtocolError(f"a result came with {len(fds)} fds; expected at most one")
+    fd = fds[0] if fds else None
+    kind = reply.get("kind")
+    if kind == "pickle":
+        return _byvalue.loads(reply["data"], fd, reply["layout"])
+    if kind == "state_dict":
+        arena = ArenaReader(fd, reply["layout"])
+
+        def ext(value: Any) -> Any:
+            if not isinstance(value, dict) or "tensor" not in value:
+                raise ProtocolError("unexpected extension value in a state dict")
+            return arena.tensor(value["tensor"])
+
+        items = decode(reply["items"], ext)
+        return OrderedDict((k, v) for k, v in items)
+    if fd is not None:
+        os.close(fd)
+    raise ProtocolError(f"unknown result kind {kind!r}")
+
+
+def _check_model_name(model: Any) -> None:
+    if not isinstance(model, str):
+        raise SpecError("Invalid input: model should be a string of function name")

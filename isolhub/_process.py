@@ -1,0 +1,396 @@
+"""The parent side of a worker: start it (zygote fork or fresh spawn), talk to it, watch it die.
+
+The parent waits on the worker's channel and on its pidfd together, so a death is noticed at
+once and becomes `WorkerCrashedError` (exit code or signal name, and the tail of its output); a
+`timeout` kills a hung worker (`WorkerTimeoutError`). Worker output (stdout and stderr) is
+forwarded to the parent's stderr as it comes, and its tail kept for error messages.
+
+Example:
+    >>> w = Worker.start("git+file:///srv/net.git@v1", {"snapshot": "/cache/...", ...})
+    >>> w.request({"op": "list"})
+    {'ok': True, 'value': ['resnet']}
+    >>> w.close()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import cloudpickle
+
+from ._errors import (
+    EntrypointError,
+    MissingDependenciesError,
+    ProtocolError,
+    RemoteError,
+    WorkerCrashedError,
+    WorkerError,
+    WorkerTimeoutError,
+    describe_exit,
+)
+from ._protocol import decode, encode, recv_frame, send_frame
+
+_TAIL_BYTES = 8192
+_ZYGOTE_START_TIMEOUT = 180.0
+_HANDSHAKE_TIMEOUT = 60.0
+_GRACE = 2.0
+
+
+def _isolhub_pythonpath() -> str:
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rest = os.environ.get("PYTHONPATH")
+    return here + (os.pathsep + rest if rest else "")
+
+
+class _Zygote:
+    """The per-parent zygote process (started lazily, restarted after a fork or a death)."""
+
+    _instance: _Zygote | None = None
+    _class_lock = threading.Lock()
+
+    def __init__(self) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # numpy's OpenBLAS starts a thread pool at import (torch imports numpy), and a
+        # process with threads must not fork; workers keep single-threaded BLAS for numpy only.
+        env = dict(os.environ, PYTHONPATH=_isolhub_pythonpath(), OPENBLAS_NUM_THREADS="1")
+        self.owner = os.getpid()
+        self.lock = threading.Lock()
+        self.control = parent
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "isolhub._zygote", str(child.fileno())],
+            pass_fds=[child.fileno()],
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+        child.close()
+        self.control.settimeout(_ZYGOTE_START_TIMEOUT)
+        try:
+            frame = recv_frame(self.control)
+        except (OSError, ProtocolError) as e:
+            self.proc.kill()
+            raise WorkerError(f"the isolhub zygote did not start: {e}") from e
+        finally:
+            self.control.settimeout(None)
+        hello = decode(frame[0]) if frame else {}
+        if not hello.get("ready"):
+            self.proc.kill()
+            self.proc.wait()
+            why = hello.get("error") or describe_exit(self.proc.returncode)
+            raise WorkerError(f"the isolhub zygote failed to start ({why}); see its stderr above")
+        weakref.finalize(self, _close_zygote, self.control, self.proc)
+
+    @classmethod
+    def get(cls) -> _Zygote:
+        with cls._class_lock:
+            z = cls._instance
+            if z is None or z.owner != os.getpid() or z.proc.poll() is not None:
+                z = cls._instance = _Zygote()
+            return z
+
+    def _ask(self, request: dict[str, Any], fds: list[int] = ()) -> dict[str, Any]:  # type: ignore[assignment]
+        with self.lock:
+            try:
+                send_frame(self.control, encode(request), fds)
+                frame = recv_frame(self.control)
+            except OSError as e:
+                raise WorkerError(f"lost the isolhub zygote: {e}") from e
+        if frame is None:
+            raise WorkerError("the isolhub zygote exited unexpectedly")
+        reply = decode(frame[0])
+        if "error" in reply:
+            raise WorkerError(f"the isolhub zygote refused: {reply['error']}")
+        return reply
+
+    def fork(self, channel: int, output: int) -> int:
+        return int(self._ask({"op": "fork"}, [channel, output])["pid"])
+
+    def wait(self, pid: int) -> int:
+        return int(self._ask({"op": "wait", "pid": pid})["status"])
+
+
+def _close_zygote(control: socket.socket, proc: subprocess.Popen[bytes]) -> None:
+    control.close()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def shutdown_zygote() -> None:
+    """Stop this process's zygote (it also stops by itself when the parent exits)."""
+    with _Zygote._class_lock:
+        z, _Zygote._instance = _Zygote._instance, None
+    if z is not None and z.owner == os.getpid():
+        _close_zygote(z.control, z.proc)
+
+
+class Worker:
+    """One live worker process serving one snapshot. Use `Worker.start`, then `request`/`call`."""
+
+    def __init__(
+        self,
+        label: str,
+        pid: int,
+        sock: socket.socket,
+        status: Callable[[], int],
+        output_fd: int,
+        scratch: str,
+    ) -> None:
+        self.label = label
+        self.pid = pid
+        self.sock = sock
+        self.pidfd = os.pidfd_open(pid)
+        self._status = status
+        self.returncode: int | None = None
+        self.scratch = scratch
+        self.closed = False
+        self._tail = bytearray()
+        self._reader = threading.Thread(
+            target=_drain, args=(output_fd, self._tail), name=f"isolhub-out-{pid}", daemon=True
+        )
+        self._reader.start()
+        self._finalizer = weakref.finalize(self, _reap, self.pidfd, sock)
+
+    @classmethod
+    def start(cls, label: str, init: dict[str, Any], *, start_method: str = "zygote") -> Worker:
+        """Start a worker for `label` and hand it `init` (snapshot, module name, hub dir...).
+
+        Raises:
+            WorkerError: the worker could not be started.
+            WorkerCrashedError: it died during set-up.
+        """
+        scratch = tempfile.mkdtemp(prefix="isolhub-worker-")
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        out_r, out_w = os.pipe()
+        try:
+            if start_method == "zygote":
+                zygote = _Zygote.get()
+                pid = zygote.fork(child.fileno(), out_w)
+                status: Callable[[], int] = lambda: zygote.wait(pid)  # noqa: E731
+            elif start_method == "spawn":
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "isolhub._worker", str(child.fileno())],
+                    pass_fds=[child.fileno()],
+                    stdin=subprocess.DEVNULL,
+                    stdout=out_w,
+                    stderr=out_w,
+                    env=dict(os.environ, PYTHONPATH=_isolhub_pythonpath()),
+                )
+                pid, status = proc.pid, proc.wait
+            else:
+                raise WorkerError(f"unknown start method {start_method!r}: use 'zygote' or 'spawn'")
+        except BaseException:
+            os.close(out_r)
+            parent.close()
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
+        finally:
+            child.close()
+            os.close(out_w)
+        worker = cls(label, pid, parent, status, out_r, scratch)
+        try:
+            send_frame(parent, cloudpickle.dumps(dict(init, scratch=scratch)))
+            worker._reply(time.monotonic() + _HANDSHAKE_TIMEOUT)
+        except BaseException:
+            worker.kill()
+            raise
+        return worker
+
+    def request(
+        self, message: dict[str, Any], timeout: float | None = None
+    ) -> tuple[dict[str, Any], list[int]]:
+        """Send one request and wait for its answer: `(reply, fds)`; errors are raised typed.
+
+        Raises:
+            WorkerCrashedError: the worker died. WorkerTimeoutError: it overran `timeout`.
+            RemoteError, EntrypointError, MissingDependenciesError: hubconf code failed.
+        """
+        if self.closed:
+            raise WorkerCrashedError(f"the worker for {self.label} is gone", spec=self.label)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            send_frame(self.sock, cloudpickle.dumps(message))
+        except OSError:
+            self._raise_death()
+        return self._reply(deadline, timeout)
+
+    def _reply(
+        self, deadline: float | None, timeout: float | None = None
+    ) -> tuple[dict[str, Any], list[int]]:
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.sock, selectors.EVENT_READ)
+            sel.register(self.pidfd, selectors.EVENT_READ)
+            while True:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    self.kill()
+                    raise WorkerTimeoutError(
+                        f"the worker for {self.label} (pid {self.pid}) did not answer within "
+                        f"{timeout or _HANDSHAKE_TIMEOUT:g} s and was killed; raise timeout= if "
+                        f"the load is just slow{self._tail_text()}",
+                        spec=self.label,
+                        pid=self.pid,
+                    )
+                ready = {key.fileobj for key, _ in sel.select(remaining)}
+                if self.sock in ready:
+                    break
+                if self.pidfd in ready:
+                    self._raise_death()
+        self.sock.settimeout(None if remaining is None else max(remaining, 1.0))
+        try:
+            frame = recv_frame(self.sock)
+        except (TimeoutError, ProtocolError, OSError) as e:
+            if self._dead_within(_GRACE):
+                self._raise_death()
+            self.kill()
+            raise ProtocolError(f"bad frame from the worker for {self.label}: {e}") from e
+        finally:
+            self.sock.settimeout(None)
+        if frame is None:
+            self._dead_within(_GRACE)
+            self._raise_death()
+        payload, fds = frame
+        try:
+            reply = decode(payload)
+            if not isinstance(reply, dict) or "ok" not in reply:
+                raise ProtocolError("the reply is not a message")
+        except ProtocolError as e:
+            for fd in fds:
+                os.close(fd)
+            self.kill()
+            raise ProtocolError(f"bad reply from the worker for {self.label}: {e}") from e
+        if not reply["ok"]:
+            for fd in fds:
+                os.close(fd)
+            raise self._remote_error(reply.get("error"))
+        return reply, fds
+
+    def _remote_error(self, record: Any) -> Exception:
+        if not isinstance(record, dict):
+            return ProtocolError(f"malformed error from the worker for {self.label}")
+        kind, message = record.get("kind"), str(record.get("message", ""))
+        if kind == "entrypoint":
+            return EntrypointError(message, spec=self.label)
+        if kind == "dependencies":
+            return MissingDependenciesError(
+                message, spec=self.label, missing=list(record.get("missing") or [])
+            )
+        rtype, tb = str(record.get("type", "Exception")), str(record.get("traceback", ""))
+        short = rtype.removeprefix("builtins.")
+        return RemoteError(
+            f"{short}: {message}\n(raised by hubconf code in the worker for {self.label}; "
+            f"remote traceback follows)\n{tb.rstrip()}",
+            spec=self.label,
+            pid=self.pid,
+            remote_type=rtype,
+            remote_message=message,
+            remote_traceback=tb,
+        )
+
+    def _dead_within(self, seconds: float) -> bool:
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.pidfd, selectors.EVENT_READ)
+            return bool(sel.select(seconds))
+
+    def _raise_death(self) -> None:
+        self._dead_within(_GRACE)
+        code = self._collect()
+        raise WorkerCrashedError(
+            f"the worker for {self.label} (pid {self.pid}) died: {describe_exit(code)}"
+            f"{self._tail_text()}",
+            spec=self.label,
+            pid=self.pid,
+            returncode=code,
+            output_tail=self.output_tail(),
+        )
+
+    def output_tail(self) -> str:
+        """The last few KiB the worker wrote to stdout/stderr."""
+        return bytes(self._tail).decode("utf-8", "replace")
+
+    def _tail_text(self) -> str:
+        self._reader.join(timeout=1.0)
+        tail = self.output_tail().strip()
+        return f"\n--- last output of the worker ---\n{tail}" if tail else ""
+
+    def _collect(self) -> int | None:
+        """Reap the (dead) worker once and release everything it held."""
+        if self.returncode is None and not self.closed:
+            try:
+                self.returncode = self._status()
+            except (WorkerError, OSError, ChildProcessError):
+                self.returncode = None
+        self._release()
+        return self.returncode
+
+    def _release(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._finalizer()
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+    def kill(self) -> None:
+        """Kill the worker at once (SIGKILL) and reap it."""
+        if self.closed:
+            return
+        with contextlib.suppress(OSError):
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        self._dead_within(_GRACE)
+        self._collect()
+
+    def close(self) -> None:
+        """Ask the worker to exit; kill it if it has not within two seconds."""
+        if self.closed:
+            return
+        with contextlib.suppress(OSError):
+            send_frame(self.sock, pickle.dumps({"op": "close"}))
+        if not self._dead_within(_GRACE):
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            self._dead_within(_GRACE)
+        self._collect()
+        self._reader.join(timeout=1.0)
+
+    def __enter__(self) -> Worker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _reap(pidfd: int, sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    with contextlib.suppress(OSError):
+        os.close(pidfd)
+    sock.close()
+
+
+def _drain(fd: int, tail: bytearray) -> None:
+    try:
+        while chunk := os.read(fd, 65536):
+            tail.extend(chunk)
+            del tail[:-_TAIL_BYTES]
+            with contextlib.suppress(Exception):
+                sys.stderr.write(chunk.decode("utf-8", "replace"))
+                sys.stderr.flush()
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,244 @@
+"""Frames on the parent⇄worker channel, and the restricted codec for what the worker says.
+
+A frame is an 8-byte header (payload length, number of passed fds) followed by the payload; fds
+travel as `SCM_RIGHTS` ancillary data on the header. Frames have a size cap.
+
+The codec encodes None, bool, int, float, str, bytes, lists, tuples, dicts with str keys and,
+through hooks, tensors. Decoding can build nothing else, so a hostile worker's reply can never
+run code in the parent (unlike pickle).
+
+Example:
+    >>> decode(encode({"ok": True, "names": ["resnet18"]}))
+    {'ok': True, 'names': ['resnet18']}
+"""
+
+from __future__ import annotations
+
+import array
+import socket
+import struct
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ._errors import ProtocolError
+
+MAX_FRAME = 1 << 30
+MAX_FDS = 16
+_HEADER = struct.Struct("!II")
+_MAX_DEPTH = 64
+
+# Codec tags.
+_NONE, _TRUE, _FALSE, _INT, _BIGINT, _FLOAT = b"N", b"T", b"F", b"i", b"I", b"f"
+_STR, _BYTES, _LIST, _TUPLE, _DICT, _EXT = b"s", b"b", b"l", b"t", b"d", b"X"
+_U32 = struct.Struct("!I")
+_I64 = struct.Struct("!q")
+_F64 = struct.Struct("!d")
+
+
+def send_frame(sock: socket.socket, payload: bytes, fds: Sequence[int] = ()) -> None:
+    """Send one frame (and `fds`, which stay open on this side)."""
+    if len(payload) > MAX_FRAME or len(fds) > MAX_FDS:
+        raise ProtocolError(f"frame too large to send: {len(payload)} bytes, {len(fds)} fds")
+    header = _HEADER.pack(len(payload), len(fds))
+    if fds:
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+        sent = sock.sendmsg([header], anc)
+        if sent < len(header):
+            sock.sendall(header[sent:])
+    else:
+        sock.sendall(header)
+    sock.sendall(payload)
+
+
+def recv_frame(sock: socket.socket, max_size: int = MAX_FRAME) -> tuple[bytes, list[int]] | None:
+    """Receive one frame: `(payload, fds)`, or None on a clean end of stream before a header.
+
+    Raises:
+        ProtocolError: a truncated or oversize frame, or too many fds.
+    """
+    header = bytearray()
+    fds: list[int] = []
+    while len(header) < _HEADER.size:
+        data, anc, flags, _addr = sock.recvmsg(
+            _HEADER.size - len(header), socket.CMSG_SPACE(MAX_FDS * 4)
+        )
+        fds.extend(_fds_from(anc))
+        if flags & socket.MSG_CTRUNC:
+            _close_all(fds)
+            raise ProtocolError("too many file descriptors in one frame")
+        if not data:
+            _close_all(fds)
+            if header:
+                raise ProtocolError("channel closed in the middle of a frame header")
+            return None
+        header += data
+    size, nfds = _HEADER.unpack(header)
+    if size > max_size or nfds != len(fds):
+        _close_all(fds)
+        raise ProtocolError(
+            f"bad frame header: {size} bytes (cap {max_size}), {nfds} fds announced, {len(fds)} received"
+        )
+    payload = bytearray(size)
+    view = memoryview(payload)
+    got = 0
+    while got < size:
+        n = sock.recv_into(view[got:], size - got)
+        if n == 0:
+            _close_all(fds)
+            raise ProtocolError(f"channel closed after {got} of {size} frame bytes")
+        got += n
+    return bytes(payload), fds
+
+
+def _fds_from(anc: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
+            fds.extend(arr)
+    return fds
+
+
+def _close_all(fds: list[int]) -> None:
+    import os
+
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+ExtEncoder = Callable[[Any], Any]
+ExtDecoder = Callable[[Any], Any]
+
+
+def encode(obj: Any, ext: ExtEncoder | None = None) -> bytes:
+    """Encode `obj`; values of other types go through `ext(obj)`, which returns a plain value.
+
+    Raises:
+        ProtocolError: `obj` holds a value of a type the codec cannot carry.
+    """
+    out = bytearray()
+    _encode(obj, out, ext, 0)
+    return bytes(out)
+
+
+def _encode(obj: Any, out: bytearray, ext: ExtEncoder | None, depth: int) -> None:
+    if depth > _MAX_DEPTH:
+        raise ProtocolError("value nested too deeply to encode")
+    if obj is None:
+        out += _NONE
+    elif obj is True:
+        out += _TRUE
+    elif obj is False:
+        out += _FALSE
+    elif type(obj) is int:
+        if -(1 << 63) <= obj < (1 << 63):
+            out += _INT + _I64.pack(obj)
+        else:
+            _encode_blob(_BIGINT, str(obj).encode(), out)
+    elif type(obj) is float:
+        out += _FLOAT + _F64.pack(obj)
+    elif type(obj) is str:
+        _encode_blob(_STR, obj.encode("utf-8", "surrogatepass"), out)
+    elif type(obj) in (bytes, bytearray, memoryview):
+        _encode_blob(_BYTES, bytes(obj), out)
+    elif type(obj) in (list, tuple):
+        out += (_LIST if type(obj) is list else _TUPLE) + _U32.pack(len(obj))
+        for item in obj:
+            _encode(item, out, ext, depth + 1)
+    elif type(obj) is dict:
+        out += _DICT + _U32.pack(len(obj))
+        for key, value in obj.items():
+            if type(key) is not str:
+                raise ProtocolError(
+                    f"dict key {key!r} is not a str; the codec carries str keys only"
+                )
+            _encode_blob(_STR, key.encode("utf-8", "surrogatepass"), out)
+            _encode(value, out, ext, depth + 1)
+    elif ext is not None:
+        out += _EXT
+        _encode(ext(obj), out, None, depth + 1)
+    else:
+        raise ProtocolError(f"cannot encode a value of type {type(obj).__qualname__}")
+
+
+def _encode_blob(tag: bytes, data: bytes, out: bytearray) -> None:
+    out += tag + _U32.pack(len(data))
+    out += data
+
+
+def decode(data: bytes, ext: ExtDecoder | None = None, *, max_items: int = 10_000_000) -> Any:
+    """Decode what `encode` produced; extension values are rebuilt by `ext(plain_value)`.
+
+    Raises:
+        ProtocolError: the bytes are malformed, truncated, too deep or too large.
+    """
+    reader = _Reader(data, ext, max_items)
+    value = reader.value(0)
+    if reader.pos != len(data):
+        raise ProtocolError(f"{len(data) - reader.pos} trailing bytes after the encoded value")
+    return value
+
+
+class _Reader:
+    def __init__(self, data: bytes, ext: ExtDecoder | None, max_items: int) -> None:
+        self.data = memoryview(data)
+        self.pos = 0
+        self.ext = ext
+        self.items_left = max_items
+
+    def take(self, n: int) -> memoryview:
+        if n < 0 or self.pos + n > len(self.data):
+            raise ProtocolError("truncated value in a reply frame")
+        chunk = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return chunk
+
+    def count(self) -> int:
+        (n,) = _U32.unpack(self.take(4))
+        self.items_left -= n
+        if self.items_left < 0:
+            raise ProtocolError("too many items in a reply frame")
+        return n
+
+    def value(self, depth: int) -> Any:
+        if depth > _MAX_DEPTH:
+            raise ProtocolError("value nested too deeply in a reply frame")
+        tag = bytes(self.take(1))
+        if tag == _NONE:
+            return None
+        if tag == _TRUE:
+            return True
+        if tag == _FALSE:
+            return False
+        if tag == _INT:
+            return _I64.unpack(self.take(8))[0]
+        if tag == _FLOAT:
+            return _F64.unpack(self.take(8))[0]
+        if tag in (_STR, _BYTES, _BIGINT):
+            (n,) = _U32.unpack(self.take(4))
+            raw = bytes(self.take(n))
+            if tag == _BYTES:
+                return raw
+            try:
+                text = raw.decode("utf-8", "surrogatepass")
+                return int(text) if tag == _BIGINT else text
+            except ValueError as e:
+                raise ProtocolError(f"malformed text in a reply frame: {e}") from None
+        if tag in (_LIST, _TUPLE):
+            items = [self.value(depth + 1) for _ in range(self.count())]
+            return items if tag == _LIST else tuple(items)
+        if tag == _DICT:
+            out: dict[str, Any] = {}
+            for _ in range(self.count()):
+                key = self.value(depth + 1)
+                if type(key) is not str:
+                    raise ProtocolError("a dict key in a reply frame is not a str")
+                out[key] = self.value(depth + 1)
+            return out
+        if tag == _EXT and self.ext is not None:
+            return self.ext(self.value(depth + 1))
+        raise ProtocolError(f"unknown tag {tag!r} in a reply frame")

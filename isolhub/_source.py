@@ -1,0 +1,129 @@
+"""From a spec to a snapshot on disk: resolve the ref to a commit, fetch it once, cache it.
+
+Every branch or tag is resolved to a commit SHA before anything is imported; the snapshot is
+keyed by that SHA. Offline (`ISOLHUB_OFFLINE=1`), a branch resolves through the ref stored at its
+last resolution, with zero requests; a miss is an `OfflineError`.
+
+Example:
+    >>> snap = fetch_snapshot(parse_spec("git+file:///srv/net.git@v1"))
+    >>> snap.sha, snap.path
+    ('57dad2b4...', PosixPath('/root/.cache/isolhub/repos/git--net--1a2b.../snapshots/57dad2b4...'))
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import _git
+from ._cache import STAGING_PREFIX, install_snapshot, read_ref, snapshot_path, write_ref
+from ._config import get_dir, is_offline
+from ._errors import FetchError, OfflineError, ResolveError
+from ._spec import RepoSpec
+from ._trust import check_trust
+
+_SHA = re.compile(r"[0-9a-f]{40}")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A repository tree on disk at a known commit (`sha` is None for local directories)."""
+
+    spec: RepoSpec
+    sha: str | None
+    path: Path
+
+    @property
+    def label(self) -> str:
+        """`spec@sha12`, for messages."""
+        return f"{self.spec}" + (f" ({self.sha[:12]})" if self.sha else "")
+
+
+def fetch_snapshot(
+    spec: RepoSpec,
+    *,
+    trust_repo: object = "check",
+    force_reload: bool = False,
+    verbose: bool = True,
+    calling_fn: str = "load",
+    trusted: bool = False,
+) -> Snapshot:
+    """Resolve `spec` to a commit and make sure its snapshot is in the cache.
+
+    `trusted=True` skips the trust prompt (used when the code will run confined).
+
+    Raises:
+        ResolveError, RefNotFoundError, OfflineError: the ref cannot be resolved.
+        UntrustedRepoError: the trust check refused. FetchError, ArchiveError, CacheError.
+    """
+    if spec.kind == "local":
+        path = Path(spec.location)
+        if not (path / "hubconf.py").is_file():
+            raise ResolveError(f"{path} has no hubconf.py; source='local' needs a hub repo dir")
+        return Snapshot(spec, None, path)
+    if not trusted:
+        check_trust(spec, trust_repo, calling_fn)
+    sha = _resolve(spec)
+    path = snapshot_path(spec, sha)
+    if path.is_dir() and not force_reload:
+        if verbose:
+            print(f"Using cache found in {path}", file=sys.stderr)
+    else:
+        if is_offline():
+            raise OfflineError(
+                f"offline (ISOLHUB_OFFLINE is set) and {spec} at {sha[:12]} is not in the cache "
+                f"({get_dir()}); run once online or unset ISOLHUB_OFFLINE"
+            )
+        path = install_snapshot(
+            spec, sha, lambda dest: _populate(spec, sha, dest), force=force_reload
+        )
+    if not (path / "hubconf.py").is_file():
+        raise FetchError(f"{spec} at commit {sha[:12]} has no hubconf.py at its top level")
+    return Snapshot(spec, sha, path)
+
+
+def _resolve(spec: RepoSpec) -> str:
+    if spec.ref is not None and _SHA.fullmatch(spec.ref):
+        return spec.ref
+    ref_key = spec.ref or "HEAD"
+    if is_offline():
+        sha = read_ref(spec, ref_key)
+        if sha is None:
+            raise OfflineError(
+                f"offline (ISOLHUB_OFFLINE is set) and {spec} was never resolved here, so its "
+                f"commit is unknown (hub dir {get_dir()}); run once online or unset ISOLHUB_OFFLINE"
+            )
+        print(
+            f"offline: using {spec} = {sha[:12]} as last resolved (it may be stale)",
+            file=sys.stderr,
+        )
+        return sha
+    if spec.kind == "github":
+        from . import _github
+
+        owner, name = spec.location.split("/")
+        _, sha = _github.resolve_ref(owner, name, spec.ref)
+    else:
+        _, sha = _git.resolve(spec.location, spec.ref)
+    write_ref(spec, ref_key, sha)
+    return sha
+
+
+def _populate(spec: RepoSpec, sha: str, dest: Path) -> None:
+    if spec.kind == "git":
+        _git.export(spec.location, sha, dest, spec.ref)
+        return
+    from . import _archive, _github
+
+    owner, name = spec.location.split("/")
+    fd, tmp = tempfile.mkstemp(prefix=f"{STAGING_PREFIX}{sha[:12]}-{os.getpid()}-", dir=dest.parent)
+    os.close(fd)
+    try:
+        _github.download_tarball(owner, name, sha, Path(tmp))
+        _archive.extract_tar(Path(tmp), dest, expected_commit=sha, strip_top_dir=True)
+    finally:
+        os.unlink(tmp)

@@ -1,0 +1,238 @@
+"""The worker runtime: runs inside the child process, one per repo@sha.
+
+It imports only the layers below it (`_protocol`, `_arena`, `_byvalue`, `_errors`, `_config`),
+so the zygote that preloads it stays lean. The parent sends requests as pickles (the parent is
+trusted); the worker answers with the restricted codec, plus one arena fd for tensors.
+
+    parent ──init──▶ worker: chdir(scratch), snapshot first on sys.path
+    parent ──list / help / call──▶ worker: import hubconf (once), run, answer
+    parent ──close (or EOF)──▶ worker exits
+
+Example (what the zygote runs after fork):
+    >>> serve(channel_fd)    # never returns
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import importlib.util
+import os
+import pickle
+import socket
+import sys
+import traceback
+from types import ModuleType
+from typing import Any, NoReturn
+
+from . import _config
+from ._arena import ArenaWriter
+from ._byvalue import dumps, register_snapshot_modules
+from ._errors import EntrypointError, MissingDependenciesError, ProtocolError
+from ._protocol import encode, recv_frame, send_frame
+
+
+def serve(fd: int) -> NoReturn:
+    """Serve the parent on the connected socket `fd` until it closes; then exit the process."""
+    code = 0
+    try:
+        sock = socket.socket(fileno=fd)
+        faulthandler.enable()
+        frame = recv_frame(sock)
+        if frame is None:
+            os._exit(0)
+        state = _WorkerState(pickle.loads(frame[0]))
+        send_frame(sock, encode({"ok": True, "pid": os.getpid()}))
+        while True:
+            frame = recv_frame(sock)
+            if frame is None:
+                break
+            request = pickle.loads(frame[0])
+            if request.get("op") == "close":
+                break
+            reply, fds = state.handle(request)
+            try:
+                send_frame(sock, reply, fds)
+            finally:
+                for f in fds:
+                    os.close(f)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+        code = 70
+    _flush()
+    os._exit(code)
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+
+
+class _WorkerState:
+    def __init__(self, init: dict[str, Any]) -> None:
+        self.snapshot: str = init["snapshot"]
+        self.module_name: str = init["module_name"]
+        self.hubconf: ModuleType | None = None
+        self.import_error: BaseException | None = None
+        os.chdir(init["scratch"])
+        sys.path.insert(0, self.snapshot)
+        sys.dont_write_bytecode = True  # the snapshot is immutable and may be read-only
+        if init.get("hub_dir"):
+            _config.set_dir(init["hub_dir"])
+        _route_torch_hub(init.get("hub_dir"))
+
+    def handle(self, request: dict[str, Any]) -> tuple[bytes, list[int]]:
+        try:
+            op = request["op"]
+            if op == "list":
+                return encode({"ok": True, "value": self.entrypoints()}), []
+            if op == "help":
+                doc = self.entrypoint(request["entry"]).__doc__
+                return encode({"ok": True, "value": doc}), []
+            if op == "call":
+                return self.call(request)
+            raise ProtocolError(f"unknown request {op!r}")
+        except SystemExit:
+            raise
+        except BaseException as e:
+            return encode({"ok": False, "error": _error_record(e)}), []
+
+    def module(self) -> ModuleType:
+        if self.import_error is not None:
+            raise self.import_error
+        if self.hubconf is None:
+            path = os.path.join(self.snapshot, "hubconf.py")
+            spec = importlib.util.spec_from_file_location(self.module_name, path)
+            if spec is None or spec.loader is None:
+                raise ImportError(f"cannot import {path}")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[self.module_name] = module
+            try:
+                spec.loader.exec_module(module)
+            except BaseException as e:
+                sys.modules.pop(self.module_name, None)
+                self.import_error = e
+                raise
+            self.hubconf = module
+        return self.hubconf
+
+    def entrypoints(self) -> list[str]:
+        m = self.module()
+        return [f for f in dir(m) if callable(getattr(m, f)) and not f.startswith("_")]
+
+    def entrypoint(self, name: Any) -> Any:
+        if not isinstance(name, str):
+            raise EntrypointError("Invalid input: model should be a string of function name")
+        m = self.module()
+        deps = getattr(m, "dependencies", None)
+        if deps:
+            missing = [d for d in deps if importlib.util.find_spec(d) is None]
+            if missing:
+                raise MissingDependenciesError(
+                    f"Missing dependencies: {', '.join(missing)}", missing=missing
+                )
+        fn = getattr(m, name, None) if name in dir(m) else None
+        if fn is None or not callable(fn):
+            raise EntrypointError(f"Cannot find callable {name} in hubconf", entry=name)
+        return fn
+
+    def call(self, request: dict[str, Any]) -> tuple[bytes, list[int]]:
+        fn = self.entrypoint(request["entry"])
+        if request.get("seed") is not None:
+            _seed_everything(int(request["seed"]))
+        obj = fn(*request.get("args", ()), **request.get("kwargs", {}))
+        result = request.get("result", "module")
+        if result == "module":
+            register_snapshot_modules(self.snapshot)
+            data, fd, layout = dumps(obj)
+            reply = encode({"ok": True, "kind": "pickle", "data": data, "layout": layout})
+            return reply, [] if fd is None else [fd]
+        if result == "state_dict":
+            return encode_state_dict(_state_dict_of(obj))
+        raise ProtocolError(f"unknown result mode {result!r}")
+
+
+def encode_state_dict(sd: Any) -> tuple[bytes, list[int]]:
+    """Encode a mapping of names to tensors: tensors through one arena, the rest by the codec."""
+    import torch
+
+    arena = ArenaWriter()
+
+    def ext(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return {"tensor": arena.tensor_meta(value.detach())}
+        raise ProtocolError(f"a state dict value of type {type(value).__qualname__} cannot cross")
+
+    items = [[str(k), v] for k, v in sd.items()]
+    body = encode(items, ext)
+    fd, layout = arena.seal()
+    reply = encode({"ok": True, "kind": "state_dict", "items": body, "layout": layout})
+    return reply, [] if fd is None else [fd]
+
+
+def _state_dict_of(obj: Any) -> Any:
+    if hasattr(obj, "state_dict") and callable(obj.state_dict):
+        return obj.state_dict()
+    if isinstance(obj, dict):
+        return obj
+    if isinstance(obj, (tuple, list)):
+        for item in obj:
+            if hasattr(item, "state_dict") and callable(item.state_dict):
+                return item.state_dict()
+    raise TypeError(
+        f"the entrypoint returned a {type(obj).__qualname__}, which has no state_dict()"
+    )
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    import torch
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+    np = sys.modules.get("numpy")
+    if np is not None:
+        np.random.seed(seed % (1 << 32))
+
+
+def _route_torch_hub(hub_dir: str | None) -> None:
+    """Point torch.hub's dir and download functions at isolhub's (same cache, same locks)."""
+    import torch.hub
+
+    if hub_dir:
+        torch.hub.set_dir(hub_dir)
+    try:
+        from . import _checkpoints, _download
+    except ImportError:
+        return
+    import torch.utils.model_zoo
+
+    torch.hub.download_url_to_file = _download.download_url_to_file
+    torch.hub.load_state_dict_from_url = _checkpoints.load_state_dict_from_url
+    torch.utils.model_zoo.load_url = _checkpoints.load_state_dict_from_url
+
+
+def _error_record(e: BaseException) -> dict[str, Any]:
+    kind = "remote"
+    if isinstance(e, EntrypointError):
+        kind = "entrypoint"
+    elif isinstance(e, MissingDependenciesError):
+        kind = "dependencies"
+    tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+    return {
+        "kind": kind,
+        "type": f"{type(e).__module__}.{type(e).__qualname__}",
+        "message": str(e),
+        "traceback": tb,
+        "missing": list(getattr(e, "missing", []) or []),
+    }
+
+
+if __name__ == "__main__":
+    # The "spawn" start method: a fresh interpreter serving the fd it was given.
+    serve(int(sys.argv[1]))
