@@ -8,75 +8,67 @@ A drop-in for `torch.hub`:
     >>> b = hub.load("git+file:///srv/repos/net.git@v2", "resnet", pretrained=False)
 """
 
-from ._api import help, list, load, load_state_dict
-from ._config import get_dir, set_dir
-from ._errors import (
-    ArchiveError,
-    CacheCorruptedError,
-    CacheError,
-    DownloadError,
-    EntrypointError,
-    FetchError,
-    HandleClosedError,
-    HashMismatchError,
-    IsolhubError,
-    MissingDependenciesError,
-    OfflineError,
-    ProtocolError,
-    RefNotFoundError,
-    RemoteError,
-    ResolveError,
-    SandboxError,
-    SpecError,
-    TransportError,
-    UntrustedRepoError,
-    WorkerCrashedError,
-    WorkerError,
-    WorkerTimeoutError,
-)
-from ._spec import RepoSpec, parse_spec
+import importlib as _importlib
+import typing as _typing
+
+# Names are loaded on first use, so `import isolhub._worker` (in the zygote) and
+# `isolhub --help` stay cheap. The TYPE_CHECKING block mirrors the table for tools.
+_EXPORTS = {
+    "_api": ("fetch", "help", "list", "load", "load_state_dict"),
+    "_config": ("get_dir", "set_dir"),
+    "_errors": (
+        "ArchiveError",
+        "CacheCorruptedError",
+        "CacheError",
+        "DownloadError",
+        "EntrypointError",
+        "FetchError",
+        "HandleClosedError",
+        "HashMismatchError",
+        "IsolhubError",
+        "MissingDependenciesError",
+        "OfflineError",
+        "ProtocolError",
+        "RefNotFoundError",
+        "RemoteError",
+        "ResolveError",
+        "SandboxError",
+        "SpecError",
+        "TransportError",
+        "UntrustedRepoError",
+        "WorkerCrashedError",
+        "WorkerError",
+        "WorkerTimeoutError",
+    ),
+    "_source": ("Snapshot",),
+    "_spec": ("RepoSpec", "parse_spec"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
 __version__ = "0.1.0"
+__all__ = sorted([*_WHERE, "__version__"], key=str.lower)
 
-__all__ = [
-    "ArchiveError",
-    "CacheCorruptedError",
-    "CacheError",
-    "DownloadError",
-    "EntrypointError",
-    "FetchError",
-    "HandleClosedError",
-    "HashMismatchError",
-    "IsolhubError",
-    "MissingDependenciesError",
-    "OfflineError",
-    "ProtocolError",
-    "RefNotFoundError",
-    "RemoteError",
-    "RepoSpec",
-    "ResolveError",
-    "SandboxError",
-    "SpecError",
-    "TransportError",
-    "UntrustedRepoError",
-    "WorkerCrashedError",
-    "WorkerError",
-    "WorkerTimeoutError",
-    "__version__",
-    "get_dir",
-    "help",
-    "list",
-    "load",
-    "load_state_dict",
-    "parse_spec",
-    "set_dir",
-]
+if _typing.TYPE_CHECKING:
+    from ._api import fetch, help, list, load, load_state_dict  # noqa: F401
+    from ._config import get_dir, set_dir  # noqa: F401
+    from ._errors import *  # noqa: F403
+    from ._source import Snapshot  # noqa: F401
+    from ._spec import RepoSpec, parse_spec  # noqa: F401
 
-for _name in __all__:
-    _obj = globals()[_name]
-    if hasattr(_obj, "__module__") and not isinstance(_obj, str):
+
+def __getattr__(name: str) -> _typing.Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'isolhub' has no attribute {name!r}")
+    obj = getattr(_importlib.import_module(f"isolhub.{module}"), name)
+    if isinstance(obj, type) or callable(obj):
         try:
-            _obj.__module__ = "isolhub"
+            obj.__module__ = "isolhub"
         except (AttributeError, TypeError):
             pass
-del _name, _obj
+    globals()[name] = obj
+    return obj
+
+
+def __dir__() -> "list[str]":
+    return sorted(set(globals()) | set(_WHERE))

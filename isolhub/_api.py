@@ -40,8 +40,29 @@ def start_worker(snapshot: Snapshot, *, start_method: str = "zygote") -> Worker:
         "snapshot": str(snapshot.path),
         "module_name": f"isolhub_hubconf_{tag}",
         "hub_dir": get_dir(),
+        "env": dict(os.environ),
     }
     return Worker.start(snapshot.label, init, start_method=start_method)
+
+
+def fetch(
+    repo_or_dir: str,
+    *,
+    source: str = "github",
+    trust_repo: Any = "check",
+    force_reload: bool = False,
+    verbose: bool = False,
+) -> Snapshot:
+    """Resolve a spec to a commit and make sure its snapshot is cached; nothing is imported.
+
+    Example:
+        >>> hub.fetch("git+file:///srv/net.git@v1").sha
+        '57dad2b497074fac03b88b433efcff9349f9bc6c'
+
+    Raises:
+        SpecError, ResolveError, UntrustedRepoError, FetchError, ArchiveError, CacheError.
+    """
+    return _snapshot(repo_or_dir, source, trust_repo, force_reload, verbose, "fetch")
 
 
 def _snapshot(

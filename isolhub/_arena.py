@@ -19,6 +19,7 @@ import ctypes
 import fcntl
 import mmap
 import os
+import weakref
 from typing import Any
 
 from ._errors import ProtocolError
@@ -94,6 +95,35 @@ class ArenaWriter:
         return fd, layout
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def _map_private(fd: int, size: int) -> ctypes.Array[ctypes.c_char]:
+    """Map `fd` copy-on-write; unmapped when the last tensor on it is gone.
+
+    Python's `mmap` keeps a duplicate of the fd open for the mapping's life; a raw mapping
+    does not, so a transfer leaves the parent's fd count unchanged.
+    """
+    addr = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE, fd, 0)
+    if addr in (None, _MAP_FAILED):
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    buf = (ctypes.c_char * size).from_address(addr)
+    weakref.finalize(buf, _libc.munmap, addr, size)
+    return buf
+
+
 def _pwrite_all(fd: int, address: int, nbytes: int, offset: int) -> None:
     if nbytes == 0:
         return
@@ -123,7 +153,7 @@ class ArenaReader:
             if seals & _SEALS != _SEALS:
                 raise ProtocolError("the worker's arena is not sealed; refusing to map it")
             size = os.fstat(fd).st_size
-            mm = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            mm = _map_private(fd, size)
         except OSError as e:
             raise ProtocolError(f"cannot map the worker's arena: {e}") from e
         finally:

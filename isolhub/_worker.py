@@ -78,6 +78,10 @@ class _WorkerState:
         self.module_name: str = init["module_name"]
         self.hubconf: ModuleType | None = None
         self.import_error: BaseException | None = None
+        if init.get("env") is not None:
+            # The zygote's environment is from its start; the parent's current one wins.
+            os.environ.clear()
+            os.environ.update(init["env"])
         os.chdir(init["scratch"])
         sys.path.insert(0, self.snapshot)
         sys.dont_write_bytecode = True  # the snapshot is immutable and may be read-only

@@ -1,0 +1,120 @@
+"""Every way a worker can fail becomes a typed error, fast, and the next load still works."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+import isolhub as hub
+
+from hubrepos import make_repo, spec_of
+
+CRASHES = {
+    "raises": ("raise KeyError('boom in hubconf')", hub.RemoteError, "KeyError"),
+    "sys_exit": ("raise SystemExit(3)", hub.WorkerCrashedError, "exit code 3"),
+    "os_exit": ("import os; os._exit(7)", hub.WorkerCrashedError, "exit code 7"),
+    "segfault": ("import ctypes; ctypes.string_at(0)", hub.WorkerCrashedError, "SIGSEGV"),
+    "sigkill": (
+        "import os, signal; os.kill(os.getpid(), signal.SIGKILL)",
+        hub.WorkerCrashedError,
+        "SIGKILL",
+    ),
+    "abort": ("import os; os.abort()", hub.WorkerCrashedError, "SIGABRT"),
+}
+
+
+@pytest.fixture
+def crash_repo(tmp_path: Path) -> Path:
+    lines = ["import sys", "def ok():", "    return 'fine'", ""]
+    for name, (body, _, _) in CRASHES.items():
+        lines += [f"def {name}():", "    print('about to fail', file=sys.stderr, flush=True)"]
+        lines += [f"    {body}", ""]
+    lines += ["def hang():", "    import time", "    time.sleep(600)", ""]
+    return make_repo(tmp_path / "crashy", {"hubconf.py": "\n".join(lines)})
+
+
+@pytest.mark.parametrize("kind", sorted(CRASHES))
+def test_a_failing_entrypoint_is_a_typed_error_and_the_next_load_works(
+    crash_repo: Path, kind: str
+) -> None:
+    _, error, pattern = CRASHES[kind]
+    start = time.monotonic()
+    with pytest.raises(error, match=pattern) as info:
+        hub.load(spec_of(crash_repo), kind)
+    assert time.monotonic() - start < 2.0 + 0.5  # fork + call + noticing the death
+    assert isinstance(info.value, hub.WorkerError)
+    if error is hub.WorkerCrashedError:
+        assert "about to fail" in info.value.output_tail
+        assert str(crash_repo) in str(info.value)
+    assert hub.load(spec_of(crash_repo), "ok") == "fine"
+
+
+def test_a_remote_error_carries_type_message_and_traceback(crash_repo: Path) -> None:
+    with pytest.raises(hub.RemoteError) as info:
+        hub.load(spec_of(crash_repo), "raises")
+    e = info.value
+    assert e.remote_type == "builtins.KeyError"
+    assert "boom in hubconf" in e.remote_message
+    assert "hubconf.py" in e.remote_traceback and "in raises" in e.remote_traceback
+
+
+def test_a_hang_past_the_timeout_is_killed_within_the_timeout(crash_repo: Path) -> None:
+    start = time.monotonic()
+    with pytest.raises(hub.WorkerTimeoutError, match="did not answer within 1 s"):
+        hub.load(spec_of(crash_repo), "hang", timeout=1.0)
+    assert time.monotonic() - start < 1.0 + 2.0
+    assert hub.load(spec_of(crash_repo), "ok") == "fine"
+
+
+def test_a_crash_leaves_no_zombie_no_fd_and_no_scratch_dir(crash_repo: Path) -> None:
+    hub.load(spec_of(crash_repo), "ok")  # warm the zygote
+    fds_before = set(os.listdir("/proc/self/fd"))
+    children_before = _children()
+    scratch_before = _scratch_dirs()
+    for kind in ("segfault", "os_exit", "raises"):
+        with pytest.raises(hub.WorkerError):
+            hub.load(spec_of(crash_repo), kind)
+    with pytest.raises(hub.WorkerTimeoutError):
+        hub.load(spec_of(crash_repo), "hang", timeout=0.5)
+    assert set(os.listdir("/proc/self/fd")) == fds_before
+    assert _children() == children_before
+    assert _scratch_dirs() == scratch_before
+    assert _zombies() == []
+
+
+def _children() -> set[int]:
+    out = set()
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid():
+                out.add(int(pid))
+    return out
+
+
+def _zombies() -> list[int]:
+    """Zombie grandchildren: workers the zygote has not reaped."""
+    out = []
+    for child in _children():
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == child and fields[0] == "Z":
+                out.append(int(pid))
+    return out
+
+
+def _scratch_dirs() -> set[str]:
+    import tempfile
+
+    return {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("isolhub-worker-")}
