@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import importlib
 import json
 import sys
 import traceback
@@ -20,6 +21,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from ._errors import IsolhubError, SpecError
+
+# Each module registers its sub-commands with `add_commands(subparsers)`.
+_COMMAND_MODULES: tuple[str, ...] = ()
 
 EXIT_OK, EXIT_DIFFERENT, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -162,12 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_load)
 
-    for module in ("_cli_cache", "_cli_extra"):
-        try:
-            mod = __import__(f"isolhub.{module}", fromlist=["add_commands"])
-        except ImportError:
-            continue
-        mod.add_commands(sub)
+    for module in _COMMAND_MODULES:
+        importlib.import_module(f"isolhub.{module}").add_commands(sub)
     return parser
 
 
