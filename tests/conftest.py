@@ -30,7 +30,7 @@ def hub_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         monkeypatch.delenv(name, raising=False)
     home = tmp_path / "hub"
     monkeypatch.setenv("ISOLHUB_HOME", str(home))
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,127.0.0.2,localhost")
     monkeypatch.setattr(config, "_hub_dir_override", None)
     return home
 

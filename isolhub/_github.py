@@ -1,0 +1,265 @@
+"""The GitHub REST source: resolve a ref to a commit and download that commit's tarball.
+
+The API base is `isolhub._config.github_api()` (`$ISOLHUB_GITHUB_API`), read at call time, so
+GitHub Enterprise and a loopback test server work alike. `$GITHUB_TOKEN` is sent only to the API's
+own host and port: redirects are followed by hand, and the token is added per hop, never carried
+to another host (codeload, a CDN, anything a redirect names).
+
+Example:
+    >>> ref, sha = resolve_ref("pytorch", "vision", "v0.10.0")
+    >>> download_tarball("pytorch", "vision", sha, Path("staging.tar.gz"))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.utils
+import os
+import re
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import quote, urljoin, urlsplit, urlunsplit
+
+import requests
+
+from . import _config
+from ._errors import DownloadError, RefNotFoundError, ResolveError
+
+TIMEOUT = (10, 60)  # (connect, read) seconds, per request
+RETRIES = 3  # extra attempts after a 5xx or a 429 without a rate-limit reset
+BACKOFF_S = 0.5  # first retry delay, doubled each time; tests lower it
+MAX_RETRY_AFTER_S = 30  # a longer Retry-After is refused rather than slept through
+MAX_REDIRECTS = 5
+_SHA = re.compile(r"^[0-9a-f]{40}$")
+_SHA_MEDIA = "application/vnd.github.sha"
+
+
+def api_session() -> requests.Session:
+    """A `requests.Session` for the GitHub API: User-Agent `isolhub`, the v3 JSON media type.
+
+    Timeouts are per request (`TIMEOUT`: connect 10 s, read 60 s); the token is added per request.
+
+    Example:
+        >>> with api_session() as s:
+        ...     resolve_ref("pytorch", "vision", None, session=s)
+    """
+    session = requests.Session()
+    session.headers["User-Agent"] = "isolhub"
+    session.headers["Accept"] = "application/vnd.github.v3+json"
+    return session
+
+
+def resolve_ref(
+    owner: str, name: str, ref: str | None, *, session: requests.Session | None = None
+) -> tuple[str, str]:
+    """Resolve a branch, tag or commit (the default branch when `ref` is None) to a commit SHA.
+
+    Returns `(ref_name, sha)`, where `ref_name` is `ref`, or the default branch's name.
+
+    Example:
+        >>> resolve_ref("pytorch", "vision", "main")
+        ('main', '3f2a...')
+
+    Raises:
+        RefNotFoundError: no such repository, or it has no such branch, tag or commit.
+        ResolveError: rate limited (with the reset time), unreachable, or a persistent 5xx.
+    """
+    api = _config.github_api()
+    repo_url = f"{api}/repos/{quote(owner, safe='')}/{quote(name, safe='')}"
+    with _session_scope(session) as s:
+        if ref is None:
+            resp = _get(s, repo_url, ResolveError)
+            if resp.status_code == 404:
+                raise _repo_not_found(owner, name, api)
+            _raise_for_status(resp, ResolveError)
+            try:
+                ref = str(resp.json()["default_branch"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise ResolveError(f"{_redact(repo_url)} gave no default branch ({e})") from e
+        url = f"{repo_url}/commits/{quote(ref, safe='')}"
+        resp = _get(s, url, ResolveError, accept=_SHA_MEDIA)
+        if resp.status_code in (404, 422):
+            if resp.status_code == 404 and _get(s, repo_url, ResolveError).status_code == 404:
+                raise _repo_not_found(owner, name, api)
+            raise RefNotFoundError(
+                f"GitHub repository {owner}/{name} has no branch, tag or commit {ref!r}",
+                repo=f"{owner}/{name}",
+                ref=ref,
+            )
+        _raise_for_status(resp, ResolveError)
+        sha = resp.text.strip()
+        if not _SHA.match(sha):
+            raise ResolveError(f"{_redact(url)} answered {sha[:80]!r}, not a commit SHA")
+        return ref, sha
+
+
+def download_tarball(
+    owner: str, name: str, sha: str, dest_file: Path, *, session: requests.Session | None = None
+) -> None:
+    """Download the tarball of commit `sha` into `dest_file` (created or truncated, never followed).
+
+    The API answers with a redirect (to codeload on github.com); the token never follows it to
+    another host. Check the result with `extract_tar(..., expected_commit=sha)`. On error a
+    partial file may be left at `dest_file`: pass a staging name and remove it.
+
+    Example:
+        >>> download_tarball("pytorch", "vision", sha, staging / "src.tar.gz")
+
+    Raises:
+        DownloadError: (a `FetchError`) any HTTP status but 200, rate limited, unreachable, or the
+            connection broke mid-body; the message names the URL (never with credentials).
+    """
+    url = f"{_config.github_api()}/repos/{quote(owner, safe='')}/{quote(name, safe='')}"
+    url += f"/tarball/{quote(sha, safe='')}"
+    with _session_scope(session) as s:
+        resp = _get(s, url, DownloadError, stream=True)
+        with resp:
+            _raise_for_status(resp, DownloadError)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+            try:
+                with os.fdopen(os.open(dest_file, flags, 0o644), "wb") as out:
+                    for chunk in resp.iter_content(1 << 20):
+                        out.write(chunk)
+            except requests.RequestException as e:
+                raise DownloadError(
+                    f"download of {_redact(resp.url)} broke off: {e}", url=_redact(resp.url)
+                ) from e
+
+
+@contextlib.contextmanager
+def _session_scope(session: requests.Session | None) -> Iterator[requests.Session]:
+    """The caller's session, or a fresh `api_session()` closed afterwards."""
+    if session is not None:
+        yield session
+        return
+    with api_session() as fresh:
+        yield fresh
+
+
+def _get(
+    s: requests.Session,
+    url: str,
+    error: type[ResolveError] | type[DownloadError],
+    *,
+    accept: str | None = None,
+    stream: bool = False,
+) -> requests.Response:
+    """GET `url`, following redirects by hand and retrying 5xx/429; the last response is returned.
+
+    Rate limits and exhausted retries raise `error`; other statuses are the caller's to judge.
+    """
+    for attempt in range(RETRIES + 1):
+        resp = _follow(s, url, error, accept=accept, stream=stream)
+        limited = _rate_limit_message(resp)
+        retryable = resp.status_code >= 500 or (resp.status_code == 429 and not limited)
+        if limited and not retryable:
+            resp.close()
+            raise error(limited, url=_redact(url), status=resp.status_code)
+        if not retryable:
+            return resp
+        resp.close()
+        delay = max(BACKOFF_S * 2**attempt, _retry_after(resp))
+        if attempt == RETRIES or delay > MAX_RETRY_AFTER_S:
+            detail = limited or f"HTTP {resp.status_code} {resp.reason}"
+            raise error(
+                f"{_redact(resp.url)} failed after {attempt + 1} attempts: {detail}",
+                url=_redact(resp.url),
+                status=resp.status_code,
+            )
+        time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _follow(
+    s: requests.Session,
+    url: str,
+    error: type[ResolveError] | type[DownloadError],
+    *,
+    accept: str | None,
+    stream: bool,
+) -> requests.Response:
+    api = _origin(_config.github_api())
+    token = _config.github_token()
+    for _hop in range(MAX_REDIRECTS + 1):
+        headers = {"Accept": accept} if accept else {}
+        if token and _origin(url) == api:
+            headers["Authorization"] = f"token {token}"
+        try:
+            resp = s.get(
+                url, headers=headers, timeout=TIMEOUT, stream=stream, allow_redirects=False
+            )
+        except requests.RequestException as e:
+            raise error(f"could not reach {_redact(url)}: {e}", url=_redact(url)) from e
+        location = resp.headers.get("location")
+        if not resp.is_redirect or not location:
+            return resp
+        resp.close()
+        url = urljoin(url, location)
+        if urlsplit(url).scheme not in ("http", "https"):
+            raise error(f"{_redact(resp.url)} redirected to a non-HTTP URL: {_redact(url)}")
+    raise error(f"too many redirects (more than {MAX_REDIRECTS}) from {_redact(url)}")
+
+
+def _origin(url: str) -> tuple[str, int | None]:
+    """(host, port) of `url`, the port made explicit, for the token's same-host rule."""
+    parts = urlsplit(url)
+    default = {"http": 80, "https": 443}.get(parts.scheme)
+    return (parts.hostname or "").lower(), parts.port or default
+
+
+def _redact(url: str) -> str:
+    """`url` without any user:password part."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+def _rate_limit_message(resp: requests.Response) -> str | None:
+    if resp.status_code not in (403, 429) or resp.headers.get("x-ratelimit-remaining") != "0":
+        return None
+    reset = resp.headers.get("x-ratelimit-reset", "")
+    when = "an unknown time"
+    if reset.isdigit():
+        at = datetime.fromtimestamp(int(reset), tz=UTC)
+        when = f"{at:%Y-%m-%d %H:%M:%S} UTC (in {max(0, int(reset) - int(time.time()))} s)"
+    hint = (
+        "GITHUB_TOKEN is set; wait for the reset or use another token"
+        if _config.github_token()
+        else "set GITHUB_TOKEN to a GitHub token for a higher limit"
+    )
+    return f"GitHub API rate limit exceeded ({_redact(resp.url)}); it resets at {when}; {hint}"
+
+
+def _retry_after(resp: requests.Response) -> float:
+    value = resp.headers.get("retry-after", "").strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def _raise_for_status(
+    resp: requests.Response, error: type[ResolveError] | type[DownloadError]
+) -> None:
+    if resp.status_code == 200:
+        return
+    hint = " (check GITHUB_TOKEN)" if resp.status_code in (401, 403) else ""
+    resp.close()
+    raise error(
+        f"{_redact(resp.url)} answered HTTP {resp.status_code} {resp.reason}{hint}",
+        url=_redact(resp.url),
+        status=resp.status_code,
+    )
+
+
+def _repo_not_found(owner: str, name: str, api: str) -> RefNotFoundError:
+    return RefNotFoundError(
+        f"GitHub repository {owner}/{name} not found at {_redact(api)} "
+        "(if it is private, set GITHUB_TOKEN)",
+        repo=f"{owner}/{name}",
+    )
