@@ -17,18 +17,18 @@ Example:
 
 from __future__ import annotations
 
+import builtins
 import os
 from collections import OrderedDict
 from typing import Any
 
 from . import _byvalue
-from ._arena import ArenaReader
 from ._config import get_dir
 from ._errors import ProtocolError, SpecError
 from ._process import Worker
-from ._protocol import decode
 from ._source import Snapshot, fetch_snapshot
 from ._spec import parse_spec
+from ._values import decode_value
 
 MODES = ("module", "state_dict")
 
@@ -197,8 +197,14 @@ def call(
     result: str = "module",
     timeout: float | None = None,
     seed: int | None = None,
+    then: Any = None,
 ) -> Any:
-    """Call `entry` in a live worker and decode its result (`module` or `state_dict`)."""
+    """Call `entry` in a live worker and decode its result.
+
+    `result` is `module` (by value), `state_dict` or `value` (restricted codec + tensors);
+    `then(obj)`, if given, runs in the worker on the entrypoint's result first (closures and
+    lambdas work: it travels by cloudpickle, from this trusted process to the worker).
+    """
     message = {
         "op": "call",
         "entry": entry,
@@ -206,6 +212,7 @@ def call(
         "kwargs": dict(kwargs or {}),
         "result": result,
         "seed": seed,
+        "then": then,
     }
     reply, fds = worker.request(message, timeout)
     return decode_result(reply, fds)
@@ -221,15 +228,14 @@ def decode_result(reply: dict[str, Any], fds: list[int]) -> Any:
     kind = reply.get("kind")
     if kind == "pickle":
         return _byvalue.loads(reply["data"], fd, reply["layout"])
+    if kind == "value":
+        return decode_value(reply["body"], fd, reply["layout"])
     if kind == "state_dict":
-        arena = ArenaReader(fd, reply["layout"])
-
-        def ext(value: Any) -> Any:
-            if not isinstance(value, dict) or "tensor" not in value:
-                raise ProtocolError("unexpected extension value in a state dict")
-            return arena.tensor(value["tensor"])
-
-        items = decode(reply["items"], ext)
+        items = decode_value(reply["body"], fd, reply["layout"])
+        if not isinstance(items, builtins.list) or not all(
+            isinstance(i, builtins.list) and len(i) == 2 and isinstance(i[0], str) for i in items
+        ):
+            raise ProtocolError("malformed state dict in a reply")
         return OrderedDict((k, v) for k, v in items)
     if fd is not None:
         os.close(fd)

@@ -25,10 +25,10 @@ from types import ModuleType
 from typing import Any, NoReturn
 
 from . import _config
-from ._arena import ArenaWriter
 from ._byvalue import dumps, register_snapshot_modules
 from ._errors import EntrypointError, MissingDependenciesError, ProtocolError
 from ._protocol import encode, recv_frame, send_frame
+from ._values import encode_value
 
 
 def serve(fd: int) -> NoReturn:
@@ -146,35 +146,29 @@ class _WorkerState:
 
     def call(self, request: dict[str, Any]) -> tuple[bytes, list[int]]:
         fn = self.entrypoint(request["entry"])
+        args, kwargs = request.get("args", ()), request.get("kwargs", {})
         if request.get("seed") is not None:
             _seed_everything(int(request["seed"]))
-        obj = fn(*request.get("args", ()), **request.get("kwargs", {}))
+        obj = fn(*args, **kwargs)
+        then = request.get("then")
+        if then is not None:
+            obj = then(obj)
         result = request.get("result", "module")
         if result == "module":
             register_snapshot_modules(self.snapshot)
             data, fd, layout = dumps(obj)
-            reply = encode({"ok": True, "kind": "pickle", "data": data, "layout": layout})
-            return reply, [] if fd is None else [fd]
+            reply = {"ok": True, "kind": "pickle", "data": data, "layout": layout}
+            return encode(reply), [] if fd is None else [fd]
         if result == "state_dict":
-            return encode_state_dict(_state_dict_of(obj))
+            return _value_reply("state_dict", [[str(k), v] for k, v in _state_dict_of(obj).items()])
+        if result == "value":
+            return _value_reply("value", obj)
         raise ProtocolError(f"unknown result mode {result!r}")
 
 
-def encode_state_dict(sd: Any) -> tuple[bytes, list[int]]:
-    """Encode a mapping of names to tensors: tensors through one arena, the rest by the codec."""
-    import torch
-
-    arena = ArenaWriter()
-
-    def ext(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return {"tensor": arena.tensor_meta(value.detach())}
-        raise ProtocolError(f"a state dict value of type {type(value).__qualname__} cannot cross")
-
-    items = [[str(k), v] for k, v in sd.items()]
-    body = encode(items, ext)
-    fd, layout = arena.seal()
-    reply = encode({"ok": True, "kind": "state_dict", "items": body, "layout": layout})
+def _value_reply(kind: str, obj: Any) -> tuple[bytes, list[int]]:
+    body, fd, layout = encode_value(obj)
+    reply = encode({"ok": True, "kind": kind, "body": body, "layout": layout})
     return reply, [] if fd is None else [fd]
 
 
