@@ -33,14 +33,21 @@ from ._values import decode_value
 MODES = ("module", "state_dict")
 
 
-def start_worker(snapshot: Snapshot, *, start_method: str = "zygote") -> Worker:
-    """Start a worker serving `snapshot` (the caller closes it)."""
+def start_worker(
+    snapshot: Snapshot, *, start_method: str = "zygote", memory_bytes: int | None = None
+) -> Worker:
+    """Start a worker serving `snapshot` (the caller closes it).
+
+    `memory_bytes` caps the worker's address space (RLIMIT_AS): past it, allocations fail with
+    MemoryError in the worker instead of the machine swapping or the OOM killer striking.
+    """
     tag = (snapshot.sha or str(abs(hash(str(snapshot.path)))))[:12]
     init = {
         "snapshot": str(snapshot.path),
         "module_name": f"isolhub_hubconf_{tag}",
         "hub_dir": get_dir(),
         "env": dict(os.environ),
+        "memory_bytes": memory_bytes,
     }
     return Worker.start(snapshot.label, init, start_method=start_method)
 

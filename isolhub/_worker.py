@@ -82,6 +82,11 @@ class _WorkerState:
             # The zygote's environment is from its start; the parent's current one wins.
             os.environ.clear()
             os.environ.update(init["env"])
+        if init.get("memory_bytes"):
+            import resource
+
+            cap = int(init["memory_bytes"])
+            resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
         os.chdir(init["scratch"])
         sys.path.insert(0, self.snapshot)
         sys.dont_write_bytecode = True  # the snapshot is immutable and may be read-only
