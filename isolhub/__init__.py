@@ -40,6 +40,7 @@ _EXPORTS = {
         "WorkerError",
         "WorkerTimeoutError",
     ),
+    "_handle": ("RemoteModule", "RemoteObject"),
     "_source": ("Snapshot",),
     "_spec": ("RepoSpec", "parse_spec"),
 }
@@ -52,6 +53,7 @@ if _typing.TYPE_CHECKING:
     from ._api import fetch, help, list, load, load_state_dict  # noqa: F401
     from ._config import get_dir, set_dir  # noqa: F401
     from ._errors import *  # noqa: F403
+    from ._handle import RemoteModule, RemoteObject  # noqa: F401
     from ._source import Snapshot  # noqa: F401
     from ._spec import RepoSpec, parse_spec  # noqa: F401
 

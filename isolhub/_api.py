@@ -25,12 +25,13 @@ from typing import Any
 from . import _byvalue
 from ._config import get_dir
 from ._errors import ProtocolError, SpecError
+from ._handle import open_handle
 from ._process import Worker
 from ._source import Snapshot, fetch_snapshot
 from ._spec import parse_spec
 from ._values import decode_value
 
-MODES = ("module", "state_dict")
+MODES = ("module", "state_dict", "remote")
 
 
 def start_worker(
@@ -158,6 +159,14 @@ def load(
     if mode not in MODES:
         raise SpecError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
     snap = _snapshot(repo_or_dir, source, trust_repo, force_reload, verbose, "load")
+    if mode == "remote":
+        w = start_worker(snap)
+        try:
+            reply, _ = w.request(_call_message(model, args, kwargs, "handle", seed, None), timeout)
+        except BaseException:
+            w.close()
+            raise
+        return open_handle(w, reply["handle"], timeout)
     with start_worker(snap) as w:
         return call(w, model, args, kwargs, result=mode, timeout=timeout, seed=seed)
 
@@ -212,7 +221,14 @@ def call(
     `then(obj)`, if given, runs in the worker on the entrypoint's result first (closures and
     lambdas work: it travels by cloudpickle, from this trusted process to the worker).
     """
-    message = {
+    reply, fds = worker.request(_call_message(entry, args, kwargs, result, seed, then), timeout)
+    return decode_result(reply, fds)
+
+
+def _call_message(
+    entry: str, args: Any, kwargs: Any, result: str, seed: int | None, then: Any
+) -> dict[str, Any]:
+    return {
         "op": "call",
         "entry": entry,
         "args": tuple(args),
@@ -221,8 +237,6 @@ def call(
         "seed": seed,
         "then": then,
     }
-    reply, fds = worker.request(message, timeout)
-    return decode_result(reply, fds)
 
 
 def decode_result(reply: dict[str, Any], fds: list[int]) -> Any:

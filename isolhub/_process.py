@@ -159,6 +159,7 @@ class Worker:
         self.returncode: int | None = None
         self.scratch = scratch
         self.closed = False
+        self._lock = threading.RLock()  # one request at a time on the channel
         self._tail = bytearray()
         self._reader = threading.Thread(
             target=_drain, args=(output_fd, self._tail), name=f"isolhub-out-{pid}", daemon=True
@@ -212,7 +213,10 @@ class Worker:
         return worker
 
     def request(
-        self, message: dict[str, Any], timeout: float | None = None
+        self,
+        message: dict[str, Any],
+        timeout: float | None = None,
+        fds: list[int] = (),  # type: ignore[assignment]
     ) -> tuple[dict[str, Any], list[int]]:
         """Send one request and wait for its answer: `(reply, fds)`; errors are raised typed.
 
@@ -222,12 +226,13 @@ class Worker:
         """
         if self.closed:
             raise WorkerCrashedError(f"the worker for {self.label} is gone", spec=self.label)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        try:
-            send_frame(self.sock, cloudpickle.dumps(message))
-        except OSError:
-            self._raise_death()
-        return self._reply(deadline, timeout)
+        with self._lock:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            try:
+                send_frame(self.sock, cloudpickle.dumps(message), fds)
+            except OSError:
+                self._raise_death()
+            return self._reply(deadline, timeout)
 
     def _reply(
         self, deadline: float | None, timeout: float | None = None
@@ -260,7 +265,8 @@ class Worker:
             self.kill()
             raise ProtocolError(f"bad frame from the worker for {self.label}: {e}") from e
         finally:
-            self.sock.settimeout(None)
+            if not self.closed:
+                self.sock.settimeout(None)
         if frame is None:
             self._dead_within(_GRACE)
             self._raise_death()

@@ -25,7 +25,7 @@ from types import ModuleType
 from typing import Any, NoReturn
 
 from . import _config
-from ._byvalue import dumps, register_snapshot_modules
+from ._byvalue import dumps, loads, register_snapshot_modules
 from ._errors import EntrypointError, MissingDependenciesError, ProtocolError
 from ._protocol import encode, recv_frame, send_frame
 from ._values import encode_value
@@ -46,10 +46,10 @@ def serve(fd: int) -> NoReturn:
             frame = recv_frame(sock)
             if frame is None:
                 break
-            request = pickle.loads(frame[0])
+            request, in_fds = pickle.loads(frame[0]), frame[1]
             if request.get("op") == "close":
                 break
-            reply, fds = state.handle(request)
+            reply, fds = state.handle(request, in_fds)
             try:
                 send_frame(sock, reply, fds)
             finally:
@@ -78,6 +78,9 @@ class _WorkerState:
         self.module_name: str = init["module_name"]
         self.hubconf: ModuleType | None = None
         self.import_error: BaseException | None = None
+        self.handles: dict[int, Any] = {}
+        self.handle_ids: dict[int, int] = {}
+        self.next_handle = 1
         if init.get("env") is not None:
             # The zygote's environment is from its start; the parent's current one wins.
             os.environ.clear()
@@ -94,8 +97,15 @@ class _WorkerState:
             _config.set_dir(init["hub_dir"])
         _route_torch_hub(init.get("hub_dir"))
 
-    def handle(self, request: dict[str, Any]) -> tuple[bytes, list[int]]:
+    def handle(self, request: dict[str, Any], in_fds: list[int]) -> tuple[bytes, list[int]]:
         try:
+            for handle_id in request.get("release", ()):
+                self.release(handle_id)
+            if "payload" in request:
+                fd = in_fds.pop() if in_fds else None
+                request["args"], request["kwargs"] = loads(
+                    request["payload"], fd, request["layout"]
+                )
             op = request["op"]
             if op == "list":
                 return encode({"ok": True, "value": self.entrypoints()}), []
@@ -104,11 +114,61 @@ class _WorkerState:
                 return encode({"ok": True, "value": doc}), []
             if op == "call":
                 return self.call(request)
+            if op == "invoke":
+                return self.invoke(request)
             raise ProtocolError(f"unknown request {op!r}")
         except SystemExit:
             raise
         except BaseException as e:
             return encode({"ok": False, "error": _error_record(e)}), []
+        finally:
+            for fd in in_fds:
+                os.close(fd)
+
+    def new_handle(self, obj: Any) -> dict[str, Any]:
+        """Keep `obj` in the worker and describe it; one id per object."""
+        import torch
+
+        handle_id = self.handle_ids.get(id(obj))
+        if handle_id is None:
+            handle_id = self.next_handle
+            self.next_handle += 1
+            self.handle_ids[id(obj)] = handle_id
+            self.handles[handle_id] = obj
+        return {
+            "id": handle_id,
+            "type": f"{type(obj).__module__}.{type(obj).__qualname__}",
+            "module": isinstance(obj, torch.nn.Module),
+            "callable": callable(obj),
+            "repr": _short_repr(obj),
+        }
+
+    def release(self, handle_id: Any) -> None:
+        obj = self.handles.pop(handle_id, None)
+        if obj is not None:
+            self.handle_ids.pop(id(obj), None)
+
+    def invoke(self, request: dict[str, Any]) -> tuple[bytes, list[int]]:
+        """Act on a kept object: call it, read or set an attribute, or take its state dict."""
+        target = self.handles.get(request["id"])
+        if target is None:
+            raise ProtocolError(f"no object {request['id']!r} in this worker (released?)")
+        action = request["action"]
+        args, kwargs = request.get("args", ()), request.get("kwargs", {})
+        if action == "call":
+            result = target(*args, **kwargs)
+        elif action == "getattr":
+            result = getattr(target, request["name"])
+        elif action == "setattr":
+            setattr(target, request["name"], args[0])
+            result = None
+        elif action == "state_dict":
+            return _value_reply("state_dict", [[str(k), v] for k, v in target.state_dict().items()])
+        else:
+            raise ProtocolError(f"unknown action {action!r}")
+        body, fd, layout = encode_value(result, handle_for=self.new_handle)
+        reply = encode({"ok": True, "kind": "value", "body": body, "layout": layout})
+        return reply, [] if fd is None else [fd]
 
     def module(self) -> ModuleType:
         if self.import_error is not None:
@@ -168,7 +228,17 @@ class _WorkerState:
             return _value_reply("state_dict", [[str(k), v] for k, v in _state_dict_of(obj).items()])
         if result == "value":
             return _value_reply("value", obj)
+        if result == "handle":
+            return encode({"ok": True, "kind": "handle", "handle": self.new_handle(obj)}), []
         raise ProtocolError(f"unknown result mode {result!r}")
+
+
+def _short_repr(obj: Any) -> str:
+    try:
+        text = repr(obj)
+    except Exception:
+        text = f"<{type(obj).__qualname__}>"
+    return text if len(text) <= 2000 else text[:2000] + "..."
 
 
 def _value_reply(kind: str, obj: Any) -> tuple[bytes, list[int]]:

@@ -1,0 +1,150 @@
+"""Remote handles: the object stays in its worker; calls, attribute reads and methods go there.
+
+The parent never unpickles what the worker sends: replies come through the restricted codec
+(plain values and tensors); any other object in a reply becomes another handle. Arguments go
+the other way by cloudpickle (the parent is trusted), tensors out-of-band through the arena.
+
+Example:
+    >>> m = hub.load("someone/unvetted:main", "net", mode="remote")
+    >>> y = m(x)                  # forward runs in the worker
+    >>> m.eval(); sd = m.state_dict()
+    >>> m.close()                 # or: with hub.load(..., mode="remote") as m: ...
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from typing import Any
+
+from ._byvalue import dumps
+from ._errors import HandleClosedError, ProtocolError, WorkerCrashedError, WorkerTimeoutError
+from ._process import Worker
+from ._values import decode_value
+
+
+class _Session:
+    """What all handles of one worker share: the worker, its lock, ids waiting to be released."""
+
+    def __init__(self, worker: Worker, timeout: float | None) -> None:
+        self.worker = worker
+        self.timeout = timeout
+        self.lock = threading.Lock()
+        self.to_release: list[int] = []
+        self.proxies: dict[int, RemoteObject] = {}
+
+    def invoke(self, handle_id: int, action: str, *args: Any, name: str = "", **kwargs: Any) -> Any:
+        if self.worker.closed:
+            raise HandleClosedError(
+                f"the worker for {self.worker.label} is gone; load the model again"
+            )
+        data, fd, layout = dumps((args, kwargs))
+        with self.lock:
+            release, self.to_release = self.to_release, []
+        message = {
+            "op": "invoke",
+            "id": handle_id,
+            "action": action,
+            "name": name,
+            "payload": data,
+            "layout": layout,
+            "release": release,
+        }
+        try:
+            reply, fds = self.worker.request(message, self.timeout, [] if fd is None else [fd])
+        except (WorkerCrashedError, WorkerTimeoutError):
+            raise
+        finally:
+            if fd is not None:
+                os.close(fd)
+        if len(fds) > 1:
+            for f in fds:
+                os.close(f)
+            raise ProtocolError("a reply came with more than one fd")
+        value = decode_value(reply["body"], fds[0] if fds else None, reply["layout"], self.proxy)
+        if reply.get("kind") == "state_dict":
+            return OrderedDict((k, v) for k, v in value)
+        return value
+
+    def proxy(self, info: Any) -> RemoteObject:
+        if not isinstance(info, dict) or type(info.get("id")) is not int:
+            raise ProtocolError("malformed handle in a reply")
+        existing = self.proxies.get(info["id"])
+        if existing is not None:
+            return existing
+        cls = RemoteModule if info.get("module") else RemoteObject
+        obj = cls(self, info)
+        self.proxies[info["id"]] = obj
+        return obj
+
+    def forget(self, handle_id: int) -> None:
+        with self.lock:
+            self.proxies.pop(handle_id, None)
+            self.to_release.append(handle_id)
+
+
+class RemoteObject:
+    """A proxy for an object living in a worker; attribute reads and calls run there."""
+
+    __slots__ = ("_session", "_info", "__weakref__")
+
+    def __init__(self, session: _Session, info: dict[str, Any]) -> None:
+        object.__setattr__(self, "_session", session)
+        object.__setattr__(self, "_info", info)
+
+    @property
+    def remote_type(self) -> str:
+        """The qualified type name of the object in the worker."""
+        return str(self._info.get("type"))
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        return self._session.invoke(self._info["id"], "getattr", name=name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self._session.invoke(self._info["id"], "setattr", value, name=name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._session.invoke(self._info["id"], "call", *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<remote {self.remote_type} in worker pid {self._session.worker.pid}: {self._info.get('repr', '')[:200]}>"
+
+
+class RemoteModule(RemoteObject):
+    """A proxy for an `nn.Module` (or any object) returned by `load(..., mode="remote")`.
+
+    `state_dict()` comes through shared memory; `close()` (or leaving a `with` block) stops the
+    worker; a worker's death closes the handle (`HandleClosedError` on the next use).
+    """
+
+    __slots__ = ()
+
+    def state_dict(self) -> OrderedDict[str, Any]:
+        """The module's state dict, tensors through the arena, no pickle."""
+        return self._session.invoke(self._info["id"], "state_dict")
+
+    def close(self) -> None:
+        """Stop the worker; every handle from it is closed."""
+        self._session.worker.close()
+
+    @property
+    def closed(self) -> bool:
+        """Whether the worker behind this handle is gone."""
+        return self._session.worker.closed
+
+    def __enter__(self) -> RemoteModule:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_handle(worker: Worker, info: dict[str, Any], timeout: float | None) -> RemoteModule:
+    """The top-level handle for an object the worker keeps (from a `call` with result=handle)."""
+    session = _Session(worker, timeout)
+    handle = session.proxy(dict(info, module=True))
+    assert isinstance(handle, RemoteModule)
+    return handle
