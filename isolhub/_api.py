@@ -162,7 +162,16 @@ def load(
     if mode == "remote":
         w = start_worker(snap)
         try:
-            reply, _ = w.request(_call_message(model, args, kwargs, "handle", seed, None), timeout)
+            reply, fds = w.request(
+                _call_message(model, args, kwargs, "handle", seed, None), timeout
+            )
+            if reply.get("kind") != "handle" or not isinstance(reply.get("handle"), dict) or fds:
+                for fd in fds:
+                    os.close(fd)
+                raise ProtocolError(f"the worker for {snap.label} sent no handle")
+        except ProtocolError:
+            w.kill()
+            raise
         except BaseException:
             w.close()
             raise
@@ -222,7 +231,11 @@ def call(
     lambdas work: it travels by cloudpickle, from this trusted process to the worker).
     """
     reply, fds = worker.request(_call_message(entry, args, kwargs, result, seed, then), timeout)
-    return decode_result(reply, fds)
+    try:
+        return decode_result(reply, fds, expect=result)
+    except ProtocolError:
+        worker.kill()  # it sent garbage: nothing more it says can be trusted
+        raise
 
 
 def _call_message(
@@ -239,13 +252,29 @@ def _call_message(
     }
 
 
-def decode_result(reply: dict[str, Any], fds: list[int]) -> Any:
-    """Rebuild a `call` reply in this process; consumes `fds`."""
+def decode_result(reply: dict[str, Any], fds: list[int], *, expect: str) -> Any:
+    """Rebuild a `call` reply of the `expect`ed kind in this process; consumes `fds`.
+
+    Only a `module` request may be answered with a pickle: any other reply is decoded by the
+    restricted codec, so a worker cannot make the parent unpickle by lying about the kind.
+    """
+    want = "pickle" if expect == "module" else expect
+    if reply.get("kind") != want:
+        for fd in fds:
+            os.close(fd)
+        raise ProtocolError(f"asked for a {want} result, got {reply.get('kind')!r}")
     if len(fds) > 1:
         for fd in fds:
             os.close(fd)
         raise ProtocolError(f"a result came with {len(fds)} fds; expected at most one")
     fd = fds[0] if fds else None
+    try:
+        return _decode_kind(reply, fd)
+    except (KeyError, TypeError) as e:
+        raise ProtocolError(f"malformed result from a worker: {e!r}") from None
+
+
+def _decode_kind(reply: dict[str, Any], fd: int | None) -> Any:
     kind = reply.get("kind")
     if kind == "pickle":
         return _byvalue.loads(reply["data"], fd, reply["layout"])

@@ -62,9 +62,15 @@ class _Session:
             for f in fds:
                 os.close(f)
             raise ProtocolError("a reply came with more than one fd")
-        value = decode_value(reply["body"], fds[0] if fds else None, reply["layout"], self.proxy)
-        if reply.get("kind") == "state_dict":
-            return OrderedDict((k, v) for k, v in value)
+        try:
+            value = decode_value(
+                reply["body"], fds[0] if fds else None, reply["layout"], self.proxy
+            )
+            if reply.get("kind") == "state_dict":
+                return OrderedDict((k, v) for k, v in value)
+        except (KeyError, TypeError, ValueError, ProtocolError) as e:
+            self.worker.kill()  # it sent garbage: nothing more it says can be trusted
+            raise ProtocolError(f"bad reply from the worker for {self.worker.label}: {e}") from e
         return value
 
     def proxy(self, info: Any) -> RemoteObject:

@@ -1,0 +1,110 @@
+"""A hostile worker cannot run code in, crash, or corrupt the parent through what it sends.
+
+Each hubconf here grabs the worker's own channel socket and writes a crafted frame on it, as
+malicious code could. The parent must answer with a `ProtocolError`, kill the worker, never
+unpickle anything, and stay healthy.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import isolhub as hub
+
+from hubrepos import make_repo, spec_of
+
+PRELUDE = """
+import fcntl, os, socket, struct, time
+from isolhub._protocol import encode
+
+def channel():
+    for fd in sorted(int(f) for f in os.listdir("/proc/self/fd")):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                return socket.socket(fileno=os.dup(fd))
+        except OSError:
+            pass
+
+def send_raw(payload, fds=(), announced=None):
+    sock = channel()
+    header = struct.pack("!II", len(payload) if announced is None else announced, len(fds))
+    if fds:
+        import array
+        sock.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())])
+    else:
+        sock.sendall(header)
+    sock.sendall(payload)
+    time.sleep(30)
+
+class X:
+    pass  # stands for a tensor: the codec encodes it through the extension hook
+
+def as_tensor(meta):
+    return encode([["w", X()]], lambda v: {"t": meta})
+
+class Evil:
+    def __reduce__(self):
+        return (open, (MARKER, "w"))
+"""
+
+CASES = {
+    "pickle_reply": "import pickle; send_raw(pickle.dumps(Evil()))",
+    "pickle_kind": (
+        "import pickle; send_raw(encode({'ok': True, 'kind': 'pickle', "
+        "'data': pickle.dumps(Evil()), 'layout': []}))"
+    ),
+    "oversize_header": "send_raw(b'x' * 16, announced=2**31)",
+    "truncated_value": (
+        "from isolhub._protocol import encode; send_raw(encode({'ok': True, 'kind': 'value', "
+        "'body': b's\\x00\\x00\\x10\\x00abc', 'layout': []}))"
+    ),
+    "unknown_kind": "from isolhub._protocol import encode; send_raw(encode({'ok': True, 'kind': 'pickle2'}))",
+    "tensor_past_arena": (
+        "from isolhub._protocol import encode\n"
+        "    import os\n"
+        "    fd = os.memfd_create('x', os.MFD_ALLOW_SEALING)\n"
+        "    os.ftruncate(fd, 64)\n"
+        "    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)\n"
+        "    body = as_tensor({'s': 0, 'dtype': 'float32', 'shape': [1000000], 'stride': [1], 'offset': 0, 'grad': False})\n"
+        "    send_raw(encode({'ok': True, 'kind': 'state_dict', 'body': body, 'layout': [[0, 64]]}), fds=[fd])"
+    ),
+    "unsealed_memfd": (
+        "from isolhub._protocol import encode\n"
+        "    import os\n"
+        "    fd = os.memfd_create('x', os.MFD_ALLOW_SEALING)\n"
+        "    os.ftruncate(fd, 64)\n"
+        "    body = as_tensor({'s': 0, 'dtype': 'float32', 'shape': [4], 'stride': [1], 'offset': 0, 'grad': False})\n"
+        "    send_raw(encode({'ok': True, 'kind': 'state_dict', 'body': body, 'layout': [[0, 64]]}), fds=[fd])"
+    ),
+    "bad_dtype": (
+        "from isolhub._protocol import encode\n"
+        "    body = as_tensor({'s': 0, 'dtype': 'object', 'shape': [0], 'stride': [1], 'offset': 0, 'grad': False})\n"
+        "    send_raw(encode({'ok': True, 'kind': 'state_dict', 'body': body, 'layout': [[0, 0]]}))"
+    ),
+}
+
+
+@pytest.fixture
+def hostile_repo(tmp_path: Path) -> Path:
+    marker = tmp_path / "pwned"
+    body = textwrap.dedent(PRELUDE).replace("MARKER", repr(str(marker)))
+    for name, code in CASES.items():
+        body += f"\ndef {name}():\n    {code}\n"
+    body += "\ndef fine():\n    import torch\n    return {'w': torch.ones(3)}\n"
+    return make_repo(tmp_path / "hostile", {"hubconf.py": body})
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("mode", ["state_dict", "remote"])
+def test_a_crafted_reply_is_a_protocol_error_and_runs_nothing(
+    hostile_repo: Path, case: str, mode: str
+) -> None:
+    with pytest.raises(hub.ProtocolError):
+        hub.load(spec_of(hostile_repo), case, mode=mode, timeout=20)
+    assert not (hostile_repo.parent / "pwned").exists()
+    sd = hub.load_state_dict(spec_of(hostile_repo), "fine")
+    assert torch.equal(sd["w"], torch.ones(3))
