@@ -1,0 +1,694 @@
+"""`isolhub download` and `isolhub cache ls|verify|rm|prune`: the cache from the command line.
+
+Only `cache verify --fix`, `cache rm` and `cache prune` ever delete anything, and only entries of
+the hub dir (see `docs/cache.md`). Exit codes: 0 ok, 1 `verify` found problems it did not fix,
+2 an error (raised as an `IsolhubError` and reported by the main CLI).
+
+Example:
+    >>> parser = argparse.ArgumentParser(prog="isolhub")
+    >>> add_commands(parser.add_subparsers(dest="command"))
+    >>> args = parser.parse_args(["cache", "ls", "--json"])
+    >>> args.func(args)
+    0
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import os
+import re
+import stat
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+from ._cache import STAGING_PREFIX, hub_dir, remove_tree
+from ._errors import CacheError, DownloadError
+
+_SHA = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+_STAGING_PID = re.compile(rf"{re.escape(STAGING_PREFIX)}[0-9a-f]+-(\d+)-")
+# Staging folders and temp files younger than this may belong to a running process.
+_LEFTOVER_AGE_S = 3600
+
+
+def add_commands(subparsers: Any) -> None:
+    """Register `download` and `cache {ls,verify,rm,prune}` on the main parser's subparsers.
+
+    Each leaf sets `func(args) -> int` (the exit code) and accepts `--json`.
+
+    Example:
+        >>> add_commands(argparse.ArgumentParser().add_subparsers())
+    """
+    dl = subparsers.add_parser(
+        "download",
+        help="download a file (into the checkpoint cache unless DST is given)",
+        description="Download URL with retries, resume and hash checking. Without DST the file "
+        "goes to <hub>/checkpoints/<name>, where load_state_dict_from_url finds it.",
+    )
+    dl.add_argument("url", metavar="URL")
+    dl.add_argument("dst", metavar="DST", nargs="?", help="target file or existing folder")
+    dl.add_argument("--sha256", metavar="HEX", help="expected SHA-256 (or a prefix of it)")
+    dl.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _json_flag(dl)
+    dl.set_defaults(func=cmd_download)
+
+    cache = subparsers.add_parser(
+        "cache",
+        help="list, verify and clean the cache",
+        description="Inspect and clean the hub dir (snapshots, refs and checkpoints).",
+    )
+    sub = cache.add_subparsers(dest="cache_command", metavar="{ls,verify,rm,prune}", required=True)
+
+    ls = sub.add_parser("ls", help="list entries with size, kind and last use")
+    _json_flag(ls)
+    ls.set_defaults(func=cmd_ls)
+
+    verify = sub.add_parser(
+        "verify",
+        help="re-hash checkpoints and find partial or broken entries",
+        description="Exit 0 when nothing is wrong (or everything was fixed), 1 otherwise.",
+    )
+    verify.add_argument(
+        "--fix", action="store_true", help="remove the corrupt and partial entries found"
+    )
+    _json_flag(verify)
+    verify.set_defaults(func=cmd_verify)
+
+    rm = sub.add_parser(
+        "rm",
+        help="remove one entry",
+        description="TARGET is an entry as `cache ls` shows it (e.g. checkpoints/x.pth, "
+        "repos/<key>/snapshots/<sha>, repos/<key>), a path inside the hub dir, a checkpoint "
+        "file name or a snapshot SHA (prefix of 7 or more).",
+    )
+    rm.add_argument("target", metavar="TARGET")
+    _json_flag(rm)
+    rm.set_defaults(func=cmd_rm)
+
+    prune = sub.add_parser(
+        "prune",
+        help="remove entries not used for a while, and leftovers",
+        description="Remove snapshots and checkpoints last used before --older-than, refs to "
+        "them, and leftovers of interrupted downloads and extractions.",
+    )
+    prune.add_argument(
+        "--older-than",
+        metavar="AGE",
+        type=parse_age,
+        default=parse_age("30d"),
+        help="e.g. 30d (default), 12h, 90m, 2w; a bare number is days",
+    )
+    prune.add_argument("--dry-run", action="store_true", help="only show what would be removed")
+    _json_flag(prune)
+    prune.set_defaults(func=cmd_prune)
+
+
+def _json_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON to stdout")
+
+
+def parse_age(text: str) -> float:
+    """`30d`, `12h`, `90m`, `45s`, `2w` or a bare number of days, in seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text)
+    if m is None:
+        raise argparse.ArgumentTypeError(f"invalid age {text!r}: use e.g. 30d, 12h, 90m or 2w")
+    unit = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "": 86400}[m.group(2)]
+    return float(m.group(1)) * unit
+
+
+# -- the cache, as entries ---------------------------------------------------------------------
+
+
+@dataclass
+class Entry:
+    """One thing in the cache, as `cache ls` shows it."""
+
+    id: str  # path relative to the hub dir; what `cache rm` takes
+    kind: str  # snapshot | checkpoint | ref
+    path: str
+    size: int
+    last_used: float
+    repo: str | None = None
+    sha: str | None = None
+    ref: str | None = None
+    unused: bool | None = None  # snapshots: no ref points at them
+    refs: list[str] = field(default_factory=list)
+
+
+def scan(root: Path) -> list[Entry]:
+    """Every snapshot, ref and checkpoint under the hub dir `root` (leftovers excluded)."""
+    entries: list[Entry] = []
+    repos = root / "repos"
+    for repo in _dirs(repos):
+        origin = _read(repo / "origin") or repo.name
+        refs: list[Entry] = []
+        for f in _children(repo / "refs"):
+            if f.name.startswith(".") or not f.is_file():
+                continue
+            st = f.lstat()
+            target = (_read(f) or "").strip()
+            refs.append(
+                Entry(
+                    id=_rel(f, root),
+                    kind="ref",
+                    path=str(f),
+                    size=st.st_size,
+                    last_used=st.st_mtime,
+                    repo=origin,
+                    sha=target or None,
+                    ref=unquote(f.name),
+                )
+            )
+        for d in _children(repo / "snapshots"):
+            if d.name.startswith(STAGING_PREFIX) or not d.is_dir() or d.is_symlink():
+                continue
+            size, last = _tree_usage(d)
+            pointing = sorted(r.ref or "" for r in refs if r.sha == d.name)
+            entries.append(
+                Entry(
+                    id=_rel(d, root),
+                    kind="snapshot",
+                    path=str(d),
+                    size=size,
+                    last_used=last,
+                    repo=origin,
+                    sha=d.name,
+                    unused=not pointing,
+                    refs=pointing,
+                )
+            )
+        entries.extend(refs)
+    for f in _children(root / "checkpoints"):
+        if _is_leftover_name(f.name) or f.is_symlink():
+            continue
+        size, last = _tree_usage(f) if f.is_dir() else _file_usage(f)
+        entries.append(
+            Entry(id=_rel(f, root), kind="checkpoint", path=str(f), size=size, last_used=last)
+        )
+    return entries
+
+
+def _is_leftover_name(name: str) -> bool:
+    return name.endswith((".partial", ".incomplete")) or name.startswith(STAGING_PREFIX)
+
+
+def _children(d: Path) -> list[Path]:
+    try:
+        return sorted(d.iterdir())
+    except OSError:
+        return []
+
+
+def _dirs(d: Path) -> list[Path]:
+    return [p for p in _children(d) if p.is_dir() and not p.name.startswith(".")]
+
+
+def _read(p: Path) -> str | None:
+    try:
+        return p.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _rel(p: Path, root: Path) -> str:
+    return p.relative_to(root).as_posix()
+
+
+def _file_usage(p: Path) -> tuple[int, float]:
+    st = p.lstat()
+    return st.st_size, max(st.st_atime, st.st_mtime)
+
+
+def _tree_usage(d: Path) -> tuple[int, float]:
+    """Total size under `d` and its last use: the newest access or change of a file in it.
+
+    Folder access times are left out: listing a folder (as this does) would count as a use.
+    """
+    size, last = 0, d.lstat().st_mtime
+    for dirpath, _dirs, files in os.walk(d):
+        for name in files:
+            with contextlib.suppress(OSError):
+                fst = os.lstat(os.path.join(dirpath, name))
+                size += fst.st_size
+                last = max(last, fst.st_atime, fst.st_mtime)
+    return size, last
+
+
+# -- download ----------------------------------------------------------------------------------
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    """`isolhub download URL [DST] [--sha256 HEX]`: fetch into the cache or to DST.
+
+    Raises:
+        DownloadError: the download failed or `--sha256` is not hexadecimal.
+        HashMismatchError: the bytes do not match `--sha256`.
+    """
+    from ._checkpoints import checkpoint_name
+    from ._download import _hash_matches, _sha256_file, download_url_to_file, safe_url
+
+    sha = args.sha256.strip().lower() if args.sha256 else None
+    if sha is not None and not re.fullmatch(r"[0-9a-f]{1,64}", sha):
+        raise DownloadError(f"--sha256 {args.sha256!r} is not a hexadecimal SHA-256 (or prefix)")
+    cached = False
+    if args.dst:
+        dst = os.path.expanduser(args.dst)
+        if os.path.isdir(dst):
+            dst = os.path.join(dst, checkpoint_name(args.url))
+        download_url_to_file(args.url, dst, sha, progress=not args.no_progress)
+    else:
+        folder = hub_dir(create=True) / "checkpoints"
+        try:
+            folder.mkdir(exist_ok=True)
+        except OSError as e:
+            raise CacheError(
+                f"cache not writable: {folder} ({e.strerror}); set ISOLHUB_HOME or pass DST"
+            ) from e
+        dst = str(folder / checkpoint_name(args.url))
+        cached = os.path.isfile(dst) and _hash_matches(dst, sha)
+        if not cached:
+            download_url_to_file(args.url, dst, sha, progress=not args.no_progress)
+    result = {
+        "url": safe_url(args.url),
+        "path": dst,
+        "size": os.path.getsize(dst),
+        "sha256": _sha256_file(dst),
+        "cached": cached,
+    }
+    if args.json:
+        _print_json(result)
+    else:
+        verb = "already cached" if cached else "saved"
+        print(f"{verb}: {dst} ({_human(result['size'])}, sha256 {result['sha256']})")
+    return 0
+
+
+# -- ls ----------------------------------------------------------------------------------------
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    """`isolhub cache ls`: every entry with its kind, size and last use; unused snapshots marked."""
+    root = hub_dir()
+    entries = scan(root)
+    if args.json:
+        _print_json(
+            {
+                "hub_dir": str(root),
+                "entries": [_entry_json(e) for e in entries],
+                "total_size": sum(e.size for e in entries),
+            }
+        )
+        return 0
+    print(f"hub dir: {root}")
+    if not entries:
+        print("(empty)")
+        return 0
+    print(f"{'KIND':<11} {'SIZE':>9}  {'LAST USED':<16}  ENTRY")
+    for e in entries:
+        note = ""
+        if e.kind == "snapshot":
+            note = f"  ({e.repo}; {'refs: ' + ', '.join(e.refs) if e.refs else 'unused'})"
+        elif e.kind == "ref":
+            note = f"  -> {(e.sha or '?')[:12]}"
+        print(f"{e.kind:<11} {_human(e.size):>9}  {_when(e.last_used):<16}  {e.id}{note}")
+    snaps = [e for e in entries if e.kind == "snapshot"]
+    counts = (
+        f"{len(snaps)} snapshot(s) ({sum(1 for e in snaps if e.unused)} unused), "
+        f"{sum(1 for e in entries if e.kind == 'ref')} ref(s), "
+        f"{sum(1 for e in entries if e.kind == 'checkpoint')} checkpoint(s)"
+    )
+    print(f"{counts}; {_human(sum(e.size for e in entries))} in total")
+    return 0
+
+
+def _entry_json(e: Entry) -> dict[str, Any]:
+    d = asdict(e)
+    d["last_used"] = _iso(e.last_used)
+    if e.kind != "snapshot":
+        d.pop("refs")
+        d.pop("unused")
+    return d
+
+
+# -- verify ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Problem:
+    """Something `cache verify` found wrong."""
+
+    id: str
+    path: str
+    problem: str
+    fixable: bool = True
+    fixed: bool = False
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """`isolhub cache verify [--fix]`: re-hash what can be, find leftovers and broken entries."""
+    root = hub_dir()
+    problems, checked, in_progress = find_problems(root)
+    if args.fix:
+        for p in problems:
+            if p.fixable:
+                p.fixed = _remove(Path(p.path))
+    left = [p for p in problems if not p.fixed]
+    if args.json:
+        _print_json(
+            {
+                "hub_dir": str(root),
+                "checked": checked,
+                "problems": [asdict(p) for p in problems],
+                "in_progress": in_progress,
+                "ok": not left,
+            }
+        )
+    else:
+        print(f"hub dir: {root}; {checked} entries checked")
+        for p in problems:
+            state = " [removed]" if p.fixed else ""
+            print(f"problem: {p.id}: {p.problem}{state}")
+        for path in in_progress:
+            print(f"in progress (left alone): {path}")
+        if not problems:
+            print("no problems found")
+        elif left and not args.fix:
+            print("run `isolhub cache verify --fix` to remove the entries above")
+    return 1 if left else 0
+
+
+def find_problems(root: Path) -> tuple[list[Problem], int, list[str]]:
+    """Corrupt checkpoints, dangling refs, empty snapshots and leftovers under `root`.
+
+    Returns the problems, how many entries were checked, and temp files that look in use.
+    """
+    from ._checkpoints import HASH_REGEX
+    from ._download import partial_is_live
+
+    problems: list[Problem] = []
+    in_progress: list[str] = []
+    checked = 0
+    entries = scan(root)
+    snapshots = {(Path(e.path).parent.parent, e.sha) for e in entries if e.kind == "snapshot"}
+    for e in entries:
+        checked += 1
+        path = Path(e.path)
+        if e.kind == "checkpoint" and path.is_file():
+            what = _checkpoint_problem(path, HASH_REGEX)
+            if what:
+                problems.append(Problem(e.id, e.path, what))
+        elif e.kind == "snapshot" and not any(path.iterdir()):
+            problems.append(Problem(e.id, e.path, "snapshot with a missing tree (empty folder)"))
+        elif e.kind == "ref":
+            repo = path.parent.parent
+            if e.sha is None or not _SHA.fullmatch(e.sha):
+                problems.append(Problem(e.id, e.path, f"ref holds no commit SHA ({e.sha!r})"))
+            elif (repo, e.sha) not in snapshots:
+                problems.append(
+                    Problem(e.id, e.path, f"ref points at {e.sha[:12]}, whose tree is missing")
+                )
+    for path, kind in _leftovers(root):
+        live = (
+            partial_is_live(str(path))
+            if path.name.endswith(".partial")
+            else _young_or_live(path, kind)
+        )
+        if live:
+            in_progress.append(str(path))
+        else:
+            problems.append(Problem(_rel(path, root), str(path), f"{kind} left by a dead process"))
+    return problems, checked, in_progress
+
+
+def _open_quietly(path: Path) -> Any:
+    """Open for reading without updating the access time, which is how `ls` tells last use."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOATIME", 0))
+    except PermissionError:
+        fd = os.open(path, os.O_RDONLY)  # O_NOATIME needs ownership
+    return os.fdopen(fd, "rb")
+
+
+def _sha256_quietly(path: Path) -> str:
+    h = hashlib.sha256()
+    with _open_quietly(path) as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _checkpoint_problem(path: Path, hash_regex: re.Pattern[str]) -> str | None:
+    st = path.stat()
+    if st.st_size == 0:
+        return "empty checkpoint file"
+    if path.name.endswith(".safetensors"):
+        what = _safetensors_problem(path, st.st_size)
+        if what:
+            return what
+    m = hash_regex.search(path.name)
+    prefix = m.group(1) if m else ""
+    # torch.hub's names carry 8+ hex digits; an all-digit group is more likely a date or version.
+    if len(prefix) >= 8 and not prefix.isdigit():
+        digest = _sha256_quietly(path)
+        if not digest.startswith(prefix):
+            return f"corrupt: sha256 {digest[:16]}... does not start with {prefix} (from its name)"
+    return None
+
+
+def _safetensors_problem(path: Path, size: int) -> str | None:
+    with _open_quietly(path) as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return "corrupt safetensors file: shorter than its header"
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            return f"corrupt safetensors file: header of {n} bytes in a {size}-byte file"
+        try:
+            json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError):
+            return "corrupt safetensors file: unreadable header"
+    return None
+
+
+def _leftovers(root: Path) -> Iterator[tuple[Path, str]]:
+    for f in _children(root / "checkpoints"):
+        if f.name.endswith(".partial"):
+            yield f, "partial download"
+        elif f.name.endswith(".incomplete"):
+            yield f, "incomplete file"
+    for repo in _dirs(root / "repos"):
+        for f in _children(repo / "refs"):
+            if f.name.startswith(".") and f.name.endswith(".tmp"):
+                yield f, "temp file"
+        for d in _children(repo / "snapshots"):
+            if d.name.startswith(STAGING_PREFIX):
+                yield d, "staging folder"
+    for d in _children(root / "repos"):
+        if d.name.startswith(STAGING_PREFIX):
+            yield d, "staging folder"
+
+
+def _young_or_live(path: Path, kind: str) -> bool:
+    try:
+        age = time.time() - path.lstat().st_mtime
+    except OSError:
+        return False
+    m = _STAGING_PID.match(path.name)
+    if m is not None:
+        from ._download import _pid_alive
+
+        return _pid_alive(int(m.group(1))) and age < 24 * 3600
+    return age < _LEFTOVER_AGE_S
+
+
+# -- rm ----------------------------------------------------------------------------------------
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    """`isolhub cache rm TARGET`: remove one entry (a snapshot also takes the refs to it).
+
+    Raises:
+        CacheError: TARGET matches no entry, several, or lies outside the hub dir.
+    """
+    root = hub_dir()
+    entries = scan(root)
+    chosen = _resolve_target(args.target, root, entries)
+    removed = _remove_entries(chosen, entries, root, dry_run=False)
+    if args.json:
+        _print_json({"hub_dir": str(root), "removed": removed})
+    else:
+        for r in removed:
+            print(f"removed {r['kind']} {r['id']} ({_human(r['size'])})")
+    return 0
+
+
+def _resolve_target(target: str, root: Path, entries: list[Entry]) -> list[Entry]:
+    by_path = {os.path.normpath(e.path): e for e in entries}
+    candidates = [Path(target).expanduser(), root / target]
+    for cand in candidates:
+        try:
+            absolute = os.path.normpath(os.path.abspath(cand))
+        except (OSError, ValueError):
+            continue
+        if absolute in by_path:
+            return [by_path[absolute]]
+        repos = os.path.normpath(root / "repos")
+        if os.path.dirname(absolute) == repos and os.path.isdir(absolute):
+            inside = [e for e in entries if e.path.startswith(absolute + os.sep)]
+            return inside or [_bare_repo_entry(Path(absolute), root)]
+    name_hits = [e for e in entries if e.kind == "checkpoint" and Path(e.path).name == target]
+    if len(name_hits) == 1:
+        return name_hits
+    if re.fullmatch(r"[0-9a-f]{7,64}", target):
+        hits = [e for e in entries if e.kind == "snapshot" and (e.sha or "").startswith(target)]
+        if len(hits) == 1:
+            return hits
+        if len(hits) > 1:
+            raise CacheError(
+                f"{target!r} matches {len(hits)} snapshots; give more of the SHA or the entry "
+                "shown by `isolhub cache ls`"
+            )
+    repo_hits = {Path(e.path).parent.parent for e in entries if e.repo == target}
+    if len(repo_hits) == 1:
+        repo = repo_hits.pop()
+        return [e for e in entries if e.path.startswith(str(repo) + os.sep)]
+    raise CacheError(
+        f"no cache entry matches {target!r} in {root}; see `isolhub cache ls` for the entries "
+        "(nothing outside the hub dir is ever removed)"
+    )
+
+
+def _bare_repo_entry(repo: Path, root: Path) -> Entry:
+    size, last = _tree_usage(repo)
+    return Entry(id=_rel(repo, root), kind="repo", path=str(repo), size=size, last_used=last)
+
+
+def _remove_entries(
+    chosen: list[Entry], entries: list[Entry], root: Path, *, dry_run: bool
+) -> list[dict[str, Any]]:
+    """Remove `chosen` plus the refs to removed snapshots and repo folders left empty."""
+    doomed = {e.path: e for e in chosen}
+    gone_snapshots = {(Path(e.path).parent.parent, e.sha) for e in chosen if e.kind == "snapshot"}
+    for e in entries:
+        if e.kind == "ref" and (Path(e.path).parent.parent, e.sha) in gone_snapshots:
+            doomed.setdefault(e.path, e)
+    removed = []
+    for e in doomed.values():
+        if dry_run or _remove(Path(e.path)):
+            removed.append({"id": e.id, "kind": e.kind, "size": e.size})
+    if not dry_run:
+        for e in chosen:
+            repo = _repo_of(Path(e.path), root)
+            if repo is not None:
+                _drop_empty_repo(repo)
+    return removed
+
+
+def _repo_of(path: Path, root: Path) -> Path | None:
+    try:
+        rel = path.relative_to(root / "repos")
+    except ValueError:
+        return None
+    return root / "repos" / rel.parts[0] if rel.parts else None
+
+
+def _drop_empty_repo(repo: Path) -> None:
+    """Remove a repo folder that has no snapshot and no ref left (only its `origin`)."""
+    for sub in ("snapshots", "refs"):
+        if any(not p.name.startswith(".") for p in _children(repo / sub)):
+            return
+    if repo.is_dir():
+        _remove(repo)
+
+
+def _remove(path: Path) -> bool:
+    """Remove a file or folder of the cache; a folder is renamed aside first (atomic to readers)."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    if stat.S_ISDIR(st.st_mode):
+        aside = path.with_name(f"{STAGING_PREFIX}rm-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            os.rename(path, aside)
+        except OSError:
+            return False
+        remove_tree(aside)
+        return not aside.exists()
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+# -- prune -------------------------------------------------------------------------------------
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """`isolhub cache prune [--older-than 30d] [--dry-run]`: drop what has not been used lately."""
+    root = hub_dir()
+    entries = scan(root)
+    cutoff = time.time() - args.older_than
+    old = [e for e in entries if e.kind in ("snapshot", "checkpoint") and e.last_used < cutoff]
+    removed = _remove_entries(old, entries, root, dry_run=args.dry_run)
+    problems, _checked, _live = find_problems(root)
+    for p in problems:
+        if not (p.problem.endswith("left by a dead process") or p.problem.startswith("ref points")):
+            continue
+        size = _size_of(Path(p.path))
+        if args.dry_run or _remove(Path(p.path)):
+            removed.append({"id": p.id, "kind": "leftover", "size": size})
+    freed = sum(r["size"] for r in removed)
+    if args.json:
+        _print_json(
+            {"hub_dir": str(root), "dry_run": args.dry_run, "removed": removed, "freed": freed}
+        )
+    else:
+        verb = "would remove" if args.dry_run else "removed"
+        for r in removed:
+            print(f"{verb} {r['kind']} {r['id']} ({_human(r['size'])})")
+        print(f"{verb} {len(removed)} entr{'y' if len(removed) == 1 else 'ies'}, {_human(freed)}")
+    return 0
+
+
+def _size_of(path: Path) -> int:
+    try:
+        return _tree_usage(path)[0] if path.is_dir() else path.lstat().st_size
+    except OSError:
+        return 0
+
+
+# -- output ------------------------------------------------------------------------------------
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _when(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M")
+
+
+def _iso(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, tz=dt.UTC).isoformat(timespec="seconds")

@@ -1,0 +1,715 @@
+"""The strict sandbox: a frozen policy, a kernel probe, and `apply`, run inside a fresh worker.
+
+`apply` confines the calling process for good, in this order, before untrusted code is imported:
+
+==============  ====================================================================================
+protection      what it does
+==============  ====================================================================================
+environment     keeps only `env_allow` names, minus anything that looks like a credential or proxy;
+                HOME, TMPDIR, XDG_*, TORCH_HOME, ISOLHUB_HOME, HF_HOME → scratch; cwd → scratch;
+                umask 077; the exec-time environment block behind /proc/self/environ is zeroed
+fds             every fd but 0, 1, 2 and `keep_fds` is pointed at /dev/null (dup2), which drops the
+                original file while keeping the number taken, so a stale Python object from the
+                forked image that later closes "its" fd cannot close a file the hubconf opened
+pdeathsig       PR_SET_PDEATHSIG(SIGKILL); seccomp later stops the hubconf from clearing it
+rlimits         RLIMIT_AS, CPU (SIGXCPU; hard limit one second later: SIGKILL), FSIZE, NOFILE,
+                CORE=0, soft = hard: they cannot be raised again once capabilities are gone
+userns          unshare(CLONE_NEWUSER | CLONE_NEWIPC), setgroups "deny", the own uid/gid mapped to
+                itself. A single process may only map its own id, so no map changes the kernel uid
+                that file permissions see; for root the map is 0 → 0 (needs CAP_SETFCAP, kernel
+                ≥ 5.12) and root's power is removed by the capability drop, Landlock and seccomp,
+                not by a cosmetic inner uid. RLIMIT_NPROC (`max_tasks`) is set after the unshare,
+                so it counts only this sandbox's tasks
+netns           CLONE_NEWNET in the same unshare: no interface but a down loopback; this also
+                isolates abstract UNIX sockets. Root without a userns gets a bare netns
+capabilities    bounding and ambient sets cleared, effective/permitted/inheritable set to zero
+no_new_privs    PR_SET_NO_NEW_PRIVS, before Landlock, so neither Landlock nor seccomp leans on the
+                CAP_SYS_ADMIN a new user namespace lends
+landlock        read: the interpreter (prefixes, stdlib, site-packages, isolhub itself, the
+                directories of every loaded shared library, /etc/ld.so.cache), `read_paths`,
+                /dev/{null,zero,random,urandom}, /proc/self, /proc/cpuinfo,
+                /sys/devices/system/cpu; write: scratch and `write_paths`; execute: nothing, so
+                execve() fails with EACCES even without seccomp
+landlock.net    TCP bind and connect denied (ABI ≥ 4)
+landlock.scope  no signals and no abstract UNIX socket connects outside the sandbox (ABI ≥ 6)
+seccomp         see `isolhub._seccomp`: socket() (any family), ptrace & co, mounts, namespaces,
+                bpf, perf, io_uring, keys, kexec, modules, exec, chmod, fork, TIOCSTI → EPERM
+==============  ====================================================================================
+
+Why socket() is refused for AF_UNIX too: a pathname socket such as /var/run/docker.sock is
+reached through the file system, Landlock (ABI ≤ 7) does not mediate connect() on it, the network
+namespace does not isolate it, and a root worker passes its permission check. The control channel
+is an already-connected socketpair, so the worker needs no new socket; socketpair() still works.
+
+Why fork is refused (`allow_fork=False`): RLIMIT_NPROC is not enforced by the kernel for uid 0
+(fork.c exempts INIT_USER), so for a root worker it cannot bound a fork bomb; refusing process
+creation in seccomp can. Threads (which torch needs) are not processes and still start; a thread
+bomb is bounded by RLIMIT_AS (each thread reserves its stack) and, for non-root, by `max_tasks`.
+
+**Fail closed**: every protection the policy asks for is applied or `apply` raises `SandboxError`
+naming it, unless the name (or its prefix before the dot, e.g. "landlock") is in
+`policy.allow_missing`, in which case the `AppliedReport` lists it as missing. After a
+`SandboxError` the process may be partly confined and must exit.
+
+Test knob: `ISOLHUB_SANDBOX_PRETEND_MISSING="landlock,userns"` makes `probe` and `apply` treat the
+named protections as unavailable on this kernel. A policy that does not allow them to be missing
+then refuses to run, so the knob cannot silently weaken a sandbox.
+
+Example:
+    >>> policy = resolve_policy("strict")
+    >>> report = apply(policy, scratch="/tmp/w1", read_paths=["/cache/snapshots/ab12"], keep_fds=[5])
+    >>> print(report)
+
+Raises:
+    SandboxError: from `apply`, naming the protection that could not be applied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fnmatch
+import functools
+import os
+import re
+import resource
+import signal
+import site
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, final
+
+from isolhub import _landlock, _seccomp
+from isolhub._errors import SandboxError
+
+PROTECTIONS = (
+    "environment", "fds", "pdeathsig", "rlimits", "userns", "netns", "capabilities",
+    "no_new_privs", "landlock", "landlock.net", "landlock.scope", "seccomp",
+)  # fmt: skip
+PRETEND_MISSING_ENV = "ISOLHUB_SANDBOX_PRETEND_MISSING"
+
+DEFAULT_ENV_ALLOW = (
+    "PATH", "LANG", "LANGUAGE", "LC_*", "TERM", "TZ", "PYTHONHASHSEED", "PYTHONIOENCODING",
+    "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "PYTHONWARNINGS", "OMP_*", "KMP_*", "GOMP_*",
+    "MKL_*", "OPENBLAS_*", "CUDA_VISIBLE_DEVICES", "TORCH_*", "PYTORCH_*",
+)  # fmt: skip
+# Removed even when `env_allow` matches (case-insensitive): a sandboxed worker never gets them.
+_SECRET_ENV = (
+    "*TOKEN*", "*SECRET*", "*_KEY", "*_KEY_*", "*PASSWORD*", "*PASSWD*", "*CREDENTIAL*", "*AUTH*",
+    "AWS_*", "GOOGLE_*", "GCLOUD_*", "AZURE_*", "*PROXY*", "SSH_*", "GPG_*",
+)  # fmt: skip
+_SCRATCH_ENV = (
+    "HOME", "TMPDIR", "TMP", "TEMP", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME",
+    "XDG_STATE_HOME", "TORCH_HOME", "ISOLHUB_HOME", "HF_HOME",
+)  # fmt: skip
+_SYSTEM_READ = ("/etc/ld.so.cache", "/dev/zero", "/dev/random", "/dev/urandom", "/proc/self")
+_SYSTEM_READ += ("/proc/cpuinfo", "/sys/devices/system/cpu")  # torch cpuinfo, OpenMP, oneDNN
+
+_CLONE_NEWIPC, _CLONE_NEWUSER, _CLONE_NEWNET = 0x08000000, 0x10000000, 0x40000000
+_PR_SET_PDEATHSIG, _PR_GET_PDEATHSIG, _PR_CAPBSET_DROP = 1, 2, 24
+_PR_SET_NO_NEW_PRIVS, _PR_GET_NO_NEW_PRIVS, _PR_CAP_AMBIENT, _CAP_AMBIENT_CLEAR_ALL = 38, 39, 47, 4
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@final
+@dataclass(frozen=True)
+class Sandbox:
+    """The sandbox policy; `sandbox="strict"` means `Sandbox()`. A None limit is left unchanged.
+
+    `memory_bytes` must be None for CUDA workers (the driver reserves huge address ranges).
+    `file_size_bytes` also caps every memfd the worker grows, i.e. the tensor arena.
+    `max_tasks` (RLIMIT_NPROC, threads included) counts only this sandbox's tasks, but the kernel
+    does not enforce it for uid 0; `allow_fork=False` is what stops a root worker's fork bomb.
+
+    Example:
+        >>> Sandbox(memory_bytes=4 * 1024**3, read_paths=("/data",), allow_missing={"landlock"})
+
+    Raises:
+        ValueError: a negative limit or an unknown name in `allow_missing`.
+    """
+
+    memory_bytes: int | None = 8 * 1024**3  # RLIMIT_AS
+    cpu_seconds: int | None = 600  # RLIMIT_CPU: SIGXCPU, then SIGKILL one second later
+    file_size_bytes: int | None = 1024**3  # RLIMIT_FSIZE: EFBIG
+    open_files: int | None = 256  # RLIMIT_NOFILE
+    max_tasks: int | None = 1024  # RLIMIT_NPROC in the worker's user namespace
+    allow_fork: bool = False  # False: no child processes; threads are fine
+    network: bool = False  # True: no network namespace, no socket/TCP denial (tests, trusted)
+    read_paths: tuple[str, ...] = ()  # extra readable paths
+    write_paths: tuple[str, ...] = ()  # extra writable paths besides scratch
+    allow_missing: frozenset[str] = frozenset()  # protections this kernel may lack
+    env_allow: tuple[str, ...] = DEFAULT_ENV_ALLOW  # names or fnmatch patterns kept
+
+    def __post_init__(self) -> None:
+        for name in ("read_paths", "write_paths", "env_allow", "allow_missing"):
+            value = getattr(self, name)
+            value = (value,) if isinstance(value, str) else tuple(value)
+            object.__setattr__(self, name, frozenset(value) if name == "allow_missing" else value)
+        unknown = sorted(self.allow_missing - set(PROTECTIONS))
+        if unknown:
+            raise ValueError(f"allow_missing: unknown {unknown}; known: {list(PROTECTIONS)}")
+        for name in ("memory_bytes", "cpu_seconds", "file_size_bytes", "open_files", "max_tasks"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise ValueError(f"Sandbox.{name} must be an int >= 0 or None, not {value!r}")
+
+    def requested(self) -> tuple[str, ...]:
+        """The protections this policy asks for (all but the network ones when `network=True`)."""
+        skip = {"netns", "landlock.net"} if self.network else set()
+        return tuple(p for p in PROTECTIONS if p not in skip)
+
+    def may_miss(self, name: str) -> bool:
+        """True when `name` may be unavailable: listed itself, or its prefix ("landlock")."""
+        return name in self.allow_missing or name.split(".")[0] in self.allow_missing
+
+
+def resolve_policy(sandbox: None | str | Sandbox) -> Sandbox | None:
+    """Turn a `sandbox=` argument into a policy: None/"none" → None, "strict" → `Sandbox()`.
+
+    Example:
+        >>> resolve_policy("strict") == Sandbox()
+        True
+
+    Raises:
+        ValueError: an unknown string.
+        TypeError: anything but None, a string or a `Sandbox`.
+    """
+    if sandbox is None or isinstance(sandbox, Sandbox):
+        return sandbox
+    if not isinstance(sandbox, str):
+        raise TypeError(f"sandbox must be None, a str or a Sandbox, not {type(sandbox).__name__}")
+    word = sandbox.strip().lower()
+    if word in {"none", "strict"}:
+        return None if word == "none" else Sandbox()
+    raise ValueError(f"sandbox={sandbox!r}: expected 'strict', 'none', None or a Sandbox(...)")
+
+
+@final
+@dataclass(frozen=True)
+class ProbeEntry:
+    """One line of a `SandboxReport`: whether this kernel can enforce `name`, and why."""
+
+    name: str
+    available: bool
+    detail: str
+
+
+@final
+@dataclass(frozen=True)
+class SandboxReport:
+    """What this kernel can enforce, from `probe()`; pidfd and memfd_seals serve other parts.
+
+    Example:
+        >>> report = probe()
+        >>> report["landlock"].available, report.landlock_abi
+        (True, 7)
+    """
+
+    entries: tuple[ProbeEntry, ...]
+    landlock_abi: int
+    kernel: str
+
+    def __getitem__(self, name: str) -> ProbeEntry:
+        for entry in self.entries:
+            if entry.name == name:
+                return entry
+        raise KeyError(name)
+
+    @property
+    def missing(self) -> tuple[str, ...]:
+        """Sandbox protections this kernel cannot apply (what strict would refuse to run without)."""
+        return tuple(e.name for e in self.entries if e.name in PROTECTIONS and not e.available)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: {"kernel", "landlock_abi", "protections": {name: {available, detail}}}."""
+        entries = {e.name: {"available": e.available, "detail": e.detail} for e in self.entries}
+        return {"kernel": self.kernel, "landlock_abi": self.landlock_abi, "protections": entries}
+
+    def __str__(self) -> str:
+        lines = [f"isolhub sandbox: what this kernel can enforce ({self.kernel})"]
+        for e in self.entries:
+            support = "" if e.name in PROTECTIONS else " (support)"
+            lines.append(f"  [{'yes' if e.available else ' no'}] {e.name:<15}{e.detail}{support}")
+        if self.missing:
+            names = ", ".join(repr(m) for m in self.missing)
+            lines.append("  sandbox='strict' fails closed here; to run without them anyway pass")
+            lines.append(f"  Sandbox(allow_missing={{{names}}})")
+        return "\n".join(lines)
+
+
+@final
+@dataclass(frozen=True)
+class AppliedReport:
+    """What `apply` did: (name, detail) applied, (name, reason) allowed-missing, paths, seconds."""
+
+    applied: tuple[tuple[str, str], ...]
+    missing: tuple[tuple[str, str], ...]
+    not_requested: tuple[str, ...]
+    readable: tuple[str, ...]
+    writable: tuple[str, ...]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (dicts, lists, str, float): fits the restricted reply codec."""
+        return {
+            "applied": dict(self.applied),
+            "missing": dict(self.missing),
+            "not_requested": list(self.not_requested),
+            "readable": list(self.readable),
+            "writable": list(self.writable),
+            "seconds": self.seconds,
+        }
+
+    def __str__(self) -> str:
+        lines = [f"sandbox applied in {self.seconds * 1000:.1f} ms"]
+        lines += [f"  [applied] {name:<15}{detail}" for name, detail in self.applied]
+        lines += [f"  [MISSING] {name:<15}{reason}" for name, reason in self.missing]
+        lines += [f"  [off]     {name:<15}not requested" for name in self.not_requested]
+        return "\n".join(lines)
+
+
+def _pretended() -> dict[str, str]:
+    names = {n.strip() for n in os.environ.get(PRETEND_MISSING_ENV, "").split(",")}
+    why = f"pretended missing (${PRETEND_MISSING_ENV})"
+    return {p: why for p in PROTECTIONS if p in names or p.split(".")[0] in names}
+
+
+def _kernel_gaps(abi: int) -> dict[str, str]:
+    """Protections known to be unavailable without trying: Landlock ABI, seccomp, the test knob."""
+    gaps = {}
+    for name, need in (("landlock", 1), ("landlock.net", 4), ("landlock.scope", 6)):
+        if abi < need:
+            gaps[name] = f"needs Landlock ABI {need}, kernel has {abi or 'none'}"
+    seccomp_ok, detail = _seccomp.available()
+    if not seccomp_ok:
+        gaps["seccomp"] = detail
+    return gaps | _pretended()
+
+
+def probe() -> SandboxReport:
+    """Report what this kernel can enforce: each protection → available and a detail.
+
+    User and network namespaces are tried in a short-lived child interpreter, so probing changes
+    nothing in the caller. Honours `$ISOLHUB_SANDBOX_PRETEND_MISSING`.
+
+    Example:
+        >>> print(probe())  # what `isolhub doctor` shows
+
+    Raises:
+        Nothing: a feature that cannot be checked is reported unavailable, with the reason.
+    """
+    abi = _landlock.abi_version()
+    nnp = _prctl(_PR_GET_NO_NEW_PRIVS)
+    root_note = " (NPROC is not enforced for uid 0)" if os.geteuid() == 0 else ""
+    found = {
+        "environment": (True, "os.environ, cwd, umask"),
+        "fds": (os.path.isdir("/proc/self/fd"), "via /proc/self/fd"),
+        "pdeathsig": (True, "PR_SET_PDEATHSIG(SIGKILL)"),
+        "rlimits": (True, "AS, CPU, FSIZE, NOFILE, CORE, NPROC" + root_note),
+        **_probe_namespaces(),
+        "capabilities": (True, "capset, PR_CAPBSET_DROP"),
+        "no_new_privs": (nnp >= 0, "PR_SET_NO_NEW_PRIVS"),
+        "landlock": (True, f"ABI {abi}"),
+        "landlock.net": (True, "TCP bind/connect denied (ABI >= 4)"),
+        "landlock.scope": (True, "signals, abstract UNIX sockets (ABI >= 6)"),
+        "seccomp": _seccomp.available(),
+        "pidfd": _probe_pidfd(),
+        "memfd_seals": _probe_memfd_seals(),
+    }
+    for name, reason in _kernel_gaps(abi).items():
+        found[name] = (False, reason)
+    entries = tuple(ProbeEntry(name, ok, detail) for name, (ok, detail) in found.items())
+    kernel = f"Linux {os.uname().release} {os.uname().machine}, euid {os.geteuid()}"
+    return SandboxReport(entries=entries, landlock_abi=abi, kernel=kernel)
+
+
+_NS_PROBE = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+u, g = os.geteuid(), os.getegid()  # before unshare: inside, unmapped ids read as 65534
+if libc.unshare(0x10000000) != 0:
+    raise SystemExit("userns unshare(CLONE_NEWUSER): " + os.strerror(ctypes.get_errno()))
+for name, text in (("setgroups", "deny"), ("uid_map", f"{u} {u} 1"), ("gid_map", f"{g} {g} 1")):
+    try:
+        with open("/proc/self/" + name, "w") as f:
+            f.write(text)
+    except OSError as e:
+        raise SystemExit(f"userns writing /proc/self/{name}: {e.strerror}")
+if libc.unshare(0x40000000) != 0:
+    raise SystemExit("netns unshare(CLONE_NEWNET): " + os.strerror(ctypes.get_errno()))
+"""
+
+
+def _probe_namespaces() -> dict[str, tuple[bool, str]]:
+    import subprocess  # probe() only: keep it out of the zygote's imports
+
+    try:
+        cmd = [sys.executable, "-I", "-S", "-c", _NS_PROBE]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        failure = done.stderr.strip().splitlines()[-1] if done.returncode else ""
+    except (OSError, subprocess.SubprocessError) as e:
+        failure = f"userns probe failed: {e}"
+    user = (True, "unshare(CLONE_NEWUSER), own id mapped")
+    net = (True, "unshare(CLONE_NEWNET)")
+    if failure.startswith("netns"):
+        net = (False, failure.split(" ", 1)[1])
+    elif failure:
+        user = (False, failure.removeprefix("userns "))
+        net = (False, "not tried: it needs the user namespace (or root)")
+    return {"userns": user, "netns": net}
+
+
+def _probe_pidfd() -> tuple[bool, str]:
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except (OSError, AttributeError) as e:
+        return False, f"pidfd_open: {e}"
+    return True, "pidfd_open"
+
+
+def _probe_memfd_seals() -> tuple[bool, str]:
+    import fcntl
+
+    try:
+        fd = os.memfd_create("isolhub-probe", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK)
+        finally:
+            os.close(fd)
+    except (OSError, AttributeError) as e:
+        return False, f"memfd_create / F_ADD_SEALS: {e}"
+    return True, "memfd_create, F_SEAL_WRITE|SHRINK"
+
+
+def apply(
+    policy: Sandbox, *, scratch: str, read_paths: Sequence[str], keep_fds: Sequence[int]
+) -> AppliedReport:
+    """Confine the calling process for good (see the module docstring) and report what was done.
+
+    Must run in a freshly forked, single-threaded child, before untrusted code is imported.
+
+    Args:
+        policy: the `Sandbox` to enforce.
+        scratch: an existing directory, the only writable place besides `policy.write_paths`.
+        read_paths: extra readable paths for this worker, e.g. the repo snapshot.
+        keep_fds: fds to keep besides 0, 1 and 2, e.g. the control socket.
+
+    Example:
+        >>> apply(Sandbox(), scratch=scratch, read_paths=[snapshot], keep_fds=[sock.fileno()])
+
+    Raises:
+        SandboxError: the process is not single-threaded, a path is missing, or a protection the
+            policy asks for cannot be applied (the message names it; `missing` lists kernel gaps).
+            The process may then be partly confined and must exit.
+    """
+    start = time.perf_counter()
+    threads = len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else 0
+    if threads != 1:
+        raise SandboxError(f"apply needs a single-threaded process; this one has {threads} threads")
+    requested = policy.requested()
+    gaps = {n: r for n, r in _kernel_gaps(_landlock.abi_version()).items() if n in requested}
+    refused = [n for n in requested if n in gaps and not policy.may_miss(n)]
+    if refused:
+        raise SandboxError(
+            "sandbox protections unavailable on this kernel: "
+            + "; ".join(f"{n} ({gaps[n]})" for n in refused)
+            + f". To run without them pass Sandbox(allow_missing={set(refused)!r})",
+            missing=refused,
+        )
+    scratch = os.path.realpath(scratch)
+    if not os.path.isdir(scratch):
+        raise SandboxError(f"scratch {scratch!r} is not a directory")
+    readable, writable = _landlock_paths(policy, scratch, read_paths)
+    applied: dict[str, str] = {}
+    missing = dict(gaps)
+    ppid = os.getppid()
+
+    def step(name: str, action: Callable[[], str]) -> None:
+        if name in requested and name not in gaps:
+            try:
+                applied[name] = action()
+            except (OSError, SandboxError) as e:
+                reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                if not policy.may_miss(name):
+                    raise SandboxError(f"sandbox protection {name!r} failed: {reason}") from e
+                missing[name] = reason
+
+    step("environment", lambda: _scrub_environment(policy, scratch))
+    step("fds", lambda: _close_fds(keep_fds))
+    step("pdeathsig", lambda: _set_pdeathsig(ppid))
+    step("rlimits", lambda: _set_rlimits(policy))
+    if os.geteuid() == 0:
+        with contextlib.suppress(OSError):  # best effort: no supplementary group bits to match
+            os.setgroups([])
+    step("userns", lambda: _unshare_user(with_net="netns" in requested and "netns" not in gaps))
+    if "userns" in applied and "netns" in requested and "netns" not in gaps:
+        applied["netns"] = "new network namespace: loopback down, no interfaces"
+    elif "userns" not in applied:
+        step("netns", lambda: _unshare(_CLONE_NEWNET | _CLONE_NEWIPC, "without a userns (root)"))
+    if "rlimits" in applied and policy.max_tasks is not None:
+        # In the new user namespace NPROC counts (namespace, uid): this sandbox's tasks only.
+        # Without one it would count every task of the uid, threads of other programs included.
+        if "userns" in applied:
+            applied["rlimits"] += f", NPROC {_lower_limit(resource.RLIMIT_NPROC, policy.max_tasks)}"
+        else:
+            applied["rlimits"] += ", NPROC not set (no user namespace)"
+    step("capabilities", _drop_capabilities)
+    step("no_new_privs", _set_no_new_privs)
+    step("landlock", lambda: _apply_landlock(policy, gaps, applied, readable, writable))
+    if "pdeathsig" in applied and _get_pdeathsig() != signal.SIGKILL:
+        raise SandboxError("sandbox protection 'pdeathsig' was cleared by a credential change")
+    step("seccomp", lambda: _apply_seccomp(policy))  # last: it denies prctl(PDEATHSIG), unshare
+    landlocked = "landlock" in applied
+    return AppliedReport(
+        applied=tuple((n, applied[n]) for n in PROTECTIONS if n in applied),
+        missing=tuple((n, missing[n]) for n in PROTECTIONS if n in missing),
+        not_requested=tuple(p for p in PROTECTIONS if p not in requested),
+        readable=tuple(sorted(readable)) if landlocked else (),
+        writable=tuple(sorted(writable)) if landlocked else (),
+        seconds=time.perf_counter() - start,
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _env_pattern(patterns: tuple[str, ...]) -> re.Pattern[str]:
+    return re.compile("|".join(fnmatch.translate(p) for p in patterns) or "(?!)", re.IGNORECASE)
+
+
+# Compiled at import, i.e. in the zygote, so forked workers do not pay for it in `apply`.
+_env_pattern(_SECRET_ENV), _env_pattern(DEFAULT_ENV_ALLOW)
+
+
+def _scrub_environment(policy: Sandbox, scratch: str) -> str:
+    secret, allow = _env_pattern(_SECRET_ENV), _env_pattern(policy.env_allow)
+    drop = [n for n in os.environ if secret.match(n) or not allow.match(n)]
+    for name in drop:
+        del os.environ[name]  # unsetenv() too: C code (glibc, libcurl) sees the same
+    kept = len(os.environ)
+    for name in _SCRATCH_ENV:
+        os.environ[name] = scratch
+    _wipe_exec_environ()
+    if "tempfile" in sys.modules:
+        sys.modules["tempfile"].tempdir = None  # gettempdir() caches /tmp; re-read TMPDIR
+    os.chdir(scratch)
+    os.umask(0o077)
+    return f"removed {len(drop)} variables, kept {kept}; HOME, TMPDIR, caches, cwd → scratch"
+
+
+def _wipe_exec_environ() -> None:
+    """Zero the environment block the process image was exec'd with.
+
+    /proc/self/environ (readable: /proc/self is) shows that block, and a forked worker inherits
+    the zygote's copy, deleted variables included. setenv() first moves every kept variable to
+    the heap, so nothing still points into the block.
+    """
+    with open("/proc/self/stat") as f:  # fields 50, 51: env_start, env_end (proc(5))
+        fields = f.read().rsplit(")", 1)[1].split()
+    start, end = int(fields[47]), int(fields[48])
+    for name, value in list(os.environ.items()):
+        os.environ[name] = value
+    if 0 < start < end:
+        ctypes.memset(start, 0, end - start)
+
+
+def _close_fds(keep_fds: Sequence[int]) -> str:
+    keep = {0, 1, 2, *map(int, keep_fds)}
+    null = os.open("/dev/null", os.O_RDWR)
+    while null <= 2:  # a closed 0/1/2 would let the hubconf's next open() become "stdout"
+        null = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+    replaced = 0
+    try:
+        for fd in map(int, os.listdir("/proc/self/fd")):
+            if fd in keep or fd == null:
+                continue
+            try:
+                os.fstat(fd)
+            except OSError:
+                continue  # the directory fd listdir used, closed by now
+            os.dup2(null, fd, inheritable=False)
+            replaced += 1
+    finally:
+        os.close(null)
+    return f"{replaced} fds replaced by /dev/null; kept {sorted(keep)}"
+
+
+def _set_pdeathsig(ppid: int) -> str:
+    if _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+        raise SandboxError(f"prctl(PR_SET_PDEATHSIG): {os.strerror(ctypes.get_errno())}")
+    if os.getppid() != ppid:
+        raise SandboxError("the parent exited before the worker was confined")
+    return f"SIGKILL when parent {ppid} exits"
+
+
+def _set_rlimits(policy: Sandbox) -> str:
+    done = []
+    for name, which, value, grace in (
+        ("AS", resource.RLIMIT_AS, policy.memory_bytes, 0),
+        ("CPU", resource.RLIMIT_CPU, policy.cpu_seconds, 1),  # SIGXCPU; hard + 1 s: SIGKILL
+        ("FSIZE", resource.RLIMIT_FSIZE, policy.file_size_bytes, 0),
+        ("NOFILE", resource.RLIMIT_NOFILE, policy.open_files, 0),
+        ("CORE", resource.RLIMIT_CORE, 0, 0),
+    ):
+        if value is not None:
+            done.append(f"{name} {_lower_limit(which, value, grace)}")
+    return ", ".join(done)
+
+
+def _lower_limit(which: int, value: int, grace: int = 0) -> int:
+    # Never raises a limit; the hard limit cannot be raised again once capabilities are gone.
+    hard = resource.getrlimit(which)[1]
+    new_hard = value + grace if hard == resource.RLIM_INFINITY else min(hard, value + grace)
+    resource.setrlimit(which, (min(value, new_hard), new_hard))
+    return min(value, new_hard)
+
+
+def _unshare_user(*, with_net: bool) -> str:
+    uid, gid = os.geteuid(), os.getegid()
+    _unshare(_CLONE_NEWUSER | _CLONE_NEWIPC | (_CLONE_NEWNET if with_net else 0), "")
+    # setgroups must be denied before an unprivileged gid_map; own ids only, identity mapped.
+    for name, text in (
+        ("setgroups", "deny"),
+        ("uid_map", f"{uid} {uid} 1"),
+        ("gid_map", f"{gid} {gid} 1"),
+    ):
+        with open(f"/proc/self/{name}", "w") as f:
+            f.write(text)
+    return f"new user + IPC namespace; uid {uid} → {uid}, gid {gid} → {gid}; setgroups deny"
+
+
+def _unshare(flags: int, detail: str) -> str:
+    ctypes.set_errno(0)
+    if _libc.unshare(ctypes.c_int(flags)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"unshare({flags:#x}): {os.strerror(err)}")
+    return f"new network namespace {detail}"
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+def _drop_capabilities() -> str:
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            last = int(f.read())
+    except (OSError, ValueError):
+        last = 63  # PR_CAPBSET_DROP of an unknown cap is EINVAL, which `all` reports as kept
+    bounding = all(_prctl(_PR_CAPBSET_DROP, cap) == 0 for cap in range(last + 1))  # CAP_SETPCAP
+    _prctl(_PR_CAP_AMBIENT, _CAP_AMBIENT_CLEAR_ALL)
+    header = _CapHeader(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3: two 32-bit words
+    if _libc.capset(ctypes.byref(header), (_CapData * 2)()) != 0:
+        raise SandboxError(f"capset: {os.strerror(ctypes.get_errno())}")
+    check = (_CapData * 2)()
+    if _libc.capget(ctypes.byref(header), check) != 0 or any(
+        c.effective or c.permitted or c.inheritable for c in check
+    ):
+        raise SandboxError("capabilities still present after capset")
+    kept = "bounding set cleared" if bounding else "bounding set kept (no CAP_SETPCAP)"
+    return f"effective, permitted, inheritable, ambient empty; {kept}"
+
+
+def _set_no_new_privs() -> str:
+    if _prctl(_PR_SET_NO_NEW_PRIVS, 1) != 0 or _prctl(_PR_GET_NO_NEW_PRIVS) != 1:
+        raise SandboxError(f"prctl(PR_SET_NO_NEW_PRIVS): {os.strerror(ctypes.get_errno())}")
+    return "set"
+
+
+def _interpreter_paths() -> set[str]:
+    """What Python and torch need to go on importing: prefixes, stdlib, site dirs, loaded libs."""
+    paths = {sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix}
+    paths.add(os.path.dirname(os.__file__))  # the stdlib (lib-dynload comes from the maps below)
+    paths |= set(site.getsitepackages())
+    if site.ENABLE_USER_SITE and site.getusersitepackages() in sys.path:
+        paths.add(site.getusersitepackages())
+    paths.add(os.path.dirname(os.path.abspath(__file__)))  # isolhub itself (editable installs)
+    home = os.path.realpath(os.path.expanduser("~")) + os.sep
+    with open("/proc/self/maps") as f:  # directories of every loaded shared object (libc, ...)
+        for line in f:
+            fields = line.split(None, 5)
+            if len(fields) == 6 and "x" in fields[1] and fields[5].startswith("/"):
+                directory = os.path.dirname(fields[5].rstrip("\n"))
+                if not home.startswith(directory.rstrip("/") + "/"):  # never /, HOME or above
+                    paths.add(directory)
+    return {os.path.realpath(p) for p in paths if p and os.path.exists(p)}
+
+
+def _outermost(paths: set[str]) -> set[str]:
+    """Drop paths beneath another one: a Landlock rule covers the whole hierarchy."""
+    ordered = sorted(paths)
+    kept = [
+        p
+        for i, p in enumerate(ordered)
+        if not any(p.startswith(q.rstrip("/") + "/") for q in ordered[:i])
+    ]
+    return set(kept)
+
+
+def _landlock_paths(
+    policy: Sandbox, scratch: str, read_paths: Sequence[str]
+) -> tuple[set[str], set[str]]:
+    readable = _interpreter_paths() | {p for p in _SYSTEM_READ if os.path.exists(p)}
+    writable = {scratch}
+    for kind, paths, into in (
+        ("read", (*read_paths, *policy.read_paths), readable),
+        ("write", policy.write_paths, writable),
+    ):
+        for path in paths:
+            if not os.path.exists(path):
+                raise SandboxError(f"{kind} path {path!r} does not exist")
+            into.add(os.path.realpath(path))
+    return _outermost(readable), _outermost(writable)
+
+
+def _apply_landlock(
+    policy: Sandbox, gaps: dict[str, str], applied: dict[str, str], read: set[str], write: set[str]
+) -> str:
+    abi = _landlock.abi_version()
+    requested = policy.requested()
+    deny_tcp = "landlock.net" in requested and "landlock.net" not in gaps
+    scope = "landlock.scope" in requested and "landlock.scope" not in gaps
+    rules = dict.fromkeys(read, _landlock.READ)
+    rules |= {p: rules.get(p, 0) | _landlock.WRITE for p in write}
+    rules["/dev/null"] = _landlock.FS_READ_FILE | _landlock.FS_WRITE_FILE
+    _landlock.restrict_self(rules, abi=abi, deny_tcp=deny_tcp, scope=scope)
+    if deny_tcp:
+        applied["landlock.net"] = "TCP bind and connect denied"
+    if scope:
+        applied["landlock.scope"] = "no signals or abstract UNIX connects leave the sandbox"
+    return f"ABI {abi}: {len(read)} read and {len(write)} write rules, nothing executable"
+
+
+def _apply_seccomp(policy: Sandbox) -> str:
+    arch = _seccomp.native_arch()
+    program = _seccomp.build(
+        arch=arch,
+        deny_sockets=not policy.network,
+        allow_fork=policy.allow_fork,
+        own_pid=os.getpid(),
+    )
+    _seccomp.install(program)
+    extra = ("" if policy.network else ", socket()") + ("" if policy.allow_fork else ", fork")
+    return f"{len(program)} BPF instructions ({arch}): EPERM for the deny list{extra}"
+
+
+def _prctl(option: int, arg2: int = 0) -> int:
+    # prctl(2) reads its variadic arguments as unsigned long: pass full-width values.
+    ctypes.set_errno(0)
+    zero = ctypes.c_ulong(0)
+    return int(_libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg2), zero, zero, zero))
+
+
+def _get_pdeathsig() -> int:
+    out = ctypes.c_int(-1)
+    zero = ctypes.c_ulong(0)
+    _libc.prctl(ctypes.c_int(_PR_GET_PDEATHSIG), ctypes.byref(out), zero, zero, zero)
+    return out.value
