@@ -14,7 +14,8 @@ import typing as _typing
 # Names are loaded on first use, so `import isolhub._worker` (in the zygote) and
 # `isolhub --help` stay cheap. The TYPE_CHECKING block mirrors the table for tools.
 _EXPORTS = {
-    "_api": ("fetch", "help", "list", "load", "load_state_dict"),
+    "_api": ("fetch", "help", "list", "load", "load_state_dict", "sandbox_report"),
+    "_compare": ("CompareReport", "compare"),
     "_config": ("get_dir", "set_dir"),
     "_errors": (
         "ArchiveError",
@@ -41,6 +42,7 @@ _EXPORTS = {
         "WorkerTimeoutError",
     ),
     "_handle": ("RemoteModule", "RemoteObject"),
+    "_sandbox": ("Sandbox",),
     "_source": ("Snapshot",),
     "_spec": ("RepoSpec", "parse_spec"),
 }
@@ -50,10 +52,12 @@ __version__ = "0.1.0"
 __all__ = sorted([*_WHERE, "__version__"], key=str.lower)
 
 if _typing.TYPE_CHECKING:
-    from ._api import fetch, help, list, load, load_state_dict  # noqa: F401
+    from ._api import fetch, help, list, load, load_state_dict, sandbox_report  # noqa: F401
+    from ._compare import CompareReport, compare  # noqa: F401
     from ._config import get_dir, set_dir  # noqa: F401
     from ._errors import *  # noqa: F403
     from ._handle import RemoteModule, RemoteObject  # noqa: F401
+    from ._sandbox import Sandbox  # noqa: F401
     from ._source import Snapshot  # noqa: F401
     from ._spec import RepoSpec, parse_spec  # noqa: F401
 

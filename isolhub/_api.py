@@ -23,10 +23,12 @@ from collections import OrderedDict
 from typing import Any
 
 from . import _byvalue
+from ._broker import weights_broker
 from ._config import get_dir
-from ._errors import ProtocolError, SpecError
+from ._errors import ProtocolError, SandboxError, SpecError
 from ._handle import open_handle
 from ._process import Worker
+from ._sandbox import PRETEND_MISSING_ENV, Sandbox, SandboxReport, probe, resolve_policy
 from ._source import Snapshot, fetch_snapshot
 from ._spec import parse_spec
 from ._values import decode_value
@@ -35,22 +37,61 @@ MODES = ("module", "state_dict", "remote")
 
 
 def start_worker(
-    snapshot: Snapshot, *, start_method: str = "zygote", memory_bytes: int | None = None
+    snapshot: Snapshot,
+    *,
+    start_method: str = "zygote",
+    memory_bytes: int | None = None,
+    sandbox: Sandbox | None = None,
 ) -> Worker:
     """Start a worker serving `snapshot` (the caller closes it).
 
     `memory_bytes` caps the worker's address space (RLIMIT_AS): past it, allocations fail with
     MemoryError in the worker instead of the machine swapping or the OOM killer striking.
+    With a `sandbox` policy the worker confines itself before importing the repo, and its
+    downloads are served by this process (`_broker`).
+
+    Raises:
+        SandboxError: a sandbox with another start method than the zygote.
     """
     tag = (snapshot.sha or str(abs(hash(str(snapshot.path)))))[:12]
-    init = {
+    init: dict[str, Any] = {
         "snapshot": str(snapshot.path),
         "module_name": f"isolhub_hubconf_{tag}",
         "hub_dir": get_dir(),
         "env": dict(os.environ),
         "memory_bytes": memory_bytes,
     }
-    return Worker.start(snapshot.label, init, start_method=start_method)
+    if sandbox is None:
+        return Worker.start(snapshot.label, init, start_method=start_method)
+    if start_method != "zygote":
+        raise SandboxError("the sandbox is applied in a worker forked from the zygote; use it")
+    # The confined worker keeps the zygote's secret-free environment and never sees the hub dir.
+    init.update(env=None, hub_dir=None, sandbox=sandbox)
+    pretend = os.environ.get(PRETEND_MISSING_ENV)
+    if pretend:  # the test knob simulating an older kernel must reach the worker
+        init["env_overrides"] = {PRETEND_MISSING_ENV: pretend}
+    return Worker.start(
+        snapshot.label, init, start_method=start_method, on_request=weights_broker(sandbox)
+    )
+
+
+def policy_for(sandbox: Any, mode: str) -> Sandbox | None:
+    """The sandbox policy for a `sandbox=` argument, refusing combinations that defeat it.
+
+    Raises:
+        SandboxError: an unknown sandbox value, or `mode="module"` with a sandbox.
+    """
+    try:
+        policy = resolve_policy(sandbox)
+    except (TypeError, ValueError) as e:
+        raise SandboxError(f"{e}; use sandbox=None, 'strict' or an isolhub.Sandbox(...)") from e
+    if policy is not None and mode == "module":
+        raise SandboxError(
+            "mode='module' cannot be sandboxed: it ships the repo's classes and functions into "
+            "this process, where they would run unconfined; use mode='remote' (or "
+            "load_state_dict) with a sandbox"
+        )
+    return policy
 
 
 def fetch(
@@ -74,11 +115,23 @@ def fetch(
 
 
 def _snapshot(
-    repo_or_dir: Any, source: str, trust_repo: Any, force_reload: bool, verbose: bool, fn: str
+    repo_or_dir: Any,
+    source: str,
+    trust_repo: Any,
+    force_reload: bool,
+    verbose: bool,
+    fn: str,
+    confined: bool = False,
 ) -> Snapshot:
     spec = parse_spec(repo_or_dir, source)
+    # Code that will only ever run confined needs no trust: that is the point of the sandbox.
     return fetch_snapshot(
-        spec, trust_repo=trust_repo, force_reload=force_reload, verbose=verbose, calling_fn=fn
+        spec,
+        trust_repo=trust_repo,
+        force_reload=force_reload,
+        verbose=verbose,
+        calling_fn=fn,
+        trusted=confined,
     )
 
 
@@ -91,6 +144,7 @@ def list(  # noqa: A001 - torch.hub's name
     *,
     source: str = "github",
     timeout: float | None = None,
+    sandbox: Any = None,
 ) -> list[str]:  # type: ignore[valid-type]
     """The entrypoints of a repo's hubconf: its public callables, imported ones included.
 
@@ -100,9 +154,10 @@ def list(  # noqa: A001 - torch.hub's name
         SpecError, ResolveError, UntrustedRepoError, FetchError: the repo could not be had.
         RemoteError: importing hubconf raised. WorkerError: the worker died or timed out.
     """
-    snap = _snapshot(github, source, trust_repo, force_reload, verbose, "list")
-    with start_worker(snap) as w:
-        reply, _ = w.request({"op": "list"}, timeout)
+    policy = policy_for(sandbox, "list")
+    snap = _snapshot(github, source, trust_repo, force_reload, verbose, "list", policy is not None)
+    with start_worker(snap, sandbox=policy) as w:
+        reply, _ = w.request({"op": "list"}, _watchdog(timeout, policy))
     return reply["value"]
 
 
@@ -116,6 +171,7 @@ def help(  # noqa: A001 - torch.hub's name
     source: str = "github",
     verbose: bool = True,
     timeout: float | None = None,
+    sandbox: Any = None,
 ) -> str | None:
     """The docstring of entrypoint `model` (None if it has none).
 
@@ -124,9 +180,10 @@ def help(  # noqa: A001 - torch.hub's name
         and what `list` raises.
     """
     _check_model_name(model)
-    snap = _snapshot(github, source, trust_repo, force_reload, verbose, "help")
-    with start_worker(snap) as w:
-        reply, _ = w.request({"op": "help", "entry": model}, timeout)
+    policy = policy_for(sandbox, "help")
+    snap = _snapshot(github, source, trust_repo, force_reload, verbose, "help", policy is not None)
+    with start_worker(snap, sandbox=policy) as w:
+        reply, _ = w.request({"op": "help", "entry": model}, _watchdog(timeout, policy))
     return reply["value"]
 
 
@@ -142,6 +199,7 @@ def load(
     mode: str = "module",
     timeout: float | None = None,
     seed: int | None = None,
+    sandbox: Any = None,
     **kwargs: Any,
 ) -> Any:
     """Call entrypoint `model(*args, **kwargs)` of the repo in a worker and return its result.
@@ -158,9 +216,13 @@ def load(
     _check_model_name(model)
     if mode not in MODES:
         raise SpecError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
-    snap = _snapshot(repo_or_dir, source, trust_repo, force_reload, verbose, "load")
+    policy = policy_for(sandbox, mode)
+    timeout = _watchdog(timeout, policy)
+    snap = _snapshot(
+        repo_or_dir, source, trust_repo, force_reload, verbose, "load", policy is not None
+    )
     if mode == "remote":
-        w = start_worker(snap)
+        w = start_worker(snap, sandbox=policy)
         try:
             reply, fds = w.request(
                 _call_message(model, args, kwargs, "handle", seed, None), timeout
@@ -176,7 +238,7 @@ def load(
             w.close()
             raise
         return open_handle(w, reply["handle"], timeout)
-    with start_worker(snap) as w:
+    with start_worker(snap, sandbox=policy) as w:
         return call(w, model, args, kwargs, result=mode, timeout=timeout, seed=seed)
 
 
@@ -191,6 +253,7 @@ def load_state_dict(
     skip_validation: bool = False,
     timeout: float | None = None,
     seed: int | None = None,
+    sandbox: Any = None,
     **kwargs: Any,
 ) -> OrderedDict[str, Any]:
     """The `state_dict()` of what entrypoint `model` returns, through shared memory, no pickle.
@@ -209,6 +272,7 @@ def load_state_dict(
         mode="state_dict",
         timeout=timeout,
         seed=seed,
+        sandbox=sandbox,
         **kwargs,
     )
 
@@ -236,6 +300,20 @@ def call(
     except ProtocolError:
         worker.kill()  # it sent garbage: nothing more it says can be trusted
         raise
+
+
+def _watchdog(timeout: float | None, policy: Sandbox | None) -> float | None:
+    """The parent's wall-clock limit: `timeout=`, else the sandbox's `wall_seconds`."""
+    return timeout if timeout is not None or policy is None else policy.wall_seconds
+
+
+def sandbox_report() -> SandboxReport:
+    """What this kernel can enforce for `sandbox="strict"`, and what it cannot.
+
+    Example:
+        >>> print(hub.sandbox_report())
+    """
+    return probe()
 
 
 def _call_message(

@@ -25,11 +25,21 @@ from typing import Any
 from ._errors import ProtocolError
 
 _ALIGN = 64
+# A transfer this small travels inline (no memfd); storages up to _GATHER_MAX are gathered into
+# writes of about _RUN_MAX bytes instead of one pwrite each.
+_INLINE_MAX = 256 << 10
+_GATHER_MAX = 64 << 10
+_RUN_MAX = 4 << 20
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
 _DTYPES = (
     "float64 float32 float16 bfloat16 int64 int32 int16 int8 uint8 bool complex64 complex128 "
     "uint16 uint32 uint64 float8_e4m3fn float8_e5m2"
 ).split()
+
+
+_DTYPE_NAMES: dict[Any, str] = {}
+_SEQUENCES = (list, tuple)
+_DTYPE_INFO: dict[str, tuple[Any, int]] = {}  # name -> (torch dtype, item size)
 
 
 def _torch() -> Any:
@@ -38,8 +48,21 @@ def _torch() -> Any:
     return torch
 
 
+def _dtype_info(name: str) -> tuple[Any, int] | None:
+    info = _DTYPE_INFO.get(name)
+    if info is None and name in _DTYPES:
+        torch = _torch()
+        dtype = getattr(torch, name)
+        info = _DTYPE_INFO[name] = (dtype, torch.empty(0, dtype=dtype).element_size())
+    return info
+
+
 class ArenaWriter:
-    """Collects storages in the worker and writes them into one sealed memfd."""
+    """Collects storages in the worker and writes them into one sealed memfd.
+
+    Small transfers (`_INLINE_MAX` bytes in all) skip the memfd: their bytes travel inline in
+    the layout, which saves the memfd's system calls on each small remote call.
+    """
 
     def __init__(self) -> None:
         self._index: dict[tuple[str, int, int], int] = {}
@@ -51,7 +74,7 @@ class ArenaWriter:
             storage = storage.cpu()
         nbytes = storage.nbytes()
         # Empty storages share data_ptr 0; keep each one apart.
-        key = (str(storage.device), storage.data_ptr(), nbytes) if nbytes else ("", id(storage), 0)
+        key = ("cpu", storage.data_ptr(), nbytes) if nbytes else ("", id(storage), 0)
         idx = self._index.get(key)
         if idx is None:
             idx = self._index[key] = len(self._storages)
@@ -61,38 +84,77 @@ class ArenaWriter:
     def tensor_meta(self, t: Any) -> dict[str, Any]:
         """Plain-value description of a dense tensor whose storage goes into the arena."""
         torch = _torch()
-        if t.is_sparse or t.layout != torch.strided:
+        if t.layout != torch.strided:
             raise TypeError(f"cannot transport a tensor with layout {t.layout}")
-        if t.device.type != "cpu":
+        if not t.is_cpu:
             t = t.cpu()
+        dtype = t.dtype
+        name = _DTYPE_NAMES.get(dtype)
+        if name is None:
+            name = _DTYPE_NAMES[dtype] = str(dtype).removeprefix("torch.")
         return {
             "s": self.storage_index(t.untyped_storage()),
-            "dtype": str(t.dtype).removeprefix("torch."),
+            "dtype": name,
             "shape": list(t.shape),
             "stride": list(t.stride()),
             "offset": t.storage_offset(),
-            "grad": bool(t.requires_grad),
+            "grad": t.requires_grad,
         }
 
-    def seal(self) -> tuple[int | None, list[list[int]]]:
-        """Write the storages into a new sealed memfd: `(fd or None, [[offset, nbytes], ...])`."""
-        layout: list[list[int]] = []
+    def seal(self) -> tuple[int | None, list[Any]]:
+        """Write the storages into a new sealed memfd: `(fd or None, layout)`.
+
+        Each layout entry is `[offset, nbytes]` in the memfd, or, for a small transfer with no
+        memfd, the storage's bytes themselves.
+        """
+        layout: list[Any] = []
         size = 0
         for st in self._storages:
-            layout.append([size, st.nbytes()])
-            size += -(-st.nbytes() // _ALIGN) * _ALIGN
+            nbytes = st.nbytes()
+            layout.append([size, nbytes])
+            size += -(-nbytes // _ALIGN) * _ALIGN
         if size == 0:
             return None, layout
+        if size <= _INLINE_MAX:
+            return None, [
+                ctypes.string_at(st.data_ptr(), n) if n else item
+                for st, item in zip(self._storages, layout, strict=True)
+                for n in (item[1],)
+            ]
         fd = os.memfd_create("isolhub-arena", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, size)
-            for st, (offset, nbytes) in zip(self._storages, layout, strict=True):
-                _pwrite_all(fd, st.data_ptr(), nbytes, offset)
+            _write_storages(fd, self._storages, layout)
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
         except BaseException:
             os.close(fd)
             raise
         return fd, layout
+
+
+def _write_storages(fd: int, storages: list[Any], layout: list[list[int]]) -> None:
+    """Copy each storage to its offset; runs of small ones are gathered into one write."""
+    run = bytearray()
+    run_start = 0
+    for st, (offset, nbytes) in zip(storages, layout, strict=True):
+        if nbytes == 0:
+            continue
+        if nbytes > _GATHER_MAX:
+            if run:
+                _pwrite_all_bytes(fd, run, run_start)
+                run = bytearray()
+            _pwrite_all(fd, st.data_ptr(), nbytes, offset)
+            continue
+        if not run:
+            run_start = offset
+        elif run_start + len(run) < offset:
+            run += bytes(offset - run_start - len(run))  # the alignment gap (zeros already)
+        run += ctypes.string_at(st.data_ptr(), nbytes)
+        if len(run) >= _RUN_MAX:
+            _pwrite_all_bytes(fd, run, run_start)
+            run = bytearray()
+    if run:
+        _pwrite_all_bytes(fd, run, run_start)
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -124,6 +186,13 @@ def _map_private(fd: int, size: int) -> ctypes.Array[ctypes.c_char]:
     return buf
 
 
+def _pwrite_all_bytes(fd: int, data: bytearray, offset: int) -> None:
+    view = memoryview(data)
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
 def _pwrite_all(fd: int, address: int, nbytes: int, offset: int) -> None:
     if nbytes == 0:
         return
@@ -137,16 +206,23 @@ class ArenaReader:
     """Maps a sealed arena in the parent and builds tensors on it (no copy).
 
     Everything the worker claims (seals, offsets, sizes, dtypes, strides) is checked first:
-    a hostile worker gets a `ProtocolError`, never a crash or a view of other memory.
+    a hostile worker gets a `ProtocolError`, never a crash or a view of other memory. Inline
+    entries (bytes, for small transfers) are copied into private writable buffers.
     """
 
-    def __init__(self, fd: int | None, layout: list[list[int]]) -> None:
+    def __init__(self, fd: int | None, layout: list[Any]) -> None:
         torch = _torch()
         self._storages: list[Any] = []
         if fd is None:
-            if any(n for _, n in layout):
-                raise ProtocolError("arena layout names bytes but no arena fd was passed")
-            self._storages = [torch.UntypedStorage(0) for _ in layout]
+            for item in layout:
+                if type(item) is bytes:
+                    self._storages.append(_inline_storage(torch, item))
+                elif isinstance(item, list) and len(item) == 2 and item[1] == 0:
+                    self._storages.append(torch.UntypedStorage(0))
+                elif isinstance(item, list) and len(item) == 2 and item[1]:
+                    raise ProtocolError("arena layout names bytes but no arena fd was passed")
+                else:
+                    raise ProtocolError("malformed arena layout")
             return
         try:
             seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
@@ -158,9 +234,16 @@ class ArenaReader:
             raise ProtocolError(f"cannot map the worker's arena: {e}") from e
         finally:
             os.close(fd)
+        frombuffer, uint8, storages = torch.frombuffer, torch.uint8, self._storages
         for item in layout:
+            if type(item) is bytes:
+                storages.append(_inline_storage(torch, item))
+                continue
             if not (
-                isinstance(item, list) and len(item) == 2 and all(type(v) is int for v in item)
+                isinstance(item, list)
+                and len(item) == 2
+                and type(item[0]) is int
+                and type(item[1]) is int
             ):
                 raise ProtocolError("malformed arena layout")
             offset, nbytes = item
@@ -169,10 +252,10 @@ class ArenaReader:
                     f"arena entry [{offset}, {nbytes}] lies outside the {size}-byte arena"
                 )
             if nbytes == 0:
-                self._storages.append(torch.UntypedStorage(0))
+                storages.append(torch.UntypedStorage(0))
             else:
-                view = torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=offset)
-                self._storages.append(view.untyped_storage())
+                view = frombuffer(mm, dtype=uint8, count=nbytes, offset=offset)
+                storages.append(view.untyped_storage())
 
     def storage(self, index: Any) -> Any:
         """The `UntypedStorage` at `index`."""
@@ -182,30 +265,40 @@ class ArenaReader:
 
     def tensor(self, meta: Any) -> Any:
         """Rebuild the tensor `ArenaWriter.tensor_meta` described."""
-        torch = _torch()
         try:
             dtype_name, shape, stride = meta["dtype"], meta["shape"], meta["stride"]
             offset, grad = meta["offset"], meta["grad"]
             storage = self.storage(meta["s"])
         except (KeyError, TypeError) as e:
             raise ProtocolError(f"malformed tensor description: {e}") from None
-        if dtype_name not in _DTYPES:
+        info = _dtype_info(dtype_name) if type(dtype_name) is str else None
+        if info is None:
             raise ProtocolError(f"unsupported tensor dtype {dtype_name!r}")
-        dtype = getattr(torch, dtype_name)
-        ints = [offset, *shape, *stride]
-        if not all(type(v) is int for v in ints) or len(shape) != len(stride) or offset < 0:
+        dtype, itemsize = info
+        if (
+            type(offset) is not int
+            or type(shape) not in _SEQUENCES
+            or type(stride) not in _SEQUENCES
+            or len(shape) != len(stride)
+            or offset < 0
+            or not all(type(v) is int for v in shape)
+            or not all(type(v) is int for v in stride)
+        ):
             raise ProtocolError("malformed tensor shape, stride or offset")
-        if any(v < 0 for v in shape + stride):
-            raise ProtocolError("negative tensor shape or stride")
-        itemsize = torch.empty(0, dtype=dtype).element_size()
-        extent = (
-            0
-            if 0 in shape
-            else offset + 1 + sum((n - 1) * s for n, s in zip(shape, stride, strict=True))
-        )
-        if extent * itemsize > storage.nbytes():
+        extent = offset + 1
+        for n, s in zip(shape, stride, strict=True):
+            if n < 0 or s < 0:
+                raise ProtocolError("negative tensor shape or stride")
+            extent += (n - 1) * s
+        if 0 not in shape and extent * itemsize > storage.nbytes():
             raise ProtocolError("tensor description reaches past its storage")
-        t = torch.empty(0, dtype=dtype).set_(storage, offset, shape, stride)
+        t = _torch().empty(0, dtype=dtype).set_(storage, offset, shape, stride)
         if grad:
             t.requires_grad_(True)
         return t
+
+
+def _inline_storage(torch: Any, data: bytes) -> Any:
+    if not data:
+        return torch.UntypedStorage(0)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).untyped_storage()

@@ -23,7 +23,7 @@ from typing import Any
 from ._errors import IsolhubError, SpecError
 
 # Each module registers its sub-commands with `add_commands(subparsers)`.
-_COMMAND_MODULES: tuple[str, ...] = ("_cli_cache",)
+_COMMAND_MODULES: tuple[str, ...] = ("_cli_cache", "_cli_diff")
 
 EXIT_OK, EXIT_DIFFERENT, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -135,6 +135,17 @@ def cmd_load(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from ._sandbox import Sandbox, probe
+
+    report = probe()
+    missing = [n for n in report.missing if n in Sandbox().requested()]
+    _print(args, report.to_dict(), str(report))
+    if missing and not args.json:
+        print(f"\nsandbox='strict' would refuse to run here: missing {', '.join(missing)}")
+    return EXIT_DIFFERENT if missing else EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `isolhub` command."""
     parser = argparse.ArgumentParser(
@@ -165,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", metavar="FILE", help="save the state dict (.safetensors, .pt, .pth)")
     _common(p)
     p.set_defaults(func=cmd_load)
+
+    p = sub.add_parser("doctor", help="what sandbox protections this kernel can enforce")
+    _common(p)
+    p.set_defaults(func=cmd_doctor)
 
     for module in _COMMAND_MODULES:
         importlib.import_module(f"isolhub.{module}").add_commands(sub)

@@ -37,12 +37,14 @@ from ._errors import (
     MissingDependenciesError,
     ProtocolError,
     RemoteError,
+    SandboxError,
     WorkerCrashedError,
     WorkerError,
     WorkerTimeoutError,
     describe_exit,
 )
 from ._protocol import decode, encode, recv_frame, send_frame
+from ._sandbox import without_secrets
 
 _TAIL_BYTES = 8192
 _ZYGOTE_START_TIMEOUT = 180.0
@@ -66,7 +68,13 @@ class _Zygote:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         # numpy's OpenBLAS starts a thread pool at import (torch imports numpy), and a
         # process with threads must not fork; workers keep single-threaded BLAS for numpy only.
-        env = dict(os.environ, PYTHONPATH=_isolhub_pythonpath(), OPENBLAS_NUM_THREADS="1")
+        # No secret ever enters the zygote's memory, which every worker inherits; unconfined
+        # workers get the parent's current environment in their init message instead.
+        env = dict(
+            without_secrets(os.environ),
+            PYTHONPATH=_isolhub_pythonpath(),
+            OPENBLAS_NUM_THREADS="1",
+        )
         self.owner = os.getpid()
         self.lock = threading.Lock()
         self.control = parent
@@ -159,6 +167,8 @@ class Worker:
         self.returncode: int | None = None
         self.scratch = scratch
         self.closed = False
+        # Serves requests the worker makes while answering (a sandbox's downloads).
+        self.on_request: Callable[[dict[str, Any]], tuple[dict[str, Any], list[int]]] | None = None
         self._lock = threading.RLock()  # one request at a time on the channel
         self._tail = bytearray()
         self._reader = threading.Thread(
@@ -168,7 +178,14 @@ class Worker:
         self._finalizer = weakref.finalize(self, _reap, self.pidfd, sock)
 
     @classmethod
-    def start(cls, label: str, init: dict[str, Any], *, start_method: str = "zygote") -> Worker:
+    def start(
+        cls,
+        label: str,
+        init: dict[str, Any],
+        *,
+        start_method: str = "zygote",
+        on_request: Callable[[dict[str, Any]], tuple[dict[str, Any], list[int]]] | None = None,
+    ) -> Worker:
         """Start a worker for `label` and hand it `init` (snapshot, module name, hub dir...).
 
         Raises:
@@ -204,6 +221,7 @@ class Worker:
             child.close()
             os.close(out_w)
         worker = cls(label, pid, parent, status, out_r, scratch)
+        worker.on_request = on_request
         try:
             send_frame(parent, cloudpickle.dumps(dict(init, scratch=scratch)))
             worker._reply(time.monotonic() + _HANDSHAKE_TIMEOUT)
@@ -236,6 +254,28 @@ class Worker:
 
     def _reply(
         self, deadline: float | None, timeout: float | None = None
+    ) -> tuple[dict[str, Any], list[int]]:
+        """The worker's answer; requests it makes meanwhile (a sandbox's downloads) are served."""
+        while True:
+            reply, fds = self._frame(deadline, timeout)
+            if "ok" in reply:
+                return reply, fds
+            for fd in fds:
+                os.close(fd)
+            if self.on_request is None:
+                self.kill()
+                raise ProtocolError(f"the worker for {self.label} made a request nobody serves")
+            answer, answer_fds = self.on_request(reply)
+            try:
+                send_frame(self.sock, encode(answer), answer_fds)
+            except OSError:
+                self._raise_death()
+            finally:
+                for fd in answer_fds:
+                    os.close(fd)
+
+    def _frame(
+        self, deadline: float | None, timeout: float | None
     ) -> tuple[dict[str, Any], list[int]]:
         with selectors.DefaultSelector() as sel:
             sel.register(self.sock, selectors.EVENT_READ)
@@ -273,14 +313,14 @@ class Worker:
         payload, fds = frame
         try:
             reply = decode(payload)
-            if not isinstance(reply, dict) or "ok" not in reply:
+            if not isinstance(reply, dict) or ("ok" not in reply and "broker" not in reply):
                 raise ProtocolError("the reply is not a message")
         except ProtocolError as e:
             for fd in fds:
                 os.close(fd)
             self.kill()
             raise ProtocolError(f"bad reply from the worker for {self.label}: {e}") from e
-        if not reply["ok"]:
+        if reply.get("ok") is False:
             for fd in fds:
                 os.close(fd)
             raise self._remote_error(reply.get("error"))
@@ -292,6 +332,12 @@ class Worker:
         kind, message = record.get("kind"), str(record.get("message", ""))
         if kind == "entrypoint":
             return EntrypointError(message, spec=self.label)
+        if kind == "sandbox":
+            return SandboxError(
+                f"{message} (worker for {self.label})",
+                spec=self.label,
+                missing=list(record.get("missing") or []),
+            )
         if kind == "dependencies":
             return MissingDependenciesError(
                 message, spec=self.label, missing=list(record.get("missing") or [])

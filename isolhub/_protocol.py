@@ -125,49 +125,61 @@ def encode(obj: Any, ext: ExtEncoder | None = None) -> bytes:
     return bytes(out)
 
 
+# Tag and length (or tag and number) packed in one call: the codec runs once per value, and
+# the per-call overhead is what a state dict of 500 tensors or a remote call pays for.
+_PACK_TAG_U32 = struct.Struct("!cI").pack
+_PACK_TAG_I64 = struct.Struct("!cq").pack
+_PACK_TAG_F64 = struct.Struct("!cd").pack
+_BYTES_TYPES = (bytes, bytearray, memoryview)
+
+
 def _encode(obj: Any, out: bytearray, ext: ExtEncoder | None, depth: int) -> None:
     if depth > _MAX_DEPTH:
         raise ProtocolError("value nested too deeply to encode")
-    if obj is None:
-        out += _NONE
-    elif obj is True:
-        out += _TRUE
-    elif obj is False:
-        out += _FALSE
-    elif type(obj) is int:
+    t = type(obj)
+    if t is str:
+        data = obj.encode("utf-8", "surrogatepass")
+        out += _PACK_TAG_U32(_STR, len(data))
+        out += data
+    elif t is int:
         if -(1 << 63) <= obj < (1 << 63):
-            out += _INT + _I64.pack(obj)
+            out += _PACK_TAG_I64(_INT, obj)
         else:
-            _encode_blob(_BIGINT, str(obj).encode(), out)
-    elif type(obj) is float:
-        out += _FLOAT + _F64.pack(obj)
-    elif type(obj) is str:
-        _encode_blob(_STR, obj.encode("utf-8", "surrogatepass"), out)
-    elif type(obj) in (bytes, bytearray, memoryview):
-        _encode_blob(_BYTES, bytes(obj), out)
-    elif type(obj) in (list, tuple):
-        out += (_LIST if type(obj) is list else _TUPLE) + _U32.pack(len(obj))
-        for item in obj:
-            _encode(item, out, ext, depth + 1)
-    elif type(obj) is dict:
-        out += _DICT + _U32.pack(len(obj))
+            data = str(obj).encode()
+            out += _PACK_TAG_U32(_BIGINT, len(data))
+            out += data
+    elif t is dict:
+        out += _PACK_TAG_U32(_DICT, len(obj))
         for key, value in obj.items():
             if type(key) is not str:
                 raise ProtocolError(
                     f"dict key {key!r} is not a str; the codec carries str keys only"
                 )
-            _encode_blob(_STR, key.encode("utf-8", "surrogatepass"), out)
+            data = key.encode("utf-8", "surrogatepass")
+            out += _PACK_TAG_U32(_STR, len(data))
+            out += data
             _encode(value, out, ext, depth + 1)
+    elif t is list or t is tuple:
+        out += _PACK_TAG_U32(_LIST if t is list else _TUPLE, len(obj))
+        for item in obj:
+            _encode(item, out, ext, depth + 1)
+    elif t is float:
+        out += _PACK_TAG_F64(_FLOAT, obj)
+    elif obj is None:
+        out += _NONE
+    elif obj is True:
+        out += _TRUE
+    elif obj is False:
+        out += _FALSE
+    elif t in _BYTES_TYPES:
+        data = bytes(obj)
+        out += _PACK_TAG_U32(_BYTES, len(data))
+        out += data
     elif ext is not None:
         out += _EXT
         _encode(ext(obj), out, None, depth + 1)
     else:
         raise ProtocolError(f"cannot encode a value of type {type(obj).__qualname__}")
-
-
-def _encode_blob(tag: bytes, data: bytes, out: bytearray) -> None:
-    out += tag + _U32.pack(len(data))
-    out += data
 
 
 def decode(data: bytes, ext: ExtDecoder | None = None, *, max_items: int = 10_000_000) -> Any:
@@ -176,6 +188,8 @@ def decode(data: bytes, ext: ExtDecoder | None = None, *, max_items: int = 10_00
     Raises:
         ProtocolError: the bytes are malformed, truncated, too deep or too large.
     """
+    if type(data) is not bytes:
+        data = bytes(data)
     reader = _Reader(data, ext, max_items)
     value = reader.value(0)
     if reader.pos != len(data):
@@ -183,62 +197,110 @@ def decode(data: bytes, ext: ExtDecoder | None = None, *, max_items: int = 10_00
     return value
 
 
+_U32_FROM = _U32.unpack_from
+_I64_FROM = _I64.unpack_from
+_F64_FROM = _F64.unpack_from
+# Tags as the ints that indexing bytes gives.
+_T_NONE, _T_TRUE, _T_FALSE, _T_INT, _T_BIGINT, _T_FLOAT = b"NTFiIf"
+_T_STR, _T_BYTES, _T_LIST, _T_TUPLE, _T_DICT, _T_EXT = b"sbltdX"
+
+
+def _truncated() -> ProtocolError:
+    return ProtocolError("truncated value in a reply frame")
+
+
 class _Reader:
+    """A recursive-descent decoder over one bytes object (bounds checked at every step)."""
+
+    __slots__ = ("data", "end", "pos", "ext", "items_left")
+
     def __init__(self, data: bytes, ext: ExtDecoder | None, max_items: int) -> None:
-        self.data = memoryview(data)
+        self.data = data
+        self.end = len(data)
         self.pos = 0
         self.ext = ext
         self.items_left = max_items
 
-    def take(self, n: int) -> memoryview:
-        if n < 0 or self.pos + n > len(self.data):
-            raise ProtocolError("truncated value in a reply frame")
-        chunk = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return chunk
-
     def count(self) -> int:
-        (n,) = _U32.unpack(self.take(4))
+        pos = self.pos
+        if pos + 4 > self.end:
+            raise _truncated()
+        (n,) = _U32_FROM(self.data, pos)
+        self.pos = pos + 4
         self.items_left -= n
         if self.items_left < 0:
             raise ProtocolError("too many items in a reply frame")
         return n
 
+    def blob(self) -> bytes:
+        data, pos = self.data, self.pos
+        if pos + 4 > self.end:
+            raise _truncated()
+        (n,) = _U32_FROM(data, pos)
+        start = pos + 4
+        stop = start + n
+        if stop > self.end:
+            raise _truncated()
+        self.pos = stop
+        return data[start:stop]
+
+    def text(self) -> str:
+        try:
+            return self.blob().decode("utf-8", "surrogatepass")
+        except ValueError as e:
+            raise ProtocolError(f"malformed text in a reply frame: {e}") from None
+
     def value(self, depth: int) -> Any:
         if depth > _MAX_DEPTH:
             raise ProtocolError("value nested too deeply in a reply frame")
-        tag = bytes(self.take(1))
-        if tag == _NONE:
+        data, pos = self.data, self.pos
+        if pos >= self.end:
+            raise _truncated()
+        tag = data[pos]
+        self.pos = pos + 1
+        if tag == _T_STR:
+            return self.text()
+        if tag == _T_INT:
+            if pos + 9 > self.end:
+                raise _truncated()
+            self.pos = pos + 9
+            return _I64_FROM(data, pos + 1)[0]
+        if tag == _T_DICT:
+            out: dict[str, Any] = {}
+            value = self.value
+            for _ in range(self.count()):
+                if depth < _MAX_DEPTH and self.pos < self.end and data[self.pos] == _T_STR:
+                    self.pos += 1
+                    key = self.text()
+                else:
+                    key = value(depth + 1)
+                    if type(key) is not str:
+                        raise ProtocolError("a dict key in a reply frame is not a str")
+                out[key] = value(depth + 1)
+            return out
+        if tag in (_T_LIST, _T_TUPLE):
+            value = self.value
+            items = [value(depth + 1) for _ in range(self.count())]
+            return items if tag == _T_LIST else tuple(items)
+        if tag == _T_NONE:
             return None
-        if tag == _TRUE:
+        if tag == _T_TRUE:
             return True
-        if tag == _FALSE:
+        if tag == _T_FALSE:
             return False
-        if tag == _INT:
-            return _I64.unpack(self.take(8))[0]
-        if tag == _FLOAT:
-            return _F64.unpack(self.take(8))[0]
-        if tag in (_STR, _BYTES, _BIGINT):
-            (n,) = _U32.unpack(self.take(4))
-            raw = bytes(self.take(n))
-            if tag == _BYTES:
-                return raw
+        if tag == _T_FLOAT:
+            if pos + 9 > self.end:
+                raise _truncated()
+            self.pos = pos + 9
+            return _F64_FROM(data, pos + 1)[0]
+        if tag == _T_BYTES:
+            return self.blob()
+        if tag == _T_BIGINT:
+            text = self.text()
             try:
-                text = raw.decode("utf-8", "surrogatepass")
-                return int(text) if tag == _BIGINT else text
+                return int(text)
             except ValueError as e:
                 raise ProtocolError(f"malformed text in a reply frame: {e}") from None
-        if tag in (_LIST, _TUPLE):
-            items = [self.value(depth + 1) for _ in range(self.count())]
-            return items if tag == _LIST else tuple(items)
-        if tag == _DICT:
-            out: dict[str, Any] = {}
-            for _ in range(self.count()):
-                key = self.value(depth + 1)
-                if type(key) is not str:
-                    raise ProtocolError("a dict key in a reply frame is not a str")
-                out[key] = self.value(depth + 1)
-            return out
-        if tag == _EXT and self.ext is not None:
+        if tag == _T_EXT and self.ext is not None:
             return self.ext(self.value(depth + 1))
-        raise ProtocolError(f"unknown tag {tag!r} in a reply frame")
+        raise ProtocolError(f"unknown tag {bytes([tag])!r} in a reply frame")

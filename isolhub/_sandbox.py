@@ -77,7 +77,7 @@ import signal
 import site
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, final
 
@@ -99,6 +99,10 @@ DEFAULT_ENV_ALLOW = (
 _SECRET_ENV = (
     "*TOKEN*", "*SECRET*", "*_KEY", "*_KEY_*", "*PASSWORD*", "*PASSWD*", "*CREDENTIAL*", "*AUTH*",
     "AWS_*", "GOOGLE_*", "GCLOUD_*", "AZURE_*", "*PROXY*", "SSH_*", "GPG_*",
+)  # fmt: skip
+DEFAULT_WEIGHT_HOSTS = (
+    "download.pytorch.org", "github.com", "objects.githubusercontent.com",
+    "release-assets.githubusercontent.com", "huggingface.co",
 )  # fmt: skip
 _SCRATCH_ENV = (
     "HOME", "TMPDIR", "TMP", "TEMP", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME",
@@ -141,16 +145,27 @@ class Sandbox:
     write_paths: tuple[str, ...] = ()  # extra writable paths besides scratch
     allow_missing: frozenset[str] = frozenset()  # protections this kernel may lack
     env_allow: tuple[str, ...] = DEFAULT_ENV_ALLOW  # names or fnmatch patterns kept
+    # Weights the confined code asks for are fetched by the parent, from these hosts only.
+    weight_hosts: tuple[str, ...] = DEFAULT_WEIGHT_HOSTS
+    max_download_bytes: int | None = 8 * 1024**3
+    wall_seconds: float | None = 600.0  # the parent's watchdog, per request, when no timeout=
 
     def __post_init__(self) -> None:
-        for name in ("read_paths", "write_paths", "env_allow", "allow_missing"):
+        for name in ("read_paths", "write_paths", "env_allow", "allow_missing", "weight_hosts"):
             value = getattr(self, name)
             value = (value,) if isinstance(value, str) else tuple(value)
             object.__setattr__(self, name, frozenset(value) if name == "allow_missing" else value)
         unknown = sorted(self.allow_missing - set(PROTECTIONS))
         if unknown:
             raise ValueError(f"allow_missing: unknown {unknown}; known: {list(PROTECTIONS)}")
-        for name in ("memory_bytes", "cpu_seconds", "file_size_bytes", "open_files", "max_tasks"):
+        for name in (
+            "memory_bytes",
+            "cpu_seconds",
+            "file_size_bytes",
+            "open_files",
+            "max_tasks",
+            "max_download_bytes",
+        ):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 0):
                 raise ValueError(f"Sandbox.{name} must be an int >= 0 or None, not {value!r}")
@@ -479,6 +494,15 @@ def _env_pattern(patterns: tuple[str, ...]) -> re.Pattern[str]:
 
 # Compiled at import, i.e. in the zygote, so forked workers do not pay for it in `apply`.
 _env_pattern(_SECRET_ENV), _env_pattern(DEFAULT_ENV_ALLOW)
+
+
+def without_secrets(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` less every variable that looks like a credential or a proxy setting.
+
+    The zygote starts with this, so no token is ever in the memory image its workers inherit.
+    """
+    secret = _env_pattern(_SECRET_ENV)
+    return {k: v for k, v in env.items() if not secret.match(k)}
 
 
 def _scrub_environment(policy: Sandbox, scratch: str) -> str:

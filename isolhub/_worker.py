@@ -26,7 +26,7 @@ from typing import Any, NoReturn
 
 from . import _config
 from ._byvalue import dumps, loads, register_snapshot_modules
-from ._errors import EntrypointError, MissingDependenciesError, ProtocolError
+from ._errors import EntrypointError, MissingDependenciesError, ProtocolError, SandboxError
 from ._protocol import encode, recv_frame, send_frame
 from ._values import encode_value
 
@@ -40,7 +40,12 @@ def serve(fd: int) -> NoReturn:
         frame = recv_frame(sock)
         if frame is None:
             os._exit(0)
-        state = _WorkerState(pickle.loads(frame[0]))
+        try:
+            state = _WorkerState(pickle.loads(frame[0]), sock)
+        except Exception as e:
+            # Set-up failed (e.g. the sandbox could not be applied): say why, then exit.
+            send_frame(sock, encode({"ok": False, "error": _error_record(e)}))
+            raise SystemExit(78) from e
         send_frame(sock, encode({"ok": True, "pid": os.getpid()}))
         while True:
             frame = recv_frame(sock)
@@ -73,7 +78,9 @@ def _flush() -> None:
 
 
 class _WorkerState:
-    def __init__(self, init: dict[str, Any]) -> None:
+    def __init__(self, init: dict[str, Any], sock: socket.socket) -> None:
+        self.sock = sock
+        self.scratch: str = init["scratch"]
         self.snapshot: str = init["snapshot"]
         self.module_name: str = init["module_name"]
         self.hubconf: ModuleType | None = None
@@ -85,17 +92,51 @@ class _WorkerState:
             # The zygote's environment is from its start; the parent's current one wins.
             os.environ.clear()
             os.environ.update(init["env"])
+        os.environ.update(init.get("env_overrides") or {})
         if init.get("memory_bytes"):
             import resource
 
             cap = int(init["memory_bytes"])
             resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-        os.chdir(init["scratch"])
+        os.chdir(self.scratch)
         sys.path.insert(0, self.snapshot)
         sys.dont_write_bytecode = True  # the snapshot is immutable and may be read-only
+        policy = init.get("sandbox")
+        if policy is not None:
+            # Confined before a line of the repo runs; downloads go through the parent.
+            from . import _download, _sandbox
+
+            _sandbox.apply(
+                policy, scratch=self.scratch, read_paths=[self.snapshot], keep_fds=[sock.fileno()]
+            )
+            _download.set_fetch_broker(self.fetch_through_parent)
+            _route_torch_hub(None)
+            return
         if init.get("hub_dir"):
             _config.set_dir(init["hub_dir"])
         _route_torch_hub(init.get("hub_dir"))
+
+    def fetch_through_parent(self, url: str, hash_prefix: str | None) -> str:
+        """Ask the parent for the file at `url` (it downloads, checks, and passes a read-only fd)."""
+        from ._errors import DownloadError
+        from ._protocol import decode
+
+        send_frame(self.sock, encode({"broker": {"url": url, "hash_prefix": hash_prefix}}))
+        frame = recv_frame(self.sock)
+        if frame is None:
+            raise DownloadError(f"the parent went away while fetching {url}")
+        reply, fds = decode(frame[0]), frame[1]
+        if not reply.get("ok") or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise DownloadError(str(reply.get("error") or f"the parent could not fetch {url}"))
+        dest_dir = os.path.join(self.scratch, "weights")
+        os.makedirs(dest_dir, exist_ok=True)
+        dest = os.path.join(dest_dir, os.path.basename(str(reply.get("name") or "download")))
+        with os.fdopen(fds[0], "rb") as src, open(dest, "wb") as out:
+            while chunk := src.read(1 << 20):
+                out.write(chunk)
+        return dest
 
     def handle(self, request: dict[str, Any], in_fds: list[int]) -> tuple[bytes, list[int]]:
         try:
@@ -296,6 +337,8 @@ def _error_record(e: BaseException) -> dict[str, Any]:
         kind = "entrypoint"
     elif isinstance(e, MissingDependenciesError):
         kind = "dependencies"
+    elif isinstance(e, SandboxError):
+        kind = "sandbox"
     tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
     return {
         "kind": kind,

@@ -28,7 +28,7 @@ _PR_SET_PDEATHSIG = 1
 def _preload() -> None:
     import torch  # noqa: F401
 
-    from . import _worker  # noqa: F401
+    from . import _checkpoints, _download, _sandbox, _worker  # noqa: F401
 
 
 def _threads() -> int:

@@ -69,7 +69,12 @@ def test_a_hang_past_the_timeout_is_killed_within_the_timeout(crash_repo: Path) 
     assert hub.load(spec_of(crash_repo), "ok") == "fine"
 
 
-def test_a_crash_leaves_no_zombie_no_fd_and_no_scratch_dir(crash_repo: Path) -> None:
+def test_a_crash_leaves_no_zombie_no_fd_and_no_scratch_dir(
+    crash_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # scratch dirs of this test only
     hub.load(spec_of(crash_repo), "ok")  # warm the zygote
     fds_before = set(os.listdir("/proc/self/fd"))
     children_before = _children()
@@ -81,7 +86,7 @@ def test_a_crash_leaves_no_zombie_no_fd_and_no_scratch_dir(crash_repo: Path) -> 
         hub.load(spec_of(crash_repo), "hang", timeout=0.5)
     assert set(os.listdir("/proc/self/fd")) == fds_before
     assert _children() == children_before
-    assert _scratch_dirs() == scratch_before
+    assert _scratch_dirs() == scratch_before == set()
     assert _zombies() == []
 
 

@@ -1,0 +1,141 @@
+"""`isolhub diff`: compare one entrypoint at two refs; the exit code can gate CI.
+
+Exit codes: 0 equivalent within the tolerances, 1 different, 2 error (a side could not be loaded:
+the table still describes the other side, and each failure gets one line on stderr).
+
+Example:
+    $ isolhub diff git+file:///srv/net.git@v1 git+file:///srv/net.git@v2 tinynet \\
+          --kw pretrained=true --input-shape 2,3,32,32 --seed 0 --html report.html
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+from typing import Any
+
+from ._cli import EXIT_DIFFERENT, EXIT_ERROR, EXIT_OK, parse_kw
+from ._errors import SpecError
+
+
+def add_commands(subparsers: Any) -> None:
+    """Register `diff` on the `isolhub` sub-command parser."""
+    p = subparsers.add_parser(
+        "diff",
+        help="compare an entrypoint at two refs (exit 0 same, 1 different, 2 error)",
+        description="Load ENTRY at SPEC_A and at SPEC_B, each in its own worker, at once, and "
+        "compare entrypoints, weights and outputs on the same inputs.",
+        epilog="Exit codes: 0 equivalent within --atol/--rtol, 1 different, 2 error.",
+    )
+    p.add_argument("spec_a", metavar="SPEC_A", help="first ref: owner/name[:ref], git+<url>[@ref]")
+    p.add_argument("spec_b", metavar="SPEC_B", help="second ref, same forms")
+    p.add_argument("entry", metavar="ENTRY", help="entrypoint name")
+    p.add_argument(
+        "--kw", action="append", default=[], metavar="K=V", help="keyword for the entrypoint"
+    )
+    p.add_argument(
+        "--input-shape",
+        metavar="N,C,H,W",
+        help="feed both models the same torch.randn input of this shape (seeded by --seed or 0)",
+    )
+    p.add_argument("--seed", type=int, default=None, help="seed each worker before the entrypoint")
+    p.add_argument("--atol", type=float, default=1e-6, help="absolute tolerance (default 1e-6)")
+    p.add_argument("--rtol", type=float, default=1e-5, help="relative tolerance (default 1e-5)")
+    p.add_argument(
+        "--mode",
+        choices=("module", "remote"),
+        default="module",
+        help="module: describe the module fully; remote: only __call__ and state_dict()",
+    )
+    p.add_argument("--html", metavar="FILE", help="also write the self-contained HTML report")
+    p.add_argument(
+        "--max-rows", type=int, default=40, metavar="N", help="rows per table in the terminal"
+    )
+    p.add_argument("--local", action="store_true", help="SPEC_A and SPEC_B are local directories")
+    p.add_argument("--force-reload", action="store_true", help="fetch the snapshots again")
+    p.add_argument("--trust", action="store_true", help="trust both repositories")
+    p.add_argument("--timeout", type=float, default=None, help="kill a worker after N seconds")
+    p.add_argument(
+        "--sandbox",
+        choices=("none", "strict"),
+        default="none",
+        help="confine both workers (no network, no secrets, writes to scratch only)",
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    p.add_argument("--verbose", action="store_true", help="show tracebacks on errors")
+    p.set_defaults(func=cmd_diff)
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """`"2,3,32,32"` (or `2x3x32x32`) → `(2, 3, 32, 32)`.
+
+    Raises:
+        SpecError: not a list of positive integers.
+    """
+    try:
+        shape = tuple(int(d) for d in text.replace("x", ",").split(",") if d.strip())
+    except ValueError:
+        shape = ()
+    if not shape or any(d <= 0 for d in shape):
+        raise SpecError(f"bad --input-shape {text!r}: expected positive integers like 2,3,32,32")
+    return shape
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    """Run `isolhub diff`; returns the exit code.
+
+    Raises:
+        SpecError: bad arguments (a --kw that clashes with an option of compare, say).
+    """
+    import torch
+
+    from ._compare import compare
+
+    kwargs = parse_kw(args.kw)
+    own = [
+        name
+        for name, prm in inspect.signature(compare).parameters.items()
+        if prm.kind is inspect.Parameter.KEYWORD_ONLY
+    ]
+    clash = sorted(set(kwargs) & set(own))
+    if clash:
+        raise SpecError(f"--kw {', '.join(clash)}: that name is an option of diff, not passable")
+    inputs = None
+    if args.input_shape:
+        gen = torch.Generator().manual_seed(args.seed if args.seed is not None else 0)
+        inputs = torch.randn(parse_shape(args.input_shape), generator=gen)
+    report = compare(
+        args.spec_a,
+        args.spec_b,
+        args.entry,
+        inputs=inputs,
+        seed=args.seed,
+        mode=args.mode,
+        atol=args.atol,
+        rtol=args.rtol,
+        source="local" if args.local else "github",
+        trust_repo=True if args.trust else "check",
+        force_reload=args.force_reload,
+        verbose=not args.json,
+        timeout=args.timeout,
+        sandbox=None if args.sandbox == "none" else args.sandbox,
+        **kwargs,
+    )
+    if args.html:
+        report.to_html(args.html)
+    if args.json:
+        print(report.to_json())
+    else:
+        print(report.summary(max_rows=args.max_rows))
+        if args.html:
+            print(f"HTML report: {args.html}")
+    if report.failed:
+        for label, side in (("A", report.a), ("B", report.b)):
+            if side.error is None:
+                continue
+            if args.verbose and side.error_detail:
+                print(side.error_detail, file=sys.stderr)
+            print(f"isolhub: error: {label} ({side.spec}): {side.error}", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK if report.equivalent else EXIT_DIFFERENT

@@ -1,0 +1,990 @@
+"""Two refs of one repo side by side: entrypoints, weights and outputs, in one report.
+
+    spec A ─► fetch ─► worker A ─► entry(*args, **kwargs) ─► summarise() ─┐ plain values and
+    spec B ─► fetch ─► worker B ─► entry(*args, **kwargs) ─► summarise() ─┘ tensors cross back
+                                              (one thread per side, both at once)
+                 ─► diff in this process ─► CompareReport: summary() / to_json() / to_html()
+
+`summarise` runs inside each worker (through `call(..., then=)`): it takes the state dict, runs
+the forward on the inputs and describes the hubconf's entrypoints with `inspect`. Only the
+restricted codec and the tensor arena carry its answer back, so nothing from the repo is
+unpickled here in either mode, and the repo's classes never enter this process.
+
+* `mode="module"` treats the result as the module it is: `parameters()` are counted, its class
+  is named, and it is switched to `eval()` before the forward.
+* `mode="remote"` uses only what a remote proxy (`load(mode="remote")`) offers: `__call__` and
+  `state_dict()`. The module runs as the entrypoint returned it (no `eval()`), and the parameter
+  count is every value in the state dict. `summarise(proxy, remote=True)` works unchanged on
+  such a proxy in this process.
+
+Example:
+    >>> rep = compare("git+file:///srv/net.git@v1", "git+file:///srv/net.git@v2", "resnet",
+    ...               inputs=torch.randn(2, 3, 32, 32), seed=0)
+    >>> rep.equivalent
+    False
+    >>> print(rep.summary())
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, final
+
+from ._errors import (
+    EntrypointError,
+    IsolhubError,
+    MissingDependenciesError,
+    ProtocolError,
+    RemoteError,
+    SpecError,
+)
+
+MODES = ("module", "remote")
+# Tensor statuses that are not differences; every other status (changed, reshaped...) is one.
+EQUAL_STATUSES = ("same", "close")
+_CHUNK = 1 << 22  # elements per step when diffing, so a huge tensor never doubles in float64
+_MAX_NESTING = 3
+
+
+# ----------------------------------------------------------------------------- report types
+
+
+@final
+@dataclass(frozen=True)
+class SideInfo:
+    """What one ref turned out to be. `error` is set when the side could not be described."""
+
+    spec: str
+    sha: str | None = None
+    error: str | None = None
+    error_detail: str | None = None
+    result_type: str | None = None
+    parameters: int | None = None
+    tensors: int | None = None
+    bytes: int | None = None
+    start_s: float | None = None
+    load_s: float | None = None
+    forward_s: float | None = None
+    forward_error: str | None = None
+
+
+@final
+@dataclass(frozen=True)
+class EntrypointDiff:
+    """One hubconf entrypoint: `status` is added, removed, changed or same.
+
+    `changes` names what changed: "signature" and/or "docstring". A signature of None is
+    unknown (that side's entrypoint raised, so only names and docstrings could be read).
+    """
+
+    name: str
+    status: str
+    changes: tuple[str, ...] = ()
+    signature_a: str | None = None
+    signature_b: str | None = None
+    doc_a: str | None = None
+    doc_b: str | None = None
+
+
+@final
+@dataclass(frozen=True)
+class TensorDiff:
+    """One weight or output: same, close, changed, retyped, reshaped, renamed, added, removed.
+
+    `max_abs` is max |a-b|; `rel` is max |a-b| / max(|a|, |b|); both None where the two cannot
+    be subtracted (shapes differ, or one side has no such tensor). `name_b` is set on renames.
+    """
+
+    name: str
+    status: str
+    name_b: str | None = None
+    shape_a: tuple[int, ...] | None = None
+    shape_b: tuple[int, ...] | None = None
+    dtype_a: str | None = None
+    dtype_b: str | None = None
+    max_abs: float | None = None
+    rel: float | None = None
+    allclose: bool | None = None
+
+
+@final
+@dataclass(frozen=True)
+class ValueDiff:
+    """A plain (non-tensor) value in a result or output: same, close, changed, added, removed."""
+
+    name: str
+    status: str
+    a: str | None = None
+    b: str | None = None
+
+
+@final
+@dataclass(frozen=True)
+class CompareReport:
+    """The comparison of one entrypoint at two refs; see `compare`.
+
+    `differences` lists, one line each, why the two are not equivalent; `uncompared` what could
+    not be compared (a returned object that is no module, tensor or plain value, say).
+
+    Example:
+        >>> rep.equivalent, rep.error_b
+        (False, None)
+        >>> CompareReport.from_json(rep.to_json()) == rep
+        True
+    """
+
+    spec_a: str
+    spec_b: str
+    entrypoint: str
+    mode: str
+    atol: float
+    rtol: float
+    seed: int | None
+    args: tuple[str, ...]
+    kwargs: tuple[tuple[str, str], ...]
+    inputs: tuple[str, ...]
+    a: SideInfo
+    b: SideInfo
+    entrypoints: tuple[EntrypointDiff, ...] = ()
+    parameters: tuple[TensorDiff, ...] = ()
+    outputs: tuple[TensorDiff, ...] = ()
+    values: tuple[ValueDiff, ...] = ()
+    uncompared: tuple[str, ...] = ()
+    differences: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    @property
+    def error_a(self) -> str | None:
+        """Why ref A could not be described (type: message), or None."""
+        return self.a.error
+
+    @property
+    def error_b(self) -> str | None:
+        """Why ref B could not be described (type: message), or None."""
+        return self.b.error
+
+    @property
+    def failed(self) -> bool:
+        """Whether either side could not be loaded and described."""
+        return self.a.error is not None or self.b.error is not None
+
+    @property
+    def equivalent(self) -> bool:
+        """Both sides loaded and nothing differs beyond atol/rtol (docstrings may differ)."""
+        return not self.failed and not self.differences
+
+    def layer_differences(self) -> list[dict[str, Any]]:
+        """Per layer (a state-dict key without its last part), largest difference first.
+
+        Each item: `layer`, `score` (the largest relative difference of its tensors; inf for a
+        structural change: added, removed, reshaped), `status` (its worst tensor status) and
+        `n` (its tensor count).
+        """
+        from ._report_html import layer_differences
+
+        return layer_differences(self.parameters)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able data (non-finite floats become "inf"/"nan" strings)."""
+        data = dataclasses.asdict(self)
+        data["kwargs"] = dict(self.kwargs)
+        data["equivalent"] = self.equivalent
+        return _json_safe(data)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """The report as JSON text; `CompareReport.from_json` reads it back."""
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False, ensure_ascii=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CompareReport:
+        """Rebuild a report from `to_dict()` output.
+
+        Raises:
+            SpecError: `data` is not a report.
+        """
+        try:
+            return _report_from_dict(data)
+        except (KeyError, TypeError, ValueError) as e:
+            raise SpecError(f"not an isolhub compare report: {e}") from e
+
+    @classmethod
+    def from_json(cls, text: str) -> CompareReport:
+        """Rebuild a report from `to_json()` output.
+
+        Raises:
+            SpecError: the text is not a report.
+        """
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise SpecError(f"not an isolhub compare report: {e}") from e
+        return cls.from_dict(data)
+
+    def summary(self, max_rows: int = 40) -> str:
+        """The report as terminal tables (past `max_rows`, a table's unchanged rows are counted)."""
+        from ._report_html import render_text
+
+        return render_text(self, max_rows)
+
+    def to_html(self, path: str | os.PathLike[str] | None = None) -> str:
+        """A self-contained HTML page (tables and a per-layer plot); written to `path` if given.
+
+        Raises:
+            OSError: `path` cannot be written.
+        """
+        from ._report_html import render_html
+
+        page = render_html(self)
+        if path is not None:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(page)
+        return page
+
+
+# ----------------------------------------------------------------------------- compare
+
+
+def compare(
+    spec_a: str,
+    spec_b: str,
+    entrypoint: str,
+    *args: Any,
+    inputs: Any = None,
+    seed: int | None = None,
+    mode: str = "module",
+    atol: float = 1e-6,
+    rtol: float = 1e-5,
+    source: str = "github",
+    trust_repo: Any = "check",
+    force_reload: bool = False,
+    verbose: bool = True,
+    timeout: float | None = None,
+    sandbox: Any = None,
+    **kwargs: Any,
+) -> CompareReport:
+    """Load `entrypoint(*args, **kwargs)` at two refs, each in its own worker, and compare them.
+
+    Both sides run at once. `inputs` (a tensor or a tuple of forward arguments) is fed to each
+    returned module; `seed` seeds each worker the same way before the entrypoint and again before
+    the forward, so identical code gives identical random weights. Tuples and non-module results
+    are compared on what can be compared; the report says what could not. `timeout` bounds each
+    worker's call (it is killed past it); `sandbox` ("strict" or a `Sandbox`) confines both
+    workers, and untrusted repos then need no trust prompt; the other arguments are as for `load`.
+
+    A side that fails (bad ref, entrypoint raised, worker died) does not raise: the report holds
+    its error (`error_a`/`error_b`) and still describes the other side.
+
+    Example:
+        >>> rep = compare("git+file:///srv/net.git@v1", "git+file:///srv/net.git@v2", "net",
+        ...               pretrained=False, inputs=torch.randn(2, 4), seed=0)
+        >>> rep.equivalent, [p.name for p in rep.parameters if p.status == "reshaped"]
+        (False, ['fc.weight', 'fc.bias'])
+
+    Raises:
+        SpecError: a malformed spec, an unknown `mode`, bad `inputs` or tolerances.
+    """
+    from . import _api, _trust
+    from ._spec import parse_spec
+
+    if not isinstance(entrypoint, str):
+        raise SpecError("Invalid input: entrypoint should be a string of function name")
+    if mode not in MODES:
+        raise SpecError(f"unknown compare mode {mode!r}; use one of {', '.join(MODES)}")
+    if not (atol >= 0 and rtol >= 0):
+        raise SpecError(f"atol and rtol must be >= 0 (got {atol!r}, {rtol!r})")
+    policy = _api.policy_for(sandbox, "value")
+    probe = _normalise_inputs(inputs)
+    specs = [parse_spec(spec_a, source), parse_spec(spec_b, source)]
+    sides = [_Side(str(spec)) for spec in (spec_a, spec_b)]
+    # Trust is asked here, one side after the other, never from two threads at once.
+    for side, spec in zip(sides, specs, strict=True):
+        if policy is not None:
+            break  # confined code needs no trust
+        try:
+            _trust.check_trust(spec, trust_repo, "compare")
+        except IsolhubError as e:
+            side.error = e
+    job = _Job(entrypoint, args, kwargs, probe, seed, mode, force_reload, verbose, timeout, policy)
+    with ThreadPoolExecutor(2, thread_name_prefix="isolhub-compare") as pool:
+        pending = [
+            pool.submit(_run_side, side, spec, job)
+            for side, spec in zip(sides, specs, strict=True)
+            if side.error is None
+        ]
+        for future in pending:
+            future.result()
+    notes = []
+    if not probe:
+        notes.append("no inputs given: outputs were not compared")
+    if mode == "remote":
+        notes.append("remote mode: modules ran as the entrypoint returned them (no eval())")
+    return build_report(
+        sides[0],
+        sides[1],
+        entrypoint=entrypoint,
+        mode=mode,
+        atol=atol,
+        rtol=rtol,
+        seed=seed,
+        args=tuple(_short_repr(a) for a in args),
+        kwargs=tuple((k, _short_repr(v)) for k, v in kwargs.items()),
+        inputs=tuple(_describe_input(x) for x in probe),
+        notes=tuple(notes),
+    )
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What each side does (the same on both)."""
+
+    entry: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    inputs: tuple[Any, ...]
+    seed: int | None
+    mode: str
+    force_reload: bool
+    verbose: bool
+    timeout: float | None
+    sandbox: Any = None
+
+
+@dataclass
+class _Side:
+    """One side while it is being described (mutable; one thread each)."""
+
+    spec: str
+    sha: str | None = None
+    error: BaseException | None = None
+    summary: dict[str, Any] | None = None
+    entrypoints: dict[str, dict[str, Any]] | None = None
+    start_s: float | None = None
+    load_s: float | None = None
+
+
+def _run_side(side: _Side, spec: Any, job: _Job) -> None:
+    from . import _api
+    from ._source import fetch_snapshot
+
+    began = time.monotonic()
+    try:
+        snap = fetch_snapshot(
+            spec, force_reload=job.force_reload, verbose=job.verbose, calling_fn="compare",
+            trusted=True,  # checked by compare() already
+        )  # fmt: skip
+        side.sha = snap.sha
+        with _api.start_worker(snap, sandbox=job.sandbox) as worker:
+            side.start_s = time.monotonic() - began
+            then = partial(
+                summarise, inputs=job.inputs, seed=job.seed, remote=job.mode == "remote",
+                snapshot=str(snap.path),
+            )  # fmt: skip
+            sent = time.monotonic()
+            try:
+                summary = _api.call(
+                    worker, job.entry, job.args, job.kwargs, result="value", timeout=job.timeout,
+                    seed=job.seed, then=then,
+                )  # fmt: skip
+            except (RemoteError, EntrypointError, MissingDependenciesError) as e:
+                side.error = e
+                side.entrypoints = _entrypoints_by_help(worker, job.timeout)
+                return
+            _check_summary(summary)
+            # CLOCK_MONOTONIC is system-wide on Linux: the worker's clock is this one.
+            side.load_s = max(0.0, float(summary["t0"]) - sent)
+            side.summary = summary
+            side.entrypoints = summary["entrypoints"]
+    except IsolhubError as e:
+        side.error = e
+
+
+def _entrypoints_by_help(worker: Any, timeout: float | None) -> dict[str, dict[str, Any]] | None:
+    """Names and docstrings through the worker's list/help, after the entrypoint itself raised."""
+    try:
+        reply, _ = worker.request({"op": "list"}, timeout)
+        names = [n for n in reply["value"] if isinstance(n, str)]
+    except (IsolhubError, KeyError, TypeError):
+        return None
+    out: dict[str, dict[str, Any]] = {}
+    for name in names:
+        try:
+            reply, _ = worker.request({"op": "help", "entry": name}, timeout)
+            doc = reply.get("value")
+        except IsolhubError:
+            doc = None
+        out[name] = {"kind": None, "signature": None, "doc": _clean_doc(doc)}
+    return out
+
+
+def _check_summary(s: Any) -> None:
+    """Refuse a malformed summary (the worker runs repo code, which may have tampered with it)."""
+    import torch
+
+    def typed(value: Any, kind: type, item: type | None = None) -> bool:
+        return isinstance(value, kind) and (
+            item is None or all(isinstance(v, item) for v in value.values())
+        )
+
+    ok = isinstance(s, dict) and isinstance(s.get("t0"), float)
+    ok = ok and typed(s.get("tensors"), dict, torch.Tensor)
+    ok = ok and typed(s.get("outputs"), dict, torch.Tensor)
+    ok = ok and typed(s.get("values"), dict) and typed(s.get("uncompared"), dict, str)
+    ok = ok and isinstance(s.get("result_type"), str) and isinstance(s.get("parts"), list)
+    ok = ok and all(isinstance(p, dict) and isinstance(p.get("path"), str) for p in s["parts"])
+    ok = ok and (s["entrypoints"] is None or typed(s["entrypoints"], dict, dict))
+    if not ok:
+        raise ProtocolError("the worker's compare summary is malformed")
+
+
+# ----------------------------------------------------------------------------- in the worker
+
+
+def summarise(
+    obj: Any,
+    inputs: tuple[Any, ...] = (),
+    seed: int | None = None,
+    *,
+    remote: bool = False,
+    snapshot: str | None = None,
+) -> dict[str, Any]:
+    """Describe an entrypoint's result as plain values and tensors (runs in the worker).
+
+    Module-like parts (callable, with `state_dict()`) give their state dict and their outputs on
+    `inputs`; tensors, dicts of tensors and plain values are kept; anything else is listed under
+    `uncompared` with a reason. With `remote=True` only `__call__` and `state_dict()` are used,
+    so a remote proxy can be summarised in the parent the same way.
+
+    Example:
+        >>> summarise(torch.nn.Linear(2, 3), (torch.ones(1, 2),), seed=0)["outputs"].keys()
+        dict_keys(['output'])
+
+    Raises:
+        Nothing of its own: a failing forward or state_dict() is recorded, not raised.
+    """
+    out: dict[str, Any] = {
+        "t0": time.monotonic(),
+        "result_type": _type_name(obj),
+        "entrypoints": _describe_entrypoints(snapshot) if snapshot else None,
+        "parts": [],
+        "tensors": {},
+        "outputs": {},
+        "values": {},
+        "uncompared": {},
+    }
+    if _is_module_like(obj):
+        _summarise_module(obj, "", inputs, seed, remote, out)
+    elif isinstance(obj, (tuple, list)):
+        out["result_type"] = f"{type(obj).__name__}[{', '.join(_type_name(o) for o in obj)}]"
+        for i, item in enumerate(obj):
+            if _is_module_like(item):
+                _summarise_module(item, f"[{i}]", inputs, seed, remote, out)
+            else:
+                _keep(item, f"[{i}]", out["tensors"], out, 1)
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            _keep(value, str(key), out["tensors"], out, _MAX_NESTING - 1)
+    else:
+        _keep(obj, "result", out["tensors"], out, _MAX_NESTING)
+    return out
+
+
+def _is_module_like(obj: Any) -> bool:
+    return callable(obj) and callable(getattr(obj, "state_dict", None))
+
+
+def _summarise_module(
+    m: Any, path: str, inputs: tuple[Any, ...], seed: int | None, remote: bool, out: dict[str, Any]
+) -> None:
+    import torch
+
+    prefix = f"{path}." if path else ""
+    part: dict[str, Any] = {"path": path, "type": _type_name(m), "parameters": None}
+    try:
+        for key, value in m.state_dict().items():
+            _keep(value, f"{prefix}{key}", out["tensors"], out, _MAX_NESTING)
+    except Exception as e:  # noqa: BLE001 - repo code: record it, describe the rest
+        out["uncompared"][path or "result"] = f"state_dict() raised {_one_line(e)}"
+    if not remote and isinstance(m, torch.nn.Module):
+        part["parameters"] = sum(p.numel() for p in m.parameters())
+        part["training"] = m.training
+        m.eval()
+    if inputs:
+        if seed is not None:
+            _reseed(seed)
+        began = time.monotonic()
+        try:
+            with torch.no_grad():
+                y = m(*inputs)
+            part["forward_s"] = time.monotonic() - began
+            _keep(y, f"{prefix}output", out["outputs"], out, 0)
+        except Exception as e:  # noqa: BLE001 - repo code: record it, describe the rest
+            part["forward_error"] = _one_line(e)
+    out["parts"].append(part)
+
+
+def _keep(value: Any, name: str, tensors: dict[str, Any], out: dict[str, Any], depth: int) -> None:
+    """File `value` where it can cross: tensors, plain values, or a reason it could not."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        try:
+            tensors[name] = _crossable(value)
+        except (TypeError, RuntimeError) as e:
+            out["uncompared"][name] = f"a {value.dtype} tensor that cannot be read ({e})"
+    elif value is None or type(value) in (bool, int, float, str):
+        out["values"][name] = value
+    elif isinstance(value, dict) and depth < _MAX_NESTING:
+        for key, item in value.items():
+            _keep(item, f"{name}[{key!r}]", tensors, out, depth + 1)
+    elif isinstance(value, (tuple, list)) and depth < _MAX_NESTING:
+        for i, item in enumerate(value):
+            _keep(item, f"{name}[{i}]", tensors, out, depth + 1)
+    else:
+        kind = "callable, " if callable(value) else ""
+        out["uncompared"][name] = f"a {_type_name(value)} ({kind}not a module, tensor or value)"
+
+
+def _crossable(t: Any) -> Any:
+    import torch
+
+    t = t.detach()
+    if t.is_quantized:
+        t = t.dequantize()
+    if t.layout != torch.strided:
+        t = t.to_dense()
+    return t.cpu()
+
+
+def _reseed(seed: int) -> None:
+    import random
+
+    import torch
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _describe_entrypoints(snapshot: str) -> dict[str, dict[str, Any]] | None:
+    """Kind, signature and docstring of each public callable of the snapshot's hubconf."""
+    path = os.path.join(snapshot, "hubconf.py")
+    real = os.path.realpath(path)
+    module = next(
+        (
+            m
+            for m in list(sys.modules.values())
+            if isinstance(getattr(m, "__file__", None), str)
+            and (m.__file__ == path or os.path.realpath(m.__file__) == real)
+        ),
+        None,
+    )
+    if module is None:
+        return None
+    out: dict[str, dict[str, Any]] = {}
+    for name in dir(module):
+        fn = getattr(module, name, None)
+        if name.startswith("_") or not callable(fn):
+            continue
+        try:
+            sig: str | None = str(inspect.signature(fn))
+        except (TypeError, ValueError):
+            sig = None
+        kind = "class" if isinstance(fn, type) else "function" if inspect.isroutine(fn) else None
+        doc = fn.__doc__ if isinstance(getattr(fn, "__doc__", None), str) else None
+        out[name] = {"kind": kind, "signature": sig, "doc": _clean_doc(doc)}
+    return out
+
+
+# ----------------------------------------------------------------------------- diffing
+
+
+def build_report(side_a: _Side, side_b: _Side, **meta: Any) -> CompareReport:
+    """Diff two described sides into a report (pure: no workers)."""
+    atol, rtol = meta["atol"], meta["rtol"]
+    sa, sb = side_a.summary, side_b.summary
+    differences: list[str] = []
+    entrypoints = diff_entrypoints(side_a.entrypoints, side_b.entrypoints)
+    for e in entrypoints:
+        if e.status in ("added", "removed") or "signature" in e.changes:
+            what = "signature changed" if e.status == "changed" else e.status
+            differences.append(f"entrypoint {e.name}: {what}")
+    parameters: tuple[TensorDiff, ...] = ()
+    outputs: tuple[TensorDiff, ...] = ()
+    values: tuple[ValueDiff, ...] = ()
+    uncompared: list[str] = []
+    if sa is not None and sb is not None:
+        parameters = diff_tensors(sa["tensors"], sb["tensors"], atol, rtol, renames=True)
+        outputs = diff_tensors(sa["outputs"], sb["outputs"], atol, rtol, renames=False)
+        values = diff_values(sa["values"], sb["values"], atol, rtol)
+        for kind, rows in (("parameter", parameters), ("output", outputs)):
+            differences.extend(
+                f"{kind} {_describe_tensor_diff(r)}" for r in rows if r.status not in EQUAL_STATUSES
+            )
+        differences.extend(
+            f"value {v.name}: {v.status}" for v in values if v.status not in EQUAL_STATUSES
+        )
+        if sa["result_type"] != sb["result_type"]:
+            differences.append(f"result type: {sa['result_type']} → {sb['result_type']}")
+        ua, ub = sa["uncompared"], sb["uncompared"]
+        for name in sorted(set(ua) | set(ub)):
+            ra, rb = ua.get(name), ub.get(name)
+            uncompared.append(f"{name}: {ra if ra == rb else f'A: {ra}; B: {rb}'}")
+            if ra != rb:
+                differences.append(f"{name}: not comparable (A: {ra}; B: {rb})")
+        fa, fb = (
+            {p["path"]: p["forward_error"] for p in s["parts"] if p.get("forward_error")}
+            for s in (sa, sb)
+        )
+        for path in sorted(set(fa) | set(fb)):
+            where = f"forward of {path}" if path else "forward"
+            if fa.get(path) == fb.get(path):
+                uncompared.append(f"{path or 'output'}: {where} raised on both: {fa[path]}")
+            else:
+                differences.append(f"{where} raised (A: {fa.get(path)}; B: {fb.get(path)})")
+    return CompareReport(
+        spec_a=side_a.spec,
+        spec_b=side_b.spec,
+        a=_side_info(side_a),
+        b=_side_info(side_b),
+        entrypoints=entrypoints,
+        parameters=parameters,
+        outputs=outputs,
+        values=values,
+        uncompared=tuple(uncompared),
+        differences=tuple(differences),
+        **meta,
+    )
+
+
+def _side_info(side: _Side) -> SideInfo:
+    s = side.summary
+    error = detail = None
+    if side.error is not None:
+        detail = str(side.error)
+        error = f"{type(side.error).__name__}: {_one_line(detail)}"
+    if s is None:
+        return SideInfo(side.spec, side.sha, error, detail, start_s=side.start_s)
+    tensors = s["tensors"]
+    params = [p.get("parameters") for p in s["parts"]]
+    if params and all(isinstance(p, int) for p in params):
+        count = sum(params)
+    else:
+        count = sum(t.numel() for t in _unique(tensors.values()))
+    fwd = [p["forward_s"] for p in s["parts"] if isinstance(p.get("forward_s"), float)]
+    forward_errors = [
+        (f"{p['path']}: " if p["path"] else "") + str(p["forward_error"])
+        for p in s["parts"]
+        if p.get("forward_error")
+    ]
+    return SideInfo(
+        spec=side.spec,
+        sha=side.sha,
+        error=error,
+        error_detail=detail,
+        result_type=s["result_type"],
+        parameters=count,
+        tensors=len(tensors),
+        bytes=sum(t.numel() * t.element_size() for t in _unique(tensors.values())),
+        start_s=side.start_s,
+        load_s=side.load_s,
+        forward_s=sum(fwd) if fwd else None,
+        forward_error="; ".join(forward_errors) or None,
+    )
+
+
+def _unique(tensors: Any) -> Iterator[Any]:
+    """Each distinct tensor once (tied weights are one tensor under two names)."""
+    seen = set()
+    for t in tensors:
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+        if t.numel() and key not in seen:
+            seen.add(key)
+            yield t
+
+
+def diff_entrypoints(
+    a: dict[str, dict[str, Any]] | None, b: dict[str, dict[str, Any]] | None
+) -> tuple[EntrypointDiff, ...]:
+    """Entrypoints added, removed, or with a changed signature or docstring (None: unknown)."""
+    if a is None or b is None:
+        return ()
+    rows = []
+    for name in sorted(set(a) | set(b)):
+        ea, eb = a.get(name) or {}, b.get(name) or {}
+        changes = []
+        if name not in a or name not in b:
+            status = "added" if name not in a else "removed"
+        else:
+            sig_a, sig_b = ea.get("signature"), eb.get("signature")
+            if sig_a is not None and sig_b is not None and sig_a != sig_b:
+                changes.append("signature")
+            if ea.get("doc") != eb.get("doc"):
+                changes.append("docstring")
+            status = "changed" if changes else "same"
+        rows.append(
+            EntrypointDiff(
+                name,
+                status,
+                tuple(changes),
+                ea.get("signature"),
+                eb.get("signature"),
+                ea.get("doc"),
+                eb.get("doc"),
+            )  # fmt: skip
+        )
+    return tuple(rows)
+
+
+def diff_tensors(
+    a: dict[str, Any], b: dict[str, Any], atol: float, rtol: float, *, renames: bool
+) -> tuple[TensorDiff, ...]:
+    """Per-name comparison of two tensor dicts, in A's order then B's additions.
+
+    With `renames`, a tensor only in A and one only in B with the same dtype, shape and values
+    are one rename; see `find_renames`.
+    """
+    rows: dict[str, TensorDiff] = {}
+    for name in [*a, *(k for k in b if k not in a)]:
+        ta, tb = a.get(name), b.get(name)
+        meta = {**_meta(ta, "_a"), **_meta(tb, "_b")}
+        if ta is None or tb is None:
+            rows[name] = TensorDiff(name, "added" if ta is None else "removed", **meta)
+        elif ta.shape != tb.shape:
+            rows[name] = TensorDiff(name, "reshaped", **meta)
+        else:
+            max_abs, rel, close = tensor_difference(ta, tb, atol, rtol)
+            if ta.dtype != tb.dtype:
+                status = "retyped"
+            else:
+                status = "same" if max_abs == 0 else "close" if close else "changed"
+            rows[name] = TensorDiff(name, status, max_abs=max_abs, rel=rel, allclose=close, **meta)
+    if renames:
+        only_a = {k: a[k] for k in a if k not in b}
+        for old, new in find_renames(only_a, {k: b[k] for k in b if k not in a}):
+            meta = {**_meta(a[old], "_a"), **_meta(b[new], "_b")}
+            rows[old] = TensorDiff(old, "renamed", new, max_abs=0.0, rel=0.0, allclose=True, **meta)
+            del rows[new]
+    return tuple(rows.values())
+
+
+def _meta(t: Any, suffix: str) -> dict[str, Any]:
+    if t is None:
+        return {}
+    return {f"shape{suffix}": tuple(t.shape), f"dtype{suffix}": str(t.dtype).removeprefix("torch.")}
+
+
+def tensor_difference(a: Any, b: Any, atol: float, rtol: float) -> tuple[float, float, bool]:
+    """`(max |a-b|, max |a-b| / max(|a|,|b|), allclose)` of two same-shape tensors.
+
+    NaNs in the same place count as equal, as do equal infinities; a NaN on one side only is an
+    infinite difference. Works in float64 (complex128), a few million elements at a time.
+    """
+    import torch
+
+    wide = torch.complex128 if a.is_complex() or b.is_complex() else torch.float64
+    xa, xb = a.detach().reshape(-1), b.detach().reshape(-1)
+    max_abs = scale = 0.0
+    close = True
+    for i in range(0, xa.numel(), _CHUNK):
+        x, y = xa[i : i + _CHUNK].to(wide), xb[i : i + _CHUNK].to(wide)
+        equal = (x == y) | (x.isnan() & y.isnan())
+        d = torch.where(equal, 0.0, (x - y).abs().to(torch.float64)).nan_to_num(nan=math.inf)
+        max_abs = max(max_abs, float(d.max()))
+        mag = torch.maximum(x.abs(), y.abs()).to(torch.float64)
+        scale = max(scale, float(mag.nan_to_num(nan=0.0, posinf=0.0).max()))
+        close = close and bool(torch.allclose(x, y, rtol=rtol, atol=atol, equal_nan=True))
+    rel = 0.0 if max_abs == 0 else (max_abs / scale if scale > 0 else math.inf)
+    return max_abs, rel, close
+
+
+def find_renames(removed: dict[str, Any], added: dict[str, Any]) -> list[tuple[str, str]]:
+    """Pairs `(old, new)` of tensors with equal dtype, shape and values, one to one.
+
+    Among several equal candidates the most similar name wins. Constant tensors (all zeros,
+    say) only pair up when a sibling was renamed the same way (`fc.bias` → `head.bias` after
+    `fc.weight` → `head.weight`), so a removed layer and an added one are not a rename.
+    """
+    import torch
+
+    def fingerprint(t: Any) -> tuple[Any, ...]:
+        wide = t.detach().to(torch.complex128 if t.is_complex() else torch.float64)
+        return (tuple(t.shape), t.dtype, complex(wide.sum()) if t.numel() else 0)
+
+    def constant(t: Any) -> bool:
+        return t.numel() <= 1 or bool((t == t.reshape(-1)[0]).all())
+
+    prints = {k: fingerprint(t) for k, t in added.items()}
+    pairs: list[tuple[str, str]] = []
+
+    def match(old: str, candidates: list[str]) -> None:
+        taken = {new for _, new in pairs}
+        t, fp = removed[old], fingerprint(removed[old])
+        same = [n for n in candidates if n not in taken and prints[n] == fp]
+        same = [n for n in same if torch.equal(added[n], t)]
+        if same:
+            pairs.append((old, max(same, key=lambda n: _similarity(old, n))))
+
+    constants = {k for k, t in removed.items() if constant(t)}
+    for old in sorted(set(removed) - constants):
+        match(old, sorted(added))
+    prefix_map = {}
+    for old, new in pairs:
+        (pa, _, leaf_a), (pb, _, leaf_b) = old.rpartition("."), new.rpartition(".")
+        if leaf_a == leaf_b:
+            prefix_map[pa] = pb
+    for old in sorted(constants):
+        pa, dot, leaf = old.rpartition(".")
+        if pa in prefix_map and f"{prefix_map[pa]}{dot}{leaf}" in added:
+            match(old, [f"{prefix_map[pa]}{dot}{leaf}"])
+    return pairs
+
+
+def _similarity(a: str, b: str) -> float:
+    return difflib.SequenceMatcher(None, a, b).ratio()
+
+
+def diff_values(
+    a: dict[str, Any], b: dict[str, Any], atol: float, rtol: float
+) -> tuple[ValueDiff, ...]:
+    """Plain values by name: same, close (numbers within atol + rtol*|b|), changed, added, removed."""
+    rows = []
+    for name in [*a, *(k for k in b if k not in a)]:
+        if name not in a or name not in b:
+            status = "added" if name not in a else "removed"
+        elif type(a[name]) is type(b[name]) and a[name] == b[name]:
+            status = "same"
+        elif (
+            type(a[name]) in (int, float)
+            and type(b[name]) in (int, float)
+            and abs(a[name] - b[name]) <= atol + rtol * abs(b[name])
+        ):
+            status = "close"
+        else:
+            status = "changed"
+        ra = _short_repr(a[name]) if name in a else None
+        rb = _short_repr(b[name]) if name in b else None
+        rows.append(ValueDiff(name, status, ra, rb))
+    return tuple(rows)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _describe_tensor_diff(r: TensorDiff) -> str:
+    if r.status == "renamed":
+        return f"{r.name}: renamed to {r.name_b}"
+    if r.status == "reshaped":
+        return f"{r.name}: reshaped {shape_text(r.shape_a)} → {shape_text(r.shape_b)}"
+    if r.status == "retyped":
+        return f"{r.name}: retyped {r.dtype_a} → {r.dtype_b}"
+    if r.status in ("added", "removed"):
+        return f"{r.name}: {r.status}"
+    return f"{r.name}: max|a-b| {r.max_abs:.3g} (rel {r.rel:.3g}) beyond tolerance"
+
+
+def shape_text(shape: tuple[int, ...] | None) -> str:
+    """`2x3x32x32`, `scalar` for (), `-` for None."""
+    if shape is None:
+        return "-"
+    return "x".join(str(d) for d in shape) if shape else "scalar"
+
+
+def _normalise_inputs(inputs: Any) -> tuple[Any, ...]:
+    if inputs is None:
+        return ()
+    if isinstance(inputs, tuple):
+        return inputs
+    if isinstance(inputs, list):
+        return tuple(inputs)
+    if type(inputs).__module__.startswith("torch") and hasattr(inputs, "shape"):
+        return (inputs,)
+    raise SpecError(
+        f"inputs must be a tensor or a tuple of forward arguments, not {type(inputs).__name__}"
+    )
+
+
+def _describe_input(x: Any) -> str:
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return f"{shape_text(tuple(x.shape))} {str(x.dtype).removeprefix('torch.')}"
+    return _short_repr(x)
+
+
+def _type_name(obj: Any) -> str:
+    return type(obj).__qualname__
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _one_line(e: Any) -> str:
+    text = f"{type(e).__name__}: {e}" if isinstance(e, BaseException) else str(e)
+    lines = text.strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def _clean_doc(doc: Any) -> str | None:
+    return inspect.cleandoc(doc) if isinstance(doc, str) else None
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _report_from_dict(data: dict[str, Any]) -> CompareReport:
+    def build(cls: type, raw: dict[str, Any]) -> Any:
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in raw:
+                continue
+            v = raw[f.name]
+            if f.name in ("shape_a", "shape_b") and v is not None:
+                v = tuple(int(d) for d in v)
+            elif f.name in ("max_abs", "rel", "atol", "rtol") and v is not None:
+                v = float(v)
+            elif f.name == "changes":
+                v = tuple(v)
+            kwargs[f.name] = v
+        return cls(**kwargs)
+
+    converters: dict[str, Callable[[Any], Any]] = {
+        "a": lambda v: build(SideInfo, v),
+        "b": lambda v: build(SideInfo, v),
+        "entrypoints": lambda v: tuple(build(EntrypointDiff, x) for x in v),
+        "parameters": lambda v: tuple(build(TensorDiff, x) for x in v),
+        "outputs": lambda v: tuple(build(TensorDiff, x) for x in v),
+        "values": lambda v: tuple(build(ValueDiff, x) for x in v),
+        "kwargs": lambda v: tuple((str(k), str(x)) for k, x in dict(v).items()),
+        "args": tuple,
+        "inputs": tuple,
+        "uncompared": tuple,
+        "differences": tuple,
+        "notes": tuple,
+        "atol": float,
+        "rtol": float,
+    }
+    kwargs = {}
+    for f in dataclasses.fields(CompareReport):
+        raw = data[f.name]
+        kwargs[f.name] = converters.get(f.name, lambda v: v)(raw)
+    return CompareReport(**kwargs)
+
+
+__all__ = ["CompareReport", "EntrypointDiff", "SideInfo", "TensorDiff", "ValueDiff", "compare"]
