@@ -108,3 +108,55 @@ def test_a_crafted_reply_is_a_protocol_error_and_runs_nothing(
     assert not (hostile_repo.parent / "pwned").exists()
     sd = hub.load_state_dict(spec_of(hostile_repo), "fine")
     assert torch.equal(sd["w"], torch.ones(3))
+
+
+TAMPER = """
+import os
+import torch
+import torch.nn as nn
+
+KEPT = []
+_real = os.memfd_create
+
+
+def _spy(name, flags=0):
+    fd = _real(name, flags)
+    KEPT.append(os.dup(fd))  # keep a way back into every arena this worker sends
+    return fd
+
+
+os.memfd_create = _spy
+
+
+class Tamperer(nn.Module):
+    def big(self):
+        return torch.arange(1 << 20, dtype=torch.float32)
+
+    def tamper(self):
+        outcomes = []
+        for fd in KEPT:
+            for attempt in (lambda: os.ftruncate(fd, 0), lambda: os.pwrite(fd, b"\\xff" * 64, 0)):
+                try:
+                    attempt()
+                    outcomes.append("done")
+                except OSError as e:
+                    outcomes.append(e.errno)
+        return outcomes
+
+
+def tamperer():
+    return Tamperer()
+"""
+
+
+def test_tampering_with_a_sent_arena_changes_nothing_in_the_parent(tmp_path: Path) -> None:
+    import errno
+
+    repo = make_repo(tmp_path / "tamper", {"hubconf.py": TAMPER})
+    with hub.load(spec_of(repo), "tamperer", mode="remote") as m:
+        t = m.big()
+        expected = torch.arange(1 << 20, dtype=torch.float32)
+        outcomes = m.tamper()
+        assert outcomes and set(outcomes) == {errno.EPERM}
+        assert torch.equal(t, expected)  # still mapped, no SIGBUS, unchanged
+        assert float(t[-1]) == float((1 << 20) - 1)
