@@ -19,6 +19,7 @@ import ctypes
 import fcntl
 import mmap
 import os
+import struct
 import weakref
 from typing import Any
 
@@ -38,6 +39,12 @@ _DTYPES = (
 
 
 _DTYPE_NAMES: dict[Any, str] = {}
+# Packed tensor description: storage index, dtype (index in _DTYPES), ndim, requires_grad,
+# storage offset, then ndim sizes and ndim strides; all unsigned, so none can be negative.
+_PACKED_HEAD = struct.Struct("<IBB?Q")
+_MAX_PACKED_DIMS = 64
+_INT64_LIMIT = 1 << 63
+_DTYPE_CODES: dict[Any, int] = {}
 _SEQUENCES = (list, tuple)
 _DTYPE_INFO: dict[str, tuple[Any, int]] = {}  # name -> (torch dtype, item size)
 
@@ -46,6 +53,21 @@ def _torch() -> Any:
     import torch
 
     return torch
+
+
+def _init_dtype_codes() -> None:
+    torch = _torch()
+    for code, name in enumerate(_DTYPES):
+        dtype = getattr(torch, name, None)
+        if dtype is not None:
+            _DTYPE_CODES[dtype] = code
+
+
+def _dtype_name(dtype: Any) -> str:
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = str(dtype).removeprefix("torch.")
+    return name
 
 
 def _dtype_info(name: str) -> tuple[Any, int] | None:
@@ -88,18 +110,37 @@ class ArenaWriter:
             raise TypeError(f"cannot transport a tensor with layout {t.layout}")
         if not t.is_cpu:
             t = t.cpu()
-        dtype = t.dtype
-        name = _DTYPE_NAMES.get(dtype)
-        if name is None:
-            name = _DTYPE_NAMES[dtype] = str(dtype).removeprefix("torch.")
         return {
             "s": self.storage_index(t.untyped_storage()),
-            "dtype": name,
+            "dtype": _dtype_name(t.dtype),
             "shape": list(t.shape),
             "stride": list(t.stride()),
             "offset": t.storage_offset(),
             "grad": t.requires_grad,
         }
+
+    def tensor_packed(self, t: Any) -> bytes | None:
+        """`tensor_meta` packed into bytes (`ArenaReader.tensor_packed` reads it), or None.
+
+        About four times cheaper to encode and decode than the dict for the many small
+        tensors of a state dict. None for what the packing cannot hold (a dtype it does not
+        know, more than 64 dimensions); `tensor_meta` carries those.
+        """
+        torch = _torch()
+        if t.layout != torch.strided:
+            raise TypeError(f"cannot transport a tensor with layout {t.layout}")
+        if not t.is_cpu:
+            t = t.cpu()
+        if not _DTYPE_CODES:
+            _init_dtype_codes()
+        code = _DTYPE_CODES.get(t.dtype)
+        ndim = t.dim()
+        if code is None or ndim > _MAX_PACKED_DIMS:
+            return None
+        index = self.storage_index(t.untyped_storage())
+        return _PACKED_HEAD.pack(
+            index, code, ndim, t.requires_grad, t.storage_offset()
+        ) + struct.pack(f"<{2 * ndim}Q", *t.shape, *t.stride())
 
     def seal(self) -> tuple[int | None, list[Any]]:
         """Write the storages into a new sealed memfd: `(fd or None, layout)`.
@@ -293,6 +334,39 @@ class ArenaReader:
         if 0 not in shape and extent * itemsize > storage.nbytes():
             raise ProtocolError("tensor description reaches past its storage")
         t = _torch().empty(0, dtype=dtype).set_(storage, offset, shape, stride)
+        if grad:
+            t.requires_grad_(True)
+        return t
+
+    def tensor_packed(self, data: Any) -> Any:
+        """Rebuild the tensor `ArenaWriter.tensor_packed` described (checked as `tensor`)."""
+        head = _PACKED_HEAD.size
+        if type(data) is not bytes or len(data) < head:
+            raise ProtocolError("malformed tensor description")
+        index, code, ndim, grad, offset = _PACKED_HEAD.unpack_from(data)
+        if len(data) != head + 16 * ndim:
+            raise ProtocolError("malformed tensor description")
+        if code >= len(_DTYPES):
+            raise ProtocolError(f"unsupported tensor dtype code {code}")
+        info = _dtype_info(_DTYPES[code])
+        if info is None:
+            raise ProtocolError(f"unsupported tensor dtype {_DTYPES[code]!r}")
+        dtype, itemsize = info
+        dims = struct.unpack_from(f"<{2 * ndim}Q", data, head)
+        if offset >= _INT64_LIMIT or (dims and max(dims) >= _INT64_LIMIT):
+            raise ProtocolError("tensor size, stride or offset out of range")
+        shape, stride = dims[:ndim], dims[ndim:]
+        storage = self.storage(index)
+        if 0 not in shape:
+            extent = offset + 1
+            for n, s in zip(shape, stride, strict=True):
+                extent += (n - 1) * s
+            if extent * itemsize > storage.nbytes():
+                raise ProtocolError("tensor description reaches past its storage")
+        try:
+            t = _torch().empty(0, dtype=dtype).set_(storage, offset, shape, stride)
+        except (RuntimeError, TypeError, ValueError) as e:  # e.g. a size overflowing numel
+            raise ProtocolError(f"malformed tensor description: {e}") from None
         if grad:
             t.requires_grad_(True)
         return t

@@ -21,7 +21,7 @@ from typing import Any
 
 import cloudpickle
 
-from ._arena import ArenaReader, ArenaWriter
+from ._arena import _DTYPES, ArenaReader, ArenaWriter, _dtype_name
 
 
 def register_snapshot_modules(root: str) -> list[str]:
@@ -30,10 +30,26 @@ def register_snapshot_modules(root: str) -> list[str]:
     names = []
     for name, module in list(sys.modules.items()):
         path = getattr(module, "__file__", None)
-        if path and os.path.realpath(path).startswith(root):
+        if path and _realpath(path).startswith(root):
             cloudpickle.register_pickle_by_value(module)
             names.append(name)
     return names
+
+
+# os.path.realpath of every module file costs ~30 ms with torch loaded (one lstat per path
+# component, in Python). Directories are resolved once each and remembered; the file itself
+# is still checked for being a link every time, so the answer is realpath's.
+_REAL_DIRS: dict[str, str] = {}
+
+
+def _realpath(path: str) -> str:
+    path = os.path.abspath(path)
+    directory, name = os.path.split(path)
+    real_dir = _REAL_DIRS.get(directory)
+    if real_dir is None:
+        real_dir = _REAL_DIRS[directory] = os.path.realpath(directory)
+    candidate = os.path.join(real_dir, name)
+    return os.path.realpath(candidate) if os.path.islink(candidate) else candidate
 
 
 def _load_script_module(data: bytes) -> Any:
@@ -42,19 +58,38 @@ def _load_script_module(data: bytes) -> Any:
     return torch.jit.load(io.BytesIO(data), map_location="cpu")
 
 
+_STORAGE_TYPES: tuple[type, ...] = ()
+
+
+def _storage_types() -> tuple[type, ...]:
+    global _STORAGE_TYPES
+    if not _STORAGE_TYPES:
+        import torch
+
+        _STORAGE_TYPES = (torch.storage.TypedStorage, torch.UntypedStorage, torch.Tensor)
+    return _STORAGE_TYPES
+
+
 class _Pickler(cloudpickle.Pickler):
     def __init__(self, file: io.BytesIO, arena: ArenaWriter) -> None:
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
         self._arena = arena
+        self._types = _storage_types()
 
     def persistent_id(self, obj: Any) -> Any:
-        import torch
-
-        if isinstance(obj, torch.storage.TypedStorage):
-            return ("typed", self._arena.storage_index(obj._untyped_storage), str(obj.dtype))
-        if isinstance(obj, torch.UntypedStorage):
+        # Called for every object pickled: most are neither storages nor tensors.
+        typed, untyped, tensor = self._types
+        cls = type(obj)
+        if cls is tensor:
+            meta = _plain_tensor_meta(self._arena, obj)
+            return None if meta is None else ("tensor", meta)
+        if cls is untyped:
             return ("untyped", self._arena.storage_index(obj))
-        return None
+        if not isinstance(obj, (typed, untyped)):
+            return None
+        if isinstance(obj, typed):
+            return ("typed", self._arena.storage_index(obj._untyped_storage), str(obj.dtype))
+        return ("untyped", self._arena.storage_index(obj))
 
     def reducer_override(self, obj: Any) -> Any:
         torch = sys.modules.get("torch")
@@ -82,11 +117,36 @@ class _Unpickler(pickle.Unpickler):
     def persistent_load(self, pid: Any) -> Any:
         import torch
 
+        if pid[0] == "tensor":
+            return self._arena.tensor(pid[1])
         if pid[0] == "typed":
             dtype = getattr(torch, pid[2].removeprefix("torch."))
             storage = self._arena.storage(pid[1])
             return torch.storage.TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
         return self._arena.storage(pid[1])
+
+
+def _plain_tensor_meta(arena: ArenaWriter, t: Any) -> dict[str, Any] | None:
+    """The arena description of a plain CPU tensor, or None where torch's own reduction must run.
+
+    Equivalent to torch's `Tensor.__reduce_ex__` for a plain tensor (no Python attributes,
+    hooks or dispatch metadata; dense, CPU, not quantized or nested), and much cheaper: the
+    tensor is rebuilt on its arena storage directly instead of through a TypedStorage.
+    """
+    import torch
+
+    if (
+        t.__dict__
+        or not t.is_cpu
+        or t.layout != torch.strided
+        or t.is_quantized
+        or t.is_nested
+        or t._backward_hooks
+        or torch._C._get_tensor_metadata(t)
+        or _dtype_name(t.dtype) not in _DTYPES
+    ):
+        return None
+    return arena.tensor_meta(t)
 
 
 def loads(data: bytes, fd: int | None, layout: list[list[int]]) -> Any:

@@ -32,6 +32,7 @@ RETRIES = 3  # extra attempts after a 5xx or a 429 without a rate-limit reset
 BACKOFF_S = 0.5  # first retry delay, doubled each time; tests lower it
 MAX_RETRY_AFTER_S = 30  # a longer Retry-After is refused rather than slept through
 MAX_REDIRECTS = 5
+MAX_VALIDATION_PAGES = 1000  # per listing, 100 refs a page: a server cannot page us forever
 _SHA = re.compile(r"^[0-9a-f]{40}$")
 _SHA_MEDIA = "application/vnd.github.sha"
 
@@ -128,6 +129,72 @@ def download_tarball(
                 ) from e
 
 
+class RefValidationError(RefNotFoundError, ValueError):
+    """Raised when torch.hub's ref validation (`skip_validation=False`) finds no match.
+
+    The ref is neither the name of a branch or tag of the repository nor a prefix of the head
+    commit of one: a commit from a fork (GitHub serves those through the parent's URLs too) or an
+    older commit. A `ValueError`, as torch.hub raises.
+    """
+
+
+def validate_ref(
+    owner: str, name: str, ref: str, *, session: requests.Session | None = None
+) -> None:
+    """torch.hub's `_validate_not_a_forked_repo`: `ref` must be a branch or tag of owner/name.
+
+    Pages `/branches`, then `/tags`, with `per_page=100` until an empty page; a match is an equal
+    name or a head commit SHA starting with `ref`. A page that fails with `$GITHUB_TOKEN` sent is
+    asked once more without it (the token may lack access); with no token set, the error is raised.
+
+    Example:
+        >>> validate_ref("pytorch", "vision", "v0.10.0")   # returns None, or raises
+
+    Raises:
+        RefValidationError: nothing matched (a `ValueError`, mentioning forked repos).
+        ResolveError: a page could not be had (HTTP error, rate limit, malformed JSON, or more
+            than `MAX_VALIDATION_PAGES` pages).
+    """
+    api = _config.github_api()
+    repo_url = f"{api}/repos/{quote(owner, safe='')}/{quote(name, safe='')}"
+    with _session_scope(session) as s:
+        for kind in ("branches", "tags"):
+            for page in range(1, MAX_VALIDATION_PAGES + 1):
+                items = _validation_page(s, f"{repo_url}/{kind}?per_page=100&page={page}")
+                if not items:
+                    break
+                if any(item[0] == ref or item[1].startswith(ref) for item in items):
+                    return
+            else:
+                raise ResolveError(
+                    f"{_redact(repo_url)}/{kind} has more than {MAX_VALIDATION_PAGES} pages; "
+                    "pass skip_validation=True"
+                )
+    raise RefValidationError(
+        f"Cannot find {ref} in {owner}/{name} ({_redact(api)}): it names no branch or tag and is "
+        "no prefix of one's head commit. If it's a commit from a forked repo, please call "
+        "hub.load() with forked repo directly (for an older commit of this repository, pass "
+        "skip_validation=True).",
+        repo=f"{owner}/{name}",
+        ref=ref,
+    )
+
+
+def _validation_page(s: requests.Session, url: str) -> list[tuple[str, str]]:
+    """One page of `/branches` or `/tags` as (name, head SHA) pairs."""
+    resp = _get(s, url, ResolveError)
+    if resp.status_code != 200 and _config.github_token():
+        resp.close()
+        resp = _get(s, url, ResolveError, token=False)  # as torch.hub: retry without the token
+    _raise_for_status(resp, ResolveError)
+    try:
+        return [(str(i["name"]), str(i["commit"]["sha"])) for i in resp.json()]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ResolveError(
+            f"{_redact(url)} answered malformed JSON ({e!r})", url=_redact(url)
+        ) from e
+
+
 @contextlib.contextmanager
 def _session_scope(session: requests.Session | None) -> Iterator[requests.Session]:
     """The caller's session, or a fresh `api_session()` closed afterwards."""
@@ -145,13 +212,15 @@ def _get(
     *,
     accept: str | None = None,
     stream: bool = False,
+    token: bool = True,
 ) -> requests.Response:
     """GET `url`, following redirects by hand and retrying 5xx/429; the last response is returned.
 
     Rate limits and exhausted retries raise `error`; other statuses are the caller's to judge.
+    `token=False` leaves `$GITHUB_TOKEN` out even on the API host.
     """
     for attempt in range(RETRIES + 1):
-        resp = _follow(s, url, error, accept=accept, stream=stream)
+        resp = _follow(s, url, error, accept=accept, stream=stream, token=token)
         limited = _rate_limit_message(resp)
         retryable = resp.status_code >= 500 or (resp.status_code == 429 and not limited)
         if limited and not retryable:
@@ -179,13 +248,14 @@ def _follow(
     *,
     accept: str | None,
     stream: bool,
+    token: bool = True,
 ) -> requests.Response:
     api = _origin(_config.github_api())
-    token = _config.github_token()
+    secret = _config.github_token() if token else None
     for _hop in range(MAX_REDIRECTS + 1):
         headers = {"Accept": accept} if accept else {}
-        if token and _origin(url) == api:
-            headers["Authorization"] = f"token {token}"
+        if secret and _origin(url) == api:
+            headers["Authorization"] = f"token {secret}"
         try:
             resp = s.get(
                 url, headers=headers, timeout=TIMEOUT, stream=stream, allow_redirects=False

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import select
 import selectors
 import shutil
 import signal
@@ -277,25 +278,27 @@ class Worker:
     def _frame(
         self, deadline: float | None, timeout: float | None
     ) -> tuple[dict[str, Any], list[int]]:
-        with selectors.DefaultSelector() as sel:
-            sel.register(self.sock, selectors.EVENT_READ)
-            sel.register(self.pidfd, selectors.EVENT_READ)
-            while True:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    self.kill()
-                    raise WorkerTimeoutError(
-                        f"the worker for {self.label} (pid {self.pid}) did not answer within "
-                        f"{timeout or _HANDSHAKE_TIMEOUT:g} s and was killed; raise timeout= if "
-                        f"the load is just slow{self._tail_text()}",
-                        spec=self.label,
-                        pid=self.pid,
-                    )
-                ready = {key.fileobj for key, _ in sel.select(remaining)}
-                if self.sock in ready:
-                    break
-                if self.pidfd in ready:
-                    self._raise_death()
+        # A poll object holds no fd, so one per wait costs nothing (a selector costs three calls).
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        poller.register(self.pidfd, select.POLLIN)
+        sock_fd = self.sock.fileno()
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                self.kill()
+                raise WorkerTimeoutError(
+                    f"the worker for {self.label} (pid {self.pid}) did not answer within "
+                    f"{timeout or _HANDSHAKE_TIMEOUT:g} s and was killed; raise timeout= if "
+                    f"the load is just slow{self._tail_text()}",
+                    spec=self.label,
+                    pid=self.pid,
+                )
+            ready = {fd for fd, _ in poller.poll(None if remaining is None else remaining * 1e3)}
+            if sock_fd in ready:
+                break
+            if self.pidfd in ready:
+                self._raise_death()
         self.sock.settimeout(None if remaining is None else max(remaining, 1.0))
         try:
             frame = recv_frame(self.sock)

@@ -51,13 +51,18 @@ def fetch_snapshot(
     verbose: bool = True,
     calling_fn: str = "load",
     trusted: bool = False,
+    skip_validation: bool = True,
 ) -> Snapshot:
     """Resolve `spec` to a commit and make sure its snapshot is in the cache.
 
     `trusted=True` skips the trust prompt (used when the code will run confined).
+    `skip_validation=False` adds torch.hub's check that a GitHub ref is a branch or tag (or a
+    prefix of one's head commit), made only when the snapshot is actually downloaded, as torch.hub
+    does; a spec without a ref (the default branch) needs no check.
 
     Raises:
         ResolveError, RefNotFoundError, OfflineError: the ref cannot be resolved.
+        RefValidationError: `skip_validation=False` and the ref is no branch or tag (a ValueError).
         UntrustedRepoError: the trust check refused. FetchError, ArchiveError, CacheError.
     """
     if spec.kind == "local":
@@ -78,8 +83,9 @@ def fetch_snapshot(
                 f"offline (ISOLHUB_OFFLINE is set) and {spec} at {sha[:12]} is not in the cache "
                 f"({get_dir()}); run once online or unset ISOLHUB_OFFLINE"
             )
+        validate = not skip_validation
         path = install_snapshot(
-            spec, sha, lambda dest: _populate(spec, sha, dest), force=force_reload
+            spec, sha, lambda dest: _populate(spec, sha, dest, validate), force=force_reload
         )
     if not (path / "hubconf.py").is_file():
         raise FetchError(f"{spec} at commit {sha[:12]} has no hubconf.py at its top level")
@@ -113,13 +119,15 @@ def _resolve(spec: RepoSpec) -> str:
     return sha
 
 
-def _populate(spec: RepoSpec, sha: str, dest: Path) -> None:
+def _populate(spec: RepoSpec, sha: str, dest: Path, validate: bool = False) -> None:
     if spec.kind == "git":
         _git.export(spec.location, sha, dest, spec.ref)
         return
     from . import _archive, _github
 
     owner, name = spec.location.split("/")
+    if validate and spec.ref is not None:
+        _github.validate_ref(owner, name, spec.ref)
     fd, tmp = tempfile.mkstemp(prefix=f"{STAGING_PREFIX}{sha[:12]}-{os.getpid()}-", dir=dest.parent)
     os.close(fd)
     try:

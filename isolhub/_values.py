@@ -34,9 +34,13 @@ def encode_value(
 
     arena = ArenaWriter()
 
+    tensor_type = torch.Tensor
+
     def ext(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return {"t": arena.tensor_meta(value.detach())}
+        if isinstance(value, tensor_type):
+            value = value.detach()
+            packed = arena.tensor_packed(value)
+            return {"t": arena.tensor_meta(value)} if packed is None else packed
         if handle_for is not None:
             return {"h": handle_for(value)}
         raise ProtocolError(
@@ -65,6 +69,8 @@ def decode_value(
     arena = ArenaReader(fd, layout)
 
     def ext(value: Any) -> Any:
+        if type(value) is bytes:  # a tensor, packed (ArenaWriter.tensor_packed)
+            return arena.tensor_packed(value)
         if isinstance(value, dict) and set(value) == {"t"}:
             return arena.tensor(value["t"])
         if isinstance(value, dict) and set(value) == {"h"} and handle_factory is not None:
