@@ -15,8 +15,10 @@ import typing as _typing
 # `isolhub --help` stay cheap. The TYPE_CHECKING block mirrors the table for tools.
 _EXPORTS = {
     "_api": ("fetch", "help", "list", "load", "load_state_dict", "sandbox_report"),
+    "_checkpoints": ("load_state_dict_from_url",),
     "_compare": ("CompareReport", "compare"),
     "_config": ("get_dir", "set_dir"),
+    "_download": ("download_url_to_file",),
     "_errors": (
         "ArchiveError",
         "CacheCorruptedError",
@@ -53,7 +55,9 @@ __all__ = sorted([*_WHERE, "__version__"], key=str.lower)
 
 if _typing.TYPE_CHECKING:
     from ._api import fetch, help, list, load, load_state_dict, sandbox_report  # noqa: F401
+    from ._checkpoints import load_state_dict_from_url  # noqa: F401
     from ._compare import CompareReport, compare  # noqa: F401
+    from ._download import download_url_to_file  # noqa: F401
     from ._config import get_dir, set_dir  # noqa: F401
     from ._errors import *  # noqa: F403
     from ._handle import RemoteModule, RemoteObject  # noqa: F401
