@@ -57,8 +57,8 @@ if _typing.TYPE_CHECKING:
     from ._api import fetch, help, list, load, load_state_dict, sandbox_report  # noqa: F401
     from ._checkpoints import load_state_dict_from_url  # noqa: F401
     from ._compare import CompareReport, compare  # noqa: F401
-    from ._download import download_url_to_file  # noqa: F401
     from ._config import get_dir, set_dir  # noqa: F401
+    from ._download import download_url_to_file  # noqa: F401
     from ._errors import *  # noqa: F403
     from ._handle import RemoteModule, RemoteObject  # noqa: F401
     from ._sandbox import Sandbox  # noqa: F401
