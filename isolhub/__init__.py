@@ -17,6 +17,7 @@ _EXPORTS = {
     "_api": ("fetch", "help", "list", "load", "load_state_dict", "sandbox_report"),
     "_checkpoints": ("load_state_dict_from_url",),
     "_compare": ("CompareReport", "compare"),
+    "_patch": ("patch_torch_hub", "patched_torch_hub", "unpatch_torch_hub"),
     "_config": ("get_dir", "set_dir"),
     "_download": ("download_url_to_file",),
     "_errors": (
@@ -33,6 +34,7 @@ _EXPORTS = {
         "OfflineError",
         "ProtocolError",
         "RefNotFoundError",
+        "RefValidationError",
         "RemoteError",
         "ResolveError",
         "SandboxError",
@@ -61,6 +63,7 @@ if _typing.TYPE_CHECKING:
     from ._download import download_url_to_file  # noqa: F401
     from ._errors import *  # noqa: F403
     from ._handle import RemoteModule, RemoteObject  # noqa: F401
+    from ._patch import patch_torch_hub, patched_torch_hub, unpatch_torch_hub  # noqa: F401
     from ._sandbox import Sandbox  # noqa: F401
     from ._source import Snapshot  # noqa: F401
     from ._spec import RepoSpec, parse_spec  # noqa: F401

@@ -20,6 +20,7 @@ from __future__ import annotations
 import builtins
 import os
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 from . import _byvalue
@@ -111,28 +112,84 @@ def fetch(
     Raises:
         SpecError, ResolveError, UntrustedRepoError, FetchError, ArchiveError, CacheError.
     """
-    return _snapshot(repo_or_dir, source, trust_repo, force_reload, verbose, "fetch")
+    o = HubOptions(source=source, trust_repo=trust_repo, force_reload=force_reload, verbose=verbose)
+    return _snapshot(repo_or_dir, o, "fetch", None)
 
 
-def _snapshot(
-    repo_or_dir: Any,
-    source: str,
-    trust_repo: Any,
-    force_reload: bool,
-    verbose: bool,
-    fn: str,
-    confined: bool = False,
-) -> Snapshot:
-    spec = parse_spec(repo_or_dir, source)
+@dataclass(frozen=True)
+class HubOptions:
+    """How a hub call runs: torch.hub's options plus isolhub's, carried as one frozen object."""
+
+    source: str = "github"
+    trust_repo: Any = "check"
+    force_reload: bool = False
+    verbose: bool = True
+    skip_validation: bool = False
+    mode: str = "module"
+    timeout: float | None = None
+    seed: int | None = None
+    sandbox: Any = None
+
+
+def _snapshot(repo_or_dir: Any, o: HubOptions, fn: str, policy: Sandbox | None) -> Snapshot:
     # Code that will only ever run confined needs no trust: that is the point of the sandbox.
     return fetch_snapshot(
-        spec,
-        trust_repo=trust_repo,
-        force_reload=force_reload,
-        verbose=verbose,
+        parse_spec(repo_or_dir, o.source),
+        trust_repo=o.trust_repo,
+        force_reload=o.force_reload,
+        verbose=o.verbose,
         calling_fn=fn,
-        trusted=confined,
+        trusted=policy is not None,
+        skip_validation=o.skip_validation,
     )
+
+
+def run_list(github: Any, o: HubOptions) -> builtins.list[str]:
+    """`list` with its options in one object (shared by the public API and the torch.hub patch)."""
+    policy = policy_for(o.sandbox, "list")
+    snap = _snapshot(github, o, "list", policy)
+    with start_worker(snap, sandbox=policy) as w:
+        reply, _ = w.request({"op": "list"}, _watchdog(o.timeout, policy))
+    return reply["value"]
+
+
+def run_help(github: Any, model: Any, o: HubOptions) -> str | None:
+    """`help` with its options in one object."""
+    _check_model_name(model)
+    policy = policy_for(o.sandbox, "help")
+    snap = _snapshot(github, o, "help", policy)
+    with start_worker(snap, sandbox=policy) as w:
+        reply, _ = w.request({"op": "help", "entry": model}, _watchdog(o.timeout, policy))
+    return reply["value"]
+
+
+def run_load(
+    repo_or_dir: Any, model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], o: HubOptions
+) -> Any:
+    """`load` with the entrypoint's arguments and the hub's options kept apart."""
+    _check_model_name(model)
+    if o.mode not in MODES:
+        raise SpecError(f"unknown mode {o.mode!r}; use one of {', '.join(MODES)}")
+    policy = policy_for(o.sandbox, o.mode)
+    timeout = _watchdog(o.timeout, policy)
+    snap = _snapshot(repo_or_dir, o, "load", policy)
+    if o.mode != "remote":
+        with start_worker(snap, sandbox=policy) as w:
+            return call(w, model, args, kwargs, result=o.mode, timeout=timeout, seed=o.seed)
+    w = start_worker(snap, sandbox=policy)
+    try:
+        reply, fds = w.request(_call_message(model, args, kwargs, "handle", o.seed, None), timeout)
+        if reply.get("kind") != "handle" or not isinstance(reply.get("handle"), dict) or fds:
+            for fd in fds:
+                os.close(fd)
+            raise ProtocolError(f"the worker for {snap.label} sent no handle")
+    except ProtocolError:
+        w.kill()
+        raise
+    except BaseException:
+        w.close()
+        raise
+    return open_handle(w, reply["handle"], timeout)
 
 
 def list(  # noqa: A001 - torch.hub's name
@@ -154,11 +211,16 @@ def list(  # noqa: A001 - torch.hub's name
         SpecError, ResolveError, UntrustedRepoError, FetchError: the repo could not be had.
         RemoteError: importing hubconf raised. WorkerError: the worker died or timed out.
     """
-    policy = policy_for(sandbox, "list")
-    snap = _snapshot(github, source, trust_repo, force_reload, verbose, "list", policy is not None)
-    with start_worker(snap, sandbox=policy) as w:
-        reply, _ = w.request({"op": "list"}, _watchdog(timeout, policy))
-    return reply["value"]
+    o = HubOptions(
+        source=source,
+        trust_repo=trust_repo,
+        force_reload=force_reload,
+        verbose=verbose,
+        skip_validation=skip_validation,
+        timeout=timeout,
+        sandbox=sandbox,
+    )
+    return run_list(github, o)
 
 
 def help(  # noqa: A001 - torch.hub's name
@@ -179,12 +241,16 @@ def help(  # noqa: A001 - torch.hub's name
         EntrypointError: no such callable. MissingDependenciesError: `dependencies` unmet.
         and what `list` raises.
     """
-    _check_model_name(model)
-    policy = policy_for(sandbox, "help")
-    snap = _snapshot(github, source, trust_repo, force_reload, verbose, "help", policy is not None)
-    with start_worker(snap, sandbox=policy) as w:
-        reply, _ = w.request({"op": "help", "entry": model}, _watchdog(timeout, policy))
-    return reply["value"]
+    o = HubOptions(
+        source=source,
+        trust_repo=trust_repo,
+        force_reload=force_reload,
+        verbose=verbose,
+        skip_validation=skip_validation,
+        timeout=timeout,
+        sandbox=sandbox,
+    )
+    return run_help(github, model, o)
 
 
 def load(
@@ -213,33 +279,18 @@ def load(
         WorkerCrashedError, WorkerTimeoutError: the worker died or hung.
         and what `list` raises.
     """
-    _check_model_name(model)
-    if mode not in MODES:
-        raise SpecError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
-    policy = policy_for(sandbox, mode)
-    timeout = _watchdog(timeout, policy)
-    snap = _snapshot(
-        repo_or_dir, source, trust_repo, force_reload, verbose, "load", policy is not None
+    o = HubOptions(
+        source=source,
+        trust_repo=trust_repo,
+        force_reload=force_reload,
+        verbose=verbose,
+        skip_validation=skip_validation,
+        mode=mode,
+        timeout=timeout,
+        seed=seed,
+        sandbox=sandbox,
     )
-    if mode == "remote":
-        w = start_worker(snap, sandbox=policy)
-        try:
-            reply, fds = w.request(
-                _call_message(model, args, kwargs, "handle", seed, None), timeout
-            )
-            if reply.get("kind") != "handle" or not isinstance(reply.get("handle"), dict) or fds:
-                for fd in fds:
-                    os.close(fd)
-                raise ProtocolError(f"the worker for {snap.label} sent no handle")
-        except ProtocolError:
-            w.kill()
-            raise
-        except BaseException:
-            w.close()
-            raise
-        return open_handle(w, reply["handle"], timeout)
-    with start_worker(snap, sandbox=policy) as w:
-        return call(w, model, args, kwargs, result=mode, timeout=timeout, seed=seed)
+    return run_load(repo_or_dir, model, args, kwargs, o)
 
 
 def load_state_dict(

@@ -4,6 +4,7 @@
   * `SpecError(IsolhubError, ValueError)` — a spec string is malformed.
   * `ResolveError` — a ref could not be turned into a commit.
     * `RefNotFoundError` — the repository has no such branch, tag or commit.
+      * `RefValidationError(RefNotFoundError, ValueError)` — not a branch or tag head (torch.hub's check).
     * `OfflineError(ResolveError, ConnectionError)` — offline and not in the cache.
   * `UntrustedRepoError` — the trust check refused the repository.
   * `FetchError` — a source or file could not be downloaded.
@@ -70,6 +71,15 @@ class ResolveError(IsolhubError):
 
 class RefNotFoundError(ResolveError):
     """Raised when the repository exists but has no such branch, tag or commit."""
+
+
+class RefValidationError(RefNotFoundError, ValueError):
+    """Raised when torch.hub's ref validation (`skip_validation=False`) finds no match.
+
+    The ref is neither the name of a branch or tag of the repository nor a prefix of the head
+    commit of one: a commit from a fork (GitHub serves those through the parent's URLs too) or an
+    older commit. A `ValueError`, as torch.hub raises.
+    """
 
 
 class OfflineError(ResolveError, ConnectionError):

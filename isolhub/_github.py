@@ -25,7 +25,7 @@ from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 import requests
 
 from . import _config
-from ._errors import DownloadError, RefNotFoundError, ResolveError
+from ._errors import DownloadError, RefNotFoundError, RefValidationError, ResolveError
 
 TIMEOUT = (10, 60)  # (connect, read) seconds, per request
 RETRIES = 3  # extra attempts after a 5xx or a 429 without a rate-limit reset
@@ -127,15 +127,6 @@ def download_tarball(
                 raise DownloadError(
                     f"download of {_redact(resp.url)} broke off: {e}", url=_redact(resp.url)
                 ) from e
-
-
-class RefValidationError(RefNotFoundError, ValueError):
-    """Raised when torch.hub's ref validation (`skip_validation=False`) finds no match.
-
-    The ref is neither the name of a branch or tag of the repository nor a prefix of the head
-    commit of one: a commit from a fork (GitHub serves those through the parent's URLs too) or an
-    older commit. A `ValueError`, as torch.hub raises.
-    """
 
 
 def validate_ref(

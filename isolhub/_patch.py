@@ -1,0 +1,376 @@
+"""Route `torch.hub` to isolhub while a patch is on, so existing torch.hub code gets isolation.
+
+    >>> import isolhub, torch
+    >>> isolhub.patch_torch_hub()                        # for the rest of the process
+    >>> m = torch.hub.load("owner/repo:v2", "net")       # served by isolhub, built in a worker
+    >>> with isolhub.patched_torch_hub(mode="remote", sandbox="strict"):
+    ...     m = torch.hub.load("owner/repo:v2", "net")   # a confined RemoteModule
+
+Routed: `torch.hub.list`, `help`, `load`, `load_state_dict_from_url`, `download_url_to_file`,
+`get_dir`, `set_dir` and `torch.utils.model_zoo.load_url` (the same callable as
+`torch.hub.load_state_dict_from_url`, as in torch). The rules, decided here and listed in
+`docs/torchhub-compat.md`:
+
+* **Signatures are torch.hub's.** Every keyword torch.hub forwards to the entrypoint is still
+  forwarded, `mode=`, `sandbox=`, `timeout=` and `seed=` included: isolhub's own options come from
+  the patch, never from the call. `skip_validation=False` (torch's default) makes torch.hub's ref
+  check (`isolhub._github.validate_ref`) when a snapshot is downloaded.
+* **The hub dir is isolhub's.** `torch.hub.get_dir()` is `isolhub.get_dir()`, so checkpoints and
+  `trusted_list` are the ones isolhub's own calls use (both in torch.hub's layout);
+  `torch.hub.set_dir(d)` sets isolhub's dir, which outlasts the patch, as `isolhub.set_dir` does.
+  torch's own setting is never touched. To share weights with unpatched torch.hub, point both at
+  one directory (`ISOLHUB_HOME=$TORCH_HOME/hub`, or `set_dir` on both).
+* **Aliases are rebound.** Modules imported before the patch that bound torch.hub's functions at
+  module level (`from torch.hub import load as hub_load`) are rebound too, and put back when the
+  patch ends, where nobody changed them meanwhile. References held elsewhere (a dict, a closure, a
+  default argument, `functools.partial`) keep torch's function; those still find `get_dir` and
+  `download_url_to_file` in torch.hub's namespace when called, so they too use isolhub's dir and
+  downloader while the patch is on (torch's `load` through such a reference is not isolated).
+* **A wrapper outliving the patch is harmless.** A module that imported `torch.hub.load` while
+  the patch was on keeps isolhub's wrapper, which calls torch.hub's original once no patch is on.
+* **Nesting and threads.** `patched_torch_hub()` nests: an inner block's options apply inside it
+  (unset ones inherit from the enclosing patch) and the outer ones come back after it; torch.hub is
+  restored when the last patch ends. The patch changes module attributes, so it is process-wide,
+  not per thread: a block in one thread routes every thread's torch.hub calls. Installing and
+  restoring hold a lock; blocks may end in any order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+import types
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+from . import _api, _checkpoints, _config, _download
+from ._errors import SpecError
+
+__all__ = ["patch_torch_hub", "patched_torch_hub", "unpatch_torch_hub"]
+
+HUB_NAMES = (
+    "list",
+    "help",
+    "load",
+    "load_state_dict_from_url",
+    "download_url_to_file",
+    "get_dir",
+    "set_dir",
+)
+_UNSET: Any = object()
+
+
+@dataclass(frozen=True)
+class _Options:
+    mode: str = "module"
+    sandbox: Any = None
+    timeout: float | None = None
+    seed: int | None = None
+
+
+_lock = threading.RLock()
+_base: _Options | None = None  # set by patch_torch_hub()
+_frames: list[_Options] = []  # one per active patched_torch_hub() block, innermost last
+_installed: list[tuple[types.ModuleType, str, Any, Any]] = []  # (module, name, before, wrapper)
+_fallthrough: dict[str, Any] = {}  # torch.hub's functions, called when no patch is on
+
+
+def patch_torch_hub(
+    *,
+    mode: str = "module",
+    sandbox: Any = None,
+    timeout: float | None = None,
+    seed: int | None = None,
+) -> None:
+    """Route torch.hub to isolhub until `unpatch_torch_hub()`; calling it again replaces the options.
+
+    Args:
+        mode: what `torch.hub.load` returns: "module" (the object, its classes by value),
+            "state_dict" or "remote" (a handle; the object stays in its worker).
+        sandbox: None, "strict" or an `isolhub.Sandbox`: confine the workers (needs "remote" or
+            "state_dict").
+        timeout: seconds each worker may take per call before it is killed.
+        seed: seeds torch and random in the worker before each entrypoint runs.
+
+    Example:
+        >>> isolhub.patch_torch_hub(mode="remote")
+        >>> m = torch.hub.load("owner/repo:v2", "net")   # a RemoteModule
+        >>> isolhub.unpatch_torch_hub()
+
+    Raises:
+        SpecError: an unknown mode (a ValueError).
+        SandboxError: an unknown sandbox, or a sandbox with mode="module".
+    """
+    global _base
+    opts = _check(_Options(mode, sandbox, timeout, seed))
+    with _lock:
+        _base = opts
+        _install()
+
+
+def unpatch_torch_hub() -> None:
+    """End the patch started by `patch_torch_hub()`; torch.hub is restored unless a block is open.
+
+    Calling it when no patch is on does nothing.
+
+    Example:
+        >>> isolhub.unpatch_torch_hub()
+        >>> torch.hub.load is torch_hub_load_before_the_patch
+        True
+
+    Raises:
+        Nothing.
+    """
+    global _base
+    with _lock:
+        _base = None
+        if not _frames:
+            _restore()
+
+
+@contextlib.contextmanager
+def patched_torch_hub(
+    *,
+    mode: str = _UNSET,
+    sandbox: Any = _UNSET,
+    timeout: float | None = _UNSET,
+    seed: int | None = _UNSET,
+) -> Iterator[None]:
+    """Route torch.hub to isolhub inside a `with` block; options left out inherit the outer patch.
+
+    Takes the options of `patch_torch_hub` (defaults: mode="module", no sandbox, no timeout).
+
+    Example:
+        >>> with isolhub.patched_torch_hub(mode="remote", sandbox="strict"):
+        ...     m = torch.hub.load("owner/repo:v2", "net")
+        >>> y = m(x)
+
+    Raises:
+        SpecError: an unknown mode. SandboxError: an unknown sandbox, or one with mode="module".
+    """
+    given = {"mode": mode, "sandbox": sandbox, "timeout": timeout, "seed": seed}
+    with _lock:
+        frame = _check(
+            replace(_active() or _Options(), **{k: v for k, v in given.items() if v is not _UNSET})
+        )
+        _frames.append(frame)
+        try:
+            _install()
+        except BaseException:
+            _pop(frame)
+            raise
+    try:
+        yield
+    finally:
+        with _lock:
+            _pop(frame)
+
+
+def _pop(frame: _Options) -> None:
+    for i in range(len(_frames) - 1, -1, -1):
+        if _frames[i] is frame:
+            del _frames[i]
+            break
+    if not _frames and _base is None:
+        _restore()
+
+
+def _active() -> _Options | None:
+    with _lock:
+        return _frames[-1] if _frames else _base
+
+
+def _check(opts: _Options) -> _Options:
+    if opts.mode not in _api.MODES:
+        raise SpecError(f"unknown mode {opts.mode!r}; use one of {', '.join(_api.MODES)}")
+    _api.policy_for(opts.sandbox, opts.mode)
+    return opts
+
+
+# --- installing and restoring -----------------------------------------------------------------
+
+
+def _install() -> None:
+    """Put the wrappers in place (once; the caller holds `_lock`)."""
+    if _installed:
+        return
+    import torch.hub
+    import torch.utils.model_zoo
+
+    targets = [(torch.hub, name, name) for name in HUB_NAMES]
+    targets.append((torch.utils.model_zoo, "load_url", "load_state_dict_from_url"))
+    replaced: dict[int, tuple[Any, Any]] = {}
+    for module, attr, name in targets:
+        before, wrapper = getattr(module, attr), _WRAPPERS[name]
+        if before is wrapper:
+            continue  # a wrapper left behind by someone: it already calls _fallthrough
+        if module is torch.hub:
+            _fallthrough[name] = before
+            replaced[id(before)] = (before, wrapper)
+        setattr(module, attr, wrapper)
+        _installed.append((module, attr, before, wrapper))
+    _rebind_aliases(replaced, skip={torch.hub, torch.utils.model_zoo})
+
+
+def _rebind_aliases(replaced: dict[int, tuple[Any, Any]], skip: set[types.ModuleType]) -> None:
+    """Rebind module-level names bound to a replaced function, in every imported module."""
+    for module in list(sys.modules.values()):
+        if not isinstance(module, types.ModuleType) or module in skip:
+            continue
+        namespace = getattr(module, "__dict__", None)
+        if not isinstance(namespace, dict):
+            continue
+        name = namespace.get("__name__")
+        if isinstance(name, str) and name.split(".")[0] == "isolhub":
+            continue
+        for attr, value in list(namespace.items()):
+            hit = replaced.get(id(value))
+            if hit is not None and hit[0] is value:
+                namespace[attr] = hit[1]
+                _installed.append((module, attr, value, hit[1]))
+
+
+def _restore() -> None:
+    """Put back what the wrappers replaced, where a wrapper is still in place (holds `_lock`)."""
+    while _installed:
+        module, attr, before, wrapper = _installed.pop()
+        if module.__dict__.get(attr) is wrapper:
+            setattr(module, attr, before)
+
+
+# --- the wrappers: torch.hub's signatures, isolhub's behaviour --------------------------------
+
+
+def _hub_list(
+    github: str,
+    force_reload: bool = False,
+    skip_validation: bool = False,
+    trust_repo: Any = "check",
+    verbose: bool = True,
+) -> list[str]:
+    """torch.hub.list, served by isolhub: hubconf is imported in a worker."""
+    opts = _active()
+    if opts is None:
+        return _fallthrough["list"](github, force_reload, skip_validation, trust_repo, verbose)
+    return _api.run_list(github, _options(opts, force_reload, skip_validation, trust_repo, verbose))
+
+
+def _hub_help(
+    github: str,
+    model: str,
+    force_reload: bool = False,
+    skip_validation: bool = False,
+    trust_repo: Any = "check",
+) -> str | None:
+    """torch.hub.help, served by isolhub: the docstring is read in a worker."""
+    opts = _active()
+    if opts is None:
+        return _fallthrough["help"](github, model, force_reload, skip_validation, trust_repo)
+    o = _options(opts, force_reload, skip_validation, trust_repo, True)
+    return _api.run_help(github, model, o)
+
+
+def _hub_load(
+    repo_or_dir: str,
+    model: str,
+    *args: Any,
+    source: str = "github",
+    trust_repo: Any = "check",
+    force_reload: bool = False,
+    verbose: bool = True,
+    skip_validation: bool = False,
+    **kwargs: Any,
+) -> Any:
+    """torch.hub.load, served by isolhub: the entrypoint runs in a worker; all kwargs reach it."""
+    opts = _active()
+    if opts is None:
+        return _fallthrough["load"](
+            repo_or_dir,
+            model,
+            *args,
+            source=source,
+            trust_repo=trust_repo,
+            force_reload=force_reload,
+            verbose=verbose,
+            skip_validation=skip_validation,
+            **kwargs,
+        )
+    o = _options(opts, force_reload, skip_validation, trust_repo, verbose, source)
+    return _api.run_load(repo_or_dir, model, args, kwargs, o)
+
+
+def _hub_load_state_dict_from_url(
+    url: str,
+    model_dir: str | None = None,
+    map_location: Any = None,
+    progress: bool = True,
+    check_hash: bool = False,
+    file_name: str | None = None,
+    weights_only: bool = False,
+) -> dict[str, Any]:
+    """torch.hub.load_state_dict_from_url, served by isolhub's (hardened download, same layout)."""
+    fn = _checkpoints.load_state_dict_from_url
+    if _active() is None:
+        fn = _fallthrough["load_state_dict_from_url"]
+    return fn(url, model_dir, map_location, progress, check_hash, file_name, weights_only)
+
+
+def _hub_download_url_to_file(
+    url: str, dst: str, hash_prefix: str | None = None, progress: bool = True
+) -> None:
+    """torch.hub.download_url_to_file, served by isolhub's (atomic, resumed, locked)."""
+    fn = (
+        _download.download_url_to_file
+        if _active() is not None
+        else _fallthrough["download_url_to_file"]
+    )
+    return fn(url, dst, hash_prefix, progress)
+
+
+def _hub_get_dir() -> str:
+    """torch.hub.get_dir, served by isolhub's: the hub dir is isolhub's while patched."""
+    return _config.get_dir() if _active() is not None else _fallthrough["get_dir"]()
+
+
+def _hub_set_dir(d: Any) -> None:
+    """torch.hub.set_dir, served by isolhub's: sets isolhub's hub dir while patched."""
+    fn = _config.set_dir if _active() is not None else _fallthrough["set_dir"]
+    return fn(d)
+
+
+_WRAPPERS: dict[str, Any] = {
+    "list": _hub_list,
+    "help": _hub_help,
+    "load": _hub_load,
+    "load_state_dict_from_url": _hub_load_state_dict_from_url,
+    "download_url_to_file": _hub_download_url_to_file,
+    "get_dir": _hub_get_dir,
+    "set_dir": _hub_set_dir,
+}
+for _name, _fn in _WRAPPERS.items():
+    _fn.__name__ = _fn.__qualname__ = _name  # reprs and tracebacks read like torch.hub's
+del _name, _fn
+
+
+def _options(
+    opts: _Options,
+    force_reload: bool,
+    skip_validation: bool,
+    trust_repo: Any,
+    verbose: bool,
+    source: str = "github",
+) -> _api.HubOptions:
+    """torch.hub's per-call options joined with the patch's isolhub options."""
+    return _api.HubOptions(
+        source=source,
+        trust_repo=trust_repo,
+        force_reload=force_reload,
+        verbose=verbose,
+        skip_validation=skip_validation,
+        mode=opts.mode,
+        timeout=opts.timeout,
+        seed=opts.seed,
+        sandbox=opts.sandbox,
+    )
