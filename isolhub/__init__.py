@@ -17,6 +17,7 @@ _EXPORTS = {
     "_api": ("fetch", "help", "list", "load", "load_state_dict", "sandbox_report"),
     "_checkpoints": ("load_state_dict_from_url",),
     "_compare": ("CompareReport", "compare"),
+    "_pool": ("Hub", "Result"),
     "_patch": ("patch_torch_hub", "patched_torch_hub", "unpatch_torch_hub"),
     "_config": ("get_dir", "set_dir"),
     "_download": ("download_url_to_file",),
@@ -32,6 +33,7 @@ _EXPORTS = {
         "IsolhubError",
         "MissingDependenciesError",
         "OfflineError",
+        "PoolClosedError",
         "ProtocolError",
         "RefNotFoundError",
         "RefValidationError",
@@ -64,6 +66,7 @@ if _typing.TYPE_CHECKING:
     from ._errors import *  # noqa: F403
     from ._handle import RemoteModule, RemoteObject  # noqa: F401
     from ._patch import patch_torch_hub, patched_torch_hub, unpatch_torch_hub  # noqa: F401
+    from ._pool import Hub, Result  # noqa: F401
     from ._sandbox import Sandbox  # noqa: F401
     from ._source import Snapshot  # noqa: F401
     from ._spec import RepoSpec, parse_spec  # noqa: F401

@@ -23,7 +23,7 @@ from typing import Any
 from ._errors import IsolhubError, SpecError
 
 # Each module registers its sub-commands with `add_commands(subparsers)`.
-_COMMAND_MODULES: tuple[str, ...] = ("_cli_cache", "_cli_diff")
+_COMMAND_MODULES: tuple[str, ...] = ("_cli_cache", "_cli_diff", "_cli_run")
 
 EXIT_OK, EXIT_DIFFERENT, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 

@@ -23,6 +23,7 @@
   * `TransportError` — a result could not be moved between processes.
     * `ProtocolError` — a malformed, oversize or unexpected frame.
   * `HandleClosedError` — a remote handle was used after its worker went away.
+  * `PoolClosedError` — a `Hub` was used after `close()`.
 
 Every error pickles (so it can cross process boundaries) with its attributes intact.
 """
@@ -152,6 +153,10 @@ class TransportError(IsolhubError):
 
 class ProtocolError(TransportError):
     """Raised on a malformed, oversize or unexpected frame from a worker."""
+
+
+class PoolClosedError(IsolhubError):
+    """Raised when a `Hub` is used (or a `map` iterated) after `close()`."""
 
 
 class HandleClosedError(IsolhubError):

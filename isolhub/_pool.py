@@ -1,0 +1,921 @@
+"""A worker pool for evaluation harnesses: one function over many repos, every result kept.
+
+    specs ──▶ fetch (once per spec) ──▶ a worker per repo@sha (reused when idle) ──▶ fn(model)
+    runs in the worker ──▶ Result(spec, sha, ok, value | error, ...) streamed to the caller
+
+Each task is driven by a thread of this process; the repo's code runs only in the worker
+process (or, with `backend="ray"`, in a worker that a Ray actor forks on its node). Whatever a
+repo does — raise, exit, segfault, hang, run out of memory — becomes that spec's failed `Result`
+with a typed error, and the pool carries on with a fresh worker.
+
+Example:
+    >>> import isolhub as hub
+    >>> def evaluate(model):
+    ...     return {"params": sum(p.numel() for p in model.parameters())}
+    >>> with hub.Hub(max_workers=4, timeout=300) as h:
+    ...     for r in h.map(evaluate, specs, entrypoint="model", kwargs={"pretrained": False}):
+    ...         print(r.spec, r.sha, r.ok, r.value if r.ok else r.error)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import queue
+import signal
+import sys
+import sysconfig
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TextIO, final
+
+import cloudpickle
+
+from ._api import call, policy_for, start_worker
+from ._errors import (
+    IsolhubError,
+    PoolClosedError,
+    WorkerCrashedError,
+    WorkerError,
+)
+from ._process import Worker
+from ._sandbox import Sandbox
+from ._source import Snapshot, fetch_snapshot
+from ._spec import parse_spec
+from ._trust import check_trust
+
+BACKENDS = ("local", "ray")
+_JOIN_TIMEOUT = 30.0
+
+
+@final
+@dataclass(frozen=True)
+class Result:
+    """The outcome of one spec in `Hub.map`.
+
+    Attributes:
+        spec: the spec exactly as given to `map`.
+        sha: the commit it resolved to (None for local directories or when it did not resolve).
+        ok: whether `fn` returned; then `value` holds what it returned.
+        value: `fn`'s return value (plain values and tensors), or None.
+        error: the typed isolhub error when not `ok`: `RemoteError` (the repo or `fn` raised,
+            `MemoryError` past the memory cap included), `WorkerCrashedError` (it died),
+            `WorkerTimeoutError` (it hung), `EntrypointError`, `ResolveError`, `FetchError`, ...
+        elapsed: seconds from the task's start (fetch included) to its result.
+        returncode: the worker's exit status when it died or was killed: an exit code, or minus
+            the signal number (as `subprocess`); None while it lived.
+        signal: the signal's name (`"SIGSEGV"`) when it died of one.
+        stderr_tail: the last few KiB the worker wrote (stdout and stderr together).
+        attempts: how many times it ran (more than one only after infrastructure failures).
+        index: the spec's position in the input.
+    """
+
+    spec: Any
+    sha: str | None
+    ok: bool
+    value: Any = None
+    error: BaseException | None = None
+    elapsed: float = 0.0
+    returncode: int | None = None
+    signal: str | None = None
+    stderr_tail: str = ""
+    attempts: int = 1
+    index: int = 0
+
+    def summary(self) -> str:
+        """One line: `ok <spec> (0.12 s)` or `FAILED <spec>: WorkerCrashedError: ...`.
+
+        Example:
+            >>> print(r.summary())
+            FAILED git+file:///srv/x.git@v1: WorkerTimeoutError: the worker ... (30.02 s)
+        """
+        if self.ok:
+            return f"ok {self.spec} ({self.elapsed:.2f} s)"
+        text = str(self.error).strip()
+        first = text.splitlines()[0] if text else ""
+        return f"FAILED {self.spec}: {type(self.error).__name__}: {first} ({self.elapsed:.2f} s)"
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """What a Hub was made with; handed to its backend as one object."""
+
+    max_workers: int | None
+    timeout: float | None
+    memory_bytes: int | None
+    retries: int
+    backend: str
+    start_method: str
+    source: str
+    trust_repo: Any
+    force_reload: bool
+    verbose: bool
+    progress: bool
+    seed: int | None
+    ray_address: str | None
+    ray_actor_options: dict[str, Any] | None
+    sandbox: Sandbox | None = None
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One request for a worker: `call` an entrypoint (then `fn`), or `list` / `help`."""
+
+    op: str
+    entry: str | None = None
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    result: str = "value"
+    then: bytes | None = None  # `fn`, pickled by value here, unpickled only in the worker
+    seed: int | None = None
+
+
+@dataclass
+class _Outcome:
+    """What running a `_Job` gave; built where the worker lives (here or in a Ray actor)."""
+
+    ok: bool
+    value: Any = None
+    error: BaseException | None = None
+    returncode: int | None = None
+    stderr_tail: str = ""
+    reusable: bool = False  # the executor may take the next job for the same repo@sha
+    infrastructure: bool = False  # not the repo's doing: worth a retry
+
+
+class _Shipped:
+    """A function pickled once, by value, that only the worker unpickles."""
+
+    __slots__ = ("payload",)
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (pickle.loads, (self.payload,))
+
+
+class _Backend(Protocol):
+    """Starts, drives and stops the executors (local workers or Ray actors) of a Hub."""
+
+    def default_workers(self) -> int: ...
+    def start(self, snapshot: Snapshot) -> Any: ...
+    def run(self, executor: Any, job: _Job, timeout: float | None) -> _Outcome: ...
+    def kill(self, executor: Any) -> None: ...
+    def close(self, executor: Any) -> None: ...
+    def shutdown(self) -> None: ...
+
+
+class _Cancelled(Exception):
+    """Internal: the run was cancelled (Hub closed, Ctrl-C, or the consumer stopped)."""
+
+
+@dataclass(eq=False)
+class _Slot:
+    key: str
+    executor: Any
+
+
+@dataclass(eq=False)
+class _Run:
+    """One `map` (or one synchronous call): its threads, its events, its busy executors."""
+
+    total: int = 0
+    events: queue.Queue[tuple[str, Any]] = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    busy: set[_Slot] = field(default_factory=set)
+    threads: list[threading.Thread] = field(default_factory=list)
+    next_index: int = 0
+
+
+def _installed_roots() -> tuple[str, ...]:
+    paths = sysconfig.get_paths()
+    roots = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
+    return tuple(os.path.realpath(r) + os.sep for r in roots)
+
+
+def _ship_by_value(fn: Callable[..., Any] | None) -> bytes | None:
+    """Pickle `fn` so a worker can run it without importing the caller's own modules.
+
+    Functions from `__main__`, lambdas and closures are pickled by value anyway; a function
+    from a module of the caller's that is not installed (a harness script's helper module, a
+    test file) would be pickled by reference and fail to import in the worker, so its
+    top-level package is registered by value for this one pickling.
+    """
+    if fn is None:
+        return None
+    if not callable(fn):
+        raise TypeError(f"fn must be callable or None, not {type(fn).__name__}")
+    top = (getattr(fn, "__module__", None) or "").split(".")[0]
+    module = sys.modules.get(top)
+    path = getattr(module, "__file__", None)
+    by_value = (
+        module is not None
+        and top not in ("__main__", "isolhub")
+        and path is not None
+        and not os.path.realpath(path).startswith(_installed_roots())
+        and top not in cloudpickle.list_registry_pickle_by_value()
+    )
+    with _BY_VALUE_LOCK:
+        if by_value:
+            cloudpickle.register_pickle_by_value(module)
+        try:
+            return cloudpickle.dumps(fn)
+        except Exception as e:  # noqa: BLE001 - pickling fails in many ways; all mean "this fn"
+            raise TypeError(
+                f"fn {fn!r} cannot be sent to the workers: {type(e).__name__}: {e} (it runs in "
+                "another process; avoid capturing open files, locks or sockets)"
+            ) from e
+        finally:
+            if by_value:
+                cloudpickle.unregister_pickle_by_value(module)
+
+
+_BY_VALUE_LOCK = threading.Lock()
+
+
+def execute(worker: Worker, job: _Job, timeout: float | None) -> Any:
+    """Run `job` in a live local worker and return its decoded value.
+
+    Example:
+        >>> execute(worker, _Job("list"), timeout=30)
+        ['net']
+
+    Raises:
+        RemoteError, EntrypointError, MissingDependenciesError, WorkerCrashedError,
+        WorkerTimeoutError, ProtocolError: as `isolhub._api.call`.
+    """
+    if job.op == "list":
+        reply, _ = worker.request({"op": "list"}, timeout)
+        return reply["value"]
+    if job.op == "help":
+        reply, _ = worker.request({"op": "help", "entry": job.entry}, timeout)
+        return reply["value"]
+    then = None if job.then is None else _Shipped(job.then)
+    return call(
+        worker,
+        job.entry or "",
+        job.args,
+        job.kwargs,
+        result=job.result,
+        timeout=timeout,
+        seed=job.seed,
+        then=then,
+    )
+
+
+def run_job(worker: Worker, job: _Job, timeout: float | None) -> _Outcome:
+    """Run `job` in `worker`; every isolhub failure becomes a failed `_Outcome`.
+
+    Example:
+        >>> run_job(worker, _Job("call", "net", then=payload), timeout=60).ok
+        True
+
+    Raises:
+        Only what is not an `IsolhubError` (a bug, KeyboardInterrupt).
+    """
+    try:
+        value = execute(worker, job, timeout)
+    except IsolhubError as e:
+        tail = getattr(e, "output_tail", None) or worker.output_tail()
+        code = getattr(e, "returncode", None) if worker.returncode is None else worker.returncode
+        return _Outcome(
+            ok=False,
+            error=e,
+            returncode=code if worker.closed else None,
+            stderr_tail=tail,
+            infrastructure=is_infrastructure_failure(e),
+        )
+    return _Outcome(ok=True, value=value, reusable=not worker.closed)
+
+
+def is_infrastructure_failure(e: BaseException) -> bool:
+    """Whether a failure may be the machine's rather than the repo's, so a retry may help.
+
+    Retried: a worker that could not be started or lost its zygote (a plain `WorkerError`), a
+    worker killed by SIGKILL that isolhub did not send (the kernel's OOM killer, a batch
+    scheduler, a Ray node going away), and failures a backend marks as its own. Never retried:
+    `RemoteError` (the repo or `fn` raised, `MemoryError` at the memory cap included), exits,
+    other signals (a segfault is the repo's), timeouts, `EntrypointError`, fetch errors.
+
+    Example:
+        >>> is_infrastructure_failure(WorkerCrashedError("oom", returncode=-9))
+        True
+
+    Raises:
+        Nothing.
+    """
+    if type(e) is WorkerError:
+        return True
+    if isinstance(e, WorkerCrashedError):
+        return getattr(e, "returncode", None) == -signal.SIGKILL or bool(
+            getattr(e, "infrastructure", False)
+        )
+    return False
+
+
+class _LocalBackend:
+    """Workers forked from this process's zygote (or spawned), one per repo@sha."""
+
+    def __init__(self, settings: _Settings) -> None:
+        self._settings = settings
+
+    def default_workers(self) -> int:
+        return max(1, len(os.sched_getaffinity(0)))
+
+    def start(self, snapshot: Snapshot) -> Worker:
+        return start_worker(
+            snapshot,
+            start_method=self._settings.start_method,
+            memory_bytes=self._settings.memory_bytes,
+            sandbox=self._settings.sandbox,
+        )
+
+    def run(self, executor: Worker, job: _Job, timeout: float | None) -> _Outcome:
+        return run_job(executor, job, timeout)
+
+    def kill(self, executor: Worker) -> None:
+        # From another thread: only signal; the thread that owns the worker reaps it.
+        if not executor.closed:
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(executor.pidfd, signal.SIGKILL)
+
+    def close(self, executor: Worker) -> None:
+        executor.close()
+
+    def shutdown(self) -> None:
+        pass
+
+
+@final
+class Hub:
+    """A pool of isolated workers for running one function over many hub repos.
+
+    Each spec is fetched once (identical specs share one download), run in a worker for its
+    repo@sha (a live idle worker for the same repo@sha is reused), and `fn` is applied to the
+    entrypoint's result inside that worker; only `fn`'s return value (plain values and
+    tensors, through the restricted codec) comes back. At most `max_workers` workers live at
+    once. A `Hub` resolves each spec once: a branch stays at the commit it first resolved to
+    for the Hub's life (make a new Hub to pick up new commits).
+
+    Args:
+        max_workers: tasks (and worker processes) at once; default the CPUs this process may
+            use (for Ray: the cluster's CPUs).
+        timeout: seconds a worker may take per task (hubconf import, entrypoint and `fn`);
+            past it the worker is killed and the spec fails with `WorkerTimeoutError`.
+        memory_bytes: address-space cap of each worker (RLIMIT_AS); past it allocations fail
+            with `MemoryError` in the worker (a `RemoteError` result).
+        retries: extra attempts for infrastructure failures only (see
+            `is_infrastructure_failure`), never for the repo's own exception.
+        backend: `"local"` (workers on this machine) or `"ray"` (one Ray actor per repo@sha,
+            needs `isolhub[ray]`; uses the running Ray session, else starts one with
+            `ray.init(address=ray_address)`).
+        start_method: `"zygote"` (fast fork) or `"spawn"` (a fresh interpreter per worker).
+        source, trust_repo, force_reload, verbose: as `isolhub.load`.
+        progress: show a progress bar on stderr (plain lines when stderr is not a terminal).
+        seed: seed torch and random in the worker before each entrypoint call.
+        sandbox: None, "strict" or an `isolhub.Sandbox`: every worker confines itself before
+            importing its repo (then untrusted repos need no trust prompt, `load` in module mode
+            is refused, and `timeout` defaults to the policy's `wall_seconds`).
+        ray_address: the Ray cluster to connect to when no Ray session is running.
+        ray_actor_options: extra `.options()` for each Ray actor (`num_cpus`, `memory`,
+            `resources`, `runtime_env`, ...). When it reserves resources, keep `max_workers`
+            at most what the cluster can hold at once.
+
+    Example:
+        >>> with Hub(max_workers=2, timeout=60) as h:
+        ...     results = list(h.map(lambda m: m.fc.out_features, specs, entrypoint="net"))
+        ...     sd = h.load_state_dict(specs[0], "net")
+
+    Raises:
+        ValueError: an argument is out of range or unknown.
+        IsolhubError: `backend="ray"` and Ray is not installed or cannot be reached.
+    """
+
+    def __init__(
+        self,
+        max_workers: int | None = None,
+        timeout: float | None = None,
+        memory_bytes: int | None = None,
+        retries: int = 0,
+        backend: str = "local",
+        start_method: str = "zygote",
+        *,
+        source: str = "github",
+        trust_repo: Any = "check",
+        force_reload: bool = False,
+        verbose: bool = False,
+        progress: bool = False,
+        seed: int | None = None,
+        ray_address: str | None = None,
+        ray_actor_options: dict[str, Any] | None = None,
+        sandbox: Any = None,
+    ) -> None:
+        policy = policy_for(sandbox, "value")
+        if policy is not None and timeout is None:
+            timeout = policy.wall_seconds
+        if max_workers is not None and (type(max_workers) is not int or max_workers < 1):
+            raise ValueError(f"max_workers must be a positive int or None, not {max_workers!r}")
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"timeout must be positive or None, not {timeout!r}")
+        if memory_bytes is not None and (type(memory_bytes) is not int or memory_bytes <= 0):
+            raise ValueError(f"memory_bytes must be a positive int or None, not {memory_bytes!r}")
+        if type(retries) is not int or retries < 0:
+            raise ValueError(f"retries must be an int >= 0, not {retries!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+        if start_method not in ("zygote", "spawn"):
+            raise ValueError(f"unknown start_method {start_method!r}; use 'zygote' or 'spawn'")
+        self._settings = _Settings(
+            max_workers=max_workers,
+            timeout=timeout,
+            memory_bytes=memory_bytes,
+            retries=retries,
+            backend=backend,
+            start_method=start_method,
+            source=source,
+            trust_repo=trust_repo,
+            force_reload=force_reload,
+            verbose=verbose,
+            progress=progress,
+            seed=seed,
+            ray_address=ray_address,
+            ray_actor_options=dict(ray_actor_options or {}),
+            sandbox=policy,
+        )
+        self._backend: _Backend
+        if backend == "ray":
+            from ._ray import RayBackend
+
+            self._backend = RayBackend(self._settings)
+        else:
+            self._backend = _LocalBackend(self._settings)
+        self.max_workers = max_workers or self._backend.default_workers()
+        self._cond = threading.Condition()
+        self._trust_lock = threading.Lock()
+        self._snapshots: dict[tuple[str, str], Future[Snapshot]] = {}
+        self._idle: OrderedDict[str, list[_Slot]] = OrderedDict()
+        self._live = 0
+        self._runs: set[_Run] = set()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        s = self._settings
+        state = "closed" if self._closed else f"{self._live} live workers"
+        return (
+            f"Hub(max_workers={self.max_workers}, timeout={s.timeout}, backend={s.backend!r}, "
+            f"{state})"
+        )
+
+    # -- the harness API -------------------------------------------------------------------
+
+    def map(
+        self,
+        fn: Callable[[Any], Any] | None,
+        specs: Iterable[Any],
+        entrypoint: str,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+        ordered: bool = False,
+    ) -> Iterator[Result]:
+        """Run `fn(entrypoint(*args, **kwargs))` in a worker for each spec; yield `Result`s.
+
+        Results stream as they finish (in input order with `ordered=True`); there is exactly
+        one per spec, failures included. `fn` runs inside the worker next to the model (a
+        lambda or closure works; it is pickled by value); it must return plain values and
+        tensors. With `fn=None` the entrypoint's result itself must be such a value.
+
+        Leaving the loop early (`break`), an exception in the loop body, Ctrl-C, or `close()`
+        cancels the rest: running workers are killed, and nothing is left behind.
+
+        Example:
+            >>> for r in h.map(lambda m: m(torch.ones(1, 4)).sum().item(), specs, "net"):
+            ...     print(r.summary())
+
+        Raises:
+            TypeError: `fn` is not callable, or cannot be pickled.
+            IsolhubError: the Hub is closed, or was closed while results were pending.
+            KeyboardInterrupt: after cancelling, when Ctrl-C arrives while waiting.
+        """
+        self._check_open()
+        if not isinstance(entrypoint, str):
+            raise TypeError(f"entrypoint must be a str, not {type(entrypoint).__name__}")
+        items = list(specs)
+        job = _Job(
+            op="call",
+            entry=entrypoint,
+            args=tuple(args),
+            kwargs=dict(kwargs or {}),
+            result="value",
+            then=_ship_by_value(fn),
+            seed=self._settings.seed,
+        )
+        return self._stream(items, job, ordered)
+
+    def load(self, repo_or_dir: Any, model: str, *args: Any, **kwargs: Any) -> Any:
+        """`isolhub.load` with this Hub's settings, in a pooled worker (trusted code only).
+
+        Example:
+            >>> net = h.load("git+file:///srv/net.git@v1", "net", pretrained=False)
+
+        Raises:
+            EntrypointError, MissingDependenciesError, RemoteError, WorkerCrashedError,
+            WorkerTimeoutError, and what `fetch` raises; IsolhubError if the Hub was closed.
+        """
+        policy_for(self._settings.sandbox, "module")  # refuses module mode under a sandbox
+        return self._sync(repo_or_dir, _Job("call", model, args, kwargs, "module", None, None))
+
+    def load_state_dict(self, repo_or_dir: Any, model: str, *args: Any, **kwargs: Any) -> Any:
+        """`isolhub.load_state_dict` with this Hub's settings, in a pooled worker.
+
+        Example:
+            >>> sd = h.load_state_dict("git+file:///srv/net.git@v1", "net")
+
+        Raises:
+            What `load` raises.
+        """
+        job = _Job("call", model, args, kwargs, "state_dict", None, self._settings.seed)
+        return self._sync(repo_or_dir, job)
+
+    def list(self, repo_or_dir: Any) -> list[str]:  # noqa: A003 - torch.hub's name
+        """`isolhub.list` with this Hub's settings, in a pooled worker.
+
+        Example:
+            >>> h.list("git+file:///srv/net.git@v1")
+            ['net']
+
+        Raises:
+            RemoteError (importing hubconf raised), WorkerError, and what `fetch` raises.
+        """
+        return self._sync(repo_or_dir, _Job("list"))  # type: ignore[no-any-return]
+
+    def help(self, repo_or_dir: Any, model: str) -> str | None:  # noqa: A003
+        """`isolhub.help` with this Hub's settings, in a pooled worker.
+
+        Example:
+            >>> h.help("git+file:///srv/net.git@v1", "net")
+            'Build Net v1.'
+
+        Raises:
+            EntrypointError, and what `list` raises.
+        """
+        return self._sync(repo_or_dir, _Job("help", model))  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        """Cancel running maps (their workers are killed) and stop every worker; idempotent.
+
+        A `map` still being iterated raises `IsolhubError` at its next step.
+
+        Example:
+            >>> h = Hub(max_workers=2); ...; h.close()     # or `with Hub(...) as h:`
+
+        Raises:
+            Nothing: workers that will not stop are killed.
+        """
+        with self._cond:
+            first = not self._closed
+            self._closed = True
+            runs = [*self._runs]
+            idle = [slot for slots in self._idle.values() for slot in slots]
+            self._idle.clear()
+            self._live -= len(idle)
+            self._cond.notify_all()
+        for run in runs:
+            self._cancel(run)
+            run.events.put(("closed", None))
+        for run in runs:
+            self._join(run)
+        for slot in idle:
+            self._close_quietly(slot)
+        if first:
+            self._backend.shutdown()
+
+    def __enter__(self) -> Hub:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- scheduling ------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise PoolClosedError("this Hub is closed; make a new one")
+
+    def _stream(self, items: list[Any], job: _Job, ordered: bool) -> Iterator[Result]:
+        run = _Run(total=len(items))
+        with self._cond:
+            self._check_open()
+            self._runs.add(run)
+        progress = _Progress(len(items), self._settings.progress)
+        buffered: dict[int, Result] = {}
+        next_out = done = 0
+        try:
+            for _ in range(min(self.max_workers, len(items))):
+                t = threading.Thread(
+                    target=self._work, args=(run, items, job), name="isolhub-pool", daemon=True
+                )
+                run.threads.append(t)
+                t.start()
+            while done < len(items):
+                kind, payload = run.events.get()
+                if kind == "closed" or self._closed:
+                    raise PoolClosedError(
+                        f"the Hub was closed with {len(items) - done} of {len(items)} results "
+                        "still pending"
+                    )
+                if kind == "start":
+                    progress.started()
+                    continue
+                done += 1
+                progress.finished(payload)
+                if not ordered:
+                    yield payload
+                    continue
+                buffered[payload.index] = payload
+                while next_out in buffered:
+                    yield buffered.pop(next_out)
+                    next_out += 1
+        finally:
+            self._cancel(run)
+            self._join(run)
+            with self._cond:
+                self._runs.discard(run)
+            progress.close()
+
+    def _work(self, run: _Run, items: list[Any], job: _Job) -> None:
+        while True:
+            with self._cond:
+                if run.cancelled.is_set() or run.next_index >= len(items):
+                    return
+                index = run.next_index
+                run.next_index += 1
+            run.events.put(("start", index))
+            try:
+                result = self._task(run, index, items[index], job)
+            except _Cancelled:
+                return
+            except BaseException as e:  # noqa: BLE001 - a bug here must not lose the result
+                result = Result(
+                    spec=items[index],
+                    sha=None,
+                    ok=False,
+                    error=_wrap_unexpected(e),
+                    index=index,
+                )
+            run.events.put(("done", result))
+
+    def _task(self, run: _Run, index: int, spec: Any, job: _Job) -> Result:
+        start = time.monotonic()
+        try:
+            snap = self._snapshot(spec)
+        except IsolhubError as e:
+            if run.cancelled.is_set():
+                raise _Cancelled from None
+            return Result(spec, None, False, error=e, elapsed=time.monotonic() - start, index=index)
+        outcome, attempts = self._perform(run, snap, job)
+        code = outcome.returncode
+        return Result(
+            spec=spec,
+            sha=snap.sha,
+            ok=outcome.ok,
+            value=outcome.value,
+            error=outcome.error,
+            elapsed=time.monotonic() - start,
+            returncode=code,
+            signal=_signal_name(code),
+            stderr_tail=outcome.stderr_tail,
+            attempts=attempts,
+            index=index,
+        )
+
+    def _perform(self, run: _Run, snap: Snapshot, job: _Job) -> tuple[_Outcome, int]:
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                slot = self._acquire(run, snap)
+            except IsolhubError as e:
+                outcome = _Outcome(
+                    ok=False,
+                    error=e,
+                    returncode=getattr(e, "returncode", None),
+                    stderr_tail=getattr(e, "output_tail", "") or "",
+                    infrastructure=is_infrastructure_failure(e),
+                )
+            else:
+                try:
+                    outcome = self._backend.run(slot.executor, job, self._settings.timeout)
+                except BaseException:
+                    self._backend.kill(slot.executor)
+                    self._release(run, slot, reusable=False)
+                    raise
+                self._release(run, slot, reusable=outcome.reusable)
+            if outcome.ok:
+                return outcome, attempts
+            if run.cancelled.is_set():
+                raise _Cancelled
+            if not (outcome.infrastructure and attempts <= self._settings.retries):
+                return outcome, attempts
+
+    def _sync(self, spec: Any, job: _Job) -> Any:
+        self._check_open()
+        run = _Run(total=1)
+        with self._cond:
+            self._runs.add(run)
+        try:
+            snap = self._snapshot(spec)
+            outcome, _ = self._perform(run, snap, job)
+        except _Cancelled:
+            raise PoolClosedError("the Hub was closed during the call") from None
+        finally:
+            with self._cond:
+                self._runs.discard(run)
+        if not outcome.ok:
+            assert outcome.error is not None
+            raise outcome.error
+        return outcome.value
+
+    def _snapshot(self, spec: Any) -> Snapshot:
+        """Fetch `spec` once per Hub; concurrent tasks for one spec wait for one download."""
+        s = self._settings
+        parsed = parse_spec(spec, s.source)
+        key = (s.source, str(parsed))
+        with self._cond:
+            future = self._snapshots.get(key)
+            owner = future is None
+            if future is None:
+                future = self._snapshots[key] = Future()
+        if not owner:
+            return future.result()
+        try:
+            if s.sandbox is None:  # confined code needs no trust
+                with self._trust_lock:  # one prompt at a time, never two threads on one terminal
+                    check_trust(parsed, s.trust_repo, "load")
+            snap = fetch_snapshot(
+                parsed,
+                force_reload=s.force_reload,
+                verbose=s.verbose,
+                calling_fn="load",
+                trusted=True,
+            )
+        except BaseException as e:
+            with self._cond:  # a failure is shared by those waiting now, not cached for later
+                self._snapshots.pop(key, None)
+            future.set_exception(e)
+            raise
+        future.set_result(snap)
+        return snap
+
+    def _acquire(self, run: _Run, snap: Snapshot) -> _Slot:
+        key = str(snap.path)
+        evict: _Slot | None = None
+        with self._cond:
+            while True:
+                if run.cancelled.is_set() or self._closed:
+                    raise _Cancelled
+                idle = self._idle.get(key)
+                if idle:
+                    slot = idle.pop()
+                    if not idle:
+                        del self._idle[key]
+                    run.busy.add(slot)
+                    return slot
+                if self._live < self.max_workers:
+                    self._live += 1
+                    break
+                if self._idle:  # replace the least recently used idle worker
+                    old_key = next(iter(self._idle))
+                    evict = self._idle[old_key].pop(0)
+                    if not self._idle[old_key]:
+                        del self._idle[old_key]
+                    break
+                self._cond.wait()
+        if evict is not None:
+            self._close_quietly(evict)
+        try:
+            executor = self._backend.start(snap)
+        except BaseException:
+            with self._cond:
+                self._live -= 1
+                self._cond.notify_all()
+            raise
+        slot = _Slot(key, executor)
+        with self._cond:
+            if not (run.cancelled.is_set() or self._closed):
+                run.busy.add(slot)
+                return slot
+            self._live -= 1
+            self._cond.notify_all()
+        self._close_quietly(slot)
+        raise _Cancelled
+
+    def _release(self, run: _Run, slot: _Slot, *, reusable: bool) -> None:
+        with self._cond:
+            run.busy.discard(slot)
+            self._cond.notify_all()
+            if reusable and not (self._closed or run.cancelled.is_set()):
+                self._idle.setdefault(slot.key, []).append(slot)
+                self._idle.move_to_end(slot.key)
+                return
+            self._live -= 1
+        self._close_quietly(slot)
+
+    def _cancel(self, run: _Run) -> None:
+        with self._cond:
+            run.cancelled.set()
+            busy = [*run.busy]
+            self._cond.notify_all()
+        for slot in busy:
+            self._backend.kill(slot.executor)
+
+    def _join(self, run: _Run) -> None:
+        deadline = time.monotonic() + _JOIN_TIMEOUT
+        for t in run.threads:
+            if t is not threading.current_thread():
+                t.join(max(0.0, deadline - time.monotonic()))
+
+    def _close_quietly(self, slot: _Slot) -> None:
+        with contextlib.suppress(Exception):
+            self._backend.close(slot.executor)
+
+
+def _signal_name(code: int | None) -> str | None:
+    if code is None or code >= 0:
+        return None
+    try:
+        return signal.Signals(-code).name
+    except ValueError:
+        return f"signal {-code}"
+
+
+def _wrap_unexpected(e: BaseException) -> IsolhubError:
+    if isinstance(e, IsolhubError):
+        return e
+    err = IsolhubError(f"internal error in the isolhub pool: {type(e).__name__}: {e}")
+    err.__cause__ = e
+    return err
+
+
+class _Progress:
+    """done / failed / running and an ETA on stderr: a tqdm bar on a terminal, lines elsewhere."""
+
+    def __init__(self, total: int, enabled: bool, stream: TextIO | None = None) -> None:
+        self.total, self.enabled = total, enabled
+        self.stream = stream or sys.stderr
+        self.done = self.failed = self.running = 0
+        self.start = time.monotonic()
+        self.bar: Any = None
+        if enabled and _isatty(self.stream):
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, file=self.stream, unit="repo", dynamic_ncols=True)
+            self._postfix()
+
+    def _postfix(self) -> None:
+        self.bar.set_postfix_str(
+            f"ok={self.done - self.failed} failed={self.failed} running={self.running}",
+            refresh=True,
+        )
+
+    def started(self) -> None:
+        self.running += 1
+        if self.bar is not None:
+            self._postfix()
+
+    def finished(self, result: Result) -> None:
+        self.running = max(0, self.running - 1)
+        self.done += 1
+        self.failed += not result.ok
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(1)
+            self._postfix()
+            return
+        spent = time.monotonic() - self.start
+        eta = spent / self.done * (self.total - self.done)
+        width = len(str(self.total))
+        print(
+            f"isolhub: [{self.done:>{width}}/{self.total}] failed {self.failed}, running "
+            f"{self.running}, eta {eta:.0f} s: {result.summary()}",
+            file=self.stream,
+            flush=True,
+        )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
