@@ -226,13 +226,14 @@ def sweep_staging(parent: Path, max_age_s: float = _STALE_STAGING_S) -> None:
         if not entry.name.startswith(STAGING_PREFIX):
             continue
         m = re.match(rf"{re.escape(STAGING_PREFIX)}[0-9a-f]+-(\d+)-", entry.name)
-        dead = m is not None and not _pid_alive(int(m.group(1)))
+        dead = m is not None and not pid_alive(int(m.group(1)))
         with contextlib.suppress(OSError):
             if dead or now - entry.lstat().st_mtime > max_age_s:
                 remove_tree(entry)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (for sweeping dead writers' leftovers)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

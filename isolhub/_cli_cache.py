@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-from ._cache import STAGING_PREFIX, hub_dir, remove_tree
+from ._cache import STAGING_PREFIX, hub_dir, pid_alive, remove_tree
 from ._errors import CacheError, DownloadError
 
 _SHA = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
@@ -503,9 +503,7 @@ def _young_or_live(path: Path, kind: str) -> bool:
         return False
     m = _STAGING_PID.match(path.name)
     if m is not None:
-        from ._download import _pid_alive
-
-        return _pid_alive(int(m.group(1))) and age < 24 * 3600
+        return pid_alive(int(m.group(1))) and age < 24 * 3600
     return age < _LEFTOVER_AGE_S
 
 

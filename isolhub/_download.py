@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote, urlencode, urljoin, urlsplit, urlunsplit
 
-from ._cache import hub_dir
+from ._cache import hub_dir, pid_alive
 from ._config import is_offline
 from ._errors import CacheError, DownloadError, HashMismatchError, IsolhubError, OfflineError
 
@@ -838,17 +838,7 @@ def partial_is_live(path: str) -> bool:
         return age < 3600
     if m.group("host") != _host_tag():
         return True
-    return _pid_alive(int(m.group("pid")))
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid_alive(int(m.group("pid")))
 
 
 def _sweep_partials(dst: str) -> None:
