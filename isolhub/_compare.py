@@ -5,10 +5,11 @@
                                               (one thread per side, both at once)
                  ─► diff in this process ─► CompareReport: summary() / to_json() / to_html()
 
-`summarise` runs inside each worker (through `call(..., then=)`): it takes the state dict, runs
-the forward on the inputs and describes the hubconf's entrypoints with `inspect`. Only the
-restricted codec and the tensor arena carry its answer back, so nothing from the repo is
-unpickled here in either mode, and the repo's classes never enter this process.
+`summarise` (in `_compare_worker`) runs inside each worker (through `call(..., then=)`): it takes
+the state dict, runs the forward on the inputs and describes the hubconf's entrypoints with
+`inspect`. Only the restricted codec and the tensor arena carry its answer back, so nothing from
+the repo is unpickled here in either mode, and the repo's classes never enter this process. This
+module starts the two sides and diffs them; the report types are in `_compare_report`.
 
 * `mode="module"` treats the result as the module it is: `parameters()` are counted, its class
   is named, and it is switched to `eval()` before the forward.
@@ -27,20 +28,17 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
-import inspect
-import json
 import math
-import os
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, final
+from typing import Any
 
+from ._compare_report import CompareReport, EntrypointDiff, SideInfo, TensorDiff, ValueDiff
+from ._compare_worker import _clean_doc, _one_line, summarise
 from ._errors import (
     EntrypointError,
     IsolhubError,
@@ -54,202 +52,6 @@ MODES = ("module", "remote")
 # Tensor statuses that are not differences; every other status (changed, reshaped...) is one.
 EQUAL_STATUSES = ("same", "close")
 _CHUNK = 1 << 22  # elements per step when diffing, so a huge tensor never doubles in float64
-_MAX_NESTING = 3
-
-
-# ----------------------------------------------------------------------------- report types
-
-
-@final
-@dataclass(frozen=True)
-class SideInfo:
-    """What one ref turned out to be. `error` is set when the side could not be described."""
-
-    spec: str
-    sha: str | None = None
-    error: str | None = None
-    error_detail: str | None = None
-    result_type: str | None = None
-    parameters: int | None = None
-    tensors: int | None = None
-    bytes: int | None = None
-    start_s: float | None = None
-    load_s: float | None = None
-    forward_s: float | None = None
-    forward_error: str | None = None
-
-
-@final
-@dataclass(frozen=True)
-class EntrypointDiff:
-    """One hubconf entrypoint: `status` is added, removed, changed or same.
-
-    `changes` names what changed: "signature" and/or "docstring". A signature of None is
-    unknown (that side's entrypoint raised, so only names and docstrings could be read).
-    """
-
-    name: str
-    status: str
-    changes: tuple[str, ...] = ()
-    signature_a: str | None = None
-    signature_b: str | None = None
-    doc_a: str | None = None
-    doc_b: str | None = None
-
-
-@final
-@dataclass(frozen=True)
-class TensorDiff:
-    """One weight or output: same, close, changed, retyped, reshaped, renamed, added, removed.
-
-    `max_abs` is max |a-b|; `rel` is max |a-b| / max(|a|, |b|); both None where the two cannot
-    be subtracted (shapes differ, or one side has no such tensor). `name_b` is set on renames.
-    """
-
-    name: str
-    status: str
-    name_b: str | None = None
-    shape_a: tuple[int, ...] | None = None
-    shape_b: tuple[int, ...] | None = None
-    dtype_a: str | None = None
-    dtype_b: str | None = None
-    max_abs: float | None = None
-    rel: float | None = None
-    allclose: bool | None = None
-
-
-@final
-@dataclass(frozen=True)
-class ValueDiff:
-    """A plain (non-tensor) value in a result or output: same, close, changed, added, removed."""
-
-    name: str
-    status: str
-    a: str | None = None
-    b: str | None = None
-
-
-@final
-@dataclass(frozen=True)
-class CompareReport:
-    """The comparison of one entrypoint at two refs; see `compare`.
-
-    `differences` lists, one line each, why the two are not equivalent; `uncompared` what could
-    not be compared (a returned object that is no module, tensor or plain value, say).
-
-    Example:
-        >>> rep.equivalent, rep.error_b
-        (False, None)
-        >>> CompareReport.from_json(rep.to_json()) == rep
-        True
-    """
-
-    spec_a: str
-    spec_b: str
-    entrypoint: str
-    mode: str
-    atol: float
-    rtol: float
-    seed: int | None
-    args: tuple[str, ...]
-    kwargs: tuple[tuple[str, str], ...]
-    inputs: tuple[str, ...]
-    a: SideInfo
-    b: SideInfo
-    entrypoints: tuple[EntrypointDiff, ...] = ()
-    parameters: tuple[TensorDiff, ...] = ()
-    outputs: tuple[TensorDiff, ...] = ()
-    values: tuple[ValueDiff, ...] = ()
-    uncompared: tuple[str, ...] = ()
-    differences: tuple[str, ...] = ()
-    notes: tuple[str, ...] = ()
-
-    @property
-    def error_a(self) -> str | None:
-        """Why ref A could not be described (type: message), or None."""
-        return self.a.error
-
-    @property
-    def error_b(self) -> str | None:
-        """Why ref B could not be described (type: message), or None."""
-        return self.b.error
-
-    @property
-    def failed(self) -> bool:
-        """Whether either side could not be loaded and described."""
-        return self.a.error is not None or self.b.error is not None
-
-    @property
-    def equivalent(self) -> bool:
-        """Both sides loaded and nothing differs beyond atol/rtol (docstrings may differ)."""
-        return not self.failed and not self.differences
-
-    def layer_differences(self) -> list[dict[str, Any]]:
-        """Per layer (a state-dict key without its last part), largest difference first.
-
-        Each item: `layer`, `score` (the largest relative difference of its tensors; inf for a
-        structural change: added, removed, reshaped), `status` (its worst tensor status) and
-        `n` (its tensor count).
-        """
-        from ._report_html import layer_differences
-
-        return layer_differences(self.parameters)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able data (non-finite floats become "inf"/"nan" strings)."""
-        data = dataclasses.asdict(self)
-        data["kwargs"] = dict(self.kwargs)
-        data["equivalent"] = self.equivalent
-        return _json_safe(data)
-
-    def to_json(self, indent: int | None = 2) -> str:
-        """The report as JSON text; `CompareReport.from_json` reads it back."""
-        return json.dumps(self.to_dict(), indent=indent, allow_nan=False, ensure_ascii=False)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CompareReport:
-        """Rebuild a report from `to_dict()` output.
-
-        Raises:
-            SpecError: `data` is not a report.
-        """
-        try:
-            return _report_from_dict(data)
-        except (KeyError, TypeError, ValueError) as e:
-            raise SpecError(f"not an isolhub compare report: {e}") from e
-
-    @classmethod
-    def from_json(cls, text: str) -> CompareReport:
-        """Rebuild a report from `to_json()` output.
-
-        Raises:
-            SpecError: the text is not a report.
-        """
-        try:
-            data = json.loads(text)
-        except ValueError as e:
-            raise SpecError(f"not an isolhub compare report: {e}") from e
-        return cls.from_dict(data)
-
-    def summary(self, max_rows: int = 40) -> str:
-        """The report as terminal tables (past `max_rows`, a table's unchanged rows are counted)."""
-        from ._report_html import render_text
-
-        return render_text(self, max_rows)
-
-    def to_html(self, path: str | os.PathLike[str] | None = None) -> str:
-        """A self-contained HTML page (tables and a per-layer plot); written to `path` if given.
-
-        Raises:
-            OSError: `path` cannot be written.
-        """
-        from ._report_html import render_html
-
-        page = render_html(self)
-        if path is not None:
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(page)
-        return page
 
 
 # ----------------------------------------------------------------------------- compare
@@ -445,164 +247,6 @@ def _check_summary(s: Any) -> None:
     ok = ok and (s["entrypoints"] is None or typed(s["entrypoints"], dict, dict))
     if not ok:
         raise ProtocolError("the worker's compare summary is malformed")
-
-
-# ----------------------------------------------------------------------------- in the worker
-
-
-def summarise(
-    obj: Any,
-    inputs: tuple[Any, ...] = (),
-    seed: int | None = None,
-    *,
-    remote: bool = False,
-    snapshot: str | None = None,
-) -> dict[str, Any]:
-    """Describe an entrypoint's result as plain values and tensors (runs in the worker).
-
-    Module-like parts (callable, with `state_dict()`) give their state dict and their outputs on
-    `inputs`; tensors, dicts of tensors and plain values are kept; anything else is listed under
-    `uncompared` with a reason. With `remote=True` only `__call__` and `state_dict()` are used,
-    so a remote proxy can be summarised in the parent the same way.
-
-    Example:
-        >>> summarise(torch.nn.Linear(2, 3), (torch.ones(1, 2),), seed=0)["outputs"].keys()
-        dict_keys(['output'])
-
-    Raises:
-        Nothing of its own: a failing forward or state_dict() is recorded, not raised.
-    """
-    out: dict[str, Any] = {
-        "t0": time.monotonic(),
-        "result_type": _type_name(obj),
-        "entrypoints": _describe_entrypoints(snapshot) if snapshot else None,
-        "parts": [],
-        "tensors": {},
-        "outputs": {},
-        "values": {},
-        "uncompared": {},
-    }
-    if _is_module_like(obj):
-        _summarise_module(obj, "", inputs, seed, remote, out)
-    elif isinstance(obj, (tuple, list)):
-        out["result_type"] = f"{type(obj).__name__}[{', '.join(_type_name(o) for o in obj)}]"
-        for i, item in enumerate(obj):
-            if _is_module_like(item):
-                _summarise_module(item, f"[{i}]", inputs, seed, remote, out)
-            else:
-                _keep(item, f"[{i}]", out["tensors"], out, 1)
-    elif isinstance(obj, dict):
-        for key, value in obj.items():
-            _keep(value, str(key), out["tensors"], out, _MAX_NESTING - 1)
-    else:
-        _keep(obj, "result", out["tensors"], out, _MAX_NESTING)
-    return out
-
-
-def _is_module_like(obj: Any) -> bool:
-    return callable(obj) and callable(getattr(obj, "state_dict", None))
-
-
-def _summarise_module(
-    m: Any, path: str, inputs: tuple[Any, ...], seed: int | None, remote: bool, out: dict[str, Any]
-) -> None:
-    import torch
-
-    prefix = f"{path}." if path else ""
-    part: dict[str, Any] = {"path": path, "type": _type_name(m), "parameters": None}
-    try:
-        for key, value in m.state_dict().items():
-            _keep(value, f"{prefix}{key}", out["tensors"], out, _MAX_NESTING)
-    except Exception as e:  # noqa: BLE001 - repo code: record it, describe the rest
-        out["uncompared"][path or "result"] = f"state_dict() raised {_one_line(e)}"
-    if not remote and isinstance(m, torch.nn.Module):
-        part["parameters"] = sum(p.numel() for p in m.parameters())
-        part["training"] = m.training
-        m.eval()
-    if inputs:
-        if seed is not None:
-            _reseed(seed)
-        began = time.monotonic()
-        try:
-            with torch.no_grad():
-                y = m(*inputs)
-            part["forward_s"] = time.monotonic() - began
-            _keep(y, f"{prefix}output", out["outputs"], out, 0)
-        except Exception as e:  # noqa: BLE001 - repo code: record it, describe the rest
-            part["forward_error"] = _one_line(e)
-    out["parts"].append(part)
-
-
-def _keep(value: Any, name: str, tensors: dict[str, Any], out: dict[str, Any], depth: int) -> None:
-    """File `value` where it can cross: tensors, plain values, or a reason it could not."""
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        try:
-            tensors[name] = _crossable(value)
-        except (TypeError, RuntimeError) as e:
-            out["uncompared"][name] = f"a {value.dtype} tensor that cannot be read ({e})"
-    elif value is None or type(value) in (bool, int, float, str):
-        out["values"][name] = value
-    elif isinstance(value, dict) and depth < _MAX_NESTING:
-        for key, item in value.items():
-            _keep(item, f"{name}[{key!r}]", tensors, out, depth + 1)
-    elif isinstance(value, (tuple, list)) and depth < _MAX_NESTING:
-        for i, item in enumerate(value):
-            _keep(item, f"{name}[{i}]", tensors, out, depth + 1)
-    else:
-        kind = "callable, " if callable(value) else ""
-        out["uncompared"][name] = f"a {_type_name(value)} ({kind}not a module, tensor or value)"
-
-
-def _crossable(t: Any) -> Any:
-    import torch
-
-    t = t.detach()
-    if t.is_quantized:
-        t = t.dequantize()
-    if t.layout != torch.strided:
-        t = t.to_dense()
-    return t.cpu()
-
-
-def _reseed(seed: int) -> None:
-    import random
-
-    import torch
-
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _describe_entrypoints(snapshot: str) -> dict[str, dict[str, Any]] | None:
-    """Kind, signature and docstring of each public callable of the snapshot's hubconf."""
-    path = os.path.join(snapshot, "hubconf.py")
-    real = os.path.realpath(path)
-    module = next(
-        (
-            m
-            for m in list(sys.modules.values())
-            if isinstance(getattr(m, "__file__", None), str)
-            and (m.__file__ == path or os.path.realpath(m.__file__) == real)
-        ),
-        None,
-    )
-    if module is None:
-        return None
-    out: dict[str, dict[str, Any]] = {}
-    for name in dir(module):
-        fn = getattr(module, name, None)
-        if name.startswith("_") or not callable(fn):
-            continue
-        try:
-            sig: str | None = str(inspect.signature(fn))
-        except (TypeError, ValueError):
-            sig = None
-        kind = "class" if isinstance(fn, type) else "function" if inspect.isroutine(fn) else None
-        doc = fn.__doc__ if isinstance(getattr(fn, "__doc__", None), str) else None
-        out[name] = {"kind": kind, "signature": sig, "doc": _clean_doc(doc)}
-    return out
 
 
 # ----------------------------------------------------------------------------- diffing
@@ -919,72 +563,9 @@ def _describe_input(x: Any) -> str:
     return _short_repr(x)
 
 
-def _type_name(obj: Any) -> str:
-    return type(obj).__qualname__
-
-
 def _short_repr(value: Any, limit: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _one_line(e: Any) -> str:
-    text = f"{type(e).__name__}: {e}" if isinstance(e, BaseException) else str(e)
-    lines = text.strip().splitlines()
-    return lines[0] if lines else ""
-
-
-def _clean_doc(doc: Any) -> str | None:
-    return inspect.cleandoc(doc) if isinstance(doc, str) else None
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def _report_from_dict(data: dict[str, Any]) -> CompareReport:
-    def build(cls: type, raw: dict[str, Any]) -> Any:
-        kwargs: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            if f.name not in raw:
-                continue
-            v = raw[f.name]
-            if f.name in ("shape_a", "shape_b") and v is not None:
-                v = tuple(int(d) for d in v)
-            elif f.name in ("max_abs", "rel", "atol", "rtol") and v is not None:
-                v = float(v)
-            elif f.name == "changes":
-                v = tuple(v)
-            kwargs[f.name] = v
-        return cls(**kwargs)
-
-    converters: dict[str, Callable[[Any], Any]] = {
-        "a": lambda v: build(SideInfo, v),
-        "b": lambda v: build(SideInfo, v),
-        "entrypoints": lambda v: tuple(build(EntrypointDiff, x) for x in v),
-        "parameters": lambda v: tuple(build(TensorDiff, x) for x in v),
-        "outputs": lambda v: tuple(build(TensorDiff, x) for x in v),
-        "values": lambda v: tuple(build(ValueDiff, x) for x in v),
-        "kwargs": lambda v: tuple((str(k), str(x)) for k, x in dict(v).items()),
-        "args": tuple,
-        "inputs": tuple,
-        "uncompared": tuple,
-        "differences": tuple,
-        "notes": tuple,
-        "atol": float,
-        "rtol": float,
-    }
-    kwargs = {}
-    for f in dataclasses.fields(CompareReport):
-        raw = data[f.name]
-        kwargs[f.name] = converters.get(f.name, lambda v: v)(raw)
-    return CompareReport(**kwargs)
 
 
 __all__ = ["CompareReport", "EntrypointDiff", "SideInfo", "TensorDiff", "ValueDiff", "compare"]

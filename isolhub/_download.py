@@ -16,6 +16,11 @@ What this adds to torch.hub's version, in the order a download meets it:
 * offline mode (`ISOLHUB_OFFLINE=1`): an existing target is served, anything else is an
   `OfflineError`; under a sandbox a broker set with `set_fetch_broker` fetches instead.
 
+This module holds what surrounds the transfer: the lock, the temp file and its sweeping, the hash
+check, fsync and the atomic install, offline mode, the broker, and the copy of a local file
+(`file://` URLs and broker answers). Talking HTTP (the session, retries and backoff, resume,
+redirects, stall detection) is `_http`'s.
+
 Tuning, read at call time (seconds unless stated):
 `ISOLHUB_HTTP_CONNECT_TIMEOUT` (10), `ISOLHUB_HTTP_TIMEOUT` (read timeout and stall window, 30),
 `ISOLHUB_HTTP_MIN_RATE` (bytes/s a window must average, 1024), `ISOLHUB_HTTP_RETRIES` (5),
@@ -35,7 +40,6 @@ import errno
 import hashlib
 import logging
 import os
-import random
 import re
 import shutil
 import socket
@@ -44,31 +48,18 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import IO, TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, unquote, urlencode, urljoin, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 from ._cache import hub_dir, pid_alive
 from ._config import is_offline
 from ._errors import CacheError, DownloadError, HashMismatchError, IsolhubError, OfflineError
-
-if TYPE_CHECKING:
-    import requests
-    from tqdm import tqdm
+from ._http import READ_CHUNK, _DiskError, _fetch, _Settings, _State, _write_all, safe_url
 
 __all__ = ["download_url_to_file", "set_fetch_broker"]
 
 log = logging.getLogger("isolhub.download")
 
-READ_CHUNK = 128 * 1024
-USER_AGENT = "isolhub (torch.hub compatible)"
-MAX_REDIRECTS = 10
-# A hard cap on attempts, even when each one makes progress (a server that cuts every response).
-_MAX_ATTEMPTS = 100
 _STALE_PARTIAL_S = 24 * 3600
-_SENSITIVE_QUERY = re.compile(r"token|sig|key|secret|pass|auth|cred", re.IGNORECASE)
-_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
-_UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)")
 _PARTIAL_RE = re.compile(
     r"^(?P<name>.+)\.[0-9a-f]{32}(?:\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+))?\.partial$"
 )
@@ -134,142 +125,7 @@ def download_url_to_file(
     _download(url, dst, hash_prefix, progress, headers=headers)
 
 
-def safe_url(url: str) -> str:
-    """`url` without user info and with secret-looking query values masked, for messages."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable URL>"
-    netloc = parts.hostname or ""
-    if ":" in netloc:
-        netloc = f"[{netloc}]"
-    with contextlib.suppress(ValueError):
-        if parts.port is not None:
-            netloc += f":{parts.port}"
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        query = urlencode([(k, "***" if _SENSITIVE_QUERY.search(k) else v) for k, v in pairs])
-    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
-
-
-# -- settings ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Settings:
-    connect_timeout: float
-    read_timeout: float
-    min_rate: float
-    retries: int
-    backoff: float
-    backoff_max: float
-    retry_after_max: float
-    max_bytes: int | None
-    lock_timeout: float
-
-    @classmethod
-    def from_env(cls) -> _Settings:
-        max_bytes = _env_number("ISOLHUB_HTTP_MAX_BYTES", 0)
-        return cls(
-            connect_timeout=_env_number("ISOLHUB_HTTP_CONNECT_TIMEOUT", 10.0),
-            read_timeout=_env_number("ISOLHUB_HTTP_TIMEOUT", 30.0),
-            min_rate=_env_number("ISOLHUB_HTTP_MIN_RATE", 1024.0),
-            retries=int(_env_number("ISOLHUB_HTTP_RETRIES", 5)),
-            backoff=_env_number("ISOLHUB_HTTP_BACKOFF", 1.0),
-            backoff_max=_env_number("ISOLHUB_HTTP_BACKOFF_MAX", 30.0),
-            retry_after_max=_env_number("ISOLHUB_HTTP_RETRY_AFTER_MAX", 120.0),
-            max_bytes=int(max_bytes) if max_bytes > 0 else None,
-            lock_timeout=_env_number("ISOLHUB_LOCK_TIMEOUT", 600.0),
-        )
-
-
-def _env_number(name: str, default: float) -> float:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise DownloadError(f"invalid {name}={raw!r}: expected a number; fix or unset it") from None
-    if value < 0:
-        raise DownloadError(f"invalid {name}={raw!r}: must not be negative; fix or unset it")
-    return value
-
-
 # -- the download ------------------------------------------------------------------------------
-
-
-class _Retryable(Exception):
-    """A failure worth another attempt (network, timeout, stall, 429/5xx, bad resume)."""
-
-    def __init__(
-        self, reason: str, *, retry_after: float | None = None, stalled: bool = False
-    ) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.retry_after = retry_after
-        self.stalled = stalled
-
-
-class _DiskError(Exception):
-    """Writing the temp file failed; never retried."""
-
-    def __init__(self, error: OSError) -> None:
-        super().__init__(str(error))
-        self.error = error
-
-
-@dataclass
-class _State:
-    """What has been written to the temp file so far, and which version of the file it is."""
-
-    f: IO[bytes]
-    hashing: bool
-    written: int = 0
-    high_water: int = 0
-    total: int | None = None
-    validator: str | None = None
-    can_resume: bool = False
-    hasher: Any = field(default=None)
-
-    def __post_init__(self) -> None:
-        self.hasher = hashlib.sha256() if self.hashing else None
-
-    def restart(self) -> None:
-        try:
-            self.f.seek(0)
-            self.f.truncate()
-        except OSError as e:
-            raise _DiskError(e) from e
-        self.written = 0
-        self.total = None
-        self.validator = None
-        self.can_resume = False
-        self.hasher = hashlib.sha256() if self.hashing else None
-
-    def write(self, data: bytes) -> None:
-        try:
-            _write_all(self.f, data)
-        except OSError as e:
-            raise _DiskError(e) from e
-        if self.hasher is not None:
-            self.hasher.update(data)
-        self.written += len(data)
-
-
-def _write_all(f: IO[bytes], data: bytes) -> None:
-    """Write all of `data` to the unbuffered `f`, continuing after short writes.
-
-    Temp files are unbuffered so that a failed write cannot linger in a buffer and fail again,
-    untyped, when the file is closed.
-    """
-    view = memoryview(data)
-    while view:
-        n = f.write(view)
-        if not n:
-            raise OSError(errno.ENOSPC, "no progress writing")
-        view = view[n:]
 
 
 def _download(
@@ -318,7 +174,10 @@ def _download(
         try:
             with os.fdopen(fd, "wb", buffering=0) as f:
                 state = _State(f, hashing=hash_prefix is not None)
-                _fetch(url, state, settings, dict(headers or {}), progress, dst, surl)
+                try:
+                    _fetch(url, state, settings, dict(headers or {}), progress, dst, surl)
+                except _DiskError as e:
+                    raise _local_error(e.error, dst, surl, need=state.total) from e
                 try:
                     os.fsync(f.fileno())
                 except OSError as e:
@@ -333,381 +192,6 @@ def _download(
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-
-
-def _fetch(
-    url: str,
-    state: _State,
-    s: _Settings,
-    headers: dict[str, str],
-    progress: bool,
-    dst: str,
-    surl: str,
-) -> None:
-    import requests
-    import urllib3
-    from tqdm import tqdm
-
-    failures = 0
-    attempts = 0
-    with (
-        requests.Session() as session,
-        tqdm(
-            total=None,
-            disable=not progress,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            file=sys.stderr,
-        ) as pbar,
-    ):
-        while True:
-            attempts += 1
-            try:
-                _attempt(session, url, state, s, headers, pbar, dst, surl)
-                return
-            except _Retryable as e:
-                problem = e
-            except _DiskError as e:
-                raise _local_error(e.error, dst, surl, need=state.total) from e
-            except requests.exceptions.SSLError as e:
-                raise DownloadError(
-                    f"cannot download {surl}: TLS error ({_short(e)}); check the system clock "
-                    "and certificates (REQUESTS_CA_BUNDLE)",
-                    url=surl,
-                ) from e
-            except (
-                requests.exceptions.InvalidURL,
-                requests.exceptions.InvalidSchema,
-                requests.exceptions.MissingSchema,
-                requests.exceptions.InvalidHeader,
-            ) as e:
-                raise DownloadError(
-                    f"cannot download {surl}: invalid request ({_short(e)}); check the URL and "
-                    "headers",
-                    url=surl,
-                ) from e
-            except requests.exceptions.ProxyError as e:
-                problem = _Retryable(f"proxy error ({_short(e)}); check HTTP(S)_PROXY and NO_PROXY")
-            except requests.exceptions.ConnectTimeout as e:
-                problem = _Retryable(f"connect timeout after {s.connect_timeout:g} s ({_short(e)})")
-            except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as e:
-                problem = _Retryable(_describe_network_error(e, s))
-            except requests.exceptions.RequestException as e:
-                problem = _Retryable(_short(e))
-            except urllib3.exceptions.HTTPError as e:
-                # Raised while reading the body: a cut, a reset, a read timeout.
-                problem = _Retryable(_describe_network_error(e, s))
-            if state.written > state.high_water:
-                state.high_water = state.written
-                # Progress earns a fresh retry budget, but a trickle does not.
-                if not problem.stalled:
-                    failures = 0
-            failures += 1
-            if failures > s.retries or attempts >= _MAX_ATTEMPTS:
-                raise DownloadError(
-                    f"cannot download {surl}: {problem.reason} (gave up after {attempts} "
-                    f"attempt{'s' if attempts != 1 else ''}; received {state.written} of "
-                    f"{state.total if state.total is not None else 'an unknown number of'} bytes); "
-                    f"{_advice(problem.reason)}",
-                    url=surl,
-                    attempts=attempts,
-                )
-            delay = problem.retry_after
-            if delay is None:
-                delay = min(s.backoff_max, s.backoff * 2 ** (failures - 1))
-                delay *= 0.5 + random.random() / 2
-            log.info("%s: %s; retrying in %.2f s", surl, problem.reason, delay)
-            time.sleep(delay)
-
-
-def _attempt(
-    session: requests.Session,
-    url: str,
-    state: _State,
-    s: _Settings,
-    headers: dict[str, str],
-    pbar: tqdm,
-    dst: str,
-    surl: str,
-) -> None:
-    req_headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity", **headers}
-    resuming = state.written > 0 and state.can_resume and state.validator is not None
-    if state.written > 0 and not resuming:
-        state.restart()
-        pbar.reset(total=None)
-    if resuming:
-        req_headers["Range"] = f"bytes={state.written}-"
-        req_headers["If-Range"] = state.validator or ""
-    resp = _open(session, url, req_headers, s, surl)
-    with contextlib.closing(resp):
-        status = resp.status_code
-        if status == 416 and resuming:
-            _finish_unsatisfiable_resume(resp, state)
-            return
-        if status == 206:
-            if not resuming:
-                raise DownloadError(
-                    f"cannot download {surl}: the server sent a partial response (206) to a "
-                    "request for the whole file; report it to the server's owner",
-                    url=surl,
-                )
-            _check_resume(resp, state)
-            log.info("%s: resuming at byte %d", surl, state.written)
-        elif status == 200:
-            if state.written > 0:
-                # Range ignored, or If-Range saw a new version: start over, never join.
-                log.info("%s: the server sent the whole file again; restarting", surl)
-                state.restart()
-                pbar.reset(total=None)
-            _start_entity(resp, state, s, surl)
-            pbar.reset(total=state.total)
-        else:
-            raise _status_problem(resp, s, surl)
-        _stream_body(resp, state, s, pbar, dst, surl)
-
-
-def _open(
-    session: requests.Session, url: str, headers: dict[str, str], s: _Settings, surl: str
-) -> requests.Response:
-    """GET `url`, following redirects by hand so that each hop is checked."""
-    chain = [url]
-    current = url
-    hdrs = dict(headers)
-    for _hop in range(MAX_REDIRECTS + 1):
-        resp = session.get(
-            current,
-            headers=hdrs,
-            stream=True,
-            timeout=(s.connect_timeout, s.read_timeout),
-            allow_redirects=False,
-        )
-        target = session.get_redirect_target(resp)
-        if target is None:
-            return resp
-        resp.close()
-        nxt = urljoin(current, target)
-        shown = " -> ".join(safe_url(u) for u in [*chain, nxt])
-        if urlsplit(nxt).scheme.lower() not in ("http", "https"):
-            raise DownloadError(
-                f"cannot download {surl}: redirected to a non-http(s) URL ({shown}); "
-                "refusing to follow it",
-                url=surl,
-            )
-        if nxt in chain:
-            raise DownloadError(
-                f"cannot download {surl}: redirect loop ({shown}); report it to the server's owner",
-                url=surl,
-            )
-        if session.should_strip_auth(current, nxt):
-            hdrs = {k: v for k, v in hdrs.items() if k.lower() not in ("authorization", "cookie")}
-        chain.append(nxt)
-        current = nxt
-    raise DownloadError(
-        f"cannot download {surl}: more than {MAX_REDIRECTS} redirects "
-        f"({' -> '.join(safe_url(u) for u in chain)}); report it to the server's owner",
-        url=surl,
-    )
-
-
-def _start_entity(resp: requests.Response, state: _State, s: _Settings, surl: str) -> None:
-    """Record what a 200 says about the file: its size and a validator for a later resume."""
-    encoded = _content_encoding(resp) not in ("", "identity")
-    length = _content_length(resp)
-    state.total = None if encoded else length
-    if state.total is not None and s.max_bytes is not None and state.total > s.max_bytes:
-        raise DownloadError(
-            f"cannot download {surl}: the file is {state.total} bytes, more than the "
-            f"{s.max_bytes}-byte cap (ISOLHUB_HTTP_MAX_BYTES); raise the cap if it is expected",
-            url=surl,
-        )
-    etag = resp.headers.get("ETag")
-    if etag and not etag.startswith("W/"):
-        state.validator = etag
-    else:
-        # If-Range needs a strong validator; Last-Modified is the other one.
-        state.validator = resp.headers.get("Last-Modified")
-    state.can_resume = state.validator is not None and not encoded
-
-
-def _check_resume(resp: requests.Response, state: _State) -> None:
-    """A 206 must continue exactly where the temp file ends, for the same version of the file."""
-    m = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", "").strip())
-    etag = resp.headers.get("ETag")
-    same_version = not (
-        etag and state.validator and state.validator.startswith('"') and etag != state.validator
-    )
-    total = None if m is None or m.group(3) == "*" else int(m.group(3))
-    if (
-        m is None
-        or int(m.group(1)) != state.written
-        or (state.total is not None and total is not None and total != state.total)
-        or not same_version
-    ):
-        got = resp.headers.get("Content-Range", "none")
-        at = state.written
-        state.restart()
-        raise _Retryable(
-            f"the server answered a resume at byte {at} with Content-Range {got!r}; "
-            "restarting from byte 0"
-        )
-
-
-def _finish_unsatisfiable_resume(resp: requests.Response, state: _State) -> None:
-    m = _UNSATISFIED_RANGE.fullmatch(resp.headers.get("Content-Range", "").strip())
-    size = int(m.group(1)) if m else None
-    if size is not None and size == state.written and state.total in (None, size):
-        return
-    announced = state.total
-    got = state.written
-    state.restart()
-    if announced is not None and size is not None:
-        raise _Retryable(f"the server announced {announced} bytes but has only {size}")
-    raise _Retryable(f"the server refused to resume at byte {got} (416)")
-
-
-def _stream_body(
-    resp: requests.Response, state: _State, s: _Settings, pbar: tqdm, dst: str, surl: str
-) -> None:
-    raw = resp.raw
-    content_type = resp.headers.get("Content-Type", "")
-    head = bytearray()
-    sniffing = state.written == 0
-    window_start = time.monotonic()
-    window_bytes = 0
-    while True:
-        chunk = raw.read1(READ_CHUNK, decode_content=True)
-        if not chunk:
-            break
-        if sniffing:
-            head += chunk[:64]
-            if len(head) >= 64:
-                sniffing = False
-                _refuse_html(bytes(head), content_type, dst, surl)
-        state.write(chunk)
-        pbar.update(len(chunk))
-        if s.max_bytes is not None and state.written > s.max_bytes:
-            raise DownloadError(
-                f"cannot download {surl}: the body exceeds the {s.max_bytes}-byte cap "
-                "(ISOLHUB_HTTP_MAX_BYTES); raise the cap if it is expected",
-                url=surl,
-            )
-        window_bytes += len(chunk)
-        elapsed = time.monotonic() - window_start
-        if elapsed >= s.read_timeout:
-            if window_bytes < s.min_rate * elapsed:
-                raise _Retryable(
-                    f"download stalled: {window_bytes} bytes in the last {elapsed:.1f} s, below "
-                    f"the minimum rate of {s.min_rate:g} bytes/s (ISOLHUB_HTTP_MIN_RATE)",
-                    stalled=True,
-                )
-            window_start = time.monotonic()
-            window_bytes = 0
-    if sniffing:
-        _refuse_html(bytes(head), content_type, dst, surl)
-    length = _content_length(resp)
-    received = raw.tell()
-    if length is not None and received < length:
-        raise _Retryable(f"incomplete body: expected {length} bytes, got {received}")
-    if state.total is not None and state.written != state.total:
-        raise _Retryable(f"incomplete body: expected {state.total} bytes, got {state.written}")
-
-
-def _refuse_html(head: bytes, content_type: str, dst: str, surl: str) -> None:
-    if dst.lower().endswith((".html", ".htm")):
-        return
-    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
-    looks_html = text.startswith((b"<!doctype html", b"<html", b"<head", b"<body"))
-    if looks_html or ("html" in content_type.lower() and text.startswith(b"<")):
-        raise DownloadError(
-            f"cannot download {surl}: the server sent an HTML page (Content-Type "
-            f"{content_type or 'unset'}) where a file was expected, not a checkpoint or archive; "
-            "a login page or captive portal? Check the URL and the network",
-            url=surl,
-        )
-
-
-def _status_problem(resp: requests.Response, s: _Settings, surl: str) -> Exception:
-    code = resp.status_code
-    what = f"HTTP {code} {resp.reason or ''}".strip()
-    if code == 429 or 500 <= code <= 599:
-        wait = _retry_after(resp.headers.get("Retry-After"))
-        if wait is not None and wait > s.retry_after_max:
-            return DownloadError(
-                f"cannot download {surl}: {what}; the server asks to retry after {wait:.0f} s, "
-                f"longer than the {s.retry_after_max:g} s cap (ISOLHUB_HTTP_RETRY_AFTER_MAX); "
-                "try again later",
-                url=surl,
-                status=code,
-            )
-        return _Retryable(what, retry_after=wait)
-    if code in (404, 410):
-        advice = "the file is not there; check the URL"
-    elif code in (401, 403):
-        advice = "access denied; check the URL and any credentials"
-    elif code == 407:
-        advice = (
-            "the proxy requires authentication; put credentials in HTTPS_PROXY / HTTP_PROXY "
-            "or bypass it with NO_PROXY"
-        )
-        what += " (from the proxy)"
-    else:
-        advice = "the server refused the request; check the URL"
-    return DownloadError(f"cannot download {surl}: {what}; {advice}", url=surl, status=code)
-
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    from email.utils import parsedate_to_datetime
-
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-def _content_length(resp: requests.Response) -> int | None:
-    value = resp.headers.get("Content-Length", "").strip()
-    return int(value) if value.isdigit() else None
-
-
-def _content_encoding(resp: requests.Response) -> str:
-    return resp.headers.get("Content-Encoding", "").strip().lower()
-
-
-def _describe_network_error(e: BaseException, s: _Settings) -> str:
-    text = _short(e)
-    low = text.lower()
-    if "read timed out" in low or "timed out" in low:
-        return f"no data for {s.read_timeout:g} s (read timeout)"
-    if "incompleteread" in low or "incomplete" in low:
-        return "connection closed before the end of the body"
-    if "refused" in low:
-        return "connection refused (the host is unreachable)"
-    if "name or service not known" in low or "name resolution" in low:
-        return "the host name could not be resolved"
-    if "reset" in low:
-        return "connection reset by the server"
-    return text
-
-
-def _advice(reason: str) -> str:
-    if "unreachable" in reason or "resolved" in reason or "connect timeout" in reason:
-        return "check the URL and the network, or set ISOLHUB_OFFLINE=1 to use only cached files"
-    if "stalled" in reason or "timeout" in reason:
-        return "check the network, or raise ISOLHUB_HTTP_TIMEOUT / ISOLHUB_HTTP_RETRIES"
-    return "try again later, or raise ISOLHUB_HTTP_RETRIES"
-
-
-def _short(e: BaseException) -> str:
-    text = str(e) or type(e).__name__
-    # requests nests urllib3 reasons; the tail is the useful part.
-    return text if len(text) <= 300 else text[:300] + "..."
 
 
 # -- local files -------------------------------------------------------------------------------

@@ -8,6 +8,9 @@ process (or, with `backend="ray"`, in a worker that a Ray actor forks on its nod
 repo does — raise, exit, segfault, hang, run out of memory — becomes that spec's failed `Result`
 with a typed error, and the pool carries on with a fresh worker.
 
+This module holds `Hub` (scheduling, worker reuse, retries, cancellation) and `Result`; the job
+a backend runs and the local backend are in `_backend`, the progress display in `_progress`.
+
 Example:
     >>> import isolhub as hub
     >>> def evaluate(model):
@@ -20,31 +23,28 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import os
-import pickle
 import queue
 import signal
-import sys
-import sysconfig
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TextIO, final
+from typing import Any, final
 
-import cloudpickle
-
-from ._api import call, policy_for, start_worker
-from ._errors import (
-    IsolhubError,
-    PoolClosedError,
-    WorkerCrashedError,
-    WorkerError,
+from ._api import policy_for
+from ._backend import (
+    _Backend,
+    _Job,
+    _LocalBackend,
+    _Outcome,
+    _Settings,
+    _ship_by_value,
+    is_infrastructure_failure,
 )
-from ._process import Worker
-from ._sandbox import Sandbox
+from ._errors import IsolhubError, PoolClosedError
+from ._progress import _Progress
 from ._source import Snapshot, fetch_snapshot
 from ._spec import parse_spec
 from ._trust import check_trust
@@ -101,76 +101,6 @@ class Result:
         return f"FAILED {self.spec}: {type(self.error).__name__}: {first} ({self.elapsed:.2f} s)"
 
 
-@dataclass(frozen=True)
-class _Settings:
-    """What a Hub was made with; handed to its backend as one object."""
-
-    max_workers: int | None
-    timeout: float | None
-    memory_bytes: int | None
-    retries: int
-    backend: str
-    start_method: str
-    source: str
-    trust_repo: Any
-    force_reload: bool
-    verbose: bool
-    progress: bool
-    seed: int | None
-    ray_address: str | None
-    ray_actor_options: dict[str, Any] | None
-    sandbox: Sandbox | None = None
-
-
-@dataclass(frozen=True)
-class _Job:
-    """One request for a worker: `call` an entrypoint (then `fn`), or `list` / `help`."""
-
-    op: str
-    entry: str | None = None
-    args: tuple[Any, ...] = ()
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    result: str = "value"
-    then: bytes | None = None  # `fn`, pickled by value here, unpickled only in the worker
-    seed: int | None = None
-
-
-@dataclass
-class _Outcome:
-    """What running a `_Job` gave; built where the worker lives (here or in a Ray actor)."""
-
-    ok: bool
-    value: Any = None
-    error: BaseException | None = None
-    returncode: int | None = None
-    stderr_tail: str = ""
-    reusable: bool = False  # the executor may take the next job for the same repo@sha
-    infrastructure: bool = False  # not the repo's doing: worth a retry
-
-
-class _Shipped:
-    """A function pickled once, by value, that only the worker unpickles."""
-
-    __slots__ = ("payload",)
-
-    def __init__(self, payload: bytes) -> None:
-        self.payload = payload
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (pickle.loads, (self.payload,))
-
-
-class _Backend(Protocol):
-    """Starts, drives and stops the executors (local workers or Ray actors) of a Hub."""
-
-    def default_workers(self) -> int: ...
-    def start(self, snapshot: Snapshot) -> Any: ...
-    def run(self, executor: Any, job: _Job, timeout: float | None) -> _Outcome: ...
-    def kill(self, executor: Any) -> None: ...
-    def close(self, executor: Any) -> None: ...
-    def shutdown(self) -> None: ...
-
-
 class _Cancelled(Exception):
     """Internal: the run was cancelled (Hub closed, Ctrl-C, or the consumer stopped)."""
 
@@ -191,165 +121,6 @@ class _Run:
     busy: set[_Slot] = field(default_factory=set)
     threads: list[threading.Thread] = field(default_factory=list)
     next_index: int = 0
-
-
-def _installed_roots() -> tuple[str, ...]:
-    paths = sysconfig.get_paths()
-    roots = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
-    return tuple(os.path.realpath(r) + os.sep for r in roots)
-
-
-def _ship_by_value(fn: Callable[..., Any] | None) -> bytes | None:
-    """Pickle `fn` so a worker can run it without importing the caller's own modules.
-
-    Functions from `__main__`, lambdas and closures are pickled by value anyway; a function
-    from a module of the caller's that is not installed (a harness script's helper module, a
-    test file) would be pickled by reference and fail to import in the worker, so its
-    top-level package is registered by value for this one pickling.
-    """
-    if fn is None:
-        return None
-    if not callable(fn):
-        raise TypeError(f"fn must be callable or None, not {type(fn).__name__}")
-    top = (getattr(fn, "__module__", None) or "").split(".")[0]
-    module = sys.modules.get(top)
-    path = getattr(module, "__file__", None)
-    by_value = (
-        module is not None
-        and top not in ("__main__", "isolhub")
-        and path is not None
-        and not os.path.realpath(path).startswith(_installed_roots())
-        and top not in cloudpickle.list_registry_pickle_by_value()
-    )
-    with _BY_VALUE_LOCK:
-        if by_value:
-            cloudpickle.register_pickle_by_value(module)
-        try:
-            return cloudpickle.dumps(fn)
-        except Exception as e:  # noqa: BLE001 - pickling fails in many ways; all mean "this fn"
-            raise TypeError(
-                f"fn {fn!r} cannot be sent to the workers: {type(e).__name__}: {e} (it runs in "
-                "another process; avoid capturing open files, locks or sockets)"
-            ) from e
-        finally:
-            if by_value:
-                cloudpickle.unregister_pickle_by_value(module)
-
-
-_BY_VALUE_LOCK = threading.Lock()
-
-
-def execute(worker: Worker, job: _Job, timeout: float | None) -> Any:
-    """Run `job` in a live local worker and return its decoded value.
-
-    Example:
-        >>> execute(worker, _Job("list"), timeout=30)
-        ['net']
-
-    Raises:
-        RemoteError, EntrypointError, MissingDependenciesError, WorkerCrashedError,
-        WorkerTimeoutError, ProtocolError: as `isolhub._api.call`.
-    """
-    if job.op == "list":
-        reply, _ = worker.request({"op": "list"}, timeout)
-        return reply["value"]
-    if job.op == "help":
-        reply, _ = worker.request({"op": "help", "entry": job.entry}, timeout)
-        return reply["value"]
-    then = None if job.then is None else _Shipped(job.then)
-    return call(
-        worker,
-        job.entry or "",
-        job.args,
-        job.kwargs,
-        result=job.result,
-        timeout=timeout,
-        seed=job.seed,
-        then=then,
-    )
-
-
-def run_job(worker: Worker, job: _Job, timeout: float | None) -> _Outcome:
-    """Run `job` in `worker`; every isolhub failure becomes a failed `_Outcome`.
-
-    Example:
-        >>> run_job(worker, _Job("call", "net", then=payload), timeout=60).ok
-        True
-
-    Raises:
-        Only what is not an `IsolhubError` (a bug, KeyboardInterrupt).
-    """
-    try:
-        value = execute(worker, job, timeout)
-    except IsolhubError as e:
-        tail = getattr(e, "output_tail", None) or worker.output_tail()
-        code = getattr(e, "returncode", None) if worker.returncode is None else worker.returncode
-        return _Outcome(
-            ok=False,
-            error=e,
-            returncode=code if worker.closed else None,
-            stderr_tail=tail,
-            infrastructure=is_infrastructure_failure(e),
-        )
-    return _Outcome(ok=True, value=value, reusable=not worker.closed)
-
-
-def is_infrastructure_failure(e: BaseException) -> bool:
-    """Whether a failure may be the machine's rather than the repo's, so a retry may help.
-
-    Retried: a worker that could not be started or lost its zygote (a plain `WorkerError`), a
-    worker killed by SIGKILL that isolhub did not send (the kernel's OOM killer, a batch
-    scheduler, a Ray node going away), and failures a backend marks as its own. Never retried:
-    `RemoteError` (the repo or `fn` raised, `MemoryError` at the memory cap included), exits,
-    other signals (a segfault is the repo's), timeouts, `EntrypointError`, fetch errors.
-
-    Example:
-        >>> is_infrastructure_failure(WorkerCrashedError("oom", returncode=-9))
-        True
-
-    Raises:
-        Nothing.
-    """
-    if type(e) is WorkerError:
-        return True
-    if isinstance(e, WorkerCrashedError):
-        return getattr(e, "returncode", None) == -signal.SIGKILL or bool(
-            getattr(e, "infrastructure", False)
-        )
-    return False
-
-
-class _LocalBackend:
-    """Workers forked from this process's zygote (or spawned), one per repo@sha."""
-
-    def __init__(self, settings: _Settings) -> None:
-        self._settings = settings
-
-    def default_workers(self) -> int:
-        return max(1, len(os.sched_getaffinity(0)))
-
-    def start(self, snapshot: Snapshot) -> Worker:
-        return start_worker(
-            snapshot,
-            start_method=self._settings.start_method,
-            memory_bytes=self._settings.memory_bytes,
-            sandbox=self._settings.sandbox,
-        )
-
-    def run(self, executor: Worker, job: _Job, timeout: float | None) -> _Outcome:
-        return run_job(executor, job, timeout)
-
-    def kill(self, executor: Worker) -> None:
-        # From another thread: only signal; the thread that owns the worker reaps it.
-        if not executor.closed:
-            with contextlib.suppress(OSError):
-                signal.pidfd_send_signal(executor.pidfd, signal.SIGKILL)
-
-    def close(self, executor: Worker) -> None:
-        executor.close()
-
-    def shutdown(self) -> None:
-        pass
 
 
 @final
@@ -860,62 +631,3 @@ def _wrap_unexpected(e: BaseException) -> IsolhubError:
     err = IsolhubError(f"internal error in the isolhub pool: {type(e).__name__}: {e}")
     err.__cause__ = e
     return err
-
-
-class _Progress:
-    """done / failed / running and an ETA on stderr: a tqdm bar on a terminal, lines elsewhere."""
-
-    def __init__(self, total: int, enabled: bool, stream: TextIO | None = None) -> None:
-        self.total, self.enabled = total, enabled
-        self.stream = stream or sys.stderr
-        self.done = self.failed = self.running = 0
-        self.start = time.monotonic()
-        self.bar: Any = None
-        if enabled and _isatty(self.stream):
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, file=self.stream, unit="repo", dynamic_ncols=True)
-            self._postfix()
-
-    def _postfix(self) -> None:
-        self.bar.set_postfix_str(
-            f"ok={self.done - self.failed} failed={self.failed} running={self.running}",
-            refresh=True,
-        )
-
-    def started(self) -> None:
-        self.running += 1
-        if self.bar is not None:
-            self._postfix()
-
-    def finished(self, result: Result) -> None:
-        self.running = max(0, self.running - 1)
-        self.done += 1
-        self.failed += not result.ok
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.update(1)
-            self._postfix()
-            return
-        spent = time.monotonic() - self.start
-        eta = spent / self.done * (self.total - self.done)
-        width = len(str(self.total))
-        print(
-            f"isolhub: [{self.done:>{width}}/{self.total}] failed {self.failed}, running "
-            f"{self.running}, eta {eta:.0f} s: {result.summary()}",
-            file=self.stream,
-            flush=True,
-        )
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
-def _isatty(stream: TextIO) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
-        return False

@@ -43,6 +43,7 @@ from typing import Any
 
 from ._api import _call_message, decode_result, start_worker
 from ._archive import extract_tar
+from ._backend import _Job, _Outcome, _Settings, _Shipped, is_infrastructure_failure
 from ._cache import STAGING_PREFIX, install_snapshot, snapshot_path
 from ._errors import (
     IsolhubError,
@@ -51,7 +52,6 @@ from ._errors import (
     WorkerError,
     WorkerTimeoutError,
 )
-from ._pool import _Job, _Outcome, _Settings, _Shipped, is_infrastructure_failure
 from ._process import Worker, shutdown_zygote
 from ._source import Snapshot
 from ._spec import RepoSpec

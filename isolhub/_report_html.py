@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ._compare import CompareReport, TensorDiff
+    from ._compare_report import CompareReport, TensorDiff
 
 STRUCTURAL = ("added", "removed", "reshaped")
 _RANK = ("same", "close", "renamed", "changed", "retyped", "removed", "added", "reshaped")

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 import isolhub._cli as cli
-from isolhub._compare import CompareReport, compare, find_renames, summarise
+from isolhub._compare import CompareReport, compare, find_renames
+from isolhub._compare_worker import summarise
 from isolhub._report_html import layer_differences, render_svg
 
 from hubrepos import commit, make_repo, net_files, spec_of

@@ -25,6 +25,7 @@ from isolhub._pool import Hub, Result
 
 from harness_repos import HANG_TIMEOUT, MEMORY_CAP, check_harness_results, evaluate, make_harness
 from hubrepos import make_repo, net_files, spec_of
+from procs import child_pids, scratch_dirs, zombie_pids
 
 
 @pytest.fixture(scope="module")
@@ -45,16 +46,16 @@ def clean(warm_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> I
     private_tmp = tmp_path / "tmp"  # /tmp is shared with other processes' workers
     private_tmp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(private_tmp))
-    fds, children, scratch = _fds(), _children(), _scratch_dirs()
+    fds, children, scratch = _fds(), child_pids(), scratch_dirs()
     assert scratch == set()
     yield
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and (_children() != children or _fds() != fds):
+    while time.monotonic() < deadline and (child_pids() != children or _fds() != fds):
         time.sleep(0.05)
-    assert _children() == children
+    assert child_pids() == children
     assert _fds() == fds, [os.readlink(f"/proc/self/fd/{f}") for f in _fds() - fds]
-    assert _scratch_dirs() == scratch
-    assert _zombies() == []
+    assert scratch_dirs() == scratch
+    assert zombie_pids() == []
 
 
 def test_a_harness_over_24_repos_reports_every_failure_typed_and_leaves_nothing(
@@ -387,39 +388,6 @@ def _wait_for(predicate: Any, timeout: float = 20) -> None:
 
 def _fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
-
-
-def _children() -> set[int]:
-    out = set()
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                stat = Path(f"/proc/{pid}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid():
-                out.add(int(pid))
-    return out
-
-
-def _zombies() -> list[int]:
-    """Zombie grandchildren: workers the zygote has not reaped."""
-    out = []
-    for child in _children():
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == child and fields[0] == "Z":
-                out.append(int(pid))
-    return out
-
-
-def _scratch_dirs() -> set[str]:
-    return {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("isolhub-worker-")}
 
 
 def test_a_sandboxed_pool_confines_every_worker_and_needs_no_trust(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import pytest
 import isolhub as hub
 
 from hubrepos import make_repo, spec_of
+from procs import child_pids, scratch_dirs, zombie_pids
 
 CRASHES = {
     "raises": ("raise KeyError('boom in hubconf')", hub.RemoteError, "KeyError"),
@@ -77,49 +78,14 @@ def test_a_crash_leaves_no_zombie_no_fd_and_no_scratch_dir(
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # scratch dirs of this test only
     hub.load(spec_of(crash_repo), "ok")  # warm the zygote
     fds_before = set(os.listdir("/proc/self/fd"))
-    children_before = _children()
-    scratch_before = _scratch_dirs()
+    children_before = child_pids()
+    scratch_before = scratch_dirs()
     for kind in ("segfault", "os_exit", "raises"):
         with pytest.raises(hub.WorkerError):
             hub.load(spec_of(crash_repo), kind)
     with pytest.raises(hub.WorkerTimeoutError):
         hub.load(spec_of(crash_repo), "hang", timeout=0.5)
     assert set(os.listdir("/proc/self/fd")) == fds_before
-    assert _children() == children_before
-    assert _scratch_dirs() == scratch_before == set()
-    assert _zombies() == []
-
-
-def _children() -> set[int]:
-    out = set()
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                stat = Path(f"/proc/{pid}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid():
-                out.add(int(pid))
-    return out
-
-
-def _zombies() -> list[int]:
-    """Zombie grandchildren: workers the zygote has not reaped."""
-    out = []
-    for child in _children():
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == child and fields[0] == "Z":
-                out.append(int(pid))
-    return out
-
-
-def _scratch_dirs() -> set[str]:
-    import tempfile
-
-    return {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("isolhub-worker-")}
+    assert child_pids() == children_before
+    assert scratch_dirs() == scratch_before == set()
+    assert zombie_pids() == []

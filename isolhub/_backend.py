@@ -1,0 +1,266 @@
+"""What a `Hub` hands its backend: the job, the outcome that comes back, and the local backend.
+
+    Hub ──_Job──▶ backend.run(executor, job, timeout) ──▶ _Outcome(ok, value | error, ...)
+                  _LocalBackend: a worker forked on this machine, driven by `run_job`
+                  RayBackend (in `_ray`): a worker that a Ray actor forks on its node
+
+A backend starts, drives, kills and closes executors (local workers or Ray actors); the `Hub`
+above it only schedules. `fn` is pickled by value once (`_ship_by_value`) and unpickled only in
+the worker (`_Shipped`). `is_infrastructure_failure` says which failures a `Hub` may retry.
+
+Example:
+    >>> backend = _LocalBackend(settings)
+    >>> worker = backend.start(snapshot)
+    >>> backend.run(worker, _Job("call", "net", then=_ship_by_value(fn)), timeout=60).ok
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import signal
+import sys
+import sysconfig
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import cloudpickle
+
+from ._api import call, start_worker
+from ._errors import IsolhubError, WorkerCrashedError, WorkerError
+from ._process import Worker
+from ._sandbox import Sandbox
+from ._source import Snapshot
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """What a Hub was made with; handed to its backend as one object."""
+
+    max_workers: int | None
+    timeout: float | None
+    memory_bytes: int | None
+    retries: int
+    backend: str
+    start_method: str
+    source: str
+    trust_repo: Any
+    force_reload: bool
+    verbose: bool
+    progress: bool
+    seed: int | None
+    ray_address: str | None
+    ray_actor_options: dict[str, Any] | None
+    sandbox: Sandbox | None = None
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One request for a worker: `call` an entrypoint (then `fn`), or `list` / `help`."""
+
+    op: str
+    entry: str | None = None
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    result: str = "value"
+    then: bytes | None = None  # `fn`, pickled by value here, unpickled only in the worker
+    seed: int | None = None
+
+
+@dataclass
+class _Outcome:
+    """What running a `_Job` gave; built where the worker lives (here or in a Ray actor)."""
+
+    ok: bool
+    value: Any = None
+    error: BaseException | None = None
+    returncode: int | None = None
+    stderr_tail: str = ""
+    reusable: bool = False  # the executor may take the next job for the same repo@sha
+    infrastructure: bool = False  # not the repo's doing: worth a retry
+
+
+class _Shipped:
+    """A function pickled once, by value, that only the worker unpickles."""
+
+    __slots__ = ("payload",)
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (pickle.loads, (self.payload,))
+
+
+class _Backend(Protocol):
+    """Starts, drives and stops the executors (local workers or Ray actors) of a Hub."""
+
+    def default_workers(self) -> int: ...
+    def start(self, snapshot: Snapshot) -> Any: ...
+    def run(self, executor: Any, job: _Job, timeout: float | None) -> _Outcome: ...
+    def kill(self, executor: Any) -> None: ...
+    def close(self, executor: Any) -> None: ...
+    def shutdown(self) -> None: ...
+
+
+def _installed_roots() -> tuple[str, ...]:
+    paths = sysconfig.get_paths()
+    roots = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
+    return tuple(os.path.realpath(r) + os.sep for r in roots)
+
+
+def _ship_by_value(fn: Callable[..., Any] | None) -> bytes | None:
+    """Pickle `fn` so a worker can run it without importing the caller's own modules.
+
+    Functions from `__main__`, lambdas and closures are pickled by value anyway; a function
+    from a module of the caller's that is not installed (a harness script's helper module, a
+    test file) would be pickled by reference and fail to import in the worker, so its
+    top-level package is registered by value for this one pickling.
+    """
+    if fn is None:
+        return None
+    if not callable(fn):
+        raise TypeError(f"fn must be callable or None, not {type(fn).__name__}")
+    top = (getattr(fn, "__module__", None) or "").split(".")[0]
+    module = sys.modules.get(top)
+    path = getattr(module, "__file__", None)
+    by_value = (
+        module is not None
+        and top not in ("__main__", "isolhub")
+        and path is not None
+        and not os.path.realpath(path).startswith(_installed_roots())
+        and top not in cloudpickle.list_registry_pickle_by_value()
+    )
+    with _BY_VALUE_LOCK:
+        if by_value:
+            cloudpickle.register_pickle_by_value(module)
+        try:
+            return cloudpickle.dumps(fn)
+        except Exception as e:  # noqa: BLE001 - pickling fails in many ways; all mean "this fn"
+            raise TypeError(
+                f"fn {fn!r} cannot be sent to the workers: {type(e).__name__}: {e} (it runs in "
+                "another process; avoid capturing open files, locks or sockets)"
+            ) from e
+        finally:
+            if by_value:
+                cloudpickle.unregister_pickle_by_value(module)
+
+
+_BY_VALUE_LOCK = threading.Lock()
+
+
+def execute(worker: Worker, job: _Job, timeout: float | None) -> Any:
+    """Run `job` in a live local worker and return its decoded value.
+
+    Example:
+        >>> execute(worker, _Job("list"), timeout=30)
+        ['net']
+
+    Raises:
+        RemoteError, EntrypointError, MissingDependenciesError, WorkerCrashedError,
+        WorkerTimeoutError, ProtocolError: as `isolhub._api.call`.
+    """
+    if job.op == "list":
+        reply, _ = worker.request({"op": "list"}, timeout)
+        return reply["value"]
+    if job.op == "help":
+        reply, _ = worker.request({"op": "help", "entry": job.entry}, timeout)
+        return reply["value"]
+    then = None if job.then is None else _Shipped(job.then)
+    return call(
+        worker,
+        job.entry or "",
+        job.args,
+        job.kwargs,
+        result=job.result,
+        timeout=timeout,
+        seed=job.seed,
+        then=then,
+    )
+
+
+def run_job(worker: Worker, job: _Job, timeout: float | None) -> _Outcome:
+    """Run `job` in `worker`; every isolhub failure becomes a failed `_Outcome`.
+
+    Example:
+        >>> run_job(worker, _Job("call", "net", then=payload), timeout=60).ok
+        True
+
+    Raises:
+        Only what is not an `IsolhubError` (a bug, KeyboardInterrupt).
+    """
+    try:
+        value = execute(worker, job, timeout)
+    except IsolhubError as e:
+        tail = getattr(e, "output_tail", None) or worker.output_tail()
+        code = getattr(e, "returncode", None) if worker.returncode is None else worker.returncode
+        return _Outcome(
+            ok=False,
+            error=e,
+            returncode=code if worker.closed else None,
+            stderr_tail=tail,
+            infrastructure=is_infrastructure_failure(e),
+        )
+    return _Outcome(ok=True, value=value, reusable=not worker.closed)
+
+
+def is_infrastructure_failure(e: BaseException) -> bool:
+    """Whether a failure may be the machine's rather than the repo's, so a retry may help.
+
+    Retried: a worker that could not be started or lost its zygote (a plain `WorkerError`), a
+    worker killed by SIGKILL that isolhub did not send (the kernel's OOM killer, a batch
+    scheduler, a Ray node going away), and failures a backend marks as its own. Never retried:
+    `RemoteError` (the repo or `fn` raised, `MemoryError` at the memory cap included), exits,
+    other signals (a segfault is the repo's), timeouts, `EntrypointError`, fetch errors.
+
+    Example:
+        >>> is_infrastructure_failure(WorkerCrashedError("oom", returncode=-9))
+        True
+
+    Raises:
+        Nothing.
+    """
+    if type(e) is WorkerError:
+        return True
+    if isinstance(e, WorkerCrashedError):
+        return getattr(e, "returncode", None) == -signal.SIGKILL or bool(
+            getattr(e, "infrastructure", False)
+        )
+    return False
+
+
+class _LocalBackend:
+    """Workers forked from this process's zygote (or spawned), one per repo@sha."""
+
+    def __init__(self, settings: _Settings) -> None:
+        self._settings = settings
+
+    def default_workers(self) -> int:
+        return max(1, len(os.sched_getaffinity(0)))
+
+    def start(self, snapshot: Snapshot) -> Worker:
+        return start_worker(
+            snapshot,
+            start_method=self._settings.start_method,
+            memory_bytes=self._settings.memory_bytes,
+            sandbox=self._settings.sandbox,
+        )
+
+    def run(self, executor: Worker, job: _Job, timeout: float | None) -> _Outcome:
+        return run_job(executor, job, timeout)
+
+    def kill(self, executor: Worker) -> None:
+        # From another thread: only signal; the thread that owns the worker reaps it.
+        if not executor.closed:
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(executor.pidfd, signal.SIGKILL)
+
+    def close(self, executor: Worker) -> None:
+        executor.close()
+
+    def shutdown(self) -> None:
+        pass

@@ -1,0 +1,271 @@
+"""What `compare` returns: a frozen `CompareReport` and its rows, round-tripped through JSON.
+
+    CompareReport ── a, b: SideInfo           what each ref turned out to be, or why it failed
+                  ├─ entrypoints: EntrypointDiff  names, signatures, docstrings
+                  ├─ parameters, outputs: TensorDiff  weights and forward outputs
+                  └─ values: ValueDiff        plain values in the result or the outputs
+
+Pure data: diffing two sides into a report is `_compare`'s, rendering one (terminal tables,
+HTML) is `_report_html`'s, imported only when asked for.
+
+Example:
+    >>> rep = CompareReport.from_json(open("report.json").read())
+    >>> rep.equivalent, rep.differences[:1]
+    (False, ('parameter fc.weight: reshaped 4x8 → 2x8',))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, final
+
+from ._errors import SpecError
+
+
+@final
+@dataclass(frozen=True)
+class SideInfo:
+    """What one ref turned out to be. `error` is set when the side could not be described."""
+
+    spec: str
+    sha: str | None = None
+    error: str | None = None
+    error_detail: str | None = None
+    result_type: str | None = None
+    parameters: int | None = None
+    tensors: int | None = None
+    bytes: int | None = None
+    start_s: float | None = None
+    load_s: float | None = None
+    forward_s: float | None = None
+    forward_error: str | None = None
+
+
+@final
+@dataclass(frozen=True)
+class EntrypointDiff:
+    """One hubconf entrypoint: `status` is added, removed, changed or same.
+
+    `changes` names what changed: "signature" and/or "docstring". A signature of None is
+    unknown (that side's entrypoint raised, so only names and docstrings could be read).
+    """
+
+    name: str
+    status: str
+    changes: tuple[str, ...] = ()
+    signature_a: str | None = None
+    signature_b: str | None = None
+    doc_a: str | None = None
+    doc_b: str | None = None
+
+
+@final
+@dataclass(frozen=True)
+class TensorDiff:
+    """One weight or output: same, close, changed, retyped, reshaped, renamed, added, removed.
+
+    `max_abs` is max |a-b|; `rel` is max |a-b| / max(|a|, |b|); both None where the two cannot
+    be subtracted (shapes differ, or one side has no such tensor). `name_b` is set on renames.
+    """
+
+    name: str
+    status: str
+    name_b: str | None = None
+    shape_a: tuple[int, ...] | None = None
+    shape_b: tuple[int, ...] | None = None
+    dtype_a: str | None = None
+    dtype_b: str | None = None
+    max_abs: float | None = None
+    rel: float | None = None
+    allclose: bool | None = None
+
+
+@final
+@dataclass(frozen=True)
+class ValueDiff:
+    """A plain (non-tensor) value in a result or output: same, close, changed, added, removed."""
+
+    name: str
+    status: str
+    a: str | None = None
+    b: str | None = None
+
+
+@final
+@dataclass(frozen=True)
+class CompareReport:
+    """The comparison of one entrypoint at two refs; see `compare`.
+
+    `differences` lists, one line each, why the two are not equivalent; `uncompared` what could
+    not be compared (a returned object that is no module, tensor or plain value, say).
+
+    Example:
+        >>> rep.equivalent, rep.error_b
+        (False, None)
+        >>> CompareReport.from_json(rep.to_json()) == rep
+        True
+    """
+
+    spec_a: str
+    spec_b: str
+    entrypoint: str
+    mode: str
+    atol: float
+    rtol: float
+    seed: int | None
+    args: tuple[str, ...]
+    kwargs: tuple[tuple[str, str], ...]
+    inputs: tuple[str, ...]
+    a: SideInfo
+    b: SideInfo
+    entrypoints: tuple[EntrypointDiff, ...] = ()
+    parameters: tuple[TensorDiff, ...] = ()
+    outputs: tuple[TensorDiff, ...] = ()
+    values: tuple[ValueDiff, ...] = ()
+    uncompared: tuple[str, ...] = ()
+    differences: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    @property
+    def error_a(self) -> str | None:
+        """Why ref A could not be described (type: message), or None."""
+        return self.a.error
+
+    @property
+    def error_b(self) -> str | None:
+        """Why ref B could not be described (type: message), or None."""
+        return self.b.error
+
+    @property
+    def failed(self) -> bool:
+        """Whether either side could not be loaded and described."""
+        return self.a.error is not None or self.b.error is not None
+
+    @property
+    def equivalent(self) -> bool:
+        """Both sides loaded and nothing differs beyond atol/rtol (docstrings may differ)."""
+        return not self.failed and not self.differences
+
+    def layer_differences(self) -> list[dict[str, Any]]:
+        """Per layer (a state-dict key without its last part), largest difference first.
+
+        Each item: `layer`, `score` (the largest relative difference of its tensors; inf for a
+        structural change: added, removed, reshaped), `status` (its worst tensor status) and
+        `n` (its tensor count).
+        """
+        from ._report_html import layer_differences
+
+        return layer_differences(self.parameters)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able data (non-finite floats become "inf"/"nan" strings)."""
+        data = dataclasses.asdict(self)
+        data["kwargs"] = dict(self.kwargs)
+        data["equivalent"] = self.equivalent
+        return _json_safe(data)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """The report as JSON text; `CompareReport.from_json` reads it back."""
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False, ensure_ascii=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CompareReport:
+        """Rebuild a report from `to_dict()` output.
+
+        Raises:
+            SpecError: `data` is not a report.
+        """
+        try:
+            return _report_from_dict(data)
+        except (KeyError, TypeError, ValueError) as e:
+            raise SpecError(f"not an isolhub compare report: {e}") from e
+
+    @classmethod
+    def from_json(cls, text: str) -> CompareReport:
+        """Rebuild a report from `to_json()` output.
+
+        Raises:
+            SpecError: the text is not a report.
+        """
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise SpecError(f"not an isolhub compare report: {e}") from e
+        return cls.from_dict(data)
+
+    def summary(self, max_rows: int = 40) -> str:
+        """The report as terminal tables (past `max_rows`, a table's unchanged rows are counted)."""
+        from ._report_html import render_text
+
+        return render_text(self, max_rows)
+
+    def to_html(self, path: str | os.PathLike[str] | None = None) -> str:
+        """A self-contained HTML page (tables and a per-layer plot); written to `path` if given.
+
+        Raises:
+            OSError: `path` cannot be written.
+        """
+        from ._report_html import render_html
+
+        page = render_html(self)
+        if path is not None:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(page)
+        return page
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _report_from_dict(data: dict[str, Any]) -> CompareReport:
+    def build(cls: type, raw: dict[str, Any]) -> Any:
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in raw:
+                continue
+            v = raw[f.name]
+            if f.name in ("shape_a", "shape_b") and v is not None:
+                v = tuple(int(d) for d in v)
+            elif f.name in ("max_abs", "rel", "atol", "rtol") and v is not None:
+                v = float(v)
+            elif f.name == "changes":
+                v = tuple(v)
+            kwargs[f.name] = v
+        return cls(**kwargs)
+
+    converters: dict[str, Callable[[Any], Any]] = {
+        "a": lambda v: build(SideInfo, v),
+        "b": lambda v: build(SideInfo, v),
+        "entrypoints": lambda v: tuple(build(EntrypointDiff, x) for x in v),
+        "parameters": lambda v: tuple(build(TensorDiff, x) for x in v),
+        "outputs": lambda v: tuple(build(TensorDiff, x) for x in v),
+        "values": lambda v: tuple(build(ValueDiff, x) for x in v),
+        "kwargs": lambda v: tuple((str(k), str(x)) for k, x in dict(v).items()),
+        "args": tuple,
+        "inputs": tuple,
+        "uncompared": tuple,
+        "differences": tuple,
+        "notes": tuple,
+        "atol": float,
+        "rtol": float,
+    }
+    kwargs = {}
+    for f in dataclasses.fields(CompareReport):
+        raw = data[f.name]
+        kwargs[f.name] = converters.get(f.name, lambda v: v)(raw)
+    return CompareReport(**kwargs)
+
+
+__all__ = ["CompareReport", "EntrypointDiff", "SideInfo", "TensorDiff", "ValueDiff"]
