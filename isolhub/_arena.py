@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import itertools
 import mmap
 import os
 import struct
@@ -44,6 +45,8 @@ _DTYPE_NAMES: dict[Any, str] = {}
 _PACKED_HEAD = struct.Struct("<IBB?Q")
 _MAX_PACKED_DIMS = 64
 _INT64_LIMIT = 1 << 63
+# As many [offset, nbytes] pairs as the codec's item cap lets a list layout hold.
+_MAX_LAYOUT_ENTRIES = 10_000_000 // 3
 _DTYPE_CODES: dict[Any, int] = {}
 _SEQUENCES = (list, tuple)
 _DTYPE_INFO: dict[str, tuple[Any, int]] = {}  # name -> (torch dtype, item size)
@@ -94,6 +97,9 @@ class ArenaWriter:
         """The arena index of an `UntypedStorage`, adding it on first sight."""
         if storage.device.type != "cpu":
             storage = storage.cpu()
+        return self._cpu_storage_index(storage)
+
+    def _cpu_storage_index(self, storage: Any) -> int:
         nbytes = storage.nbytes()
         # Empty storages share data_ptr 0; keep each one apart.
         key = ("cpu", storage.data_ptr(), nbytes) if nbytes else ("", id(storage), 0)
@@ -137,16 +143,17 @@ class ArenaWriter:
         ndim = t.dim()
         if code is None or ndim > _MAX_PACKED_DIMS:
             return None
-        index = self.storage_index(t.untyped_storage())
-        return _PACKED_HEAD.pack(
-            index, code, ndim, t.requires_grad, t.storage_offset()
-        ) + struct.pack(f"<{2 * ndim}Q", *t.shape, *t.stride())
+        index = self._cpu_storage_index(t.untyped_storage())  # t is on the CPU
+        return _packer(ndim).pack(
+            index, code, ndim, t.requires_grad, t.storage_offset(), *t.shape, *t.stride()
+        )
 
-    def seal(self) -> tuple[int | None, list[Any]]:
+    def seal(self) -> tuple[int | None, Any]:
         """Write the storages into a new sealed memfd: `(fd or None, layout)`.
 
-        Each layout entry is `[offset, nbytes]` in the memfd, or, for a small transfer with no
-        memfd, the storage's bytes themselves.
+        With a memfd the layout is `[offset, nbytes]` pairs packed into bytes (decoding 500
+        two-item lists costs more than the rest of a state dict's metadata); for a small
+        transfer with no memfd it is a list of each storage's bytes (`[0, 0]` for empty ones).
         """
         layout: list[Any] = []
         size = 0
@@ -170,7 +177,7 @@ class ArenaWriter:
         except BaseException:
             os.close(fd)
             raise
-        return fd, layout
+        return fd, struct.pack(f"<{2 * len(layout)}Q", *itertools.chain.from_iterable(layout))
 
 
 def _write_storages(fd: int, storages: list[Any], layout: list[list[int]]) -> None:
@@ -251,9 +258,11 @@ class ArenaReader:
     entries (bytes, for small transfers) are copied into private writable buffers.
     """
 
-    def __init__(self, fd: int | None, layout: list[Any]) -> None:
+    def __init__(self, fd: int | None, layout: Any) -> None:
         torch = _torch()
         self._storages: list[Any] = []
+        if type(layout) is bytes:
+            layout = _unpack_layout(layout)
         if fd is None:
             for item in layout:
                 if type(item) is bytes:
@@ -340,19 +349,18 @@ class ArenaReader:
 
     def tensor_packed(self, data: Any) -> Any:
         """Rebuild the tensor `ArenaWriter.tensor_packed` described (checked as `tensor`)."""
-        head = _PACKED_HEAD.size
-        if type(data) is not bytes or len(data) < head:
+        if type(data) is not bytes or len(data) < _PACKED_HEAD.size:
             raise ProtocolError("malformed tensor description")
-        index, code, ndim, grad, offset = _PACKED_HEAD.unpack_from(data)
-        if len(data) != head + 16 * ndim:
+        ndim = data[5]
+        if ndim > _MAX_PACKED_DIMS or len(data) != _PACKED_HEAD.size + 16 * ndim:
             raise ProtocolError("malformed tensor description")
+        index, code, _, grad, offset, *dims = _packer(ndim).unpack(data)
         if code >= len(_DTYPES):
             raise ProtocolError(f"unsupported tensor dtype code {code}")
         info = _dtype_info(_DTYPES[code])
         if info is None:
             raise ProtocolError(f"unsupported tensor dtype {_DTYPES[code]!r}")
         dtype, itemsize = info
-        dims = struct.unpack_from(f"<{2 * ndim}Q", data, head)
         if offset >= _INT64_LIMIT or (dims and max(dims) >= _INT64_LIMIT):
             raise ProtocolError("tensor size, stride or offset out of range")
         shape, stride = dims[:ndim], dims[ndim:]
@@ -370,6 +378,25 @@ class ArenaReader:
         if grad:
             t.requires_grad_(True)
         return t
+
+
+_PACKERS: dict[int, struct.Struct] = {}
+
+
+def _packer(ndim: int) -> struct.Struct:
+    packer = _PACKERS.get(ndim)
+    if packer is None:
+        packer = _PACKERS[ndim] = struct.Struct(f"{_PACKED_HEAD.format}{2 * ndim}Q")
+    return packer
+
+
+def _unpack_layout(data: bytes) -> list[list[int]]:
+    """`[offset, nbytes]` pairs from a packed layout (`ArenaWriter.seal`)."""
+    count = len(data) // 16
+    if len(data) % 16 or count > _MAX_LAYOUT_ENTRIES:
+        raise ProtocolError("malformed arena layout")
+    flat = struct.unpack(f"<{2 * count}Q", data)
+    return [[flat[i], flat[i + 1]] for i in range(0, 2 * count, 2)]
 
 
 def _inline_storage(torch: Any, data: bytes) -> Any:

@@ -21,7 +21,7 @@ from typing import Any
 
 import cloudpickle
 
-from ._arena import _DTYPES, ArenaReader, ArenaWriter, _dtype_name
+from ._arena import ArenaReader, ArenaWriter
 
 
 def register_snapshot_modules(root: str) -> list[str]:
@@ -36,20 +36,27 @@ def register_snapshot_modules(root: str) -> list[str]:
     return names
 
 
-# os.path.realpath of every module file costs ~30 ms with torch loaded (one lstat per path
-# component, in Python). Directories are resolved once each and remembered; the file itself
-# is still checked for being a link every time, so the answer is realpath's.
-_REAL_DIRS: dict[str, str] = {}
+# os.path.realpath of every module file costs ~25 ms with torch loaded (an lstat per path
+# component, in Python), on each module-mode call. Absolute paths are resolved once and
+# remembered; the zygote resolves those of everything it preloads, so workers inherit them.
+_REALPATHS: dict[str, str] = {}
 
 
 def _realpath(path: str) -> str:
-    path = os.path.abspath(path)
-    directory, name = os.path.split(path)
-    real_dir = _REAL_DIRS.get(directory)
-    if real_dir is None:
-        real_dir = _REAL_DIRS[directory] = os.path.realpath(directory)
-    candidate = os.path.join(real_dir, name)
-    return os.path.realpath(candidate) if os.path.islink(candidate) else candidate
+    real = _REALPATHS.get(path)
+    if real is None:
+        real = os.path.realpath(path)
+        if os.path.isabs(path):  # a relative one depends on the working directory
+            _REALPATHS[path] = real
+    return real
+
+
+def prime_module_paths() -> None:
+    """Resolve the file of every module loaded now (the zygote calls this before forking)."""
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if isinstance(path, str):
+            _realpath(path)
 
 
 def _load_script_module(data: bytes) -> Any:
@@ -81,8 +88,8 @@ class _Pickler(cloudpickle.Pickler):
         typed, untyped, tensor = self._types
         cls = type(obj)
         if cls is tensor:
-            meta = _plain_tensor_meta(self._arena, obj)
-            return None if meta is None else ("tensor", meta)
+            packed = _plain_tensor_packed(self._arena, obj)
+            return None if packed is None else ("tensor", packed)
         if cls is untyped:
             return ("untyped", self._arena.storage_index(obj))
         if not isinstance(obj, (typed, untyped)):
@@ -100,7 +107,7 @@ class _Pickler(cloudpickle.Pickler):
         return super().reducer_override(obj)
 
 
-def dumps(obj: Any) -> tuple[bytes, int | None, list[list[int]]]:
+def dumps(obj: Any) -> tuple[bytes, int | None, Any]:
     """Pickle `obj` with storages out-of-band: `(pickle bytes, arena fd, arena layout)`."""
     buf = io.BytesIO()
     arena = ArenaWriter()
@@ -118,7 +125,7 @@ class _Unpickler(pickle.Unpickler):
         import torch
 
         if pid[0] == "tensor":
-            return self._arena.tensor(pid[1])
+            return self._arena.tensor_packed(pid[1])
         if pid[0] == "typed":
             dtype = getattr(torch, pid[2].removeprefix("torch."))
             storage = self._arena.storage(pid[1])
@@ -126,8 +133,9 @@ class _Unpickler(pickle.Unpickler):
         return self._arena.storage(pid[1])
 
 
-def _plain_tensor_meta(arena: ArenaWriter, t: Any) -> dict[str, Any] | None:
-    """The arena description of a plain CPU tensor, or None where torch's own reduction must run.
+def _plain_tensor_packed(arena: ArenaWriter, t: Any) -> bytes | None:
+    """The packed arena description of a plain CPU tensor, or None where torch's own reduction
+    must run.
 
     Equivalent to torch's `Tensor.__reduce_ex__` for a plain tensor (no Python attributes,
     hooks or dispatch metadata; dense, CPU, not quantized or nested), and much cheaper: the
@@ -143,12 +151,11 @@ def _plain_tensor_meta(arena: ArenaWriter, t: Any) -> dict[str, Any] | None:
         or t.is_nested
         or t._backward_hooks
         or torch._C._get_tensor_metadata(t)
-        or _dtype_name(t.dtype) not in _DTYPES
     ):
         return None
-    return arena.tensor_meta(t)
+    return arena.tensor_packed(t)
 
 
-def loads(data: bytes, fd: int | None, layout: list[list[int]]) -> Any:
+def loads(data: bytes, fd: int | None, layout: Any) -> Any:
     """Rebuild what `dumps` produced; the arena fd is consumed (closed)."""
     return _Unpickler(io.BytesIO(data), ArenaReader(fd, layout)).load()

@@ -26,6 +26,9 @@ MAX_FRAME = 1 << 30
 MAX_FDS = 16
 _HEADER = struct.Struct("!II")
 _MAX_DEPTH = 64
+_SMALL_FRAME = 64 << 10
+_ANC_SPACE = socket.CMSG_SPACE(MAX_FDS * 4)
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)  # the enum's own `&` is a Python call
 
 # Codec tags.
 _NONE, _TRUE, _FALSE, _INT, _BIGINT, _FLOAT = b"N", b"T", b"F", b"i", b"I", b"f"
@@ -59,11 +62,10 @@ def recv_frame(sock: socket.socket, max_size: int = MAX_FRAME) -> tuple[bytes, l
     header = bytearray()
     fds: list[int] = []
     while len(header) < _HEADER.size:
-        data, anc, flags, _addr = sock.recvmsg(
-            _HEADER.size - len(header), socket.CMSG_SPACE(MAX_FDS * 4)
-        )
-        fds.extend(_fds_from(anc))
-        if flags & socket.MSG_CTRUNC:
+        data, anc, flags, _addr = sock.recvmsg(_HEADER.size - len(header), _ANC_SPACE)
+        if anc:
+            fds.extend(_fds_from(anc))
+        if flags & _MSG_CTRUNC:
             _close_all(fds)
             raise ProtocolError("too many file descriptors in one frame")
         if not data:
@@ -78,9 +80,20 @@ def recv_frame(sock: socket.socket, max_size: int = MAX_FRAME) -> tuple[bytes, l
         raise ProtocolError(
             f"bad frame header: {size} bytes (cap {max_size}), {nfds} fds announced, {len(fds)} received"
         )
-    payload = bytearray(size)
-    view = memoryview(payload)
     got = 0
+    if size <= _SMALL_FRAME:
+        # Most frames are small and arrive whole: one call and no copy.
+        first = sock.recv(size)
+        if len(first) == size:
+            return first, fds
+        got = len(first)
+        if got == 0 and size:
+            _close_all(fds)
+            raise ProtocolError(f"channel closed after 0 of {size} frame bytes")
+    payload = bytearray(size)
+    if got:
+        payload[:got] = first
+    view = memoryview(payload)
     while got < size:
         n = sock.recv_into(view[got:], size - got)
         if n == 0:

@@ -22,7 +22,7 @@ from ._protocol import decode, encode
 
 def encode_value(
     obj: Any, handle_for: Callable[[Any], dict[str, Any]] | None = None
-) -> tuple[bytes, int | None, list[list[int]]]:
+) -> tuple[bytes, int | None, Any]:
     """Encode `obj`: `(codec bytes, arena fd or None, arena layout)`.
 
     Objects other than plain values and tensors become `handle_for(obj)` when given.
@@ -64,7 +64,7 @@ def decode_value(
     Raises:
         ProtocolError: the bytes, the arena or a tensor description is malformed.
     """
-    if not isinstance(layout, list):
+    if not isinstance(layout, (list, bytes)):
         raise ProtocolError("malformed arena layout")
     arena = ArenaReader(fd, layout)
 
