@@ -51,7 +51,16 @@ def serve(fd: int) -> NoReturn:
             frame = recv_frame(sock)
             if frame is None:
                 break
-            request, in_fds = pickle.loads(frame[0]), frame[1]
+            in_fds = frame[1]
+            try:
+                request = pickle.loads(frame[0])
+            except Exception as e:
+                # e.g. a `then=` function whose module this worker cannot import: the caller's
+                # error, reported as such, and the worker stays usable.
+                for f in in_fds:
+                    os.close(f)
+                send_frame(sock, encode({"ok": False, "error": _error_record(e)}))
+                continue
             if request.get("op") == "close":
                 break
             reply, fds = state.handle(request, in_fds)

@@ -46,3 +46,23 @@ def test_a_lambda_works_and_an_object_that_cannot_cross_is_a_clear_error(tmp_pat
             (2.5, None),
             {"k": b"v"},
         ]
+
+
+def test_a_function_the_worker_cannot_unpickle_is_a_remote_error_not_a_crash(
+    tmp_path: Path,
+) -> None:
+    import types
+
+    repo = make_repo(tmp_path / "r", net_files("v1", width=3))
+    ghost = types.ModuleType("isolhub_test_ghost_module")  # exists only in this process
+    exec("def width(m):\n    return m.fc.out_features\n", ghost.__dict__)
+    import sys
+
+    sys.modules[ghost.__name__] = ghost
+    try:
+        with start_worker(hub.fetch(spec_of(repo))) as w:
+            with pytest.raises(hub.RemoteError, match="isolhub_test_ghost_module"):
+                call(w, "net", result="value", then=ghost.width)
+            assert call(w, "net", result="value", then=lambda m: m.fc.out_features) == 3
+    finally:
+        del sys.modules[ghost.__name__]
