@@ -233,14 +233,22 @@ def sweep_staging(parent: Path, max_age_s: float = _STALE_STAGING_S) -> None:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists on this host (for sweeping dead writers' leftovers)."""
+    """Whether a process with this pid runs on this host (for sweeping dead writers' leftovers).
+
+    A zombie counts as dead: it has released its locks before anyone reaps it.
+    """
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
         return True
-    return True
+    return state not in (b"Z", b"X")
 
 
 def remove_tree(path: Path) -> None:
