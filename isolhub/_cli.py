@@ -65,6 +65,12 @@ def _source_args(p: argparse.ArgumentParser) -> None:
         "--trust", action="store_true", help="trust the repository (adds it to trusted_list)"
     )
     p.add_argument("--timeout", type=float, default=None, help="kill the worker after N seconds")
+    p.add_argument(
+        "--sandbox",
+        choices=("none", "strict"),
+        default="none",
+        help="confine the worker (no network, no secrets, writes to scratch only); see doctor",
+    )
 
 
 def _hub_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -74,6 +80,7 @@ def _hub_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "trust_repo": True if args.trust else "check",
         "timeout": args.timeout,
         "verbose": not args.json,
+        "sandbox": None if args.sandbox == "none" else args.sandbox,
     }
 
 

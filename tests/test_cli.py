@@ -96,3 +96,18 @@ def test_a_kw_without_equals_is_a_spec_error() -> None:
 
     with pytest.raises(SpecError, match="name=value"):
         parse_kw(["pretrained"])
+
+
+def test_list_and_load_run_confined_with_sandbox_strict(repo: Path) -> None:
+    out = run("load", spec_of(repo, "v1"), "net", "--sandbox", "strict", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["tensors"] == 2
+    out = run("list", spec_of(repo, "v1"), "--sandbox", "strict")
+    assert out.returncode == 0 and out.stdout.split() == ["Net", "net"]
+
+
+def test_doctor_reports_what_the_kernel_can_enforce() -> None:
+    out = run("doctor", "--json")
+    assert out.returncode in (0, 1)
+    report = json.loads(out.stdout)
+    assert "landlock" in report["protections"]
