@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import inspect
 import json
 import mmap
 import multiprocessing
@@ -786,17 +785,6 @@ class Bench:
         from isolhub import _api
 
         title = "sandboxed worker set-up vs unsandboxed"
-        if "sandbox" not in inspect.signature(_api.start_worker).parameters:
-            return Row(
-                "sandbox",
-                title,
-                "n/a",
-                "unsandboxed worker",
-                "",
-                "+ ≤ 10 ms",
-                None,
-                "n/a: sandbox not integrated yet (start_worker has no sandbox= argument)",
-            )
         from isolhub._sandbox import resolve_policy
 
         policy = resolve_policy("strict")
@@ -855,23 +843,7 @@ class Bench:
 
     # -- 11. the pool -------------------------------------------------------------------------
     def row_pool(self) -> Row:
-        title = "32 small repos through the pool (2 workers)"
-        try:
-            from isolhub._pool import Hub
-
-            Hub.map  # noqa: B018 - the API this row uses
-        except (ImportError, AttributeError) as e:
-            return Row(
-                "pool",
-                title,
-                "n/a",
-                "sequential torch.hub.load in one process",
-                "",
-                "≥ 1.0× throughput",
-                None,
-                f"n/a: the pool is not importable yet ({e})",
-            )
-        return self._pool_row(title)
+        return self._pool_row("32 small repos through the pool (2 workers)")
 
     def _pool_row(self, title: str) -> Row:
         import torch.hub
