@@ -19,7 +19,7 @@ from collections import OrderedDict
 from typing import Any
 
 from ._byvalue import dumps
-from ._errors import HandleClosedError, ProtocolError, WorkerCrashedError, WorkerTimeoutError
+from ._errors import HandleClosedError, ProtocolError
 from ._process import Worker
 from ._values import decode_value
 
@@ -53,8 +53,6 @@ class _Session:
         }
         try:
             reply, fds = self.worker.request(message, self.timeout, [] if fd is None else [fd])
-        except (WorkerCrashedError, WorkerTimeoutError):
-            raise
         finally:
             if fd is not None:
                 os.close(fd)
