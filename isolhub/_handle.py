@@ -14,7 +14,7 @@ Example:
 from __future__ import annotations
 
 import os
-import threading
+import weakref
 from collections import OrderedDict
 from typing import Any
 
@@ -25,14 +25,18 @@ from ._values import decode_value
 
 
 class _Session:
-    """What all handles of one worker share: the worker, its lock, ids waiting to be released."""
+    """What all handles of one worker share: the worker, and the ids waiting to be released.
+
+    A proxy that is garbage-collected queues its id; the next request carries the queue, and the
+    worker drops its reference to the object. (No lock: the queue is filled from finalizers,
+    which may run while this thread is inside `invoke`; list append and the swap are atomic.)
+    """
 
     def __init__(self, worker: Worker, timeout: float | None) -> None:
         self.worker = worker
         self.timeout = timeout
-        self.lock = threading.Lock()
         self.to_release: list[int] = []
-        self.proxies: dict[int, RemoteObject] = {}
+        self.proxies: weakref.WeakValueDictionary[int, RemoteObject] = weakref.WeakValueDictionary()
 
     def invoke(self, handle_id: int, action: str, *args: Any, name: str = "", **kwargs: Any) -> Any:
         if self.worker.closed:
@@ -40,8 +44,7 @@ class _Session:
                 f"the worker for {self.worker.label} is gone; load the model again"
             )
         data, fd, layout = dumps((args, kwargs))
-        with self.lock:
-            release, self.to_release = self.to_release, []
+        release, self.to_release = self.to_release, []
         message = {
             "op": "invoke",
             "id": handle_id,
@@ -80,12 +83,12 @@ class _Session:
         cls = RemoteModule if info.get("module") else RemoteObject
         obj = cls(self, info)
         self.proxies[info["id"]] = obj
+        weakref.finalize(obj, self.queue_release, info["id"])
         return obj
 
-    def forget(self, handle_id: int) -> None:
-        with self.lock:
-            self.proxies.pop(handle_id, None)
-            self.to_release.append(handle_id)
+    def queue_release(self, handle_id: int) -> None:
+        """Called when the proxy of `handle_id` is gone: the worker may drop the object."""
+        self.to_release.append(handle_id)
 
 
 class RemoteObject:

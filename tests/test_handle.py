@@ -22,6 +22,15 @@ def repo(tmp_path: Path) -> Path:
         textwrap.dedent(files["hubconf.py"] or "")
         + """
 
+import weakref
+
+SPAWNED = weakref.WeakSet()
+
+
+class Spawned:
+    pass
+
+
 def pid_of_worker():
     import os
     import torch.nn as nn
@@ -35,6 +44,17 @@ def pid_of_worker():
 
         def unsendable(self):
             return object()
+
+        def spawn(self):
+            obj = Spawned()
+            SPAWNED.add(obj)
+            return obj
+
+        def live(self):
+            import gc
+
+            gc.collect()
+            return len(SPAWNED)
 
     return Holder()
 """
@@ -107,3 +127,16 @@ def test_a_remote_exception_is_a_remote_error_and_the_handle_stays_usable(repo: 
         with pytest.raises(hub.RemoteError, match="mat1 and mat2 shapes cannot be multiplied"):
             m(torch.ones(2, 7))
         assert m(torch.ones(2, 4)).shape == (2, 3)
+
+
+def test_objects_behind_dropped_proxies_are_released_in_the_worker(repo: Path) -> None:
+    import gc
+
+    with hub.load(spec_of(repo), "pid_of_worker", mode="remote") as m:
+        kept = m.spawn()
+        dropped = [m.spawn() for _ in range(3)]
+        assert m.live() == 4
+        del dropped
+        gc.collect()
+        assert m.live() == 1  # the request carried the releases; only `kept` is still held
+        assert kept.remote_type.endswith(".Spawned")
