@@ -329,11 +329,9 @@ def _route_torch_hub(hub_dir: str | None) -> None:
 
     if hub_dir:
         torch.hub.set_dir(hub_dir)
-    try:
-        from . import _checkpoints, _download
-    except ImportError:
-        return
     import torch.utils.model_zoo
+
+    from . import _checkpoints, _download
 
     torch.hub.download_url_to_file = _download.download_url_to_file
     torch.hub.load_state_dict_from_url = _checkpoints.load_state_dict_from_url
