@@ -51,3 +51,19 @@ def github_api() -> str:
 def github_token() -> str | None:
     """`$GITHUB_TOKEN`, or None; sent only to the `github_api()` host."""
     return os.environ.get("GITHUB_TOKEN") or None
+
+
+DEFAULT_SPIN_US = 200
+
+
+def spin_seconds() -> float:
+    """How long a side of a worker channel polls before it sleeps (`$ISOLHUB_SPIN_US`, µs).
+
+    Waking a sleeping process costs more than a short call's whole round trip on many virtual
+    machines; polling for a short while first keeps remote calls fast. 0 turns it off.
+    """
+    try:
+        us = float(os.environ.get("ISOLHUB_SPIN_US", DEFAULT_SPIN_US))
+    except ValueError:
+        us = DEFAULT_SPIN_US
+    return max(0.0, min(us, 10_000.0)) * 1e-6

@@ -33,6 +33,7 @@ from typing import Any
 
 import cloudpickle
 
+from . import _config
 from ._errors import (
     EntrypointError,
     MissingDependenciesError,
@@ -44,7 +45,7 @@ from ._errors import (
     WorkerTimeoutError,
     describe_exit,
 )
-from ._protocol import decode, encode, recv_frame, send_frame
+from ._protocol import decode, encode, recv_frame, send_frame, spin_poll
 from ._sandbox import without_secrets
 
 _TAIL_BYTES = 8192
@@ -167,6 +168,10 @@ class Worker:
         self._status = status
         self.returncode: int | None = None
         self.scratch = scratch
+        self._poller = select.poll()
+        self._poller.register(sock, select.POLLIN)
+        self._poller.register(self.pidfd, select.POLLIN)
+        self._spin = _config.spin_seconds()
         self.closed = False
         # Serves requests the worker makes while answering (a sandbox's downloads).
         self.on_request: Callable[[dict[str, Any]], tuple[dict[str, Any], list[int]]] | None = None
@@ -224,7 +229,7 @@ class Worker:
         worker = cls(label, pid, parent, status, out_r, scratch)
         worker.on_request = on_request
         try:
-            send_frame(parent, cloudpickle.dumps(dict(init, scratch=scratch)))
+            send_frame(parent, cloudpickle.dumps(dict(init, scratch=scratch, spin=worker._spin)))
             worker._reply(time.monotonic() + _HANDSHAKE_TIMEOUT)
         except BaseException:
             worker.kill()
@@ -278,12 +283,16 @@ class Worker:
     def _frame(
         self, deadline: float | None, timeout: float | None
     ) -> tuple[dict[str, Any], list[int]]:
-        # A poll object holds no fd, so one per wait costs nothing (a selector costs three calls).
-        poller = select.poll()
-        poller.register(self.sock, select.POLLIN)
-        poller.register(self.pidfd, select.POLLIN)
         sock_fd = self.sock.fileno()
+        poll = self._poller.poll
+        events = poll(0) or spin_poll(poll, self._spin)
         while True:
+            if events:
+                ready = {fd for fd, _ in events}
+                if sock_fd in ready:
+                    break
+                if self.pidfd in ready:
+                    self._raise_death()
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 self.kill()
@@ -294,12 +303,9 @@ class Worker:
                     spec=self.label,
                     pid=self.pid,
                 )
-            ready = {fd for fd, _ in poller.poll(None if remaining is None else remaining * 1e3)}
-            if sock_fd in ready:
-                break
-            if self.pidfd in ready:
-                self._raise_death()
-        self.sock.settimeout(None if remaining is None else max(remaining, 1.0))
+            events = poll(None if remaining is None else remaining * 1e3)
+        if deadline is not None:  # a worker that sends half a frame and stops must not hang us
+            self.sock.settimeout(max(deadline - time.monotonic(), 1.0))
         try:
             frame = recv_frame(self.sock)
         except (TimeoutError, ProtocolError, OSError) as e:
@@ -308,7 +314,7 @@ class Worker:
             self.kill()
             raise ProtocolError(f"bad frame from the worker for {self.label}: {e}") from e
         finally:
-            if not self.closed:
+            if deadline is not None and not self.closed:
                 self.sock.settimeout(None)
         if frame is None:
             self._dead_within(_GRACE)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import array
 import socket
 import struct
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -101,6 +102,24 @@ def recv_frame(sock: socket.socket, max_size: int = MAX_FRAME) -> tuple[bytes, l
             raise ProtocolError(f"channel closed after {got} of {size} frame bytes")
         got += n
     return bytes(payload), fds
+
+
+def spin_poll(
+    poll: Callable[[int], list[tuple[int, int]]], seconds: float
+) -> list[tuple[int, int]]:
+    """Poll without sleeping for up to `seconds`: the events, or [] when nothing came.
+
+    A reply that comes within the spin costs no wake-up of this process, which on a virtual
+    machine costs more than a short remote call (`_config.spin_seconds` says how long).
+    """
+    if seconds <= 0:
+        return []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        events = poll(0)
+        if events:
+            return events
+    return []
 
 
 def _fds_from(anc: list[tuple[int, int, bytes]]) -> list[int]:

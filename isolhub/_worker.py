@@ -18,16 +18,18 @@ import faulthandler
 import importlib.util
 import os
 import pickle
+import select
 import socket
 import sys
 import traceback
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any, NoReturn
 
 from . import _config
 from ._byvalue import dumps, loads, register_snapshot_modules
 from ._errors import EntrypointError, MissingDependenciesError, ProtocolError, SandboxError
-from ._protocol import encode, recv_frame, send_frame
+from ._protocol import encode, recv_frame, send_frame, spin_poll
 from ._values import encode_value
 
 
@@ -47,7 +49,9 @@ def serve(fd: int) -> NoReturn:
             send_frame(sock, encode({"ok": False, "error": _error_record(e)}))
             raise SystemExit(78) from e
         send_frame(sock, encode({"ok": True, "pid": os.getpid()}))
+        wait = _spin_waiter(sock, state.spin)
         while True:
+            wait()
             frame = recv_frame(sock)
             if frame is None:
                 break
@@ -78,6 +82,23 @@ def serve(fd: int) -> NoReturn:
     os._exit(code)
 
 
+def _spin_waiter(sock: socket.socket, seconds: float) -> Callable[[], None]:
+    """Wait for the next request by polling up to `seconds` before sleeping in recv.
+
+    Calls on a remote handle come back to back; a worker that went to sleep between them pays
+    a wake-up per call (the parent spins on its side for the same reason).
+    """
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    poll = poller.poll
+
+    def wait() -> None:
+        if not poll(0):
+            spin_poll(poll, seconds)
+
+    return wait
+
+
 def _flush() -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -90,6 +111,7 @@ class _WorkerState:
     def __init__(self, init: dict[str, Any], sock: socket.socket) -> None:
         self.sock = sock
         self.scratch: str = init["scratch"]
+        self.spin: float = float(init.get("spin") or 0.0)
         self.snapshot: str = init["snapshot"]
         self.module_name: str = init["module_name"]
         self.hubconf: ModuleType | None = None

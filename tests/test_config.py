@@ -35,3 +35,19 @@ def test_set_dir_expands_the_user_and_accepts_pathlike(monkeypatch: pytest.Monke
     monkeypatch.setenv("HOME", "/home/someone")
     isolhub.set_dir(Path("~/hub"))
     assert isolhub.get_dir() == "/home/someone/hub"
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [(None, 200e-6), ("0", 0.0), ("50", 50e-6), ("-3", 0.0), ("1e9", 0.01), ("soon", 200e-6)],
+)
+def test_spin_time_comes_from_the_environment_bounded(
+    value: str | None, seconds: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from isolhub import _config
+
+    if value is None:
+        monkeypatch.delenv("ISOLHUB_SPIN_US", raising=False)
+    else:
+        monkeypatch.setenv("ISOLHUB_SPIN_US", value)
+    assert _config.spin_seconds() == pytest.approx(seconds)

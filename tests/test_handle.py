@@ -50,6 +50,12 @@ def pid_of_worker():
             SPAWNED.add(obj)
             return obj
 
+        def slow(self, seconds):
+            import time
+
+            time.sleep(seconds)
+            return seconds
+
         def live(self):
             import gc
 
@@ -76,6 +82,21 @@ def test_forward_methods_and_attributes_run_in_the_worker(repo: Path) -> None:
         m.training = True
         assert m.training is True
         assert m.remote_type.endswith("Net")
+
+
+@pytest.mark.parametrize("spin_us", ["0", "50", "5000"])
+def test_calls_answer_alike_whether_the_sides_poll_or_sleep_while_waiting(
+    repo: Path, spin_us: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ISOLHUB_SPIN_US", spin_us)
+    local = hub.load(spec_of(repo), "net")
+    x = torch.randn(5, 4)
+    with hub.load(spec_of(repo), "pid_of_worker", mode="remote") as h:
+        assert h.slow(0.05) == 0.05  # longer than any spin: both sides end up asleep
+        assert h.pid() == h.pid()
+    with hub.load(spec_of(repo), "net", mode="remote") as m:
+        for _ in range(20):
+            assert torch.equal(m(x), local(x))
 
 
 def test_state_dict_comes_through_shared_memory(repo: Path) -> None:
