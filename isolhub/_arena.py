@@ -43,6 +43,8 @@ _DTYPE_NAMES: dict[Any, str] = {}
 # Packed tensor description: storage index, dtype (index in _DTYPES), ndim, requires_grad,
 # storage offset, then ndim sizes and ndim strides; all unsigned, so none can be negative.
 _PACKED_HEAD = struct.Struct("<IBB?Q")
+_PACKED_HEAD_SIZE = _PACKED_HEAD.size
+_LAYOUT_PAIR = struct.Struct("<QQ")
 _MAX_PACKED_DIMS = 64
 _INT64_LIMIT = 1 << 63
 # As many [offset, nbytes] pairs as the codec's item cap lets a list layout hold.
@@ -56,6 +58,25 @@ def _torch() -> Any:
     import torch
 
     return torch
+
+
+def _empty(*args: Any, **kwargs: Any) -> Any:
+    """`torch.empty`, bound on first use (the worker's zygote imports this module early)."""
+    global _empty
+    _empty = _torch().empty
+    return _empty(*args, **kwargs)
+
+
+_CODE_INFO: list[tuple[Any, int] | None] = []
+
+
+def _code_info(code: int) -> tuple[Any, int] | None:
+    """`(dtype, item size)` for a packed dtype code, None for an unknown one."""
+    if not _CODE_INFO:
+        _CODE_INFO.extend(
+            _dtype_info(name) if hasattr(_torch(), name) else None for name in _DTYPES
+        )
+    return _CODE_INFO[code] if code < len(_CODE_INFO) else None
 
 
 def _init_dtype_codes() -> None:
@@ -261,9 +282,9 @@ class ArenaReader:
     def __init__(self, fd: int | None, layout: Any) -> None:
         torch = _torch()
         self._storages: list[Any] = []
-        if type(layout) is bytes:
-            layout = _unpack_layout(layout)
         if fd is None:
+            if type(layout) is bytes:
+                layout = _unpack_layout(layout)
             for item in layout:
                 if type(item) is bytes:
                     self._storages.append(_inline_storage(torch, item))
@@ -285,6 +306,20 @@ class ArenaReader:
         finally:
             os.close(fd)
         frombuffer, uint8, storages = torch.frombuffer, torch.uint8, self._storages
+        if type(layout) is bytes:
+            # Packed pairs (ArenaWriter.seal): unsigned ints already, only the bounds to check.
+            for offset, nbytes in _iter_layout(layout):
+                if offset + nbytes > size:
+                    raise ProtocolError(
+                        f"arena entry [{offset}, {nbytes}] lies outside the {size}-byte arena"
+                    )
+                if nbytes:
+                    storages.append(
+                        frombuffer(mm, dtype=uint8, count=nbytes, offset=offset).untyped_storage()
+                    )
+                else:
+                    storages.append(torch.UntypedStorage(0))
+            return
         for item in layout:
             if type(item) is bytes:
                 storages.append(_inline_storage(torch, item))
@@ -349,22 +384,23 @@ class ArenaReader:
 
     def tensor_packed(self, data: Any) -> Any:
         """Rebuild the tensor `ArenaWriter.tensor_packed` described (checked as `tensor`)."""
-        if type(data) is not bytes or len(data) < _PACKED_HEAD.size:
+        if type(data) is not bytes or len(data) < _PACKED_HEAD_SIZE:
             raise ProtocolError("malformed tensor description")
         ndim = data[5]
-        if ndim > _MAX_PACKED_DIMS or len(data) != _PACKED_HEAD.size + 16 * ndim:
+        if ndim > _MAX_PACKED_DIMS or len(data) != _PACKED_HEAD_SIZE + 16 * ndim:
             raise ProtocolError("malformed tensor description")
-        index, code, _, grad, offset, *dims = _packer(ndim).unpack(data)
-        if code >= len(_DTYPES):
-            raise ProtocolError(f"unsupported tensor dtype code {code}")
-        info = _dtype_info(_DTYPES[code])
+        index, code, _, grad, offset, *dims = (_PACKERS.get(ndim) or _packer(ndim)).unpack(data)
+        info = _code_info(code)
         if info is None:
-            raise ProtocolError(f"unsupported tensor dtype {_DTYPES[code]!r}")
+            raise ProtocolError(f"unsupported tensor dtype code {code}")
         dtype, itemsize = info
         if offset >= _INT64_LIMIT or (dims and max(dims) >= _INT64_LIMIT):
             raise ProtocolError("tensor size, stride or offset out of range")
         shape, stride = dims[:ndim], dims[ndim:]
-        storage = self.storage(index)
+        storages = self._storages
+        if index >= len(storages):
+            raise ProtocolError(f"no arena storage {index!r}")
+        storage = storages[index]
         if 0 not in shape:
             extent = offset + 1
             for n, s in zip(shape, stride, strict=True):
@@ -372,7 +408,7 @@ class ArenaReader:
             if extent * itemsize > storage.nbytes():
                 raise ProtocolError("tensor description reaches past its storage")
         try:
-            t = _torch().empty(0, dtype=dtype).set_(storage, offset, shape, stride)
+            t = _empty(0, dtype=dtype).set_(storage, offset, shape, stride)
         except (RuntimeError, TypeError, ValueError) as e:  # e.g. a size overflowing numel
             raise ProtocolError(f"malformed tensor description: {e}") from None
         if grad:
@@ -390,13 +426,16 @@ def _packer(ndim: int) -> struct.Struct:
     return packer
 
 
-def _unpack_layout(data: bytes) -> list[list[int]]:
-    """`[offset, nbytes]` pairs from a packed layout (`ArenaWriter.seal`)."""
-    count = len(data) // 16
-    if len(data) % 16 or count > _MAX_LAYOUT_ENTRIES:
+def _iter_layout(data: bytes) -> Any:
+    """`(offset, nbytes)` pairs from a packed layout (`ArenaWriter.seal`)."""
+    if len(data) % 16 or len(data) // 16 > _MAX_LAYOUT_ENTRIES:
         raise ProtocolError("malformed arena layout")
-    flat = struct.unpack(f"<{2 * count}Q", data)
-    return [[flat[i], flat[i + 1]] for i in range(0, 2 * count, 2)]
+    return _LAYOUT_PAIR.iter_unpack(data)
+
+
+def _unpack_layout(data: bytes) -> list[list[int]]:
+    """`[offset, nbytes]` lists from a packed layout, as a list layout holds them."""
+    return [[offset, nbytes] for offset, nbytes in _iter_layout(data)]
 
 
 def _inline_storage(torch: Any, data: bytes) -> Any:
