@@ -32,7 +32,7 @@ from ._process import Worker
 from ._sandbox import PRETEND_MISSING_ENV, Sandbox, SandboxReport, probe, resolve_policy
 from ._source import Snapshot, fetch_snapshot
 from ._spec import parse_spec
-from ._values import decode_value
+from ._values import decode_state_dict, decode_value
 
 MODES = ("module", "state_dict", "remote")
 
@@ -410,12 +410,7 @@ def _decode_kind(reply: dict[str, Any], fd: int | None) -> Any:
     if kind == "value":
         return decode_value(reply["body"], fd, reply["layout"])
     if kind == "state_dict":
-        items = decode_value(reply["body"], fd, reply["layout"])
-        if not isinstance(items, builtins.list) or not all(
-            isinstance(i, builtins.list) and len(i) == 2 and isinstance(i[0], str) for i in items
-        ):
-            raise ProtocolError("malformed state dict in a reply")
-        return OrderedDict((k, v) for k, v in items)
+        return decode_state_dict(reply["body"], fd, reply["layout"])
     if fd is not None:
         os.close(fd)
     raise ProtocolError(f"unknown result kind {kind!r}")

@@ -415,6 +415,19 @@ class ArenaReader:
             t.requires_grad_(True)
         return t
 
+    def tensors_packed(self, run: Any) -> list[Any]:
+        """The tensors of a run of `tensor_packed` descriptions laid end to end."""
+        if type(run) is not bytes:
+            raise ProtocolError("malformed tensor descriptions")
+        out, pos, end, one = [], 0, len(run), self.tensor_packed
+        while pos < end:
+            if pos + _PACKED_HEAD_SIZE > end:
+                raise ProtocolError("truncated tensor description")
+            stop = pos + _PACKED_HEAD_SIZE + 16 * run[pos + 5]
+            out.append(one(run[pos:stop]))  # a short last slice fails its length check
+            pos = stop
+        return out
+
 
 _PACKERS: dict[int, struct.Struct] = {}
 

@@ -21,7 +21,7 @@ from typing import Any
 from ._byvalue import dumps
 from ._errors import HandleClosedError, ProtocolError
 from ._process import Worker
-from ._values import decode_value
+from ._values import decode_state_dict, decode_value
 
 
 class _Session:
@@ -64,11 +64,10 @@ class _Session:
                 os.close(f)
             raise ProtocolError("a reply came with more than one fd")
         try:
-            value = decode_value(
-                reply["body"], fds[0] if fds else None, reply["layout"], self.proxy
-            )
+            fd = fds[0] if fds else None
             if reply.get("kind") == "state_dict":
-                return OrderedDict((k, v) for k, v in value)
+                return decode_state_dict(reply["body"], fd, reply["layout"])
+            value = decode_value(reply["body"], fd, reply["layout"], self.proxy)
         except (KeyError, TypeError, ValueError, ProtocolError) as e:
             self.worker.kill()  # it sent garbage: nothing more it says can be trusted
             raise ProtocolError(f"bad reply from the worker for {self.worker.label}: {e}") from e

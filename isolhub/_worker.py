@@ -30,7 +30,7 @@ from . import _config
 from ._byvalue import dumps, loads, register_snapshot_modules
 from ._errors import EntrypointError, MissingDependenciesError, ProtocolError, SandboxError
 from ._protocol import encode, recv_frame, send_frame, spin_poll
-from ._values import encode_value
+from ._values import encode_state_dict, encode_value
 
 
 def serve(fd: int) -> NoReturn:
@@ -235,7 +235,7 @@ class _WorkerState:
             setattr(target, request["name"], args[0])
             result = None
         elif action == "state_dict":
-            return _value_reply("state_dict", [[str(k), v] for k, v in target.state_dict().items()])
+            return _state_dict_reply(target.state_dict())
         else:
             raise ProtocolError(f"unknown action {action!r}")
         body, fd, layout = encode_value(result, handle_for=self.new_handle)
@@ -297,7 +297,7 @@ class _WorkerState:
             reply = {"ok": True, "kind": "pickle", "data": data, "layout": layout}
             return encode(reply), [] if fd is None else [fd]
         if result == "state_dict":
-            return _value_reply("state_dict", [[str(k), v] for k, v in _state_dict_of(obj).items()])
+            return _state_dict_reply(_state_dict_of(obj))
         if result == "value":
             return _value_reply("value", obj)
         if result == "handle":
@@ -316,6 +316,12 @@ def _short_repr(obj: Any) -> str:
 def _value_reply(kind: str, obj: Any) -> tuple[bytes, list[int]]:
     body, fd, layout = encode_value(obj)
     reply = encode({"ok": True, "kind": kind, "body": body, "layout": layout})
+    return reply, [] if fd is None else [fd]
+
+
+def _state_dict_reply(sd: Any) -> tuple[bytes, list[int]]:
+    body, fd, layout = encode_state_dict(sd.items())
+    reply = encode({"ok": True, "kind": "state_dict", "body": body, "layout": layout})
     return reply, [] if fd is None else [fd]
 
 

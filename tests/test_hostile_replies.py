@@ -43,6 +43,12 @@ def send_raw(payload, fds=(), announced=None):
 class X:
     pass  # stands for a tensor: the codec encodes it through the extension hook
 
+EMPTY_F32 = struct.pack("<IBB?QQQ", 0, 1, 1, False, 0, 0, 1)  # packed: storage 0, float32, shape (0,)
+
+def columnar(names, run):
+    body = encode({"names": names, "tensors": run})
+    send_raw(encode({"ok": True, "kind": "state_dict", "body": body, "layout": [[0, 0]]}))
+
 def as_tensor(meta):
     return encode([["w", X()]], lambda v: {"t": meta})
 
@@ -84,6 +90,15 @@ CASES = {
         "from isolhub._protocol import encode\n"
         "    body = as_tensor({'s': 0, 'dtype': 'object', 'shape': [0], 'stride': [1], 'offset': 0, 'grad': False})\n"
         "    send_raw(encode({'ok': True, 'kind': 'state_dict', 'body': body, 'layout': [[0, 0]]}))"
+    ),
+    "names_outnumber_tensors": "columnar(['a', 'b'], EMPTY_F32)",
+    "tensors_outnumber_names": "columnar(['a'], EMPTY_F32 * 2)",
+    "truncated_description_run": "columnar(['a'], EMPTY_F32[:-3])",
+    "short_description_run": "columnar(['a'], EMPTY_F32[:9])",
+    "names_not_text": "columnar([1], EMPTY_F32)",
+    "description_names_no_storage": "columnar(['a'], struct.pack('<IBB?QQQ', 5, 1, 1, False, 0, 0, 1))",
+    "pairs_not_pairs": (
+        "send_raw(encode({'ok': True, 'kind': 'state_dict', 'body': encode([['w']]), 'layout': []}))"
     ),
 }
 

@@ -49,6 +49,10 @@ HUBCONF = """
         return Tied()
 
 
+    def mixed():
+        return {"w": torch.ones(2), "step": 7, "note": "warm-up", "b": torch.zeros(1)}
+
+
     def odd_layouts():
         base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
         return {"transposed": base.t(), "sliced": base[1:3, ::2], "empty": torch.empty(0, 3),
@@ -101,6 +105,15 @@ def test_odd_layouts_scalars_and_empty_tensors_survive_detached(repo: Path) -> N
     assert sd["scalar"].item() == 3.5 and sd["scalar"].dim() == 0
     # As torch's own state_dict(): values are detached data, never autograd leaves.
     assert not sd["grad"].requires_grad
+
+
+def test_a_state_dict_with_plain_values_among_its_tensors_arrives_whole_in_order(
+    repo: Path,
+) -> None:
+    sd = hub.load_state_dict(spec_of(repo), "mixed")
+    assert list(sd) == ["w", "step", "note", "b"]
+    assert torch.equal(sd["w"], torch.ones(2)) and torch.equal(sd["b"], torch.zeros(1))
+    assert (sd["step"], sd["note"]) == (7, "warm-up")
 
 
 def test_tensors_are_private_writable_copies_on_write(repo: Path) -> None:
