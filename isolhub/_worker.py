@@ -27,7 +27,7 @@ from types import ModuleType
 from typing import Any, NoReturn
 
 from . import _config
-from ._byvalue import dumps, loads, register_snapshot_modules
+from ._byvalue import dumps, loads, mark_loaded_modules, register_snapshot_modules
 from ._errors import EntrypointError, MissingDependenciesError, ProtocolError, SandboxError
 from ._protocol import encode, recv_frame, send_frame, spin_poll
 from ._values import encode_state_dict, encode_value
@@ -109,6 +109,7 @@ def _flush() -> None:
 
 class _WorkerState:
     def __init__(self, init: dict[str, Any], sock: socket.socket) -> None:
+        mark_loaded_modules()  # before a line of the repo is imported
         self.sock = sock
         self.scratch: str = init["scratch"]
         self.spin: float = float(init.get("spin") or 0.0)
