@@ -1,8 +1,10 @@
 """The zygote: a process that preloads torch and the worker runtime, then forks workers.
 
 Spawned once per parent (lazily). It runs no torch op and starts no thread, so each fork is a
-cheap copy-on-write clone (~10 ms) instead of a fresh interpreter importing torch (~1 s). It talks
-to the parent over one control socket:
+cheap copy-on-write clone (~10 ms) instead of a fresh interpreter importing torch (~1 s). It keeps
+one child forked ahead (the spare) and hands it the next worker's fds, so the fork is off the
+critical path: a worker is ready in the time of the handshake. It talks to the parent over one
+control socket:
 
     {"op": "fork"} + fds [channel, output]  →  {"pid": N}
     {"op": "wait", "pid": N}                 →  {"status": returncode}   (after N has exited)
@@ -49,12 +51,49 @@ def _set_pdeathsig() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
-def _child(control: socket.socket, channel: int, output: int, zygote_pid: int) -> None:
-    # The worker dies with the zygote, which dies with the parent.
-    _set_pdeathsig()
-    if os.getppid() != zygote_pid:
-        os._exit(1)
-    control.close()
+def _fork_spare(control: socket.socket) -> tuple[int, socket.socket]:
+    """Fork a child that waits for a worker's fds, then serves as that worker: (pid, its socket)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    zygote_pid = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            # The worker dies with the zygote, which dies with the parent.
+            _set_pdeathsig()
+            if os.getppid() != zygote_pid:
+                os._exit(1)
+            control.close()
+            ours.close()
+            from ._protocol import recv_frame
+
+            frame = recv_frame(theirs)
+            if frame is None or len(frame[1]) != 2:
+                os._exit(0)  # the zygote is closing
+            theirs.close()
+            _child(*frame[1])
+        finally:
+            os._exit(71)
+    theirs.close()
+    return pid, ours
+
+
+def _hand_over(spare: tuple[int, socket.socket], fds: list[int]) -> bool:
+    """Give the spare its worker's fds; False (and the spare reaped) if it is gone."""
+    from ._protocol import send_frame
+
+    pid, sock = spare
+    try:
+        send_frame(sock, b"worker", fds)
+        return True
+    except OSError:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        return False
+    finally:
+        sock.close()
+
+
+def _child(channel: int, output: int) -> None:
     os.dup2(output, 1)
     os.dup2(output, 2)
     os.close(output)
@@ -72,12 +111,21 @@ def main(control_fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     control = socket.socket(fileno=control_fd)
     children: set[int] = set()
+
+    def new_spare() -> tuple[int, socket.socket] | None:
+        if _threads() != 1:
+            return None  # a process with threads must not fork; the request will say why
+        pid, sock = _fork_spare(control)
+        children.add(pid)
+        return pid, sock
+
     try:
         _preload()
         send_frame(control, encode({"ready": True, "pid": os.getpid()}))
     except BaseException as e:
         send_frame(control, encode({"ready": False, "error": f"{type(e).__name__}: {e}"}))
         raise
+    spare = new_spare()
     while True:
         frame = recv_frame(control)
         if frame is None:
@@ -85,18 +133,21 @@ def main(control_fd: int) -> None:
         payload, fds = frame
         request: dict[str, Any] = decode(payload)
         reply: dict[str, Any]
+        forked = False
         if request.get("op") == "fork" and len(fds) == 2:
             if _threads() != 1:
                 reply = {"error": f"the zygote has {_threads()} threads; refusing to fork"}
             else:
-                pid = os.fork()
-                if pid == 0:
-                    try:
-                        _child(control, fds[0], fds[1], os.getppid())
-                    finally:
-                        os._exit(71)
-                children.add(pid)
-                reply = {"pid": pid}
+                # A spare that died meanwhile (OOM killer) is reaped and replaced by a new fork.
+                if spare is None or not _hand_over(spare, fds):
+                    if spare is not None:
+                        children.discard(spare[0])
+                    spare = new_spare()
+                    if spare is not None and not _hand_over(spare, fds):
+                        children.discard(spare[0])
+                        spare = None
+                reply = {"pid": spare[0]} if spare else {"error": "a new worker died at once"}
+                spare, forked = None, True
         elif request.get("op") == "wait" and request.get("pid") in children:
             pid = request["pid"]
             _, status = os.waitpid(pid, 0)
@@ -107,6 +158,10 @@ def main(control_fd: int) -> None:
         for fd in fds:
             os.close(fd)
         send_frame(control, encode(reply))
+        if forked:  # the next worker's fork, while the parent talks to this one
+            spare = new_spare()
+    if spare is not None:
+        spare[1].close()
     for pid in children:
         try:
             os.kill(pid, signal.SIGKILL)

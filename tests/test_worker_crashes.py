@@ -89,3 +89,33 @@ def test_a_crash_leaves_no_zombie_no_fd_and_no_scratch_dir(
     assert child_pids() == children_before
     assert scratch_dirs() == scratch_before == set()
     assert zombie_pids() == []
+
+
+def _children_of(pid: int) -> set[int]:
+    out = set()
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out.add(int(p))
+    return out
+
+
+def test_the_next_worker_is_forked_ahead_and_a_dead_spare_is_replaced(crash_repo: Path) -> None:
+    import signal
+
+    from isolhub import _process
+
+    assert hub.load(spec_of(crash_repo), "ok") == "fine"
+    zygote = _process._Zygote.get().proc.pid
+    deadline = time.monotonic() + 10
+    while not (spares := _children_of(zygote)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(spares) == 1  # forked ahead, waiting for the next worker's fds
+    (spare,) = spares
+    os.kill(spare, signal.SIGKILL)  # as the OOM killer might
+    assert hub.load(spec_of(crash_repo), "ok") == "fine"
+    assert spare not in _children_of(zygote) and zombie_pids() == []
