@@ -175,7 +175,9 @@ def run_load(
     snap = _snapshot(repo_or_dir, o, "load", policy)
     if o.mode != "remote":
         with start_worker(snap, sandbox=policy) as w:
-            return call(w, model, args, kwargs, result=o.mode, timeout=timeout, seed=o.seed)
+            return call(
+                w, model, args, kwargs, result=o.mode, timeout=timeout, seed=o.seed, last=True
+            )
     w = start_worker(snap, sandbox=policy)
     try:
         reply, fds = w.request(_call_message(model, args, kwargs, "handle", o.seed, None), timeout)
@@ -338,14 +340,20 @@ def call(
     timeout: float | None = None,
     seed: int | None = None,
     then: Any = None,
+    last: bool = False,
 ) -> Any:
     """Call `entry` in a live worker and decode its result.
 
     `result` is `module` (by value), `state_dict` or `value` (restricted codec + tensors);
     `then(obj)`, if given, runs in the worker on the entrypoint's result first (closures and
     lambdas work: it travels by cloudpickle, from this trusted process to the worker).
+    `last=True`: the worker exits right after replying, while this process decodes the reply
+    (its exit then costs `close()` nothing).
     """
-    reply, fds = worker.request(_call_message(entry, args, kwargs, result, seed, then), timeout)
+    message = _call_message(entry, args, kwargs, result, seed, then)
+    if last:
+        message["last"] = True
+    reply, fds = worker.request(message, timeout)
     try:
         return decode_result(reply, fds, expect=result)
     except ProtocolError:

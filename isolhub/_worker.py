@@ -73,6 +73,8 @@ def serve(fd: int) -> NoReturn:
             finally:
                 for f in fds:
                     os.close(f)
+            if request.get("last"):
+                break  # the parent wants nothing more: exit while it decodes the reply
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except BaseException:
