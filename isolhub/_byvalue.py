@@ -62,12 +62,15 @@ def _modules_since_mark() -> list[tuple[str, Any]]:
         return list(sys.modules.items())
     count, mark_name, mark_module = _MARK
     newer = []
-    for name in reversed(sys.modules):
-        if name == mark_name:
-            if sys.modules[name] is mark_module and len(newer) == len(sys.modules) - count:
-                return newer
-            break
-        newer.append((name, sys.modules[name]))
+    try:
+        for name in reversed(sys.modules):
+            if name == mark_name:
+                if sys.modules[name] is mark_module and len(newer) == len(sys.modules) - count:
+                    return newer
+                break
+            newer.append((name, sys.modules[name]))
+    except (RuntimeError, KeyError):  # a thread of the repo's importing meanwhile
+        pass
     return list(sys.modules.items())
 
 
