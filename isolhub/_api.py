@@ -24,11 +24,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _byvalue
+from ._arena import ArenaReader
 from ._broker import weights_broker
 from ._config import get_dir
 from ._errors import ProtocolError, SandboxError, SpecError
 from ._handle import open_handle
 from ._process import Worker
+from ._pull import PullError, read_storages
 from ._sandbox import PRETEND_MISSING_ENV, Sandbox, SandboxReport, probe, resolve_policy
 from ._source import Snapshot, fetch_snapshot
 from ._spec import parse_spec
@@ -353,12 +355,44 @@ def call(
     message = _call_message(entry, args, kwargs, result, seed, then)
     if last:
         message["last"] = True
+    pull = result == "module" and not _PULL_REFUSED
+    if pull:
+        message["pull"] = True  # the module's storages are read out of the worker (`_pull`)
     reply, fds = worker.request(message, timeout)
     try:
+        if pull and reply.get("pull"):
+            return _pulled_module(worker, reply, fds, timeout, last)
         return decode_result(reply, fds, expect=result)
     except ProtocolError:
         worker.kill()  # it sent garbage: nothing more it says can be trusted
         raise
+
+
+_PULL_REFUSED = False  # set once the kernel refused process_vm_readv here
+
+
+def _pulled_module(
+    worker: Worker, reply: dict[str, Any], fds: list[int], timeout: float | None, last: bool
+) -> Any:
+    """A module-mode result whose storages are read out of the (trusted) worker's memory."""
+    global _PULL_REFUSED
+    for fd in fds:
+        os.close(fd)
+    if fds or reply.get("kind") != "pickle" or type(reply.get("data")) is not bytes:
+        raise ProtocolError("malformed module result from a worker")
+    try:
+        arena = ArenaReader.of_storages(read_storages(worker.pid, reply["layout"]))
+    except PullError:
+        _PULL_REFUSED = True
+        pushed, push_fds = worker.request({"op": "push"}, timeout)
+        if pushed.get("kind") != "arena" or len(push_fds) > 1:
+            for fd in push_fds:
+                os.close(fd)
+            raise ProtocolError("malformed arena from a worker") from None
+        arena = ArenaReader(push_fds[0] if push_fds else None, pushed.get("layout"))
+    if last:
+        worker.send_close()  # it may exit now, while this process unpickles
+    return _byvalue.loads_with(reply["data"], arena)
 
 
 def _watchdog(timeout: float | None, policy: Sandbox | None) -> float | None:
@@ -396,7 +430,7 @@ def decode_result(reply: dict[str, Any], fds: list[int], *, expect: str) -> Any:
     restricted codec, so a worker cannot make the parent unpickle by lying about the kind.
     """
     want = "pickle" if expect == "module" else expect
-    if reply.get("kind") != want:
+    if reply.get("kind") != want or reply.get("pull"):
         for fd in fds:
             os.close(fd)
         raise ProtocolError(f"asked for a {want} result, got {reply.get('kind')!r}")

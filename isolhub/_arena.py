@@ -114,6 +114,11 @@ class ArenaWriter:
         self._index: dict[tuple[str, int, int], int] = {}
         self._storages: list[Any] = []
 
+    @property
+    def storages(self) -> list[Any]:
+        """The storages collected so far, in index order."""
+        return self._storages
+
     def storage_index(self, storage: Any) -> int:
         """The arena index of an `UntypedStorage`, adding it on first sight."""
         if storage.device.type != "cpu":
@@ -341,6 +346,13 @@ class ArenaReader:
             else:
                 view = frombuffer(mm, dtype=uint8, count=nbytes, offset=offset)
                 storages.append(view.untyped_storage())
+
+    @classmethod
+    def of_storages(cls, storages: list[Any]) -> ArenaReader:
+        """A reader over storages already in this process (`_pull.read_storages`)."""
+        reader = cls(None, [])
+        reader._storages = storages
+        return reader
 
     def storage(self, index: Any) -> Any:
         """The `UntypedStorage` at `index`."""

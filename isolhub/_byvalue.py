@@ -22,6 +22,7 @@ from typing import Any
 import cloudpickle
 
 from ._arena import ArenaReader, ArenaWriter
+from ._pull import pin
 
 
 def register_snapshot_modules(root: str) -> list[str]:
@@ -147,11 +148,26 @@ class _Pickler(cloudpickle.Pickler):
 
 def dumps(obj: Any) -> tuple[bytes, int | None, Any]:
     """Pickle `obj` with storages out-of-band: `(pickle bytes, arena fd, arena layout)`."""
+    data, arena = _pickled(obj)
+    fd, layout = arena.seal()
+    return data, fd, layout
+
+
+def dumps_pinned(obj: Any) -> tuple[bytes, bytes, list[Any]]:
+    """Pickle `obj`, its storages left in place: `(pickle bytes, their addresses, pinned)`.
+
+    The parent reads them out of this process (`loads_pulled`); keep `pinned` until it has.
+    """
+    data, arena = _pickled(obj)
+    addresses, pinned = pin(arena.storages)
+    return data, addresses, pinned
+
+
+def _pickled(obj: Any) -> tuple[bytes, ArenaWriter]:
     buf = io.BytesIO()
     arena = ArenaWriter()
     _Pickler(buf, arena).dump(obj)
-    fd, layout = arena.seal()
-    return buf.getvalue(), fd, layout
+    return buf.getvalue(), arena
 
 
 class _Unpickler(pickle.Unpickler):
@@ -196,4 +212,9 @@ def _plain_tensor_packed(arena: ArenaWriter, t: Any) -> bytes | None:
 
 def loads(data: bytes, fd: int | None, layout: Any) -> Any:
     """Rebuild what `dumps` produced; the arena fd is consumed (closed)."""
-    return _Unpickler(io.BytesIO(data), ArenaReader(fd, layout)).load()
+    return loads_with(data, ArenaReader(fd, layout))
+
+
+def loads_with(data: bytes, arena: ArenaReader) -> Any:
+    """Rebuild a pickle whose storages `arena` holds (`loads`, or storages read by `_pull`)."""
+    return _Unpickler(io.BytesIO(data), arena).load()

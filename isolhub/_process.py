@@ -415,12 +415,17 @@ class Worker:
         self._dead_within(_GRACE)
         self._collect()
 
+    def send_close(self) -> None:
+        """Ask the worker to exit, without waiting (`close` waits and reaps)."""
+        if not self.closed:
+            with contextlib.suppress(OSError):
+                send_frame(self.sock, pickle.dumps({"op": "close"}))
+
     def close(self) -> None:
         """Ask the worker to exit; kill it if it has not within two seconds."""
         if self.closed:
             return
-        with contextlib.suppress(OSError):
-            send_frame(self.sock, pickle.dumps({"op": "close"}))
+        self.send_close()
         if not self._dead_within(_GRACE):
             with contextlib.suppress(OSError):
                 signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)

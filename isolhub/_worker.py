@@ -27,7 +27,14 @@ from types import ModuleType
 from typing import Any, NoReturn
 
 from . import _config
-from ._byvalue import dumps, loads, mark_loaded_modules, register_snapshot_modules
+from ._arena import ArenaWriter
+from ._byvalue import (
+    dumps,
+    dumps_pinned,
+    loads,
+    mark_loaded_modules,
+    register_snapshot_modules,
+)
 from ._errors import EntrypointError, MissingDependenciesError, ProtocolError, SandboxError
 from ._protocol import encode, recv_frame, send_frame, spin_poll
 from ._values import encode_state_dict, encode_value
@@ -73,7 +80,7 @@ def serve(fd: int) -> NoReturn:
             finally:
                 for f in fds:
                     os.close(f)
-            if request.get("last"):
+            if request.get("last") and state.pinned is None:
                 break  # the parent wants nothing more: exit while it decodes the reply
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
@@ -120,6 +127,8 @@ class _WorkerState:
         self.hubconf: ModuleType | None = None
         self.import_error: BaseException | None = None
         self.handles: dict[int, Any] = {}
+        # Storages the parent is reading out of this process (a module result, pulled).
+        self.pinned: list[Any] | None = None
         self.handle_ids: dict[int, int] = {}
         self.next_handle = 1
         if init.get("env") is not None:
@@ -174,6 +183,9 @@ class _WorkerState:
 
     def handle(self, request: dict[str, Any], in_fds: list[int]) -> tuple[bytes, list[int]]:
         try:
+            if request.get("op") == "push":  # the parent could not pull: the usual sealed arena
+                return self.push()
+            self.pinned = None  # the parent has read them: the next request says so
             for handle_id in request.get("release", ()):
                 self.release(handle_id)
             if "payload" in request:
@@ -199,6 +211,15 @@ class _WorkerState:
         finally:
             for fd in in_fds:
                 os.close(fd)
+
+    def push(self) -> tuple[bytes, list[int]]:
+        """The pinned storages, in order, through a sealed arena."""
+        arena = ArenaWriter()
+        for storage in self.pinned or ():
+            arena.storage_index(storage)
+        self.pinned = None
+        fd, layout = arena.seal()
+        return encode({"ok": True, "kind": "arena", "layout": layout}), [] if fd is None else [fd]
 
     def new_handle(self, obj: Any) -> dict[str, Any]:
         """Keep `obj` in the worker and describe it; one id per object."""
@@ -296,6 +317,10 @@ class _WorkerState:
         result = request.get("result", "module")
         if result == "module":
             register_snapshot_modules(self.snapshot)
+            if request.get("pull"):
+                data, addresses, self.pinned = dumps_pinned(obj)
+                reply = {"ok": True, "kind": "pickle", "data": data, "layout": addresses}
+                return encode(dict(reply, pull=True)), []
             data, fd, layout = dumps(obj)
             reply = {"ok": True, "kind": "pickle", "data": data, "layout": layout}
             return encode(reply), [] if fd is None else [fd]

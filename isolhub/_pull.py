@@ -1,0 +1,143 @@
+"""Storages read straight out of a trusted worker's memory, into huge-page-backed fresh memory.
+
+For module mode only (the parent already trusts that worker: it unpickles what it sends). The
+worker pins the storages it pickled and sends their addresses; the parent reads them with
+`process_vm_readv` into one anonymous mapping advised for transparent huge pages. On this
+project's virtual machines a fresh 4 KiB page costs about as much to fault in as 2 MiB cost to
+zero, so this is ~2× faster than writing into a memfd (shared memory gets no huge pages here)
+and mapping that. Where the kernel refuses (`ptrace` restrictions, no such syscall), `PullError`
+says so and the caller asks the worker for the usual sealed arena instead.
+
+Example:
+    >>> layout, pinned = pin(storages)             # in the worker; keep `pinned` until released
+    >>> read_storages(worker_pid, layout)          # in the parent: [UntypedStorage, ...]
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import struct
+import weakref
+from typing import Any
+
+from ._errors import ProtocolError
+
+_ALIGN = 64
+_HUGE = 2 << 20
+_MADV_HUGEPAGE = 14
+_IOV_MAX = 1024
+_CHUNK = 1 << 30  # the kernel moves at most ~2 GiB per call
+_PAIR = struct.Struct("<QQ")
+_MAX_TOTAL = 1 << 44
+
+
+class PullError(OSError):
+    """The kernel would not let this process read the worker's memory."""
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.process_vm_readv.restype = ctypes.c_ssize_t
+_libc.process_vm_readv.argtypes = [
+    ctypes.c_int,
+    ctypes.POINTER(_Iovec),
+    ctypes.c_ulong,
+    ctypes.POINTER(_Iovec),
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+]
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def pin(storages: list[Any]) -> tuple[bytes, list[Any]]:
+    """The packed `(address, nbytes)` of each CPU storage, and what must stay alive meanwhile."""
+    pinned = [st if st.device.type == "cpu" else st.cpu() for st in storages]
+    return b"".join(_PAIR.pack(st.data_ptr(), st.nbytes()) for st in pinned), pinned
+
+
+def read_storages(pid: int, layout: Any) -> list[Any]:
+    """Copy the storages `pin` described out of process `pid`: new private `UntypedStorage`s.
+
+    Raises:
+        PullError: the kernel refuses to let this process read `pid`'s memory.
+        ProtocolError: the layout is malformed, or names memory the worker does not have.
+    """
+    import torch
+
+    if type(layout) is not bytes or len(layout) % _PAIR.size:
+        raise ProtocolError("malformed storage addresses in a reply")
+    pairs = list(_PAIR.iter_unpack(layout))
+    offsets, total = [], 0
+    for _, nbytes in pairs:
+        offsets.append(total)
+        total += -(-nbytes // _ALIGN) * _ALIGN
+    if total > _MAX_TOTAL:
+        raise ProtocolError(f"a reply claims {total} bytes of storages")
+    buf = _huge_buffer(max(total, 1))
+    base = ctypes.addressof(buf)
+    local: list[tuple[int, int]] = []
+    remote: list[tuple[int, int]] = []
+    for (address, nbytes), offset in zip(pairs, offsets, strict=True):
+        for start in range(0, nbytes, _CHUNK):
+            n = min(_CHUNK, nbytes - start)
+            local.append((base + offset + start, n))
+            remote.append((address + start, n))
+    for i in range(0, len(local), _IOV_MAX):
+        _readv(pid, local[i : i + _IOV_MAX], remote[i : i + _IOV_MAX])
+    frombuffer, uint8 = torch.frombuffer, torch.uint8
+    return [
+        frombuffer(buf, dtype=uint8, count=nbytes, offset=offset).untyped_storage()
+        if nbytes
+        else torch.UntypedStorage(0)
+        for (_, nbytes), offset in zip(pairs, offsets, strict=True)
+    ]
+
+
+def _readv(pid: int, local: list[tuple[int, int]], remote: list[tuple[int, int]]) -> None:
+    n = len(local)
+    liov = (_Iovec * n)(*local)
+    riov = (_Iovec * n)(*remote)
+    want = sum(size for _, size in local)
+    got = _libc.process_vm_readv(pid, liov, n, riov, n, 0)
+    if got < 0:
+        err = ctypes.get_errno()
+        if err in (1, 38):  # EPERM (ptrace restrictions), ENOSYS
+            raise PullError(err, f"cannot read the worker's memory: {os.strerror(err)}")
+        raise ProtocolError(f"cannot read the storages the worker named: {os.strerror(err)}")
+    if got != want:
+        raise ProtocolError(f"read {got} of the {want} storage bytes the worker named")
+
+
+def _huge_buffer(size: int) -> ctypes.Array[ctypes.c_char]:
+    """Fresh private anonymous memory of `size` bytes, 2 MiB-aligned and advised for huge
+    pages; unmapped when the last storage on it is gone."""
+    span = size + _HUGE
+    raw = _libc.mmap(
+        None, span, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0
+    )
+    if raw in (None, _MAP_FAILED):
+        err = ctypes.get_errno()
+        raise ProtocolError(
+            f"cannot allocate {size} bytes for the worker's storages: {os.strerror(err)}"
+        )
+    start = (raw + _HUGE - 1) & ~(_HUGE - 1)
+    _libc.madvise(start, size, _MADV_HUGEPAGE)  # advice: where refused, plain pages
+    buf = (ctypes.c_char * size).from_address(start)
+    weakref.finalize(buf, _libc.munmap, raw, span)
+    return buf

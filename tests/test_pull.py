@@ -1,0 +1,79 @@
+"""Module results: storages read straight out of the worker; where the kernel refuses, the arena."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import isolhub as hub
+from isolhub import _api
+
+from hubrepos import make_repo, net_files, spec_of
+
+REFUSED = """
+import ctypes, os, sys
+import torch
+import isolhub
+from isolhub import _api, _seccomp
+
+repo = sys.argv[1]
+first = isolhub.load(repo, "net", source="local")  # starts the zygote (its exec comes first)
+assert not _api._PULL_REFUSED
+ctypes.CDLL(None, use_errno=True).prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
+# The sandbox's deny list refuses process_vm_readv with EPERM, as a hardened kernel would.
+_seccomp.install(_seccomp.build(arch=_seccomp.native_arch(), deny_sockets=False,
+                                allow_fork=False, own_pid=os.getpid()))
+second = isolhub.load(repo, "net", source="local")
+third = isolhub.load(repo, "net", source="local")
+x = torch.randn(2, 4)
+assert _api._PULL_REFUSED
+assert all(torch.equal(first(x), m(x)) for m in (second, third))
+print("same results through the arena")
+"""
+
+
+def test_a_module_comes_through_the_arena_where_the_kernel_refuses_to_pull(
+    tmp_path: Path,
+) -> None:
+    repo = make_repo(tmp_path / "r", net_files("v1", width=3))
+    script = tmp_path / "refused.py"
+    script.write_text(textwrap.dedent(REFUSED))
+    out = subprocess.run(
+        [sys.executable, str(script), str(repo)], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "same results through the arena" in out.stdout
+
+
+def test_a_module_result_is_pulled_out_of_the_worker(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "r", net_files("v1", width=3))
+    m = hub.load(spec_of(repo), "net")
+    assert not _api._PULL_REFUSED
+    w = m.fc.weight
+    assert w.untyped_storage().data_ptr() % 64 == 0
+    w.data.add_(1)  # private and writable
+    assert torch.equal(hub.load(spec_of(repo), "net").fc.weight + 1, w)
+
+
+@pytest.mark.parametrize("mode", ["module", "state_dict"])
+def test_storage_addresses_the_worker_does_not_have_are_a_protocol_error(
+    tmp_path: Path, mode: str
+) -> None:
+    from test_hostile_replies import PRELUDE
+
+    body = textwrap.dedent(PRELUDE).replace("MARKER", repr(str(tmp_path / "pwned")))
+    body += textwrap.dedent(
+        """
+        def bogus():
+            send_raw(encode({"ok": True, "kind": "pickle", "data": b"\\x80\\x05K\\x01.",
+                             "pull": True, "layout": struct.pack("<QQ", 0x10, 1 << 20)}))
+        """
+    )
+    repo = make_repo(tmp_path / "bogus", {"hubconf.py": body})
+    with pytest.raises(hub.ProtocolError):
+        hub.load(spec_of(repo), "bogus", mode=mode, timeout=20)
