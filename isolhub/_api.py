@@ -275,7 +275,7 @@ def load(
     """Call entrypoint `model(*args, **kwargs)` of the repo in a worker and return its result.
 
     `mode="module"` (trusted code) ships the returned object back with its classes by value and
-    its tensors through shared memory; `mode="state_dict"` is `load_state_dict`. `timeout` bounds
+    its tensors read out of the worker's memory; `mode="state_dict"` is `load_state_dict`. `timeout` bounds
     the worker's time (it is killed past it); `seed` seeds torch and random first.
 
     Raises:
