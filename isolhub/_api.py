@@ -390,8 +390,8 @@ def _pulled_module(
                 os.close(fd)
             raise ProtocolError("malformed arena from a worker") from None
         arena = ArenaReader(push_fds[0] if push_fds else None, pushed.get("layout"))
-    if last:
-        worker.send_close()  # it may exit now, while this process unpickles
+    # Read: it may exit now (or drop the pinned storages), while this process unpickles.
+    worker.notify("close" if last else "unpin")
     return _byvalue.loads_with(reply["data"], arena)
 
 

@@ -415,17 +415,17 @@ class Worker:
         self._dead_within(_GRACE)
         self._collect()
 
-    def send_close(self) -> None:
-        """Ask the worker to exit, without waiting (`close` waits and reaps)."""
+    def notify(self, op: str) -> None:
+        """Send a request that gets no reply ("close", "unpin"), without waiting."""
         if not self.closed:
             with contextlib.suppress(OSError):
-                send_frame(self.sock, pickle.dumps({"op": "close"}))
+                send_frame(self.sock, pickle.dumps({"op": op}))
 
     def close(self) -> None:
         """Ask the worker to exit; kill it if it has not within two seconds."""
         if self.closed:
             return
-        self.send_close()
+        self.notify("close")
         if not self._dead_within(_GRACE):
             with contextlib.suppress(OSError):
                 signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)

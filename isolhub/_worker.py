@@ -74,6 +74,9 @@ def serve(fd: int) -> NoReturn:
                 continue
             if request.get("op") == "close":
                 break
+            if request.get("op") == "unpin":  # the parent has read them; no reply is awaited
+                state.pinned = None
+                continue
             reply, fds = state.handle(request, in_fds)
             try:
                 send_frame(sock, reply, fds)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,23 @@ def test_storage_addresses_the_worker_does_not_have_are_a_protocol_error(
     repo = make_repo(tmp_path / "bogus", {"hubconf.py": body})
     with pytest.raises(hub.ProtocolError):
         hub.load(spec_of(repo), "bogus", mode=mode, timeout=20)
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_a_worker_that_stays_up_frees_what_it_pinned_once_it_is_read(tmp_path: Path) -> None:
+    hubconf = "import torch\n\ndef big():\n    return torch.nn.Linear(4096, 4096, bias=False)\n"
+    snap = hub.fetch(spec_of(make_repo(tmp_path / "r", {"hubconf.py": hubconf})))
+    with _api.start_worker(snap) as w:
+        before = _rss_mib(w.pid)
+        m = _api.call(w, "big", result="module")  # 64 MiB, built, pinned, read, then dropped
+        deadline = time.monotonic() + 10
+        while _rss_mib(w.pid) > before + 32 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _rss_mib(w.pid) <= before + 32, "the worker still holds the module's storages"
+        assert m.weight.shape == (4096, 4096)
