@@ -275,8 +275,9 @@ def load(
     """Call entrypoint `model(*args, **kwargs)` of the repo in a worker and return its result.
 
     `mode="module"` (trusted code) ships the returned object back with its classes by value and
-    its tensors read out of the worker's memory; `mode="state_dict"` is `load_state_dict`. `timeout` bounds
-    the worker's time (it is killed past it); `seed` seeds torch and random first.
+    its tensors read out of the worker's memory; `mode="state_dict"` is `load_state_dict`.
+    `timeout` bounds the worker's time (it is killed past it); `seed` seeds torch and random
+    first.
 
     Raises:
         EntrypointError, MissingDependenciesError, RemoteError: as torch.hub, but typed.
