@@ -245,19 +245,32 @@ _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
-def _map_private(fd: int, size: int) -> ctypes.Array[ctypes.c_char]:
-    """Map `fd` copy-on-write; unmapped when the last tensor on it is gone.
+def map_raw(length: int, flags: int, fd: int = -1) -> int:
+    """The address of a new read-write mapping (`mmap(2)` itself; raises `OSError`).
 
     Python's `mmap` keeps a duplicate of the fd open for the mapping's life; a raw mapping
     does not, so a transfer leaves the parent's fd count unchanged.
     """
-    addr = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE, fd, 0)
+    addr = _libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, flags, fd, 0)
     if addr in (None, _MAP_FAILED):
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+    return int(addr)
+
+
+def buffer_at(
+    addr: int, size: int, mapping: tuple[int, int] | None = None
+) -> ctypes.Array[ctypes.c_char]:
+    """`size` bytes at `addr` as a buffer; `mapping` (address, length; default the buffer's own
+    bytes) is unmapped when the buffer, and so the last tensor on it, is gone."""
     buf = (ctypes.c_char * size).from_address(addr)
-    weakref.finalize(buf, _libc.munmap, addr, size)
+    weakref.finalize(buf, _libc.munmap, *(mapping or (addr, size)))
     return buf
+
+
+def _map_private(fd: int, size: int) -> ctypes.Array[ctypes.c_char]:
+    """Map `fd` copy-on-write; unmapped when the last tensor on it is gone."""
+    return buffer_at(map_raw(size, mmap.MAP_PRIVATE, fd), size)
 
 
 def _pwrite_all_bytes(fd: int, data: bytearray, offset: int) -> None:

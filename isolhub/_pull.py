@@ -19,9 +19,9 @@ import ctypes
 import mmap
 import os
 import struct
-import weakref
 from typing import Any
 
+from ._arena import buffer_at, map_raw
 from ._errors import ProtocolError
 
 _ALIGN = 64
@@ -51,18 +51,7 @@ _libc.process_vm_readv.argtypes = [
     ctypes.c_ulong,
     ctypes.c_ulong,
 ]
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_long,
-]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-_MAP_FAILED = ctypes.c_void_p(-1).value
 
 
 def pin(storages: list[Any]) -> tuple[bytes, list[Any]]:
@@ -128,16 +117,12 @@ def _huge_buffer(size: int) -> ctypes.Array[ctypes.c_char]:
     """Fresh private anonymous memory of `size` bytes, 2 MiB-aligned and advised for huge
     pages; unmapped when the last storage on it is gone."""
     span = size + _HUGE
-    raw = _libc.mmap(
-        None, span, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0
-    )
-    if raw in (None, _MAP_FAILED):
-        err = ctypes.get_errno()
+    try:
+        raw = map_raw(span, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError as e:
         raise ProtocolError(
-            f"cannot allocate {size} bytes for the worker's storages: {os.strerror(err)}"
-        )
+            f"cannot allocate {size} bytes for the worker's storages: {e.strerror}"
+        ) from None
     start = (raw + _HUGE - 1) & ~(_HUGE - 1)
     _libc.madvise(start, size, _MADV_HUGEPAGE)  # advice: where refused, plain pages
-    buf = (ctypes.c_char * size).from_address(start)
-    weakref.finalize(buf, _libc.munmap, raw, span)
-    return buf
+    return buffer_at(start, size, mapping=(raw, span))
