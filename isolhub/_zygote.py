@@ -77,7 +77,7 @@ def _fork_spare(control: socket.socket) -> tuple[int, socket.socket]:
     return pid, ours
 
 
-def _hand_over(spare: tuple[int, socket.socket], fds: list[int]) -> bool:
+def _hand_over(spare: tuple[int, socket.socket], fds: list[int], children: set[int]) -> bool:
     """Give the spare its worker's fds; False (and the spare reaped) if it is gone."""
     from ._protocol import send_frame
 
@@ -88,6 +88,7 @@ def _hand_over(spare: tuple[int, socket.socket], fds: list[int]) -> bool:
     except OSError:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
+        children.discard(pid)
         return False
     finally:
         sock.close()
@@ -139,12 +140,9 @@ def main(control_fd: int) -> None:
                 reply = {"error": f"the zygote has {_threads()} threads; refusing to fork"}
             else:
                 # A spare that died meanwhile (OOM killer) is reaped and replaced by a new fork.
-                if spare is None or not _hand_over(spare, fds):
-                    if spare is not None:
-                        children.discard(spare[0])
+                if spare is None or not _hand_over(spare, fds, children):
                     spare = new_spare()
-                    if spare is not None and not _hand_over(spare, fds):
-                        children.discard(spare[0])
+                    if spare is not None and not _hand_over(spare, fds, children):
                         spare = None
                 reply = {"pid": spare[0]} if spare else {"error": "a new worker died at once"}
                 spare, forked = None, True
