@@ -43,6 +43,7 @@ _EXPORTS = {
         "SpecError",
         "TransportError",
         "UntrustedRepoError",
+        "UsageError",
         "WorkerCrashedError",
         "WorkerError",
         "WorkerTimeoutError",

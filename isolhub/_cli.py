@@ -12,49 +12,24 @@ Example:
 from __future__ import annotations
 
 import argparse
-import ast
-import importlib
 import json
+import os
 import sys
 import traceback
 from collections.abc import Sequence
 from typing import Any
 
-from ._errors import IsolhubError, SpecError
+from ._cli_common import (
+    EXIT_DIFFERENT,
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    output_flags,
+    parse_kw,
+)
+from ._errors import IsolhubError, UsageError
 
-# Each module registers its sub-commands with `add_commands(subparsers)`.
-_COMMAND_MODULES: tuple[str, ...] = ("_cli_cache", "_cli_diff", "_cli_run")
-
-EXIT_OK, EXIT_DIFFERENT, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
-
-
-def parse_kw(items: Sequence[str]) -> dict[str, Any]:
-    """Turn `k=v` strings into keyword arguments; values are Python literals, else strings.
-
-    Raises:
-        SpecError: an item has no `=`.
-    """
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.isidentifier():
-            raise SpecError(f"bad --kw {item!r}: expected name=value (e.g. pretrained=true)")
-        low = raw.lower()
-        if low in ("true", "false"):
-            out[key] = low == "true"
-        elif low in ("none", "null"):
-            out[key] = None
-        else:
-            try:
-                out[key] = ast.literal_eval(raw)
-            except (ValueError, SyntaxError):
-                out[key] = raw
-    return out
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
-    p.add_argument("--verbose", action="store_true", help="show tracebacks on errors")
+__all__ = ["build_parser", "main", "parse_kw"]
 
 
 def _source_args(p: argparse.ArgumentParser) -> None:
@@ -79,7 +54,7 @@ def _hub_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "force_reload": args.force_reload,
         "trust_repo": True if args.trust else "check",
         "timeout": args.timeout,
-        "verbose": not args.json,
+        "verbose": not (args.json or args.quiet),
         "sandbox": None if args.sandbox == "none" else args.sandbox,
     }
 
@@ -109,17 +84,33 @@ def cmd_help(args: argparse.Namespace) -> int:
 
 
 def cmd_load(args: argparse.Namespace) -> int:
+    import dataclasses
+
     import torch
 
     from . import _api
 
     kwargs = parse_kw(args.kw)
     if args.save and not args.save.endswith((".safetensors", ".pt", ".pth")):
-        raise SpecError(f"--save {args.save!r}: use a .safetensors, .pt or .pth file name")
-    sd = _api.load_state_dict(args.spec, args.entry, seed=args.seed, **_hub_kwargs(args), **kwargs)
+        raise UsageError(f"--save {args.save!r}: use a .safetensors, .pt or .pth file name")
+    hub_kwargs = _hub_kwargs(args)
+    # Resolve once and load that commit, so the reported commit is the one loaded.
+    snap = _api.fetch(
+        args.spec,
+        source=hub_kwargs["source"],
+        trust_repo=hub_kwargs["trust_repo"],
+        force_reload=hub_kwargs["force_reload"],
+        verbose=hub_kwargs["verbose"],
+    )
+    spec = args.spec
+    if snap.sha is not None:
+        spec = str(dataclasses.replace(snap.spec, ref=snap.sha))
+        hub_kwargs.update(force_reload=False, trust_repo=True)
+    sd = _api.load_state_dict(spec, args.entry, seed=args.seed, **hub_kwargs, **kwargs)
     tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
     info = {
         "spec": args.spec,
+        "commit": snap.sha,
         "entry": args.entry,
         "tensors": len(tensors),
         "parameters": sum(t.numel() for t in tensors.values()),
@@ -127,19 +118,31 @@ def cmd_load(args: argparse.Namespace) -> int:
         "saved": args.save,
     }
     if args.save:
-        if args.save.endswith(".safetensors"):
-            from safetensors.torch import save_file
-
-            # safetensors refuses shared storages: give each tensor its own copy.
-            save_file({k: v.contiguous().clone() for k, v in tensors.items()}, args.save)
-        else:
-            torch.save(sd, args.save)
+        _save(sd, tensors, args.save)
+    commit = f" at {snap.sha[:12]}" if snap.sha else ""
     human = (
-        f"{args.spec} {args.entry}: {info['tensors']} tensors, {info['parameters']:,} values, "
-        f"{info['bytes']:,} bytes" + (f"; saved to {args.save}" if args.save else "")
+        f"{args.spec}{commit} {args.entry}: {info['tensors']} tensors, "
+        f"{info['parameters']:,} values, {info['bytes']:,} bytes"
+        + (f"; saved to {args.save}" if args.save else "")
     )
     _print(args, info, human)
     return EXIT_OK
+
+
+def _save(sd: Any, tensors: dict[str, Any], path: str) -> None:
+    """Write the state dict as `torch.save` would, whatever the format: new files get the
+    permissions `open()` gives under the umask, an existing file keeps its own."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import save
+
+        # safetensors refuses shared storages: give each tensor its own copy.
+        data = save({k: v.contiguous().clone() for k, v in tensors.items()})
+        with open(path, "wb") as f:
+            f.write(data)
+    else:
+        import torch
+
+        torch.save(sd, path)
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -155,41 +158,48 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `isolhub` command."""
+    from . import __version__, _cli_cache, _cli_diff, _cli_run
+
     parser = argparse.ArgumentParser(
         prog="isolhub",
         description="Load PyTorch Hub repos, each repo@ref in its own worker process.",
         epilog="Exit codes: 0 ok, 1 difference or problem found, 2 error, 130 interrupted.",
     )
+    parser.add_argument("--version", action="version", version=f"isolhub {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("list", help="list a repo's entrypoints")
     _source_args(p)
-    _common(p)
+    output_flags(p)
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("help", help="show an entrypoint's docstring")
     _source_args(p)
     p.add_argument("entry", help="entrypoint name")
-    _common(p)
+    output_flags(p)
     p.set_defaults(func=cmd_help)
 
     p = sub.add_parser("load", help="load an entrypoint's weights in a worker; summarise or save")
     _source_args(p)
     p.add_argument("entry", help="entrypoint name")
     p.add_argument(
-        "--kw", action="append", default=[], metavar="K=V", help="keyword for the entrypoint"
+        "--kw",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="keyword for the entrypoint (true/false/yes/no are booleans)",
     )
     p.add_argument("--seed", type=int, default=None, help="seed torch before the entrypoint runs")
     p.add_argument("--save", metavar="FILE", help="save the state dict (.safetensors, .pt, .pth)")
-    _common(p)
+    output_flags(p)
     p.set_defaults(func=cmd_load)
 
     p = sub.add_parser("doctor", help="what sandbox protections this kernel can enforce")
-    _common(p)
+    output_flags(p)
     p.set_defaults(func=cmd_doctor)
 
-    for module in _COMMAND_MODULES:
-        importlib.import_module(f"isolhub.{module}").add_commands(sub)
+    for module in (_cli_cache, _cli_diff, _cli_run):
+        module.add_commands(sub)
     return parser
 
 
@@ -197,6 +207,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the `isolhub` command; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "quiet", False):
+        # Read by every progress bar and notice, here and in workers (they inherit it).
+        os.environ["ISOLHUB_QUIET"] = "1"
     try:
         return int(args.func(args))
     except KeyboardInterrupt:

@@ -31,6 +31,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from ._cache import STAGING_PREFIX, hub_dir, pid_alive, remove_tree
+from ._cli_common import output_flags
 from ._errors import CacheError, DownloadError
 
 _SHA = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
@@ -112,7 +113,7 @@ def add_commands(subparsers: Any) -> None:
 
 
 def _json_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print JSON to stdout")
+    output_flags(parser)
 
 
 def parse_age(text: str) -> float:
@@ -263,7 +264,7 @@ def cmd_download(args: argparse.Namespace) -> int:
         dst = os.path.expanduser(args.dst)
         if os.path.isdir(dst):
             dst = os.path.join(dst, checkpoint_name(args.url))
-        download_url_to_file(args.url, dst, sha, progress=not args.no_progress)
+        download_url_to_file(args.url, dst, sha, progress=not (args.no_progress or args.quiet))
     else:
         folder = hub_dir(create=True) / "checkpoints"
         try:
@@ -275,7 +276,7 @@ def cmd_download(args: argparse.Namespace) -> int:
         dst = str(folder / checkpoint_name(args.url))
         cached = os.path.isfile(dst) and _hash_matches(dst, sha)
         if not cached:
-            download_url_to_file(args.url, dst, sha, progress=not args.no_progress)
+            download_url_to_file(args.url, dst, sha, progress=not (args.no_progress or args.quiet))
     result = {
         "url": safe_url(args.url),
         "path": dst,

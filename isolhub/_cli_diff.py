@@ -15,8 +15,8 @@ import inspect
 import sys
 from typing import Any
 
-from ._cli import EXIT_DIFFERENT, EXIT_ERROR, EXIT_OK, parse_kw
-from ._errors import SpecError
+from ._cli_common import EXIT_DIFFERENT, EXIT_ERROR, EXIT_OK, output_flags, parse_kw
+from ._errors import UsageError
 
 
 def add_commands(subparsers: Any) -> None:
@@ -62,8 +62,7 @@ def add_commands(subparsers: Any) -> None:
         default="none",
         help="confine both workers (no network, no secrets, writes to scratch only)",
     )
-    p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
-    p.add_argument("--verbose", action="store_true", help="show tracebacks on errors")
+    output_flags(p, json_help="print the report as JSON on stdout")
     p.set_defaults(func=cmd_diff)
 
 
@@ -71,14 +70,14 @@ def parse_shape(text: str) -> tuple[int, ...]:
     """`"2,3,32,32"` (or `2x3x32x32`) → `(2, 3, 32, 32)`.
 
     Raises:
-        SpecError: not a list of positive integers.
+        UsageError: not a list of positive integers.
     """
     try:
         shape = tuple(int(d) for d in text.replace("x", ",").split(",") if d.strip())
     except ValueError:
         shape = ()
     if not shape or any(d <= 0 for d in shape):
-        raise SpecError(f"bad --input-shape {text!r}: expected positive integers like 2,3,32,32")
+        raise UsageError(f"bad --input-shape {text!r}: expected positive integers like 2,3,32,32")
     return shape
 
 
@@ -86,7 +85,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     """Run `isolhub diff`; returns the exit code.
 
     Raises:
-        SpecError: bad arguments (a --kw that clashes with an option of compare, say).
+        UsageError: bad arguments (a --kw that clashes with an option of compare, say).
     """
     import torch
 
@@ -100,7 +99,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     ]
     clash = sorted(set(kwargs) & set(own))
     if clash:
-        raise SpecError(f"--kw {', '.join(clash)}: that name is an option of diff, not passable")
+        raise UsageError(f"--kw {', '.join(clash)}: that name is an option of diff, not passable")
     inputs = None
     if args.input_shape:
         gen = torch.Generator().manual_seed(args.seed if args.seed is not None else 0)
@@ -117,7 +116,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
         source="local" if args.local else "github",
         trust_repo=True if args.trust else "check",
         force_reload=args.force_reload,
-        verbose=not args.json,
+        verbose=not (args.json or args.quiet),
         timeout=args.timeout,
         sandbox=None if args.sandbox == "none" else args.sandbox,
         **kwargs,

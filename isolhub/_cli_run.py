@@ -30,8 +30,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from ._cli import EXIT_DIFFERENT, EXIT_OK, parse_kw
-from ._errors import SpecError
+from ._cli_common import EXIT_DIFFERENT, EXIT_OK, output_flags, parse_kw
+from ._errors import UsageError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
 
@@ -88,19 +88,19 @@ def read_specs(path: str) -> list[str]:
         ['git+file:///srv/a.git@v1', 'owner/repo:v2']
 
     Raises:
-        SpecError: the file cannot be read or holds no spec.
+        UsageError: the file cannot be read or holds no spec.
     """
     try:
         text = sys.stdin.read() if path == "-" else Path(path).read_text()
     except OSError as e:
-        raise SpecError(f"cannot read the specs file {path}: {e.strerror or e}") from e
+        raise UsageError(f"cannot read the specs file {path}: {e.strerror or e}") from e
     specs = []
     for line in text.splitlines():
         spec = re.sub(r"\s+#.*$", "", line).strip()
         if spec and not spec.startswith("#"):
             specs.append(spec)
     if not specs:
-        raise SpecError(f"the specs file {path} holds no spec (one per line, '#' for comments)")
+        raise UsageError(f"the specs file {path} holds no spec (one per line, '#' for comments)")
     return specs
 
 
@@ -114,11 +114,11 @@ def load_function(text: str) -> Callable[..., Any]:
         <function evaluate at 0x...>
 
     Raises:
-        SpecError: the module or the function cannot be found.
+        UsageError: the module or the function cannot be found.
     """
     module_name, sep, attr = text.rpartition(":")
     if not sep or not module_name or not attr:
-        raise SpecError(f"--fn {text!r}: expected module:function or file.py:function")
+        raise UsageError(f"--fn {text!r}: expected module:function or file.py:function")
     try:
         if module_name.endswith(".py") or os.sep in module_name:
             path = Path(module_name).resolve()
@@ -143,9 +143,9 @@ def load_function(text: str) -> Callable[..., Any]:
         for part in attr.split("."):
             fn = getattr(fn, part)
     except (ImportError, AttributeError, OSError, SyntaxError) as e:
-        raise SpecError(f"--fn {text!r}: {type(e).__name__}: {e}") from e
+        raise UsageError(f"--fn {text!r}: {type(e).__name__}: {e}") from e
     if not callable(fn):
-        raise SpecError(f"--fn {text!r} is a {type(fn).__name__}, not a function")
+        raise UsageError(f"--fn {text!r} is a {type(fn).__name__}, not a function")
     return fn  # type: ignore[no-any-return]
 
 
@@ -204,7 +204,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     """The `run` sub-command: 0 all ok, 1 some failed.
 
     Raises:
-        SpecError: the specs file, `--fn` or `--jsonl` cannot be used (exit 2 in `main`).
+        UsageError: the specs file, `--fn` or `--jsonl` cannot be used (exit 2 in `main`).
         IsolhubError: the Hub could not start (e.g. `--backend ray` without Ray).
     """
     from ._pool import Hub
@@ -213,15 +213,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     fn = load_function(args.fn) if args.fn else None
     kwargs = parse_kw(args.kw)
     jsonl: IO[str] | None = None
+    if args.json and args.jsonl == "-":
+        raise UsageError("--json and --jsonl - both write to stdout: give --jsonl a file name")
     if args.jsonl == "-":
         jsonl = sys.stdout
     elif args.jsonl:
         try:
             jsonl = open(args.jsonl, "w")  # noqa: SIM115 - closed in the finally below
         except OSError as e:
-            raise SpecError(f"cannot write {args.jsonl}: {e.strerror or e}") from e
+            raise UsageError(f"cannot write {args.jsonl}: {e.strerror or e}") from e
     start = time.monotonic()
     ok = failed = 0
+    records: list[dict[str, Any]] = []
     try:
         with Hub(
             max_workers=args.workers,
@@ -231,25 +234,33 @@ def cmd_run(args: argparse.Namespace) -> int:
             backend=args.backend,
             source="local" if args.local else "github",
             trust_repo=True if args.trust else "check",
-            progress=not args.no_progress,
+            progress=not (args.no_progress or args.quiet),
             seed=args.seed,
         ) as h:
             for r in h.map(fn, specs, args.entry, kwargs=kwargs, ordered=args.ordered):
                 ok, failed = ok + r.ok, failed + (not r.ok)
+                record = result_record(r)
+                if args.json:
+                    records.append(record)
                 with _above_the_bar():
                     if jsonl is not None:
-                        jsonl.write(json.dumps(result_record(r), default=_jsonable) + "\n")
+                        jsonl.write(json.dumps(record, default=_jsonable) + "\n")
                         jsonl.flush()
-                    if jsonl is not sys.stdout:
+                    if jsonl is not sys.stdout and not args.json:
                         print(_human(r), flush=True)
     finally:
         if jsonl is not None and jsonl is not sys.stdout:
             jsonl.close()
-    print(
-        f"isolhub run: {ok + failed} specs, {ok} ok, {failed} failed in "
-        f"{time.monotonic() - start:.1f} s",
-        file=sys.stderr,
-    )
+    elapsed = time.monotonic() - start
+    if args.json:
+        summary = {"specs": ok + failed, "ok": ok, "failed": failed, "elapsed": round(elapsed, 3)}
+        json.dump({**summary, "results": records}, sys.stdout, indent=2, default=_jsonable)
+        sys.stdout.write("\n")
+    elif not args.quiet:
+        print(
+            f"isolhub run: {ok + failed} specs, {ok} ok, {failed} failed in {elapsed:.1f} s",
+            file=sys.stderr,
+        )
     return EXIT_OK if failed == 0 else EXIT_DIFFERENT
 
 
@@ -291,5 +302,7 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--trust", action="store_true", help="trust every repository in the file")
     p.add_argument("--seed", type=int, default=None, help="seed torch before each entrypoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
-    p.add_argument("--verbose", action="store_true", help="show tracebacks on errors")
+    output_flags(
+        p, json_help="print one JSON document on stdout at the end: totals and every result"
+    )
     p.set_defaults(func=cmd_run)

@@ -43,7 +43,6 @@ import os
 import re
 import shutil
 import socket
-import sys
 import tempfile
 import time
 import uuid
@@ -199,7 +198,7 @@ def _download(
 
 def _install_local(src: str, dst: str, hash_prefix: str | None, progress: bool, url: str) -> None:
     """Copy a local file (a broker's answer or a file:// URL) to `dst` the same careful way."""
-    from tqdm import tqdm
+    from ._progress import bytes_bar
 
     surl = safe_url(url)
     if os.path.abspath(src) == os.path.abspath(dst):
@@ -219,14 +218,8 @@ def _install_local(src: str, dst: str, hash_prefix: str | None, progress: bool, 
         with fin, os.fdopen(fd, "wb", buffering=0) as fout:
             size = os.fstat(fin.fileno()).st_size
             hasher = hashlib.sha256()
-            with tqdm(
-                total=size,
-                disable=not progress,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                file=sys.stderr,
-            ) as pbar:
+            with bytes_bar(progress, os.path.basename(dst)) as pbar:
+                pbar.reset(total=size)
                 while chunk := fin.read(READ_CHUNK):
                     try:
                         _write_all(fout, chunk)

@@ -1,6 +1,7 @@
 """The single exception tree of isolhub.
 
 * `IsolhubError` — root; catch it to catch everything isolhub raises.
+  * `UsageError(IsolhubError, ValueError)` — an argument or flag has a wrong type or value.
   * `SpecError(IsolhubError, ValueError)` — a spec string is malformed.
   * `ResolveError` — a ref could not be turned into a commit.
     * `RefNotFoundError` — the repository has no such branch, tag or commit.
@@ -60,6 +61,14 @@ class IsolhubError(Exception):
 
 def _rebuild_error(cls: type[IsolhubError], message: str, attrs: dict[str, Any]) -> IsolhubError:
     return cls(message, **attrs)
+
+
+class UsageError(IsolhubError, ValueError):
+    """Raised when an argument (or a command-line flag) has a wrong type or value.
+
+    The message names the argument in the words of the interface used: `timeout=` in Python,
+    `--timeout` on the command line. A `ValueError`, as Python's own argument checks are.
+    """
 
 
 class SpecError(IsolhubError, ValueError):

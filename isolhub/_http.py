@@ -36,7 +36,6 @@ import logging
 import os
 import random
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
@@ -217,20 +216,14 @@ def _fetch(
     """
     import requests
     import urllib3
-    from tqdm import tqdm
+
+    from ._progress import bytes_bar
 
     failures = 0
     attempts = 0
     with (
         requests.Session() as session,
-        tqdm(
-            total=None,
-            disable=not progress,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            file=sys.stderr,
-        ) as pbar,
+        bytes_bar(progress, os.path.basename(dst)) as pbar,
     ):
         while True:
             attempts += 1

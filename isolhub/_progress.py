@@ -1,22 +1,144 @@
-"""The progress display of `Hub.map`: done, failed, running and an ETA, on stderr.
+"""What isolhub shows while it works: progress bars, plain progress lines, and notices.
 
-On a terminal it is a tqdm bar with `ok=… failed=… running=…` after it; elsewhere (a log file,
-CI) it is one line per finished spec:
+One rule everywhere: a tqdm bar only when the stream is a terminal, plain lines otherwise (a log
+file, CI), nothing at all when quiet (`ISOLHUB_QUIET=1`, or `--quiet` on the command line, which
+sets it for the workers too). Notices such as torch.hub's "Using cache found in ..." go through
+the `isolhub` logger, so `logging.getLogger("isolhub").setLevel(logging.WARNING)` silences them.
+
+`Hub.map` shows done, failed, running and an ETA; elsewhere one line per finished spec:
 
     isolhub: [ 3/10] failed 1, running 4, eta 12 s: FAILED git+file:///srv/x.git@v1: ...
 
 Example:
-    >>> progress = _Progress(total=len(specs), enabled=True)
-    >>> progress.started()
-    >>> progress.finished(result)  # a pool `Result`
-    >>> progress.close()
+    >>> bar = bytes_bar(enabled=True, desc="w.pt", stream=io.StringIO())
+    >>> bar.reset(total=2048); bar.update(2048); bar.close()
+    >>> is_quiet()
+    False
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 import time
 from typing import Any, Protocol, TextIO
+
+__all__ = ["bytes_bar", "is_quiet", "log", "notice"]
+
+log = logging.getLogger("isolhub")
+
+# Plain progress lines at most this often (and once at the end), so a log stays readable.
+_LINE_EVERY_S = 5.0
+
+
+def is_quiet() -> bool:
+    """True when progress and notices are off (`ISOLHUB_QUIET` set to anything but 0)."""
+    return os.environ.get("ISOLHUB_QUIET", "") not in ("", "0")
+
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever `sys.stderr` is at the time (pytest and users swap it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    @property  # type: ignore[override]
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
+if not log.handlers:
+    # A library logger with its own handler (as huggingface_hub's): torch.hub prints these
+    # notices by default, so they show without logging configured. Not propagated, so a
+    # configured root logger does not print them twice; add handlers here to redirect them.
+    log.addHandler(_StderrHandler())
+    log.propagate = False
+    if log.level == logging.NOTSET:
+        log.setLevel(logging.INFO)
+
+
+def notice(message: str) -> None:
+    """Tell the user something in passing (torch.hub's "Using cache found in ..."), unless quiet.
+
+    Example:
+        >>> notice("Using cache found in /cache/hub/owner_repo_main")
+    """
+    if not is_quiet():
+        log.info(message)
+
+
+def bytes_bar(enabled: bool, desc: str, stream: TextIO | None = None) -> Any:
+    """A byte counter for a download: tqdm on a terminal, plain lines elsewhere, or nothing.
+
+    The result has tqdm's `reset(total=)`, `update(n)` and `close()` and is a context manager.
+    """
+    stream = stream or sys.stderr
+    if enabled and not is_quiet() and _isatty(stream):
+        from tqdm import tqdm
+
+        return tqdm(
+            total=None, unit="B", unit_scale=True, unit_divisor=1024, file=stream, desc=desc
+        )
+    return _ByteLines(stream, desc, enabled and not is_quiet())
+
+
+class _ByteLines:
+    """Download progress as a line every few seconds and one at the end; none before a byte."""
+
+    def __init__(self, stream: TextIO, desc: str, enabled: bool) -> None:
+        self.stream, self.desc, self.enabled = stream, desc, enabled
+        self.total: int | None = None
+        self.n = 0
+        self.start = self.last = time.monotonic()
+        self.printed = False
+
+    def __enter__(self) -> _ByteLines:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def reset(self, total: int | None = None) -> None:
+        self.total, self.n = total, 0
+
+    def update(self, n: int) -> None:
+        self.n += n
+        now = time.monotonic()
+        if self.enabled and n and now - self.last >= _LINE_EVERY_S:
+            self.last = now
+            self._line("downloading")
+
+    def close(self) -> None:
+        if self.enabled and self.n:
+            complete = self.total is None or self.n >= self.total
+            if complete or self.printed:
+                self._line("downloaded" if complete else "stopped after")
+        self.enabled = False
+
+    def _line(self, verb: str) -> None:
+        of = f" of {_size(self.total)}" if self.total else ""
+        pct = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
+        spent = time.monotonic() - self.start
+        print(
+            f"isolhub: {verb} {self.desc}: {_size(self.n)}{of}{pct} in {spent:.1f} s",
+            file=self.stream,
+            flush=True,
+        )
+        self.printed = True
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
 
 
 class _Finished(Protocol):
@@ -36,6 +158,8 @@ class _Progress:
         self.done = self.failed = self.running = 0
         self.start = time.monotonic()
         self.bar: Any = None
+        if enabled and is_quiet():
+            self.enabled = enabled = False
         if enabled and _isatty(self.stream):
             from tqdm import tqdm
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from . import _git
 from ._cache import STAGING_PREFIX, install_snapshot, read_ref, snapshot_path, write_ref
 from ._config import get_dir, is_offline
 from ._errors import FetchError, OfflineError, ResolveError
+from ._progress import notice
 from ._spec import RepoSpec
 from ._trust import check_trust
 
@@ -76,7 +76,7 @@ def fetch_snapshot(
     path = snapshot_path(spec, sha)
     if path.is_dir() and not force_reload:
         if verbose:
-            print(f"Using cache found in {path}", file=sys.stderr)
+            notice(f"Using cache found in {path}")
     else:
         if is_offline():
             raise OfflineError(
@@ -103,10 +103,7 @@ def _resolve(spec: RepoSpec) -> str:
                 f"offline (ISOLHUB_OFFLINE is set) and {spec} was never resolved here, so its "
                 f"commit is unknown (hub dir {get_dir()}); run once online or unset ISOLHUB_OFFLINE"
             )
-        print(
-            f"offline: using {spec} = {sha[:12]} as last resolved (it may be stale)",
-            file=sys.stderr,
-        )
+        notice(f"offline: using {spec} = {sha[:12]} as last resolved (it may be stale)")
         return sha
     if spec.kind == "github":
         from . import _github

@@ -91,11 +91,71 @@ def test_kw_values_are_literals_or_strings(items: list[str], expected: dict[str,
     assert parse_kw(items) == expected
 
 
-def test_a_kw_without_equals_is_a_spec_error() -> None:
-    from isolhub import SpecError
+def test_a_kw_without_equals_is_a_usage_error() -> None:
+    from isolhub import UsageError
 
-    with pytest.raises(SpecError, match="name=value"):
+    with pytest.raises(UsageError, match="name=value"):
         parse_kw(["pretrained"])
+
+
+@pytest.mark.parametrize("word", ["no", "No", "off", "false"])
+def test_kw_shell_words_for_false_are_booleans(word: str) -> None:
+    assert parse_kw([f"pretrained={word}"]) == {"pretrained": False}
+
+
+@pytest.mark.parametrize("word", ["yes", "ON", "true"])
+def test_kw_shell_words_for_true_are_booleans(word: str) -> None:
+    assert parse_kw([f"pretrained={word}"]) == {"pretrained": True}
+
+
+def test_version_prints_the_package_version() -> None:
+    import isolhub
+
+    out = run("--version")
+    assert out.returncode == 0
+    assert out.stdout.strip() == f"isolhub {isolhub.__version__}"
+
+
+def test_load_json_names_the_commit_that_was_loaded(repo: Path) -> None:
+    import isolhub
+
+    out = run("load", spec_of(repo, "v1"), "net", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["commit"] == isolhub.fetch(spec_of(repo, "v1")).sha
+
+
+def test_save_with_an_unknown_suffix_is_refused_before_anything_is_fetched(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-repo.git"
+    out = run("load", f"git+file://{missing}@v1", "net", "--save", str(tmp_path / "out.bin"))
+    assert out.returncode == 2
+    assert "UsageError" in out.stderr and "--save" in out.stderr
+    assert not (tmp_path / "out.bin").exists()
+
+
+def test_safetensors_and_pt_files_are_saved_with_the_same_permissions(
+    repo: Path, tmp_path: Path
+) -> None:
+    modes = set()
+    for name in ("w.safetensors", "w.pt"):
+        out = run("load", spec_of(repo, "v1"), "net", "--save", str(tmp_path / name), "-q")
+        assert out.returncode == 0, out.stderr
+        modes.add((tmp_path / name).stat().st_mode)
+    assert len(modes) == 1
+
+
+def test_quiet_prints_nothing_on_stderr_on_success(repo: Path) -> None:
+    run("list", spec_of(repo, "v1"))  # fills the cache, so the next one would say "Using cache"
+    out = run("list", spec_of(repo, "v1"), "--quiet")
+    assert out.returncode == 0 and out.stdout.split() == ["Net", "net"]
+    assert out.stderr == ""
+
+
+@pytest.mark.parametrize("command", ["list", "help", "load", "diff", "run", "download", "doctor"])
+def test_every_command_accepts_json_quiet_and_verbose(command: str) -> None:
+    out = run(command, "--help")
+    assert out.returncode == 0
+    for flag in ("--json", "--quiet", "--verbose"):
+        assert flag in out.stdout, (command, flag)
 
 
 def test_list_and_load_run_confined_with_sandbox_strict(repo: Path) -> None:

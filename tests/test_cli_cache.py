@@ -141,14 +141,48 @@ def test_download_with_a_wrong_sha256_raises_and_writes_nothing(
     assert server.count() == 1
 
 
-def test_download_shows_progress_on_stderr_unless_told_not_to(
+def test_download_off_a_terminal_prints_plain_progress_lines_not_bar_fragments(
     server: WeightsServer, tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     url = server.add("/w.pth", body=DATA)
     cli("download", url, str(tmp_path / "a"))
-    assert "100%" in capfd.readouterr().err
-    cli("download", url, str(tmp_path / "b"), "--no-progress")
+    err = capfd.readouterr().err
+    assert err == "isolhub: downloaded a: 64.0 KiB of 64.0 KiB (100%) in " + err.split(" in ")[-1]
+    assert "\r" not in err and "B/s" not in err
+    for quiet in ("--no-progress", "--quiet"):
+        cli("download", url, str(tmp_path / "b"), quiet)
+        assert capfd.readouterr().err == ""
+
+
+def test_a_failed_download_prints_no_progress_at_all(
+    server: WeightsServer, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(DownloadError, match="404"):
+        cli("download", server.url("/missing.pth"), str(tmp_path / "a"))
     assert capfd.readouterr().err == ""
+
+
+def test_download_on_a_terminal_draws_a_bar(
+    server: WeightsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+
+    from isolhub._progress import bytes_bar
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    tty = Tty()
+    with bytes_bar(True, "w.pth", stream=tty) as bar:
+        bar.reset(total=len(DATA))
+        bar.update(len(DATA))
+    assert "100%" in tty.getvalue() and "\r" in tty.getvalue()
+    monkeypatch.setenv("ISOLHUB_QUIET", "1")
+    tty = Tty()
+    with bytes_bar(True, "w.pth", stream=tty) as bar:
+        bar.update(len(DATA))
+    assert tty.getvalue() == ""
 
 
 # -- ls ----------------------------------------------------------------------------------------

@@ -94,9 +94,7 @@ def by_name(rows: tuple) -> dict:
 
 @pytest.fixture
 def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
-    """Run `isolhub ...` in-process with `diff` registered: `(exit code, stdout, stderr)`."""
-    modules = tuple(dict.fromkeys((*cli._COMMAND_MODULES, "_cli_diff")))
-    monkeypatch.setattr(cli, "_COMMAND_MODULES", modules)
+    """Run `isolhub ...` in-process: `(exit code, stdout, stderr)`."""
 
     def run(*argv: str) -> tuple[int, str, str]:
         code = cli.main(list(argv))

@@ -347,7 +347,6 @@ def test_cli_run_streams_results_writes_jsonl_and_exits_1_when_some_failed(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    monkeypatch.setattr(cli, "_COMMAND_MODULES", tuple({*cli._COMMAND_MODULES, "_cli_run"}))
     specs_file = tmp_path / "specs.txt"
     names = ["ok_00", "ok_01", "clash_a", "raises_call", "segfault", "exits"]
     specs_file.write_text("# a harness\n\n" + "\n".join(harness[n] for n in names) + "\n")
@@ -374,6 +373,14 @@ def test_cli_run_streams_results_writes_jsonl_and_exits_1_when_some_failed(
     ok_specs = [harness[n] for n in names[:3]]
     (tmp_path / "ok.txt").write_text("\n".join(ok_specs))
     assert cli.main(["run", "ok.txt", "--entry", "model", "--fn", "harness_fns:width"]) == 0
+    capsys.readouterr()
+    assert (
+        cli.main(["run", "ok.txt", "--entry", "model", "--fn", "harness_fns:width", "--json"]) == 0
+    )
+    doc = json.loads(capsys.readouterr().out)
+    assert (doc["specs"], doc["ok"], doc["failed"]) == (3, 3, 0)
+    assert sorted(r["spec"] for r in doc["results"]) == sorted(ok_specs)
+    assert cli.main(["run", "ok.txt", "--entry", "model", "--json", "--jsonl", "-"]) == 2
     assert cli.main(["run", "missing.txt", "--entry", "model"]) == 2
     assert cli.main(["run", "ok.txt", "--entry", "model", "--fn", "nope:width"]) == 2
 
