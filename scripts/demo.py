@@ -5,7 +5,7 @@ with isolhub and prints, per ref, the commit, the entrypoints, the parameter cou
 on one fixed input. torch.hub cannot do this: both refs have a `model/` package and a `utils.py`.
 Then it runs `isolhub diff` on v1 and v2 and writes the HTML report into the work dir.
 
-    $ scripts/demo [--workdir DIR]
+    $ scripts/demo [--workdir DIR] [--report FILE]
 """
 
 from __future__ import annotations
@@ -42,9 +42,26 @@ def build_example_repo(dest: Path) -> Path:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, help="where to build the example repo")
+    parser.add_argument(
+        "--workdir", type=Path, help="where to build the example repo and hub dir (kept)"
+    )
+    parser.add_argument(
+        "--report",
+        type=Path,
+        default=Path("out/tinynet-v1-v2.html"),
+        help="where to write the HTML report (default: out/tinynet-v1-v2.html)",
+    )
     args = parser.parse_args()
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="isolhub-demo-"))
+    if args.workdir is not None:
+        return demo(args.workdir, args.report)
+    # The example repo and its hub dir are scratch: removed when the demo ends, however it ends.
+    with tempfile.TemporaryDirectory(prefix="isolhub-demo-") as work:
+        return demo(Path(work), args.report)
+
+
+def demo(work: Path, report: Path) -> int:
+    """Build the example repo under `work`, load v1 and v2 side by side, then diff them."""
+    print(f"building the example repo (tags v1, v2) in {work}", flush=True)
     repo = build_example_repo(work / "tinynet.git")
     hub.set_dir(work / "hub")
     x = torch.linspace(-1, 1, 2 * 3 * 8 * 8).reshape(2, 3, 8, 8)
@@ -75,7 +92,7 @@ def main() -> int:
     print(f"\nrepo modules in this process: {leaked or 'none'}")
     print(f"example repo: {repo}  (hub dir: {hub.get_dir()})")
 
-    report = work / "tinynet-v1-v2.html"
+    report.parent.mkdir(parents=True, exist_ok=True)
     argv = [
         "diff", f"git+file://{repo}@v1", f"git+file://{repo}@v2", "tinynet",
         "--kw", "pretrained=true", "--input-shape", "2,3,8,8", "--seed", "0",
@@ -89,16 +106,10 @@ def main() -> int:
 
 
 def run_isolhub(argv: list[str]) -> int:
-    """Run an `isolhub` command line in this process (`diff` registered even if the CLI's own
-    list of sub-command modules does not name it yet)."""
-    from isolhub import _cli, _cli_diff
+    """Run an `isolhub` command line in this process."""
+    from isolhub import _cli
 
-    if "_cli_diff" in _cli._COMMAND_MODULES:
-        return _cli.main(argv)
-    parser = argparse.ArgumentParser(prog="isolhub")
-    _cli_diff.add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args))
+    return _cli.main(argv)
 
 
 if __name__ == "__main__":
