@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import queue
 import select
 import selectors
 import shutil
@@ -33,7 +34,7 @@ from typing import Any
 
 import cloudpickle
 
-from . import _config
+from . import _caps, _config
 from ._errors import (
     EntrypointError,
     MissingDependenciesError,
@@ -168,6 +169,7 @@ class Worker:
         self._status = status
         self.returncode: int | None = None
         self.scratch = scratch
+        self.cap_note = ""  # e.g. that its memory cap was hit, from its cgroup once reaped
         self._poller = select.poll()
         self._poller.register(sock, select.POLLIN)
         self._poller.register(self.pidfd, select.POLLIN)
@@ -181,7 +183,9 @@ class Worker:
             target=_drain, args=(output_fd, self._tail), name=f"isolhub-out-{pid}", daemon=True
         )
         self._reader.start()
-        self._finalizer = weakref.finalize(self, _reap, self.pidfd, sock)
+        # Dropped without close(): killed, reaped and cleaned up all the same.
+        _start_reaper()
+        self._finalizer = weakref.finalize(self, _reap, self.pidfd, sock, status, scratch, pid)
 
     @classmethod
     def start(
@@ -371,8 +375,9 @@ class Worker:
     def _raise_death(self) -> None:
         self._dead_within(_GRACE)
         code = self._collect()
+        why = f" ({self.cap_note})" if self.cap_note else ""
         raise WorkerCrashedError(
-            f"the worker for {self.label} (pid {self.pid}) died: {describe_exit(code)}"
+            f"the worker for {self.label} (pid {self.pid}) died: {describe_exit(code)}{why}"
             f"{self._tail_text()}",
             spec=self.label,
             pid=self.pid,
@@ -403,8 +408,10 @@ class Worker:
         if self.closed:
             return
         self.closed = True
-        self._finalizer()
+        self._finalizer.detach()
+        _kill_and_close(self.pidfd, self.sock)
         shutil.rmtree(self.scratch, ignore_errors=True)
+        self.cap_note = _caps.release(self.pid)
 
     def kill(self) -> None:
         """Kill the worker at once (SIGKILL) and reap it."""
@@ -440,12 +447,57 @@ class Worker:
         self.close()
 
 
-def _reap(pidfd: int, sock: socket.socket) -> None:
+def _kill_and_close(pidfd: int, sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         signal.pidfd_send_signal(pidfd, signal.SIGKILL)
     with contextlib.suppress(OSError):
         os.close(pidfd)
     sock.close()
+
+
+# A finalizer runs wherever the garbage collector strikes, possibly in a thread that holds the
+# zygote's lock, so reaping (which asks the zygote) happens in a thread of its own.
+# SimpleQueue.put is safe to call from a finalizer.
+_reaper_jobs: queue.SimpleQueue[tuple[int, Callable[[], int], str, int]] = queue.SimpleQueue()
+_reaper_owner = 0
+_reaper_lock = threading.Lock()
+
+
+def _start_reaper() -> None:
+    global _reaper_owner
+    with _reaper_lock:
+        if _reaper_owner != os.getpid():  # none yet, or this is a forked copy without it
+            _reaper_owner = os.getpid()
+            threading.Thread(target=_reaper, name="isolhub-reaper", daemon=True).start()
+
+
+def _reap(
+    pidfd: int, sock: socket.socket, status: Callable[[], int], scratch: str, pid: int
+) -> None:
+    """A dropped worker: kill it now; reap it and remove its scratch and cgroups soon."""
+    with contextlib.suppress(OSError):
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    sock.close()
+    if threading.main_thread().is_alive():
+        _reaper_jobs.put((pidfd, status, scratch, pid))
+    else:  # interpreter exit: no reaper thread will run again, and no lock is held
+        _clean_up(pidfd, status, scratch, pid)
+
+
+def _reaper() -> None:
+    while True:
+        _clean_up(*_reaper_jobs.get())
+
+
+def _clean_up(pidfd: int, status: Callable[[], int], scratch: str, pid: int) -> None:
+    with contextlib.suppress(Exception):  # a reaper must outlive any one failure
+        select.select([pidfd], [], [], _GRACE)
+        status()
+    with contextlib.suppress(OSError):
+        os.close(pidfd)
+    shutil.rmtree(scratch, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        _caps.release(pid)
 
 
 def _drain(fd: int, tail: bytearray) -> None:

@@ -81,13 +81,21 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, final
 
-from isolhub import _landlock, _seccomp
+from isolhub import _caps, _landlock, _seccomp
 from isolhub._errors import SandboxError
 
 PROTECTIONS = (
-    "environment", "fds", "pdeathsig", "rlimits", "userns", "netns", "capabilities",
-    "no_new_privs", "landlock", "landlock.net", "landlock.scope", "seccomp",
+    "environment", "fds", "pdeathsig", "rlimits", "caps.memory", "caps.tasks", "userns", "netns",
+    "caps.scratch", "capabilities", "no_new_privs", "landlock", "landlock.net", "landlock.scope",
+    "seccomp",
 )  # fmt: skip
+# The caps a policy asks for by setting their limit (None: not requested).
+_CAP_LIMITS = {
+    "caps.memory": "memory_bytes",
+    "caps.tasks": "max_tasks",
+    "caps.scratch": "scratch_bytes",
+}
+_SCRATCH_INODES = 65536  # files and directories in the scratch tmpfs
 PRETEND_MISSING_ENV = "ISOLHUB_SANDBOX_PRETEND_MISSING"
 
 DEFAULT_ENV_ALLOW = (
@@ -111,7 +119,9 @@ _SCRATCH_ENV = (
 _SYSTEM_READ = ("/etc/ld.so.cache", "/dev/zero", "/dev/random", "/dev/urandom", "/proc/self")
 _SYSTEM_READ += ("/proc/cpuinfo", "/sys/devices/system/cpu")  # torch cpuinfo, OpenMP, oneDNN
 
+_CLONE_NEWNS = 0x20000
 _CLONE_NEWIPC, _CLONE_NEWUSER, _CLONE_NEWNET = 0x08000000, 0x10000000, 0x40000000
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REC, _MS_PRIVATE = 1, 2, 4, 8, 0x4000, 0x40000
 _PR_SET_PDEATHSIG, _PR_GET_PDEATHSIG, _PR_CAPBSET_DROP = 1, 2, 24
 _PR_SET_NO_NEW_PRIVS, _PR_GET_NO_NEW_PRIVS, _PR_CAP_AMBIENT, _CAP_AMBIENT_CLEAR_ALL = 38, 39, 47, 4
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -122,10 +132,24 @@ _libc = ctypes.CDLL(None, use_errno=True)
 class Sandbox:
     """The sandbox policy; `sandbox="strict"` means `Sandbox()`. A None limit is left unchanged.
 
-    `memory_bytes` must be None for CUDA workers (the driver reserves huge address ranges).
-    `file_size_bytes` also caps every memfd the worker grows, i.e. the tensor arena.
-    `max_tasks` (RLIMIT_NPROC, threads included) counts only this sandbox's tasks, but the kernel
-    does not enforce it for uid 0; `allow_fork=False` is what stops a root worker's fork bomb.
+    The defaults are meant to be safe without configuration: every protection and cap on, no
+    network, no fork, writes only to a private scratch tmpfs.
+
+    Caps that hold for a root worker too (each is fail-closed: `caps.*` in `allow_missing`):
+
+    * `memory_bytes`: a memory cgroup (`caps.memory`) charging everything the worker makes
+      resident, memfds and scratch files included; past it the kernel's OOM killer stops the
+      worker (`WorkerCrashedError` saying so). `address_space_bytes` (RLIMIT_AS) is the early,
+      friendly bound: an oversized allocation is a `MemoryError`; it must be None for CUDA
+      workers (the driver reserves huge address ranges).
+    * `max_tasks`: a pids cgroup (`caps.tasks`) counting the worker's threads and processes;
+      where no pids cgroup can be made, RLIMIT_NPROC in the user namespace for a non-root
+      worker (the kernel does not enforce it for uid 0).
+    * `scratch_bytes`: the scratch dir is a tmpfs of that size (`caps.scratch`), mounted in the
+      worker's own mount namespace; it vanishes with the worker.
+
+    `file_size_bytes` (RLIMIT_FSIZE) also caps every memfd the worker grows, i.e. the tensor
+    arena. `allow_fork=False` refuses process creation outright.
 
     Example:
         >>> Sandbox(memory_bytes=4 * 1024**3, read_paths=("/data",), allow_missing={"landlock"})
@@ -134,11 +158,13 @@ class Sandbox:
         ValueError: a negative limit or an unknown name in `allow_missing`.
     """
 
-    memory_bytes: int | None = 8 * 1024**3  # RLIMIT_AS
+    memory_bytes: int | None = 8 * 1024**3  # memory cgroup: resident, memfds, tmpfs
+    address_space_bytes: int | None = 16 * 1024**3  # RLIMIT_AS
     cpu_seconds: int | None = 600  # RLIMIT_CPU: SIGXCPU, then SIGKILL one second later
     file_size_bytes: int | None = 1024**3  # RLIMIT_FSIZE: EFBIG
     open_files: int | None = 256  # RLIMIT_NOFILE
-    max_tasks: int | None = 1024  # RLIMIT_NPROC in the worker's user namespace
+    max_tasks: int | None = 1024  # pids cgroup (threads included)
+    scratch_bytes: int | None = 2 * 1024**3  # size of the scratch tmpfs: ENOSPC past it
     allow_fork: bool = False  # False: no child processes; threads are fine
     network: bool = False  # True: no network namespace, no socket/TCP denial (tests, trusted)
     read_paths: tuple[str, ...] = ()  # extra readable paths
@@ -160,6 +186,8 @@ class Sandbox:
             raise ValueError(f"allow_missing: unknown {unknown}; known: {list(PROTECTIONS)}")
         for name in (
             "memory_bytes",
+            "address_space_bytes",
+            "scratch_bytes",
             "cpu_seconds",
             "file_size_bytes",
             "open_files",
@@ -169,10 +197,15 @@ class Sandbox:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 0):
                 raise ValueError(f"Sandbox.{name} must be an int >= 0 or None, not {value!r}")
+        for name in _CAP_LIMITS.values():  # 0 would mean "no limit" to tmpfs: refuse it
+            if getattr(self, name) == 0:
+                raise ValueError(f"Sandbox.{name} must be > 0, or None for no cap")
 
     def requested(self) -> tuple[str, ...]:
-        """The protections this policy asks for (all but the network ones when `network=True`)."""
+        """The protections this policy asks for: all but the network ones when `network=True`
+        and the caps whose limit is None."""
         skip = {"netns", "landlock.net"} if self.network else set()
+        skip |= {cap for cap, field in _CAP_LIMITS.items() if getattr(self, field) is None}
         return tuple(p for p in PROTECTIONS if p not in skip)
 
     def may_miss(self, name: str) -> bool:
@@ -318,12 +351,15 @@ def probe() -> SandboxReport:
     abi = _landlock.abi_version()
     nnp = _prctl(_PR_GET_NO_NEW_PRIVS)
     root_note = " (NPROC is not enforced for uid 0)" if os.geteuid() == 0 else ""
+    namespaces = _probe_namespaces()
     found = {
         "environment": (True, "os.environ, cwd, umask"),
         "fds": (os.path.isdir("/proc/self/fd"), "via /proc/self/fd"),
         "pdeathsig": (True, "PR_SET_PDEATHSIG(SIGKILL)"),
         "rlimits": (True, "AS, CPU, FSIZE, NOFILE, CORE, NPROC" + root_note),
-        **_probe_namespaces(),
+        "caps.memory": _caps.probe("memory"),
+        "caps.tasks": (False, "set below"),
+        **namespaces,
         "capabilities": (True, "capset, PR_CAPBSET_DROP"),
         "no_new_privs": (nnp >= 0, "PR_SET_NO_NEW_PRIVS"),
         "landlock": (True, f"ABI {abi}"),
@@ -333,6 +369,7 @@ def probe() -> SandboxReport:
         "pidfd": _probe_pidfd(),
         "memfd_seals": _probe_memfd_seals(),
     }
+    found["caps.tasks"] = _probe_tasks(namespaces["userns"][0])
     for name, reason in _kernel_gaps(abi).items():
         found[name] = (False, reason)
     entries = tuple(ProbeEntry(name, ok, detail) for name, (ok, detail) in found.items())
@@ -341,39 +378,62 @@ def probe() -> SandboxReport:
 
 
 _NS_PROBE = """
-import ctypes, os
+import ctypes, json, os, sys
 libc = ctypes.CDLL(None, use_errno=True)
+err = lambda what: what + ": " + os.strerror(ctypes.get_errno())
+out = {}
 u, g = os.geteuid(), os.getegid()  # before unshare: inside, unmapped ids read as 65534
 if libc.unshare(0x10000000) != 0:
-    raise SystemExit("userns unshare(CLONE_NEWUSER): " + os.strerror(ctypes.get_errno()))
-for name, text in (("setgroups", "deny"), ("uid_map", f"{u} {u} 1"), ("gid_map", f"{g} {g} 1")):
-    try:
-        with open("/proc/self/" + name, "w") as f:
-            f.write(text)
-    except OSError as e:
-        raise SystemExit(f"userns writing /proc/self/{name}: {e.strerror}")
+    out["userns"] = err("unshare(CLONE_NEWUSER)")
+else:
+    for name, text in (("setgroups", "deny"), ("uid_map", f"{u} {u} 1"), ("gid_map", f"{g} {g} 1")):
+        try:
+            with open("/proc/self/" + name, "w") as f:
+                f.write(text)
+        except OSError as e:
+            out["userns"] = f"writing /proc/self/{name}: {e.strerror}"
+            break
 if libc.unshare(0x40000000) != 0:
-    raise SystemExit("netns unshare(CLONE_NEWNET): " + os.strerror(ctypes.get_errno()))
+    out["netns"] = err("unshare(CLONE_NEWNET)")
+if libc.unshare(0x20000) != 0:
+    out["caps.scratch"] = err("unshare(CLONE_NEWNS)")
+elif libc.mount(None, b"/", None, ctypes.c_ulong(0x44000), None) != 0:
+    out["caps.scratch"] = err("mount --make-rprivate /")
+elif libc.mount(b"isolhub-probe", os.fsencode(sys.argv[1]), b"tmpfs", ctypes.c_ulong(14), b"size=1m") != 0:
+    out["caps.scratch"] = err("mount tmpfs")
+print(json.dumps(out))
 """
 
 
 def _probe_namespaces() -> dict[str, tuple[bool, str]]:
+    import json
     import subprocess  # probe() only: keep it out of the zygote's imports
+    import tempfile
 
+    found = {
+        "userns": "unshare(CLONE_NEWUSER), own id mapped",
+        "netns": "unshare(CLONE_NEWNET)",
+        "caps.scratch": "tmpfs in a mount namespace of the worker's own",
+    }
     try:
-        cmd = [sys.executable, "-I", "-S", "-c", _NS_PROBE]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-        failure = done.stderr.strip().splitlines()[-1] if done.returncode else ""
-    except (OSError, subprocess.SubprocessError) as e:
-        failure = f"userns probe failed: {e}"
-    user = (True, "unshare(CLONE_NEWUSER), own id mapped")
-    net = (True, "unshare(CLONE_NEWNET)")
-    if failure.startswith("netns"):
-        net = (False, failure.split(" ", 1)[1])
-    elif failure:
-        user = (False, failure.removeprefix("userns "))
-        net = (False, "not tried: it needs the user namespace (or root)")
-    return {"userns": user, "netns": net}
+        with tempfile.TemporaryDirectory(prefix="isolhub-probe-") as target:
+            cmd = [sys.executable, "-I", "-S", "-c", _NS_PROBE, target]
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        failed = json.loads(done.stdout) if done.returncode == 0 else None
+        if not isinstance(failed, dict):
+            raise ValueError(done.stderr.strip()[-300:] or f"exit {done.returncode}")
+    except (OSError, ValueError, subprocess.SubprocessError) as e:
+        failed = dict.fromkeys(found, f"namespace probe failed: {e}")
+    return {n: (n not in failed, str(failed.get(n, detail))) for n, detail in found.items()}
+
+
+def _probe_tasks(userns: bool) -> tuple[bool, str]:
+    ok, detail = _caps.probe("pids")
+    if ok or os.geteuid() == 0:
+        return ok, detail + ("" if ok else " (and RLIMIT_NPROC does not bind uid 0)")
+    if userns:
+        return True, f"RLIMIT_NPROC in the user namespace (no pids cgroup: {detail})"
+    return False, f"{detail}; and no user namespace for RLIMIT_NPROC"
 
 
 def _probe_pidfd() -> tuple[bool, str]:
@@ -441,21 +501,32 @@ def apply(
     missing = dict(gaps)
     ppid = os.getppid()
 
-    def step(name: str, action: Callable[[], str]) -> None:
+    def fail(name: str, reason: str, cause: BaseException | None = None) -> None:
+        if not policy.may_miss(name):
+            raise SandboxError(f"sandbox protection {name!r} failed: {reason}") from cause
+        missing[name] = reason
+
+    def step(name: str, action: Callable[[], str], *, defer: bool = False) -> str | None:
+        """Apply `name`; on failure raise or record it (or, with `defer`, return why)."""
         if name in requested and name not in gaps:
             try:
                 applied[name] = action()
             except (OSError, SandboxError) as e:
                 reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-                if not policy.may_miss(name):
-                    raise SandboxError(f"sandbox protection {name!r} failed: {reason}") from e
-                missing[name] = reason
+                if defer:
+                    return reason
+                fail(name, reason, e)
+        return None
 
     step("environment", lambda: _scrub_environment(policy, scratch))
     step("fds", lambda: _close_fds(keep_fds))
     step("pdeathsig", lambda: _set_pdeathsig(ppid))
     step("rlimits", lambda: _set_rlimits(policy))
-    if os.geteuid() == 0:
+    # cgroups are joined with the original credentials, before the user namespace.
+    step("caps.memory", lambda: _caps.join("memory", policy.memory_bytes or 0))
+    root = os.geteuid() == 0
+    no_pids = step("caps.tasks", lambda: _caps.join("pids", policy.max_tasks or 0), defer=not root)
+    if root:
         with contextlib.suppress(OSError):  # best effort: no supplementary group bits to match
             os.setgroups([])
     step("userns", lambda: _unshare_user(with_net="netns" in requested and "netns" not in gaps))
@@ -470,6 +541,15 @@ def apply(
             applied["rlimits"] += f", NPROC {_lower_limit(resource.RLIMIT_NPROC, policy.max_tasks)}"
         else:
             applied["rlimits"] += ", NPROC not set (no user namespace)"
+    if no_pids is not None:  # non-root: RLIMIT_NPROC in the user namespace does bind
+        if "userns" in applied and policy.max_tasks is not None:
+            n = _lower_limit(resource.RLIMIT_NPROC, policy.max_tasks)
+            applied["caps.tasks"] = (
+                f"RLIMIT_NPROC {n} in the user namespace (no pids cgroup: {no_pids})"
+            )
+        else:
+            fail("caps.tasks", f"{no_pids}; and no user namespace for RLIMIT_NPROC")
+    step("caps.scratch", lambda: _mount_scratch(scratch, policy.scratch_bytes or 0))
     step("capabilities", _drop_capabilities)
     step("no_new_privs", _set_no_new_privs)
     step("landlock", lambda: _apply_landlock(policy, gaps, applied, readable, writable))
@@ -569,7 +649,7 @@ def _set_pdeathsig(ppid: int) -> str:
 def _set_rlimits(policy: Sandbox) -> str:
     done = []
     for name, which, value, grace in (
-        ("AS", resource.RLIMIT_AS, policy.memory_bytes, 0),
+        ("AS", resource.RLIMIT_AS, policy.address_space_bytes, 0),
         ("CPU", resource.RLIMIT_CPU, policy.cpu_seconds, 1),  # SIGXCPU; hard + 1 s: SIGKILL
         ("FSIZE", resource.RLIMIT_FSIZE, policy.file_size_bytes, 0),
         ("NOFILE", resource.RLIMIT_NOFILE, policy.open_files, 0),
@@ -600,6 +680,42 @@ def _unshare_user(*, with_net: bool) -> str:
         with open(f"/proc/self/{name}", "w") as f:
             f.write(text)
     return f"new user + IPC namespace; uid {uid} → {uid}, gid {gid} → {gid}; setgroups deny"
+
+
+def _mount_scratch(scratch: str, size: int) -> str:
+    """Scratch becomes a private tmpfs of `size` bytes, in a mount namespace of the worker's own.
+
+    Also hides /sys/fs/cgroup under an empty read-only tmpfs, so the worker cannot reach the
+    files that hold its own caps even where Landlock is missing.
+    """
+    _unshare(_CLONE_NEWNS, "")
+    _mount(None, "/", None, _MS_REC | _MS_PRIVATE, None)  # nothing propagates back out
+    flags = _MS_NOSUID | _MS_NODEV | _MS_NOEXEC
+    options = f"size={size},nr_inodes={_SCRATCH_INODES},mode=0700"
+    _mount("isolhub-scratch", scratch, "tmpfs", flags, options)
+    os.chdir(scratch)  # the old cwd is the directory underneath the mount
+    hidden = ""
+    if os.path.isdir("/sys/fs/cgroup"):
+        try:
+            _mount(
+                "isolhub-none", "/sys/fs/cgroup", "tmpfs", flags | _MS_RDONLY, "size=4k,mode=0555"
+            )
+            hidden = "; /sys/fs/cgroup hidden"
+        except OSError as e:
+            hidden = f"; /sys/fs/cgroup not hidden ({e.strerror})"
+    return f"tmpfs of {size / 1024**2:g} MiB, {_SCRATCH_INODES} inodes, own mount namespace{hidden}"
+
+
+def _mount(
+    source: str | None, target: str, fstype: str | None, flags: int, data: str | None
+) -> None:
+    def arg(text: str | None) -> bytes | None:
+        return None if text is None else os.fsencode(text)
+
+    ctypes.set_errno(0)
+    if _libc.mount(arg(source), arg(target), arg(fstype), ctypes.c_ulong(flags), arg(data)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount {fstype or '--make-rprivate'} on {target}: {os.strerror(err)}")
 
 
 def _unshare(flags: int, detail: str) -> str:

@@ -266,7 +266,7 @@ def test_exec_and_fork_are_refused(repo: Path) -> None:
 
 
 def test_a_memory_bomb_hits_the_address_space_cap(repo: Path) -> None:
-    assert run_case(repo, "memory_bomb", memory_bytes=2 * 1024**3)["error"] == "MemoryError"
+    assert run_case(repo, "memory_bomb", address_space_bytes=2 * 1024**3)["error"] == "MemoryError"
 
 
 def test_a_huge_file_hits_the_file_size_cap(repo: Path) -> None:

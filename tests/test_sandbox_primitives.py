@@ -47,6 +47,7 @@ SECRET = "-----BEGIN OPENSSH PRIVATE KEY----- canary"
 ZYGOTE = r"""
 import json, os, select, signal, sys, time
 import torch  # the real zygote has torch imported before it forks workers
+from isolhub import _caps
 from isolhub._sandbox import Sandbox, apply
 
 sigterms = 0
@@ -103,6 +104,7 @@ for line in sys.stdin:
         os.kill(pid, signal.SIGKILL)
     os.close(r)
     status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    _caps.release(pid)  # the worker's cgroups, as the real parent does once it has reaped it
     reply = json.loads(data) if data else {"result": None, "report": None}
     reply.update(status=status, sigterms=sigterms - before, wall=time.monotonic() - start,
                  timed_out=chunk is None)
@@ -594,17 +596,38 @@ def test_a_fork_bomb_stops_at_the_first_fork(zygote, kernel, dirs):
 
 
 def test_with_fork_allowed_max_tasks_bounds_a_fork_bomb(zygote, kernel, dirs):
-    if os.geteuid() == 0:
-        pytest.skip(
-            "RLIMIT_NPROC is not enforced for uid 0 (kernel/fork.c exempts INIT_USER); allow_fork=False is the bound for root"
-        )
-    policy = strict(kernel, "userns", allow_fork=True, max_tasks=8)
+    # A pids cgroup binds root too; RLIMIT_NPROC (the fallback for non-root) would not.
+    policy = strict(kernel, "caps.tasks", allow_fork=True, max_tasks=8)
     out = zygote.run(FORK_BOMB, dirs, policy, args={"forks": 50})
     assert error_of(out, "fork") == ("BlockingIOError", 11) and out.result["forked"] < 8
 
 
+CAPS_STATE = """
+with open("/proc/self/cgroup") as f:
+    result["cgroups"] = f.read()
+st = os.statvfs(scratch)
+result["scratch_bytes"] = st.f_blocks * st.f_frsize
+result["cwd_is_scratch"] = os.stat(".").st_dev == os.stat(scratch).st_dev
+result["sys_fs_cgroup"] = attempt(lambda: os.listdir("/sys/fs/cgroup"))
+"""
+
+
+def test_the_caps_are_cgroups_and_a_scratch_tmpfs_of_the_workers_own(zygote, kernel, dirs):
+    needs = ("caps.memory", "caps.tasks", "caps.scratch")
+    policy = strict(kernel, *needs, memory_bytes=256 * 1024**2, scratch_bytes=32 * 1024**2)
+    out = zygote.run(CAPS_STATE, dirs, policy)
+    applied = out.report["applied"]
+    assert "256 MiB" in applied["caps.memory"] and "cgroup v" in applied["caps.memory"]
+    assert "pids.max" in applied["caps.tasks"] or "RLIMIT_NPROC" in applied["caps.tasks"]
+    assert "tmpfs of 32 MiB" in applied["caps.scratch"]
+    assert "/isolhub-" in out.result["cgroups"]
+    assert out.result["scratch_bytes"] == 32 * 1024**2 and out.result["cwd_is_scratch"]
+    assert out.result["sys_fs_cgroup"].get("ok", []) == []  # hidden, or unreadable (Landlock)
+    assert not any(p.name != "." for p in dirs["scratch"].iterdir())  # nothing on the real disk
+
+
 def test_a_memory_bomb_raises_memoryerror(zygote, kernel, dirs):
-    policy = strict(kernel, memory_bytes=1024**3)
+    policy = strict(kernel, address_space_bytes=1024**3)
     out = zygote.run(MEMORY_BOMB, dirs, policy, args={"bytes": 1024**3})
     assert error_of(out, "alloc") == ("MemoryError", None)
 
