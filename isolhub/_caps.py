@@ -80,7 +80,15 @@ def _join_path(mount_root: str, mount_point: str, path: str) -> str | None:
     if mount_root != "/" and not (path == mount_root or path.startswith(mount_root + "/")):
         return None  # this process's cgroup is outside what is mounted here
     rel = path[len(mount_root) :] if mount_root != "/" else path
+    if os.path.basename(rel) == name_for(os.getpid()):  # entered ahead (`prepare`): its parent
+        rel = os.path.dirname(rel)
     return os.path.join(mount_point, rel.lstrip("/")).rstrip("/") or "/"
+
+
+def _member(place: Place) -> bool:
+    """Whether this process is in its worker cgroup of `place` already."""
+    key = "" if place.version == 2 else place.controller
+    return _own_paths().get(key, "").endswith("/" + name_for(os.getpid()))
 
 
 def locate(controller: str, *, enable: bool = False) -> Place | str:
@@ -178,6 +186,40 @@ def _sweep(own: str) -> None:
                     pass
 
 
+def _enter(place: Place) -> str:
+    """Make this process's worker cgroup in `place` and move into it: its path."""
+    _sweep(place.own)
+    pid = os.getpid()
+    path = os.path.join(place.own, name_for(pid))
+    try:
+        try:
+            os.mkdir(path)
+        except FileExistsError:  # a dead worker's, with our (reused) pid, and its old limits
+            os.rmdir(path)
+            os.mkdir(path)
+    except OSError as e:
+        raise OSError(e.errno, f"mkdir {path}: {e.strerror}") from e
+    try:
+        _write(os.path.join(path, "cgroup.procs"), str(pid))
+    except OSError as e:
+        raise OSError(e.errno, f"joining {path}: {e.strerror}") from e
+    return path
+
+
+def prepare() -> None:
+    """Enter this process's worker cgroups ahead of time, where that needs no new permission.
+
+    Moving a process between cgroups waits for an RCU grace period (5-30 ms measured); the
+    zygote's spare does it while it waits for work, so `join` then only writes the limits. A
+    worker that ends up unconfined just sits in a cgroup without limits until it is reaped.
+    """
+    for controller in CONTROLLERS:
+        place = locate(controller)
+        if isinstance(place, Place) and not _member(place):
+            with contextlib.suppress(OSError):
+                _enter(place)
+
+
 def join(controller: str, value: int) -> str:
     """Move this process into a new cgroup capping `controller` at `value`; say what was done.
 
@@ -187,13 +229,10 @@ def join(controller: str, value: int) -> str:
     place = locate(controller, enable=True)
     if isinstance(place, str):
         raise OSError(0, place)
-    _sweep(place.own)
     pid = os.getpid()
     path = os.path.join(place.own, name_for(pid))
-    try:
-        os.makedirs(path, exist_ok=True)  # exists: a dead worker's with our (reused) pid
-    except OSError as e:
-        raise OSError(e.errno, f"mkdir {path}: {e.strerror}") from e
+    if not _member(place):  # not entered ahead by `prepare`
+        _enter(place)
     written = []
     for file, text, required in _limits(place, value):
         try:
@@ -202,12 +241,7 @@ def join(controller: str, value: int) -> str:
         except OSError as e:
             if required:
                 raise OSError(e.errno, f"writing {path}/{file}: {e.strerror}") from e
-    try:
-        _write(os.path.join(path, "cgroup.procs"), str(pid))
-    except OSError as e:
-        raise OSError(e.errno, f"joining {path}: {e.strerror}") from e
-    key = "" if place.version == 2 else controller
-    if not _own_paths().get(key, "").endswith("/" + name_for(pid)):
+    if not _member(place):
         raise OSError(0, f"joined {path}, but /proc/self/cgroup does not show it")
     return f"cgroup v{place.version} {path}: {', '.join(written)} {_human(controller, value)}"
 

@@ -14,6 +14,8 @@ fds             every fd but 0, 1, 2 and `keep_fds` is pointed at /dev/null (dup
 pdeathsig       PR_SET_PDEATHSIG(SIGKILL); seccomp later stops the hubconf from clearing it
 rlimits         RLIMIT_AS, CPU (SIGXCPU; hard limit one second later: SIGKILL), FSIZE, NOFILE,
                 CORE=0, soft = hard: they cannot be raised again once capabilities are gone
+caps.memory     a memory cgroup of its own (`isolhub._caps`): memfds, tmpfs and page cache count
+caps.tasks      a pids cgroup (threads count, root too); else RLIMIT_NPROC in the userns (non-root)
 userns          unshare(CLONE_NEWUSER | CLONE_NEWIPC), setgroups "deny", the own uid/gid mapped to
                 itself. A single process may only map its own id, so no map changes the kernel uid
                 that file permissions see; for root the map is 0 → 0 (needs CAP_SETFCAP, kernel
@@ -22,6 +24,8 @@ userns          unshare(CLONE_NEWUSER | CLONE_NEWIPC), setgroups "deny", the own
                 so it counts only this sandbox's tasks
 netns           CLONE_NEWNET in the same unshare: no interface but a down loopback; this also
                 isolates abstract UNIX sockets. Root without a userns gets a bare netns
+caps.scratch    unshare(CLONE_NEWNS), "/" made rprivate, a tmpfs of `scratch_bytes` on scratch,
+                /sys/fs/cgroup hidden under an empty read-only tmpfs; cwd → the new scratch
 capabilities    bounding and ambient sets cleared, effective/permitted/inheritable set to zero
 no_new_privs    PR_SET_NO_NEW_PRIVS, before Landlock, so neither Landlock nor seccomp leans on the
                 CAP_SYS_ADMIN a new user namespace lends
@@ -42,9 +46,9 @@ namespace does not isolate it, and a root worker passes its permission check. Th
 is an already-connected socketpair, so the worker needs no new socket; socketpair() still works.
 
 Why fork is refused (`allow_fork=False`): RLIMIT_NPROC is not enforced by the kernel for uid 0
-(fork.c exempts INIT_USER), so for a root worker it cannot bound a fork bomb; refusing process
-creation in seccomp can. Threads (which torch needs) are not processes and still start; a thread
-bomb is bounded by RLIMIT_AS (each thread reserves its stack) and, for non-root, by `max_tasks`.
+(fork.c exempts INIT_USER), and a pids cgroup may be missing (`allow_missing`); refusing process
+creation in seccomp bounds a fork bomb regardless. Threads (which torch needs) are not
+processes and still start; a thread bomb is bounded by the pids cgroup (`max_tasks`).
 
 **Fail closed**: every protection the policy asks for is applied or `apply` raises `SandboxError`
 naming it, unless the name (or its prefix before the dot, e.g. "landlock") is in

@@ -64,7 +64,10 @@ def _fork_spare(control: socket.socket) -> tuple[int, socket.socket]:
                 os._exit(1)
             control.close()
             ours.close()
+            from ._caps import prepare
             from ._protocol import recv_frame
+
+            prepare()  # a sandbox's cgroups, entered while it waits (moving in is slow)
 
             frame = recv_frame(theirs)
             if frame is None or len(frame[1]) != 2:

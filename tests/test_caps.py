@@ -226,7 +226,7 @@ def test_a_dropped_handle_kills_reaps_and_cleans_up_its_worker(
     scratch = os.readlink(f"/proc/{pid}/cwd")  # the worker runs in its scratch dir
     # The twin: while the handle lives, so do the worker, its scratch and (confined) its cgroups.
     assert os.path.basename(scratch) in scratch_dirs()
-    assert len(_cgroup_dirs(pid)) == (2 if sandbox else 0)
+    assert len(_cgroup_dirs(pid)) == 2 or not sandbox  # unconfined: entered ahead, no limits
     del m
     gc.collect()
     assert _wait_until(lambda: not os.path.exists(f"/proc/{pid}")), "worker still there"
