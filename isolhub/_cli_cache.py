@@ -32,7 +32,7 @@ from urllib.parse import unquote
 
 from ._cache import STAGING_PREFIX, hub_dir, pid_alive, remove_tree
 from ._cli_common import output_flags
-from ._errors import CacheError, DownloadError
+from ._errors import CacheError, DownloadError, UsageError
 
 _SHA = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 _STAGING_PID = re.compile(rf"{re.escape(STAGING_PREFIX)}[0-9a-f]+-(\d+)-")
@@ -91,6 +91,10 @@ def add_commands(subparsers: Any) -> None:
         "file name or a snapshot SHA (prefix of 7 or more).",
     )
     rm.add_argument("target", metavar="TARGET")
+    rm.add_argument(
+        "--yes", "-y", action="store_true", help="do not ask (needed when stdin is not a terminal)"
+    )
+    rm.add_argument("--dry-run", action="store_true", help="only show what would be removed")
     _json_flag(rm)
     rm.set_defaults(func=cmd_rm)
 
@@ -296,13 +300,19 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    """`isolhub cache ls`: every entry with its kind, size and last use; unused snapshots marked."""
+    """`isolhub cache ls`: repos with their size, refs and snapshots, then the checkpoints.
+
+    As `huggingface-cli scan-cache`: one line per repo (total size, snapshot count, the refs and
+    what they point at, last use), its snapshots under it (unused ones marked), then checkpoints.
+    """
     root = hub_dir()
     entries = scan(root)
+    repos = group_by_repo(entries)
     if args.json:
         _print_json(
             {
                 "hub_dir": str(root),
+                "repos": [{k: v for k, v in r.items() if k != "last_used_ts"} for r in repos],
                 "entries": [_entry_json(e) for e in entries],
                 "total_size": sum(e.size for e in entries),
             }
@@ -312,22 +322,66 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if not entries:
         print("(empty)")
         return 0
-    print(f"{'KIND':<11} {'SIZE':>9}  {'LAST USED':<16}  ENTRY")
-    for e in entries:
-        note = ""
-        if e.kind == "snapshot":
-            note = f"  ({e.repo}; {'refs: ' + ', '.join(e.refs) if e.refs else 'unused'})"
-        elif e.kind == "ref":
-            note = f"  -> {(e.sha or '?')[:12]}"
-        print(f"{e.kind:<11} {_human(e.size):>9}  {_when(e.last_used):<16}  {e.id}{note}")
-    snaps = [e for e in entries if e.kind == "snapshot"]
+    if repos:
+        print(f"{'REPO':<40} {'SIZE':>9}  {'SNAPSHOTS':<13} {'LAST USED':<16}  REFS")
+    for r in repos:
+        snaps = f"{len(r['snapshots'])}" + (f" ({r['unused']} unused)" if r["unused"] else "")
+        refs = ", ".join(f"{k} -> {(v or '?')[:12]}" for k, v in r["refs"].items()) or "-"
+        print(
+            f"{r['repo']:<40} {_human(r['size']):>9}  {snaps:<13} "
+            f"{_when(r['last_used_ts']):<16}  {refs}"
+        )
+        for e in (x for x in entries if x.kind == "snapshot" and x.repo == r["repo"]):
+            note = "refs: " + ", ".join(e.refs) if e.refs else "unused"
+            print(f"  {_human(e.size):>9}  {_when(e.last_used):<16}  {e.id}  ({note})")
+    ckpts = [e for e in entries if e.kind == "checkpoint"]
+    if ckpts:
+        print(f"\ncheckpoints ({_human(sum(e.size for e in ckpts))}):")
+        for e in ckpts:
+            print(f"  {_human(e.size):>9}  {_when(e.last_used):<16}  {e.id}")
+    snap_all = [e for e in entries if e.kind == "snapshot"]
     counts = (
-        f"{len(snaps)} snapshot(s) ({sum(1 for e in snaps if e.unused)} unused), "
-        f"{sum(1 for e in entries if e.kind == 'ref')} ref(s), "
-        f"{sum(1 for e in entries if e.kind == 'checkpoint')} checkpoint(s)"
+        f"{len(repos)} repo(s), {len(snap_all)} snapshot(s) "
+        f"({sum(1 for e in snap_all if e.unused)} unused), "
+        f"{sum(1 for e in entries if e.kind == 'ref')} ref(s), {len(ckpts)} checkpoint(s)"
     )
-    print(f"{counts}; {_human(sum(e.size for e in entries))} in total")
+    print(f"\n{counts}; {_human(sum(e.size for e in entries))} in total")
     return 0
+
+
+def group_by_repo(entries: list[Entry]) -> list[dict[str, Any]]:
+    """Snapshots and refs of `entries` grouped per repo, largest first.
+
+    Example:
+        >>> [r["repo"] for r in group_by_repo(scan(hub_dir()))]
+        ['o/r']
+    """
+    repos: dict[str, dict[str, Any]] = {}
+    for e in entries:
+        if e.kind not in ("snapshot", "ref") or e.repo is None:
+            continue
+        r = repos.setdefault(
+            e.repo,
+            {
+                "repo": e.repo,
+                "size": 0,
+                "snapshots": [],
+                "unused": 0,
+                "refs": {},
+                "last_used_ts": 0.0,
+            },
+        )
+        r["size"] += e.size
+        r["last_used_ts"] = max(r["last_used_ts"], e.last_used)
+        if e.kind == "snapshot":
+            r["snapshots"].append(e.sha)
+            r["unused"] += bool(e.unused)
+        else:
+            r["refs"][e.ref or ""] = e.sha
+    out = sorted(repos.values(), key=lambda r: (-r["size"], r["repo"]))
+    for r in out:
+        r["last_used"] = _iso(r["last_used_ts"])
+    return out
 
 
 def _entry_json(e: Entry) -> dict[str, Any]:
@@ -520,13 +574,38 @@ def cmd_rm(args: argparse.Namespace) -> int:
     root = hub_dir()
     entries = scan(root)
     chosen = _resolve_target(args.target, root, entries)
-    removed = _remove_entries(chosen, entries, root, dry_run=False)
+    if not (args.yes or args.dry_run):
+        _confirm(chosen)
+    removed = _remove_entries(chosen, entries, root, dry_run=args.dry_run)
     if args.json:
         _print_json({"hub_dir": str(root), "removed": removed})
     else:
+        verb = "would remove" if args.dry_run else "removed"
         for r in removed:
-            print(f"removed {r['kind']} {r['id']} ({_human(r['size'])})")
+            print(f"{verb} {r['kind']} {r['id']} ({_human(r['size'])})")
     return 0
+
+
+def _confirm(chosen: list[Entry]) -> None:
+    """Ask on the terminal before `cache rm` deletes; refuse when no one can answer."""
+    import sys
+
+    what = ", ".join(e.id for e in chosen[:5]) + (" ..." if len(chosen) > 5 else "")
+    size = _human(sum(e.size for e in chosen))
+    if not sys.stdin.isatty():
+        raise UsageError(
+            f"cache rm would remove {len(chosen)} entr{'y' if len(chosen) == 1 else 'ies'} "
+            f"({what}; {size}): pass --yes to confirm (stdin is not a terminal), "
+            "or --dry-run to see them"
+        )
+    try:
+        answer = input(f"remove {what} ({size})? [y/N] ")
+    except EOFError:
+        answer = ""
+    if answer.strip().lower() not in ("y", "yes"):
+        raise UsageError(
+            "cache rm: nothing removed (not confirmed); pass --yes to skip the question"
+        )
 
 
 def _resolve_target(target: str, root: Path, entries: list[Entry]) -> list[Entry]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from isolhub._cli_cache import add_commands, parse_age
-from isolhub._errors import CacheError, DownloadError, HashMismatchError
+from isolhub._errors import CacheError, DownloadError, HashMismatchError, UsageError
 
 from weights_server import WeightsServer, file_digests, leftovers, sha256
 
@@ -223,9 +223,29 @@ def test_cache_ls_lists_kinds_sizes_last_use_and_unused_snapshots(
     assert listing["total_size"] == sum(e["size"] for e in listing["entries"])
     cli("cache", "ls")
     human = capsys.readouterr().out
-    assert f"{snap_b}  (o/r; unused)" in human and f"{snap_a}  (o/r; refs: main)" in human
+    assert f"{snap_b}  (unused)" in human and f"{snap_a}  (refs: main)" in human
     assert "2 snapshot(s) (1 unused), 1 ref(s), 2 checkpoint(s)" in human
     assert ".partial" not in human and ".staging" not in human
+
+
+def test_cache_ls_groups_snapshots_and_refs_by_repo_with_sizes(
+    populated: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    snapshot(populated, SHA_C, repo="github--x--y")
+    code, listing = cli_json(capsys, "cache", "ls")
+    assert code == 0
+    by_repo = {r["repo"]: r for r in listing["repos"]}
+    assert by_repo["o/r"]["refs"] == {"main": SHA_A}
+    assert sorted(by_repo["o/r"]["snapshots"]) == sorted([SHA_A, SHA_B])
+    assert by_repo["o/r"]["unused"] == 1
+    snaps = [e for e in listing["entries"] if e["repo"] == "o/r"]
+    assert by_repo["o/r"]["size"] == sum(e["size"] for e in snaps)
+    assert cli("cache", "ls") == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("o/r "))
+    assert "2 (1 unused)" in line and f"main -> {SHA_A[:12]}" in line
+    assert f"  repos/github--o--r/snapshots/{SHA_B}  (unused)" in out
+    assert "checkpoints (" in out and "2 repo(s), 3 snapshot(s)" in out
 
 
 def test_cache_ls_on_an_empty_or_missing_hub_lists_nothing(
@@ -310,10 +330,10 @@ def _host() -> str:
 def test_cache_rm_removes_a_checkpoint_by_id_or_by_name(
     populated: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert cli("cache", "rm", "checkpoints/plain.pt") == 0
+    assert cli("cache", "rm", "checkpoints/plain.pt", "--yes") == 0
     assert "removed checkpoint checkpoints/plain.pt (100 B)" in capsys.readouterr().out
     name = f"net-{sha256(DATA)[:8]}.pth"
-    code, result = cli_json(capsys, "cache", "rm", name)
+    code, result = cli_json(capsys, "cache", "rm", name, "--yes")
     assert code == 0 and result["removed"] == [
         {"id": f"checkpoints/{name}", "kind": "checkpoint", "size": len(DATA)}
     ]
@@ -323,7 +343,7 @@ def test_cache_rm_removes_a_checkpoint_by_id_or_by_name(
 def test_cache_rm_of_a_snapshot_takes_its_refs_and_keeps_the_rest(
     populated: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, result = cli_json(capsys, "cache", "rm", SHA_A[:10])
+    code, result = cli_json(capsys, "cache", "rm", SHA_A[:10], "-y")
     assert code == 0
     assert {r["id"] for r in result["removed"]} == {
         f"repos/github--o--r/snapshots/{SHA_A}",
@@ -339,9 +359,9 @@ def test_cache_rm_of_a_whole_repo_by_path_or_origin(
     populated: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     snapshot(populated, SHA_C, repo="github--x--y")
-    assert cli("cache", "rm", str(populated / "repos" / "github--x--y")) == 0
+    assert cli("cache", "rm", str(populated / "repos" / "github--x--y"), "--yes") == 0
     assert not (populated / "repos" / "github--x--y").exists()
-    assert cli("cache", "rm", "o/r") == 0
+    assert cli("cache", "rm", "o/r", "--yes") == 0
     assert list((populated / "repos").iterdir()) == []
     assert (populated / "checkpoints" / "plain.pt").exists()
 
@@ -353,7 +373,7 @@ def test_cache_rm_refuses_anything_outside_the_hub_or_unknown(
     outside.write_bytes(b"keep me")
     for target in (str(outside), str(populated), "..", "nope.pth", "/etc/passwd", "checkpoints"):
         with pytest.raises(CacheError, match="no cache entry matches"):
-            cli("cache", "rm", target)
+            cli("cache", "rm", target, "--yes")
     assert outside.read_bytes() == b"keep me"
     assert len(file_digests(populated)) == 8
 
@@ -361,7 +381,45 @@ def test_cache_rm_refuses_anything_outside_the_hub_or_unknown(
 def test_cache_rm_of_an_ambiguous_sha_prefix_is_refused(populated: Path) -> None:
     snapshot(populated, "a" * 39 + "b", repo="github--x--y")
     with pytest.raises(CacheError, match="matches 2 snapshots"):
-        cli("cache", "rm", "aaaaaaaa")
+        cli("cache", "rm", "aaaaaaaa", "--yes")
+
+
+def test_cache_rm_without_yes_off_a_terminal_removes_nothing_and_names_the_flag(
+    populated: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = file_digests(populated)
+    with pytest.raises(UsageError, match="pass --yes"):
+        cli("cache", "rm", "checkpoints/plain.pt")
+    assert cli("cache", "rm", "checkpoints/plain.pt", "--dry-run") == 0
+    assert "would remove checkpoint checkpoints/plain.pt" in capsys.readouterr().out
+    assert file_digests(populated) == before
+
+
+@pytest.mark.parametrize(("answer", "removed"), [(b"y\n", True), (b"n\n", False), (b"\n", False)])
+def test_cache_rm_asks_on_a_terminal_and_removes_only_on_yes(
+    populated: Path, answer: bytes, removed: bool
+) -> None:
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "isolhub", "cache", "rm", "checkpoints/plain.pt"],
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+    )
+    os.close(follower)
+    prompt = b""
+    while b"[y/N]" not in prompt:
+        prompt += os.read(leader, 1024)
+    assert b"checkpoints/plain.pt (100 B)" in prompt
+    os.write(leader, answer)
+    assert proc.wait(timeout=60) == (0 if removed else 2)
+    os.close(leader)
+    assert (populated / "checkpoints" / "plain.pt").exists() is not removed
 
 
 # -- prune -------------------------------------------------------------------------------------
