@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import re
+import shlex
 import shutil
+import stat
 import sys
 import tempfile
 import uuid
@@ -27,11 +30,15 @@ from urllib.parse import urlparse
 from ._config import get_dir, is_offline
 from ._download import _download, fetch_broker, safe_url
 from ._errors import ArchiveError, CacheCorruptedError, CacheError, DownloadError, OfflineError
+from ._verified import recorded, remember, sha256_fd
 
 __all__ = ["HASH_REGEX", "load_state_dict_from_url", "load_url"]
 
 # torch.hub's convention: `name-<sha256 prefix>.ext`; the first match wins, as in torch.
 HASH_REGEX = re.compile(r"-([a-f0-9]*)\.")
+
+# torch's messages for a file it cannot parse (other RuntimeErrors are not the file's fault).
+_TORCH_DAMAGE = re.compile(r"PytorchStreamReader|unexpected EOF|might be corrupted")
 
 _LEGACY_ZIP_MESSAGE = (
     "Falling back to the old format < 1.6. This support will be "
@@ -69,7 +76,9 @@ def load_state_dict_from_url(
         HashMismatchError: `check_hash` and the bytes do not match the prefix in the name.
         DownloadError: the download failed, or no safe file name can be derived from the URL.
         CacheError: the checkpoint folder cannot be created or written.
-        CacheCorruptedError: a `.safetensors` file cannot be parsed.
+        CacheCorruptedError: the cached file is damaged (truncated, flipped bytes, changed since
+            it was downloaded, not a checkpoint) or, with `check_hash`, does not match the hash
+            in its name; it is not loaded (see `verify_cached`).
         OfflineError: offline mode is on and the checkpoint is not cached.
         pickle.UnpicklingError: `weights_only=True` and the file holds more than weights.
     """
@@ -112,6 +121,7 @@ def load_state_dict_from_url(
             )
         sys.stdout.write(f'Downloading: "{url}" to {cached_file}\n')
         _download(url, cached_file, hash_prefix, progress)
+    verify_cached(cached_file, hash_prefix)
     return _load(cached_file, model_dir, map_location, weights_only, safetensors)
 
 
@@ -135,6 +145,76 @@ def checkpoint_name(url: str, file_name: str | None = None) -> str:
     return name
 
 
+def verify_cached(path: str, hash_prefix: str | None) -> None:
+    """Check the cached checkpoint `path` before it is loaded; cheap once it has been checked.
+
+    What is checked, each time the file's identity (size, mtime, ctime, inode) is new to
+    `_verified`'s record of it: a file isolhub downloaded still has the SHA-256 it was downloaded
+    with; with `hash_prefix` (`check_hash=True`) the full SHA-256 starts with it; a zip
+    checkpoint's members pass their CRC-32 check (torch.load does not check them).
+
+    Raises:
+        CacheCorruptedError: the file cannot be read, changed since it was downloaded, does not
+            match `hash_prefix`, or is a damaged zip; it is never loaded.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise _corrupted(path, f"it cannot be read ({e.strerror})") from e
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _corrupted(path, "it is not a regular file")
+        rec = recorded(path)
+        known = rec if rec is not None and rec.same_file(st) else None
+        digest = known.sha256 if known is not None else None
+        downloaded = known is not None and known.downloaded
+        reference = rec.sha256 if rec is not None and rec.downloaded else None
+        if digest is None and (hash_prefix is not None or reference is not None):
+            digest = sha256_fd(fd)
+            if reference is not None:
+                if digest != reference:
+                    raise _corrupted(
+                        path,
+                        f"its SHA-256 is {digest}, not the {reference} it had when isolhub "
+                        "downloaded it (changed on disk since)",
+                    )
+                downloaded = True
+        zip_ok = known.zip_ok if known is not None else None
+        if zip_ok is None and os.pread(fd, 4, 0) == b"PK\x03\x04":
+            _check_zip(path)
+            zip_ok = True
+        if hash_prefix is not None and digest is not None and not digest.startswith(hash_prefix):
+            raise _corrupted(
+                path,
+                f"its SHA-256 is {digest}, which does not start with {hash_prefix!r}, the hash "
+                "in its name (check_hash=True)",
+            )
+        learned = (digest, zip_ok) != (None, None)
+        if learned and (known is None or (known.sha256, known.zip_ok) != (digest, zip_ok)):
+            remember(path, st, sha256=digest, downloaded=downloaded, zip_ok=zip_ok)
+    finally:
+        os.close(fd)
+
+
+def _check_zip(path: str) -> None:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        raise _corrupted(path, f"it is a damaged zip archive (truncated?): {e}") from e
+    if bad is not None:
+        raise _corrupted(path, f"the CRC-32 of its member {bad!r} does not match (flipped bytes)")
+
+
+def _corrupted(path: str, why: str) -> CacheCorruptedError:
+    return CacheCorruptedError(
+        f"the cached checkpoint {path} is corrupted: {why}. It was not loaded; delete it "
+        f"(rm {shlex.quote(path)}) and load again to download it afresh",
+        path=path,
+    )
+
+
 def _load(
     path: str, model_dir: str, map_location: Any, weights_only: bool, safetensors: bool
 ) -> dict[str, Any]:
@@ -142,9 +222,20 @@ def _load(
         return _load_safetensors(path, map_location)
     import torch
 
-    if _is_legacy_zip_format(path):
-        return _legacy_zip_load(path, model_dir, map_location, weights_only)
-    return torch.load(path, map_location=map_location, weights_only=weights_only)
+    try:
+        if _is_legacy_zip_format(path):
+            return _legacy_zip_load(path, model_dir, map_location, weights_only)
+        return torch.load(path, map_location=map_location, weights_only=weights_only)
+    except pickle.UnpicklingError as e:
+        if str(e).startswith("Weights only load failed"):
+            raise  # torch's refusal of a file that holds more than weights, as torch raises it
+        raise _corrupted(path, f"it is damaged or not a checkpoint ({e})") from e
+    except (EOFError, zipfile.BadZipFile) as e:
+        raise _corrupted(path, f"it is truncated or damaged ({type(e).__name__}: {e})") from e
+    except RuntimeError as e:
+        if not _TORCH_DAMAGE.search(str(e)):
+            raise  # e.g. a CUDA map_location on a machine without CUDA: not the file's fault
+        raise _corrupted(path, f"torch cannot read it ({str(e).splitlines()[0]})") from e
 
 
 def _load_safetensors(path: str, map_location: Any) -> dict[str, Any]:
@@ -160,11 +251,7 @@ def _load_safetensors(path: str, map_location: Any) -> dict[str, Any]:
     try:
         return load_file(path, device=device)
     except SafetensorError as e:
-        raise CacheCorruptedError(
-            f"cannot load {path} as safetensors: {e}; the file is damaged or not safetensors. "
-            "Delete it (isolhub cache rm) and download it again",
-            path=path,
-        ) from e
+        raise _corrupted(path, f"it is damaged or not safetensors ({e})") from e
 
 
 def _is_legacy_zip_format(filename: str) -> bool:

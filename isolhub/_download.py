@@ -36,6 +36,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import logging
@@ -47,12 +48,17 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
 from ._cache import hub_dir, pid_alive
 from ._config import is_offline
 from ._errors import CacheError, DownloadError, HashMismatchError, IsolhubError, OfflineError
 from ._http import READ_CHUNK, _DiskError, _fetch, _Settings, _State, _write_all, safe_url
+from ._verified import remember
+
+if TYPE_CHECKING:
+    from ._broker import BrokerGuard
 
 __all__ = ["download_url_to_file", "set_fetch_broker"]
 
@@ -134,8 +140,12 @@ def _download(
     progress: bool,
     *,
     headers: Mapping[str, str] | None = None,
+    guard: BrokerGuard | None = None,
 ) -> None:
-    """Fetch `url` into `dst` (see `download_url_to_file`); the shared core of both entry points."""
+    """Fetch `url` into `dst` (see `download_url_to_file`); the shared core of both entry points.
+
+    `guard` is the weights broker's: its URL checks for every hop, its proxy, its size cap.
+    """
     surl = safe_url(url)
     scheme = urlsplit(url).scheme.lower()
     if scheme == "file":
@@ -162,6 +172,11 @@ def _download(
             url=surl,
         )
     settings = _Settings.from_env()
+    cap = guard.max_bytes if guard is not None else None
+    if cap is not None and (settings.max_bytes is None or cap < settings.max_bytes):
+        settings = dataclasses.replace(
+            settings, max_bytes=cap, max_bytes_name="the sandbox's max_download_bytes"
+        )
     before = _identity(dst)
     with _download_lock(dst, settings.lock_timeout):
         now = _identity(dst)
@@ -172,22 +187,25 @@ def _download(
         tmp, fd = _create_temp(dst, surl)
         try:
             with os.fdopen(fd, "wb", buffering=0) as f:
-                state = _State(f, hashing=hash_prefix is not None)
+                state = _State(f, hashing=True)
                 try:
-                    _fetch(url, state, settings, dict(headers or {}), progress, dst, surl)
+                    _fetch(url, state, settings, dict(headers or {}), progress, dst, surl, guard)
                 except _DiskError as e:
                     raise _local_error(e.error, dst, surl, need=state.total) from e
                 try:
                     os.fsync(f.fileno())
                 except OSError as e:
                     raise _local_error(e, tmp, surl, need=state.total) from e
-            if state.hasher is not None and hash_prefix is not None:
-                _check_hash(state.hasher.hexdigest(), hash_prefix, surl, dst)
+                ino = os.fstat(f.fileno()).st_ino
+            digest = state.hasher.hexdigest()
+            if hash_prefix is not None:
+                _check_hash(digest, hash_prefix, surl, dst)
             try:
                 os.replace(tmp, dst)
             except OSError as e:
                 raise _local_error(e, dst, surl) from e
             _fsync_dir(os.path.dirname(os.path.abspath(dst)))
+            _remember_install(dst, ino, digest)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
@@ -231,15 +249,27 @@ def _install_local(src: str, dst: str, hash_prefix: str | None, progress: bool, 
                 os.fsync(fout.fileno())
             except OSError as e:
                 raise _local_error(e, tmp, surl, need=size) from e
+            ino = os.fstat(fout.fileno()).st_ino
         if hash_prefix is not None:
             _check_hash(hasher.hexdigest(), hash_prefix, surl, dst)
         try:
             os.replace(tmp, dst)
         except OSError as e:
             raise _local_error(e, dst, surl) from e
+        _remember_install(dst, ino, hasher.hexdigest())
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def _remember_install(dst: str, ino: int, digest: str) -> None:
+    """Record the digest of what was just installed at `dst`, if `dst` is still that file."""
+    try:
+        st = os.stat(dst)
+    except OSError:
+        return
+    if st.st_ino == ino:
+        remember(dst, st, sha256=digest, downloaded=True)
 
 
 def _check_hash(digest: str, hash_prefix: str, surl: str, dst: str) -> None:

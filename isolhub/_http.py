@@ -37,8 +37,9 @@ import os
 import random
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 
 from ._errors import DownloadError
@@ -46,6 +47,17 @@ from ._errors import DownloadError
 if TYPE_CHECKING:
     import requests
     from tqdm import tqdm
+
+
+class Guard(Protocol):
+    """The weights broker's rules for a download (`_broker.BrokerGuard`)."""
+
+    proxy: str | None
+
+    def check(self, url: str, after: Any = None) -> Any: ...
+
+    def same_target(self, checked: Any, url: str) -> None: ...
+
 
 # The same logger as `_download`: one name for everything a download logs.
 log = logging.getLogger("isolhub.download")
@@ -93,6 +105,7 @@ class _Settings:
     retry_after_max: float
     max_bytes: int | None
     lock_timeout: float  # `_download`'s, read here so one bad variable fails before any work
+    max_bytes_name: str = "ISOLHUB_HTTP_MAX_BYTES"  # where the cap comes from, for messages
 
     @classmethod
     def from_env(cls) -> _Settings:
@@ -158,6 +171,8 @@ class _State:
     validator: str | None = None
     can_resume: bool = False
     hasher: Any = field(default=None)
+    # Called once a 200 has said what the file is (size, validator): the resume record.
+    on_entity: Callable[[_State], None] | None = None
 
     def __post_init__(self) -> None:
         self.hasher = hashlib.sha256() if self.hashing else None
@@ -206,8 +221,14 @@ def _fetch(
     progress: bool,
     dst: str,
     surl: str,
+    guard: Guard | None = None,
 ) -> None:
     """Stream `url` into `state` until the body is complete, retrying what is worth it.
+
+    With a `guard` (the weights broker's), the session reads nothing from the environment (no
+    `.netrc`, proxy variables or credentials; only a CA bundle variable is kept), uses only the
+    guard's proxy, and every URL requested, the first and each redirect hop, is the one
+    `guard.check` rebuilt.
 
     Raises:
         DownloadError: a refused request, a non-retryable status, an HTML page, a body past the
@@ -225,10 +246,12 @@ def _fetch(
         requests.Session() as session,
         bytes_bar(progress, os.path.basename(dst)) as pbar,
     ):
+        if guard is not None:
+            _confine(session, guard)
         while True:
             attempts += 1
             try:
-                _attempt(session, url, state, s, headers, pbar, dst, surl)
+                _attempt(session, url, state, s, headers, pbar, dst, surl, guard)
                 return
             except _Retryable as e:
                 problem = e
@@ -283,6 +306,14 @@ def _fetch(
             time.sleep(delay)
 
 
+def _confine(session: requests.Session, guard: Guard) -> None:
+    session.trust_env = False
+    session.proxies = {"http": guard.proxy, "https": guard.proxy} if guard.proxy else {}
+    ca_bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+    if ca_bundle:
+        session.verify = ca_bundle
+
+
 def _attempt(
     session: requests.Session,
     url: str,
@@ -292,6 +323,7 @@ def _attempt(
     pbar: tqdm,
     dst: str,
     surl: str,
+    guard: Guard | None = None,
 ) -> None:
     req_headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity", **headers}
     resuming = state.written > 0 and state.can_resume and state.validator is not None
@@ -301,7 +333,7 @@ def _attempt(
     if resuming:
         req_headers["Range"] = f"bytes={state.written}-"
         req_headers["If-Range"] = state.validator or ""
-    resp = _open(session, url, req_headers, s, surl)
+    resp = _open(session, url, req_headers, s, surl, guard)
     with contextlib.closing(resp):
         status = resp.status_code
         if status == 416 and resuming:
@@ -323,6 +355,8 @@ def _attempt(
                 state.restart()
                 pbar.reset(total=None)
             _start_entity(resp, state, s, surl)
+            if state.on_entity is not None:
+                state.on_entity(state)
             pbar.reset(total=state.total)
         else:
             raise _status_problem(resp, s, surl)
@@ -330,25 +364,38 @@ def _attempt(
 
 
 def _open(
-    session: requests.Session, url: str, headers: dict[str, str], s: _Settings, surl: str
+    session: requests.Session,
+    url: str,
+    headers: dict[str, str],
+    s: _Settings,
+    surl: str,
+    guard: Guard | None = None,
 ) -> requests.Response:
     """GET `url`, following redirects by hand so that each hop is checked."""
-    chain = [url]
-    current = url
+    import requests
+
+    checked = guard.check(url) if guard is not None else None
+    current = checked.url if checked is not None else url
+    chain = [current]
     hdrs = dict(headers)
     for _hop in range(MAX_REDIRECTS + 1):
-        resp = session.get(
-            current,
-            headers=hdrs,
-            stream=True,
-            timeout=(s.connect_timeout, s.read_timeout),
-            allow_redirects=False,
+        prep = session.prepare_request(requests.Request("GET", current, headers=hdrs))
+        if guard is not None and checked is not None:
+            # What is sent is what was checked: requests' own reading of the prepared URL.
+            guard.same_target(checked, prep.url or "")
+        env = session.merge_environment_settings(prep.url, {}, True, None, None)
+        env["stream"] = True
+        resp = session.send(
+            prep, timeout=(s.connect_timeout, s.read_timeout), allow_redirects=False, **env
         )
         target = session.get_redirect_target(resp)
         if target is None:
             return resp
         resp.close()
         nxt = urljoin(current, target)
+        if guard is not None:
+            checked = guard.check(nxt, after=checked)
+            nxt = checked.url
         shown = " -> ".join(safe_url(u) for u in [*chain, nxt])
         if urlsplit(nxt).scheme.lower() not in ("http", "https"):
             raise DownloadError(
@@ -380,7 +427,7 @@ def _start_entity(resp: requests.Response, state: _State, s: _Settings, surl: st
     if state.total is not None and s.max_bytes is not None and state.total > s.max_bytes:
         raise DownloadError(
             f"cannot download {surl}: the file is {state.total} bytes, more than the "
-            f"{s.max_bytes}-byte cap (ISOLHUB_HTTP_MAX_BYTES); raise the cap if it is expected",
+            f"{s.max_bytes}-byte cap ({s.max_bytes_name}); raise the cap if it is expected",
             url=surl,
         )
     etag = resp.headers.get("ETag")
@@ -446,14 +493,15 @@ def _stream_body(
             if len(head) >= 64:
                 sniffing = False
                 _refuse_html(bytes(head), content_type, dst, surl)
-        state.write(chunk)
-        pbar.update(len(chunk))
-        if s.max_bytes is not None and state.written > s.max_bytes:
+        if s.max_bytes is not None and state.written + len(chunk) > s.max_bytes:
+            # Checked before writing: not a byte past the cap reaches the disk.
             raise DownloadError(
                 f"cannot download {surl}: the body exceeds the {s.max_bytes}-byte cap "
-                "(ISOLHUB_HTTP_MAX_BYTES); raise the cap if it is expected",
+                f"({s.max_bytes_name}); raise the cap if it is expected",
                 url=surl,
             )
+        state.write(chunk)
+        pbar.update(len(chunk))
         window_bytes += len(chunk)
         elapsed = time.monotonic() - window_start
         if elapsed >= s.read_timeout:

@@ -177,6 +177,7 @@ class Sandbox:
     env_allow: tuple[str, ...] = DEFAULT_ENV_ALLOW  # names or fnmatch patterns kept
     # Weights the confined code asks for are fetched by the parent, from these hosts only.
     weight_hosts: tuple[str, ...] = DEFAULT_WEIGHT_HOSTS
+    weight_proxy: str | None = None  # the broker's only proxy (it reads none from the env)
     max_download_bytes: int | None = 8 * 1024**3
     wall_seconds: float | None = 600.0  # the parent's watchdog, per request, when no timeout=
 

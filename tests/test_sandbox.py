@@ -310,7 +310,9 @@ def test_weights_come_through_the_parent_from_allowed_hosts_only(
         url = server.add("/w.pt", body=buf.getvalue())
         allowed = run_case(repo, "weights", url, weight_hosts=("127.0.0.1",))
         assert torch.equal(allowed["w"], torch.arange(6.0))
-        assert (hub_home / "checkpoints" / "w.pt").is_file()
+        # In the broker's own store, never where trusted code loads checkpoints from.
+        assert [p.name for p in (hub_home / "broker").glob("*/w.pt")] == ["w.pt"]
+        assert not (hub_home / "checkpoints" / "w.pt").exists()
         with pytest.raises(hub.RemoteError, match="not in its weight_hosts"):
             run_case(repo, "weights", url.replace("w.pt", "x.pt"))
 
