@@ -163,12 +163,15 @@ def main(control_fd: int) -> None:
             spare = new_spare()
     if spare is not None:
         spare[1].close()
+    from ._caps import release
+
     for pid in children:
         try:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
         except OSError:
             pass
+        release(pid)  # the spare's cgroups (a worker's are the parent's to remove)
 
 
 if __name__ == "__main__":
