@@ -14,9 +14,12 @@ Example:
 from __future__ import annotations
 
 import io
+import marshal
 import os
 import pickle
 import sys
+import types
+from collections import ChainMap
 from typing import Any
 
 import cloudpickle
@@ -116,7 +119,27 @@ def _storage_types() -> tuple[type, ...]:
     return _STORAGE_TYPES
 
 
+def _code_reduce(code: types.CodeType) -> tuple[Any, tuple[Any, ...]]:
+    """A code object as `marshal` bytes (what a .pyc holds): file, line numbers and all.
+
+    cloudpickle >= 3.1 replaces every by-value code object's `co_filename` with
+    `"<dynamic-code>"`, which loses tracebacks' source lines, `inspect.getsource` and
+    `torch.jit.script`. Parent and worker run one interpreter, so marshal's format matches.
+    """
+    try:
+        return marshal.loads, (marshal.dumps(code),)
+    except ValueError:  # a constant marshal cannot hold (code built by hand): cloudpickle's way
+        make, args = cloudpickle.cloudpickle._code_reduce(code)
+        return _code_in_file, (make, args, code.co_filename)
+
+
+def _code_in_file(make: Any, args: tuple[Any, ...], filename: str) -> types.CodeType:
+    return make(*args).replace(co_filename=filename)
+
+
 class _Pickler(cloudpickle.Pickler):
+    dispatch_table = ChainMap({types.CodeType: _code_reduce}, cloudpickle.Pickler.dispatch_table)
+
     def __init__(self, file: io.BytesIO, arena: ArenaWriter) -> None:
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
         self._arena = arena

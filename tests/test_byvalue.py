@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import fractions
+import importlib.util
+import inspect
 import sys
+import textwrap
+import traceback
 import types
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
+import cloudpickle
 import pytest
 
 from isolhub import _byvalue
@@ -60,3 +68,70 @@ def test_replacing_the_marked_module_falls_back_to_every_module(marked: None) ->
     finally:
         sys.modules.pop("isolhub_test_new_d", None)
         sys.modules[newest] = saved
+
+
+@pytest.fixture
+def by_value_module(tmp_path: Path) -> Iterator[types.ModuleType]:
+    """A module imported from a file and registered to be pickled by value, as a repo's are."""
+    name = f"isolhub_test_byvalue_{uuid.uuid4().hex}"
+    path = tmp_path / f"{name}.py"
+    path.write_text(
+        textwrap.dedent('''
+            def double(x):
+                """Twice x."""
+                return 2 * x
+
+
+            def fail():
+                raise ValueError("from the snapshot")
+
+
+            class Box:
+                def get(self):
+                    return 1
+        ''')
+    )
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    cloudpickle.register_pickle_by_value(module)
+    try:
+        yield module
+    finally:
+        cloudpickle.unregister_pickle_by_value(module)
+        sys.modules.pop(name, None)
+
+
+def _round_trip(obj: object) -> object:
+    data, fd, layout = _byvalue.dumps(obj)
+    return _byvalue.loads(data, fd, layout)
+
+
+def test_by_value_code_keeps_its_file_and_line_numbers(by_value_module: types.ModuleType) -> None:
+    double = _round_trip(by_value_module.double)
+    box = _round_trip(by_value_module.Box)
+    assert double is not by_value_module.double and double(3) == 6
+    assert double.__code__.co_filename == by_value_module.__file__
+    assert double.__code__.co_firstlineno == by_value_module.double.__code__.co_firstlineno
+    assert box.get.__code__.co_filename == by_value_module.__file__
+    assert inspect.getsource(double) == inspect.getsource(by_value_module.double)
+
+
+def test_a_traceback_through_by_value_code_shows_the_source_line(
+    by_value_module: types.ModuleType,
+) -> None:
+    fail = _round_trip(by_value_module.fail)
+    with pytest.raises(ValueError) as info:
+        fail()
+    last = traceback.extract_tb(info.tb)[-1]
+    assert (last.filename, last.lineno) == (by_value_module.__file__, 8)
+    assert last.line == 'raise ValueError("from the snapshot")'
+
+
+def test_code_marshal_cannot_hold_still_keeps_its_file(by_value_module: types.ModuleType) -> None:
+    code = by_value_module.double.__code__
+    odd = code.replace(co_consts=(*code.co_consts, fractions.Fraction(1, 3)))
+    back = _round_trip(odd)
+    assert back.co_filename == by_value_module.__file__
+    assert back.co_consts[-1] == fractions.Fraction(1, 3)
