@@ -5,13 +5,15 @@ Layout under `get_dir()`:
     repos/<repo-key>/origin              the spec location, for `isolhub cache ls`
     repos/<repo-key>/refs/<ref>          a text file holding the commit SHA the ref last resolved to
     repos/<repo-key>/snapshots/<sha>/    the repository tree at that commit; never changes once there
+    repos/<repo-key>/manifests/<sha>.json  what that tree held at install (`_manifest`)
     checkpoints/<file>                   weights (torch.hub's layout, shared with it)
     trusted_list                         torch.hub's trust file
     .locks/<name>.lock                   filelocks (only avoid duplicate work)
 
 A snapshot is written into a uniquely named staging folder beside its final place and renamed in,
 so a reader sees either nothing or the whole tree; correctness never depends on the lock, because
-`flock` succeeds for everyone on some network filesystems.
+`flock` succeeds for everyone on some network filesystems. Its manifest is written just before
+the rename, so every snapshot installed by this version has one.
 
 Example:
     >>> install_snapshot(spec, sha, lambda staging: extract_into(staging))
@@ -35,6 +37,7 @@ from urllib.parse import quote
 
 import filelock
 
+from . import _manifest
 from ._config import get_dir
 from ._errors import CacheError
 from ._spec import RepoSpec
@@ -74,6 +77,29 @@ def repo_dir(spec: RepoSpec) -> Path:
 def snapshot_path(spec: RepoSpec, sha: str) -> Path:
     """Where the snapshot of `spec`'s repository at commit `sha` lives (it may not exist yet)."""
     return repo_dir(spec) / "snapshots" / sha
+
+
+def manifest_path(snapshot: Path) -> Path:
+    """Where the manifest of the snapshot folder `snapshot` is kept (outside the tree itself)."""
+    return snapshot.parent.parent / "manifests" / f"{snapshot.name}.json"
+
+
+def snapshot_damage(snapshot: Path) -> _manifest.Damage | None:
+    """The first damage a cheap check finds in an installed snapshot, or None when it is intact.
+
+    A snapshot without a manifest (installed by an older isolhub) is `what="unverified"`.
+    """
+    where = manifest_path(snapshot)
+    try:
+        manifest = _manifest.load(where)
+    except ValueError as e:
+        return _manifest.Damage(str(where), "changed", str(e))
+    if manifest is None:
+        return _manifest.Damage(
+            ".", "unverified", "no manifest (installed by an older isolhub): it cannot be checked"
+        )
+    found = _manifest.quick_check(snapshot, manifest)
+    return found[0] if found else None
 
 
 def _ref_file(spec: RepoSpec, ref: str) -> Path:
@@ -141,7 +167,7 @@ def install_snapshot(
 
     `populate` must write the whole tree into the (empty, existing) folder it is given or raise;
     on any failure the staging folder is removed and nothing changes. With `force`, an existing
-    snapshot is replaced by a freshly populated one.
+    snapshot is replaced by a freshly populated one. The manifest of the tree is recorded first.
 
     Raises:
         CacheError: the cache is not writable.
@@ -166,7 +192,11 @@ def install_snapshot(
             staging.mkdir()
             populate(staging)
             _make_read_only(staging)
-            _move_into_place(staging, final, replace=force)
+            manifest = manifest_path(final)
+            write_text_atomic(manifest, _manifest.dumps(_manifest.build(staging, commit=sha)))
+            if not _move_into_place(staging, final, replace=force):
+                # Another installer's identical tree won: record its mtimes, not ours.
+                write_text_atomic(manifest, _manifest.dumps(_manifest.build(final, commit=sha)))
         except OSError as e:
             raise _disk_error(e, parent) from e
         finally:
@@ -175,7 +205,8 @@ def install_snapshot(
     return final
 
 
-def _move_into_place(staging: Path, final: Path, *, replace: bool) -> None:
+def _move_into_place(staging: Path, final: Path, *, replace: bool) -> bool:
+    """Rename `staging` to `final`; False when another process put an identical tree there first."""
     if replace and final.exists():
         trash = final.with_name(f"{STAGING_PREFIX}old-{uuid.uuid4().hex[:8]}")
         with contextlib.suppress(FileNotFoundError):
@@ -185,13 +216,15 @@ def _move_into_place(staging: Path, final: Path, *, replace: bool) -> None:
         finally:
             if trash.exists():
                 remove_tree(trash)
-        return
+        return True
     try:
         os.rename(staging, final)
     except OSError as e:
         # Another process (maybe with a lying lock) won the race with identical content.
         if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not final.is_dir():
             raise
+        return False
+    return True
 
 
 def _make_read_only(root: Path) -> None:

@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-from ._cache import STAGING_PREFIX, hub_dir, pid_alive, remove_tree
+from . import _manifest
+from ._cache import STAGING_PREFIX, hub_dir, manifest_path, pid_alive, remove_tree
 from ._cli_common import output_flags
 from ._errors import CacheError, DownloadError, UsageError
 
@@ -38,6 +39,7 @@ _SHA = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 _STAGING_PID = re.compile(rf"{re.escape(STAGING_PREFIX)}[0-9a-f]+-(\d+)-")
 # Staging folders and temp files younger than this may belong to a running process.
 _LEFTOVER_AGE_S = 3600
+_SHOWN_DAMAGE = 10
 
 
 def add_commands(subparsers: Any) -> None:
@@ -412,8 +414,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
     root = hub_dir()
     problems, checked, in_progress = find_problems(root)
     if args.fix:
+        entries = scan(root)
+        snapshots = {e.path: e for e in entries if e.kind == "snapshot"}
         for p in problems:
-            if p.fixable:
+            if not p.fixable:
+                continue
+            if p.path in snapshots:  # with its manifest and the refs to it
+                _remove_entries([snapshots[p.path]], entries, root, dry_run=False)
+                p.fixed = not Path(p.path).exists()
+            else:
                 p.fixed = _remove(Path(p.path))
     left = [p for p in problems if not p.fixed]
     if args.json:
@@ -453,23 +462,32 @@ def find_problems(root: Path) -> tuple[list[Problem], int, list[str]]:
     checked = 0
     entries = scan(root)
     snapshots = {(Path(e.path).parent.parent, e.sha) for e in entries if e.kind == "snapshot"}
+    for where in _unreadable_folders(root):
+        problems.append(where)
     for e in entries:
         checked += 1
         path = Path(e.path)
-        if e.kind == "checkpoint" and path.is_file():
-            what = _checkpoint_problem(path, HASH_REGEX)
-            if what:
-                problems.append(Problem(e.id, e.path, what))
-        elif e.kind == "snapshot" and not any(path.iterdir()):
-            problems.append(Problem(e.id, e.path, "snapshot with a missing tree (empty folder)"))
-        elif e.kind == "ref":
-            repo = path.parent.parent
-            if e.sha is None or not _SHA.fullmatch(e.sha):
-                problems.append(Problem(e.id, e.path, f"ref holds no commit SHA ({e.sha!r})"))
-            elif (repo, e.sha) not in snapshots:
-                problems.append(
-                    Problem(e.id, e.path, f"ref points at {e.sha[:12]}, whose tree is missing")
-                )
+        try:
+            if e.kind == "checkpoint" and path.is_file():
+                what = _checkpoint_problem(path, HASH_REGEX)
+                if what:
+                    problems.append(Problem(e.id, e.path, what))
+            elif e.kind == "snapshot":
+                what = _snapshot_problem(path)
+                if what:
+                    problems.append(Problem(e.id, e.path, what))
+            elif e.kind == "ref":
+                repo = path.parent.parent
+                if e.sha is None or not _SHA.fullmatch(e.sha):
+                    problems.append(Problem(e.id, e.path, f"ref holds no commit SHA ({e.sha!r})"))
+                elif (repo, e.sha) not in snapshots:
+                    problems.append(
+                        Problem(e.id, e.path, f"ref points at {e.sha[:12]}, whose tree is missing")
+                    )
+        except OSError as err:
+            problems.append(
+                Problem(e.id, e.path, f"unreadable ({err.strerror or err}); check its permissions")
+            )
     for path, kind in _leftovers(root):
         live = (
             partial_is_live(str(path))
@@ -533,6 +551,46 @@ def _safetensors_problem(path: Path, size: int) -> str | None:
     return None
 
 
+def _snapshot_problem(path: Path) -> str | None:
+    """What is wrong with the snapshot folder `path`, checked file by file against its manifest."""
+    try:
+        if not any(path.iterdir()):
+            return "snapshot with a missing tree (empty folder)"
+    except OSError as e:
+        return f"unreadable snapshot folder ({e.strerror or e})"
+    try:
+        manifest = _manifest.load(manifest_path(path))
+    except ValueError as e:
+        return str(e)
+    if manifest is None:
+        return "no manifest (installed by an older isolhub), so its files cannot be checked"
+    damage = _manifest.full_check(path, manifest)
+    if not damage:
+        return None
+    shown = "; ".join(str(d) for d in damage[:_SHOWN_DAMAGE])
+    more = f"; and {len(damage) - _SHOWN_DAMAGE} more" if len(damage) > _SHOWN_DAMAGE else ""
+    return f"damaged: {shown}{more}"
+
+
+def _unreadable_folders(root: Path) -> Iterator[Problem]:
+    """The cache's own folders that cannot be listed (their entries would go unchecked)."""
+    folders = [root / "repos", root / "checkpoints"]
+    for repo in _dirs(root / "repos"):
+        folders += [repo, repo / "refs", repo / "snapshots", repo / "manifests"]
+    for d in folders:
+        try:
+            os.listdir(d)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as e:
+            yield Problem(
+                _rel(d, root),
+                str(d),
+                f"unreadable folder ({e.strerror or e}); its entries were not checked",
+                fixable=False,
+            )
+
+
 def _leftovers(root: Path) -> Iterator[tuple[Path, str]]:
     for f in _children(root / "checkpoints"):
         if f.name.endswith(".partial"):
@@ -546,6 +604,9 @@ def _leftovers(root: Path) -> Iterator[tuple[Path, str]]:
         for d in _children(repo / "snapshots"):
             if d.name.startswith(STAGING_PREFIX):
                 yield d, "staging folder"
+        for f in _children(repo / "manifests"):
+            if not (repo / "snapshots" / f.name.removesuffix(".json")).is_dir():
+                yield f, "manifest of a missing snapshot"
     for d in _children(root / "repos"):
         if d.name.startswith(STAGING_PREFIX):
             yield d, "staging folder"
@@ -662,6 +723,8 @@ def _remove_entries(
     for e in doomed.values():
         if dry_run or _remove(Path(e.path)):
             removed.append({"id": e.id, "kind": e.kind, "size": e.size})
+            if e.kind == "snapshot" and not dry_run:
+                _remove(manifest_path(Path(e.path)))
     if not dry_run:
         for e in chosen:
             repo = _repo_of(Path(e.path), root)

@@ -4,6 +4,12 @@ Every branch or tag is resolved to a commit SHA before anything is imported; the
 keyed by that SHA. Offline (`ISOLHUB_OFFLINE=1`), a branch resolves through the ref stored at its
 last resolution, with zero requests; a miss is an `OfflineError`.
 
+Before a cached snapshot is used it is checked against its manifest (sizes and mtimes; a file
+whose mtime moved is re-hashed). A damaged one is fetched again, replacing it atomically; where
+that cannot happen (offline, read-only cache) the load fails with `CacheCorruptedError` naming
+the file. A snapshot from before manifests is fetched again too, and used as it is (with a
+warning) where it cannot be.
+
 Example:
     >>> snap = fetch_snapshot(parse_spec("git+file:///srv/net.git@v1"))
     >>> snap.sha, snap.path
@@ -12,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tempfile
@@ -19,14 +26,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import _git
-from ._cache import STAGING_PREFIX, install_snapshot, read_ref, snapshot_path, write_ref
+from ._cache import (
+    STAGING_PREFIX,
+    install_snapshot,
+    read_ref,
+    snapshot_damage,
+    snapshot_path,
+    write_ref,
+)
 from ._config import get_dir, is_offline
-from ._errors import FetchError, OfflineError, ResolveError
+from ._errors import CacheCorruptedError, CacheError, FetchError, OfflineError, ResolveError
+from ._manifest import Damage
 from ._progress import notice
 from ._spec import RepoSpec
 from ._trust import check_trust
 
 _SHA = re.compile(r"[0-9a-f]{40}")
+log = logging.getLogger("isolhub.cache")
 
 
 @dataclass(frozen=True)
@@ -64,6 +80,7 @@ def fetch_snapshot(
         ResolveError, RefNotFoundError, OfflineError: the ref cannot be resolved.
         RefValidationError: `skip_validation=False` and the ref is no branch or tag (a ValueError).
         UntrustedRepoError: the trust check refused. FetchError, ArchiveError, CacheError.
+        CacheCorruptedError: the cached snapshot is damaged and cannot be fetched again here.
     """
     if spec.kind == "local":
         path = Path(spec.location)
@@ -74,22 +91,58 @@ def fetch_snapshot(
         check_trust(spec, trust_repo, calling_fn)
     sha = _resolve(spec)
     path = snapshot_path(spec, sha)
+    damage = None
     if path.is_dir() and not force_reload:
-        if verbose:
-            notice(f"Using cache found in {path}")
-    else:
-        if is_offline():
+        damage = snapshot_damage(path)
+        if damage is None:
+            if verbose:
+                notice(f"Using cache found in {path}")
+            return Snapshot(spec, sha, path)
+    if is_offline():
+        if damage is None:
             raise OfflineError(
                 f"offline (ISOLHUB_OFFLINE is set) and {spec} at {sha[:12]} is not in the cache "
                 f"({get_dir()}); run once online or unset ISOLHUB_OFFLINE"
             )
-        validate = not skip_validation
+        return _damaged(spec, sha, path, damage, "offline (ISOLHUB_OFFLINE is set)")
+    if damage is not None:
+        log.warning("the cached snapshot %s is %s; fetching it again", path, _describe(damage))
+    validate = not skip_validation
+    try:
         path = install_snapshot(
-            spec, sha, lambda dest: _populate(spec, sha, dest, validate), force=force_reload
+            spec,
+            sha,
+            lambda dest: _populate(spec, sha, dest, validate),
+            force=force_reload or damage is not None,
         )
-    if not (path / "hubconf.py").is_file():
-        raise FetchError(f"{spec} at commit {sha[:12]} has no hubconf.py at its top level")
+    except CacheError as e:
+        if damage is None:
+            raise
+        return _damaged(spec, sha, path, damage, f"fetching it again failed ({e})")
     return Snapshot(spec, sha, path)
+
+
+def _describe(damage: Damage) -> str:
+    if damage.what == "unverified":
+        return damage.detail
+    return f"damaged: {damage.path} {damage.what} ({damage.detail})"
+
+
+def _damaged(spec: RepoSpec, sha: str, path: Path, damage: Damage, why: str) -> Snapshot:
+    """A damaged snapshot that cannot be fetched again: refused, unless it merely predates manifests."""
+    if damage.what == "unverified":
+        log.warning("using the cached snapshot %s as it is: %s; %s", path, damage.detail, why)
+        if not (path / "hubconf.py").is_file():
+            raise FetchError(f"{spec} at commit {sha[:12]} has no hubconf.py at its top level")
+        return Snapshot(spec, sha, path)
+    file = damage.path if os.path.isabs(damage.path) else str(path / damage.path)
+    raise CacheCorruptedError(
+        f"the cached snapshot of {spec} at {sha[:12]} is damaged: {file} {damage.what} "
+        f"({damage.detail}), and {why}; run `isolhub cache verify --fix` and load it again "
+        "online, or pass force_reload=True",
+        path=str(path),
+        file=file,
+    )
 
 
 def _resolve(spec: RepoSpec) -> str:
@@ -117,6 +170,13 @@ def _resolve(spec: RepoSpec) -> str:
 
 
 def _populate(spec: RepoSpec, sha: str, dest: Path, validate: bool = False) -> None:
+    _fill(spec, sha, dest, validate)
+    # Checked in the staging folder, so a commit without one never becomes a snapshot.
+    if not (dest / "hubconf.py").is_file():
+        raise FetchError(f"{spec} at commit {sha[:12]} has no hubconf.py at its top level")
+
+
+def _fill(spec: RepoSpec, sha: str, dest: Path, validate: bool) -> None:
     if spec.kind == "git":
         _git.export(spec.location, sha, dest, spec.ref)
         return

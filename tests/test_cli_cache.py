@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from isolhub import _manifest
+from isolhub._cache import manifest_path, write_text_atomic
 from isolhub._cli_cache import add_commands, parse_age
 from isolhub._errors import CacheError, DownloadError, HashMismatchError, UsageError
 
@@ -65,6 +67,7 @@ def snapshot(hub: Path, sha: str, repo: str = "github--o--r", files: int = 2) ->
     origin = hub / "repos" / repo / "origin"
     if not origin.exists():
         origin.write_text(repo.split("--", 1)[1].replace("--", "/") + "\n")
+    write_text_atomic(manifest_path(d), _manifest.dumps(_manifest.build(d, commit=sha)))
     return d
 
 
@@ -375,7 +378,7 @@ def test_cache_rm_refuses_anything_outside_the_hub_or_unknown(
         with pytest.raises(CacheError, match="no cache entry matches"):
             cli("cache", "rm", target, "--yes")
     assert outside.read_bytes() == b"keep me"
-    assert len(file_digests(populated)) == 8
+    assert len(file_digests(populated)) == 10  # 2 snapshots of 2 files + manifests, 4 others
 
 
 def test_cache_rm_of_an_ambiguous_sha_prefix_is_refused(populated: Path) -> None:
