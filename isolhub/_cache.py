@@ -28,7 +28,9 @@ import hashlib
 import os
 import re
 import shutil
+import socket
 import stat
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -290,3 +292,60 @@ def remove_tree(path: Path) -> None:
         path.unlink(missing_ok=True)
         return
     shutil.rmtree(path, ignore_errors=True)
+
+
+# -- temp folders outside the hub dir ------------------------------------------------------------
+
+TEMP_PREFIX = "isolhub-"
+_TEMP_NAME = re.compile(rf"{TEMP_PREFIX}(?P<kind>[a-z]+)-(?P<host>[0-9a-f]{{8}})-(?P<pid>\d+)-")
+_swept_for_pid = 0
+
+
+def host_tag() -> str:
+    """8 hex digits naming this host in temp names, so a pid is only judged where it lives."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def temp_dir(kind: str) -> str:
+    """A new private folder `isolhub-<kind>-<host>-<pid>-XXXXXXXX` in the temp dir.
+
+    The name says who owns it, so a folder left by a process killed before it could clean up is
+    removed later: by the first `temp_dir` call of every later process, and by
+    `isolhub cache prune`. The caller still removes it when done.
+    """
+    global _swept_for_pid
+    if _swept_for_pid != os.getpid():
+        _swept_for_pid = os.getpid()
+        sweep_temp_dirs()
+    return tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{kind}-{host_tag()}-{os.getpid()}-")
+
+
+def dead_temp_dirs(parent: str | None = None) -> list[Path]:
+    """isolhub's temp folders in `parent` (the temp dir) whose owner, on this host, is dead."""
+    parent = parent or tempfile.gettempdir()
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return []
+    me, uid = host_tag(), os.geteuid()
+    dead = []
+    for name in names:
+        m = _TEMP_NAME.match(name)
+        if m is None or m.group("host") != me or pid_alive(int(m.group("pid"))):
+            continue
+        path = Path(parent, name)
+        with contextlib.suppress(OSError):
+            st = path.lstat()
+            if stat.S_ISDIR(st.st_mode) and st.st_uid == uid:
+                dead.append(path)
+    return dead
+
+
+def sweep_temp_dirs(parent: str | None = None) -> list[Path]:
+    """Remove `dead_temp_dirs(parent)`; returns what was removed."""
+    removed = []
+    for path in dead_temp_dirs(parent):
+        remove_tree(path)
+        if not path.exists():
+            removed.append(path)
+    return removed

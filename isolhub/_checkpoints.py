@@ -20,13 +20,13 @@ import shlex
 import shutil
 import stat
 import sys
-import tempfile
 import uuid
 import warnings
 import zipfile
 from typing import Any
 from urllib.parse import urlparse
 
+from ._cache import temp_dir
 from ._config import get_dir, is_offline
 from ._download import _download, fetch_broker, safe_url
 from ._errors import ArchiveError, CacheCorruptedError, CacheError, DownloadError, OfflineError
@@ -279,7 +279,7 @@ def _legacy_zip_load(
             scratch = None
         except CacheError:
             # A read-only cache (or a sandbox): extract somewhere private instead.
-            scratch = tempfile.mkdtemp(prefix="isolhub-legacy-")
+            scratch = temp_dir("legacy")
             extracted = _extract_member(zf, member, scratch, filename)
     try:
         return torch.load(extracted, map_location=map_location, weights_only=weights_only)

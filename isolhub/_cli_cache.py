@@ -31,7 +31,14 @@ from typing import Any
 from urllib.parse import unquote
 
 from . import _manifest
-from ._cache import STAGING_PREFIX, hub_dir, manifest_path, pid_alive, remove_tree
+from ._cache import (
+    STAGING_PREFIX,
+    dead_temp_dirs,
+    hub_dir,
+    manifest_path,
+    pid_alive,
+    remove_tree,
+)
 from ._cli_common import output_flags
 from ._errors import CacheError, DownloadError, UsageError
 
@@ -104,7 +111,8 @@ def add_commands(subparsers: Any) -> None:
         "prune",
         help="remove entries not used for a while, and leftovers",
         description="Remove snapshots and checkpoints last used before --older-than, refs to "
-        "them, and leftovers of interrupted downloads and extractions.",
+        "them, leftovers of interrupted downloads and extractions, and isolhub temp folders in "
+        "$TMPDIR whose process is dead.",
     )
     prune.add_argument(
         "--older-than",
@@ -792,6 +800,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
         size = _size_of(Path(p.path))
         if args.dry_run or _remove(Path(p.path)):
             removed.append({"id": p.id, "kind": "leftover", "size": size})
+    for path in dead_temp_dirs():  # isolhub's own, in $TMPDIR, left by dead processes
+        size = _size_of(path)
+        if not args.dry_run:
+            remove_tree(path)
+        if args.dry_run or not path.exists():
+            removed.append({"id": str(path), "kind": "temp folder", "size": size})
     freed = sum(r["size"] for r in removed)
     if args.json:
         _print_json(

@@ -14,11 +14,11 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from ._archive import extract_tar
+from ._cache import remove_tree, temp_dir
 from ._errors import FetchError, RefNotFoundError, ResolveError
 
 _SHA = re.compile(r"[0-9a-f]{40}")
@@ -112,7 +112,9 @@ def export(url: str, sha: str, dest: Path, ref: str | None = None) -> None:
     Raises:
         FetchError: the commit cannot be fetched. ArchiveError: the export is refused.
     """
-    with tempfile.TemporaryDirectory(prefix="isolhub-git-") as tmp:
+    # Named for its owner, so a fetch killed mid-way (a whole pack) is swept by a later run.
+    tmp = temp_dir("git")
+    try:
         repo = os.path.join(tmp, "repo.git")
         _git("init", "--quiet", "--bare", repo)
         try:
@@ -129,3 +131,5 @@ def export(url: str, sha: str, dest: Path, ref: str | None = None) -> None:
         archive = os.path.join(tmp, "tree.tar")
         _git("archive", "--format=tar", "-o", archive, sha, cwd=repo)
         extract_tar(Path(archive), dest, expected_commit=sha)
+    finally:
+        remove_tree(Path(tmp))

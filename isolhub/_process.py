@@ -25,16 +25,17 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import weakref
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 import cloudpickle
 
 from . import _caps, _config
+from ._cache import temp_dir
 from ._errors import (
     EntrypointError,
     MissingDependenciesError,
@@ -81,11 +82,15 @@ class _Zygote:
         self.owner = os.getpid()
         self.lock = threading.Lock()
         self.control = parent
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "isolhub._zygote", str(child.fileno())],
-            pass_fds=[child.fileno()],
-            stdin=subprocess.DEVNULL,
-            env=env,
+        # Its parent-death signal fires when the *thread* that forked it ends, so it is forked
+        # from a thread that lasts as long as this process.
+        self.proc = _in_lasting_thread(
+            lambda: subprocess.Popen(
+                [sys.executable, "-m", "isolhub._zygote", str(child.fileno()), str(self.owner)],
+                pass_fds=[child.fileno()],
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
         )
         child.close()
         self.control.settimeout(_ZYGOTE_START_TIMEOUT)
@@ -112,15 +117,41 @@ class _Zygote:
                 z = cls._instance = _Zygote()
             return z
 
+    @classmethod
+    def forget(cls, z: _Zygote) -> None:
+        """Drop `z` (dead) so that the next `get` starts a new zygote."""
+        with cls._class_lock:
+            if cls._instance is z:
+                cls._instance = None
+        with contextlib.suppress(OSError):
+            z.control.close()
+
+    def died(self) -> bool:
+        """Whether the zygote has exited (waiting briefly: a killed one takes a moment)."""
+        try:
+            self.proc.wait(timeout=_GRACE)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    def death_note(self) -> str | None:
+        """How the zygote died, for a worker that died with it; None while it lives."""
+        if self.proc.poll() is None and not self.died():
+            return None
+        return (
+            f"the isolhub zygote (pid {self.proc.pid}) died ({describe_exit(self.proc.returncode)})"
+            " and its workers with it; the next call starts a new one"
+        )
+
     def _ask(self, request: dict[str, Any], fds: list[int] = ()) -> dict[str, Any]:  # type: ignore[assignment]
         with self.lock:
             try:
                 send_frame(self.control, encode(request), fds)
                 frame = recv_frame(self.control)
             except OSError as e:
-                raise WorkerError(f"lost the isolhub zygote: {e}") from e
+                raise _ZygoteLost(f"lost the isolhub zygote: {e}") from e
         if frame is None:
-            raise WorkerError("the isolhub zygote exited unexpectedly")
+            raise _ZygoteLost("the isolhub zygote exited unexpectedly")
         reply = decode(frame[0])
         if "error" in reply:
             raise WorkerError(f"the isolhub zygote refused: {reply['error']}")
@@ -131,6 +162,50 @@ class _Zygote:
 
     def wait(self, pid: int) -> int:
         return int(self._ask({"op": "wait", "pid": pid})["status"])
+
+
+class _ZygoteLost(WorkerError):
+    """The control socket to the zygote broke (it died)."""
+
+
+def _zygote_fork(channel: int, output: int) -> tuple[int, _Zygote]:
+    """Fork a worker from the zygote; a zygote found dead (killed while idle) is replaced once."""
+    zygote = _Zygote.get()
+    try:
+        return zygote.fork(channel, output), zygote
+    except _ZygoteLost:
+        if not zygote.died():
+            raise
+    _Zygote.forget(zygote)
+    zygote = _Zygote.get()
+    return zygote.fork(channel, output), zygote
+
+
+_spawn_jobs: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
+_spawner_owner = 0
+
+
+def _in_lasting_thread(fn: Callable[[], Any]) -> Any:
+    """`fn()`, run on the main thread or on one started for this and never ended."""
+    global _spawner_owner
+    if threading.current_thread() is threading.main_thread():
+        return fn()
+    with _reaper_lock:
+        if _spawner_owner != os.getpid():
+            _spawner_owner = os.getpid()
+            threading.Thread(target=_spawner, name="isolhub-spawner", daemon=True).start()
+    done: Future[Any] = Future()
+    _spawn_jobs.put((fn, done))
+    return done.result()
+
+
+def _spawner() -> None:
+    while True:
+        fn, done = _spawn_jobs.get()
+        try:
+            done.set_result(fn())
+        except BaseException as e:  # noqa: BLE001 (handed to the caller)
+            done.set_exception(e)
 
 
 def _close_zygote(control: socket.socket, proc: subprocess.Popen[bytes]) -> None:
@@ -175,6 +250,7 @@ class Worker:
         self._poller.register(self.pidfd, select.POLLIN)
         self._spin = _config.spin_seconds()
         self.closed = False
+        self.zygote: _Zygote | None = None  # the zygote it was forked from
         # Serves requests the worker makes while answering (a sandbox's downloads).
         self.on_request: Callable[[dict[str, Any]], tuple[dict[str, Any], list[int]]] | None = None
         self._lock = threading.RLock()  # one request at a time on the channel
@@ -202,13 +278,13 @@ class Worker:
             WorkerError: the worker could not be started.
             WorkerCrashedError: it died during set-up.
         """
-        scratch = tempfile.mkdtemp(prefix="isolhub-worker-")
+        scratch = temp_dir("worker")
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         out_r, out_w = os.pipe()
         try:
+            zygote = None
             if start_method == "zygote":
-                zygote = _Zygote.get()
-                pid = zygote.fork(child.fileno(), out_w)
+                pid, zygote = _zygote_fork(child.fileno(), out_w)
                 status: Callable[[], int] = lambda: zygote.wait(pid)  # noqa: E731
             elif start_method == "spawn":
                 proc = subprocess.Popen(
@@ -232,6 +308,7 @@ class Worker:
             os.close(out_w)
         worker = cls(label, pid, parent, status, out_r, scratch)
         worker.on_request = on_request
+        worker.zygote = zygote
         try:
             send_frame(parent, cloudpickle.dumps(dict(init, scratch=scratch, spin=worker._spin)))
             worker._reply(time.monotonic() + _HANDSHAKE_TIMEOUT)
@@ -375,10 +452,12 @@ class Worker:
     def _raise_death(self) -> None:
         self._dead_within(_GRACE)
         code = self._collect()
+        cause = describe_exit(code)
+        if code is None and self.zygote is not None:
+            cause = self.zygote.death_note() or cause
         why = f" ({self.cap_note})" if self.cap_note else ""
         raise WorkerCrashedError(
-            f"the worker for {self.label} (pid {self.pid}) died: {describe_exit(code)}{why}"
-            f"{self._tail_text()}",
+            f"the worker for {self.label} (pid {self.pid}) died: {cause}{why}{self._tail_text()}",
             spec=self.label,
             pid=self.pid,
             returncode=code,

@@ -9,10 +9,13 @@ control socket:
     {"op": "fork"} + fds [channel, output]  →  {"pid": N}
     {"op": "wait", "pid": N}                 →  {"status": returncode}   (after N has exited)
 
-When the parent goes away (end of stream on the control socket) it kills its workers and exits.
+It dies with its parent: its very first act, before torch is imported, is to ask the kernel for
+SIGKILL when the parent dies, and then to check that the parent has not died already (the race
+that asking closes only from then on). Its workers die with it the same way. When the parent
+closes the control socket instead, it kills its workers and exits.
 
 Example:
-    $ python -m isolhub._zygote 5      # fd 5: the control socket (started by _process.Zygote)
+    $ python -m isolhub._zygote 5 4242  # fd 5: the control socket; 4242: the parent's pid
 """
 
 from __future__ import annotations
@@ -174,5 +177,13 @@ def main(control_fd: int) -> None:
         release(pid)  # the spare's cgroups (a worker's are the parent's to remove)
 
 
+def die_with_parent(parent_pid: int) -> None:
+    """SIGKILL when the parent dies; exit now if it already has (we were reparented)."""
+    _set_pdeathsig()
+    if os.getppid() != parent_pid:
+        os._exit(0)
+
+
 if __name__ == "__main__":
+    die_with_parent(int(sys.argv[2]))  # first, before the seconds of importing torch
     main(int(sys.argv[1]))
