@@ -298,7 +298,7 @@ def remove_tree(path: Path) -> None:
 
 TEMP_PREFIX = "isolhub-"
 _TEMP_NAME = re.compile(rf"{TEMP_PREFIX}(?P<kind>[a-z]+)-(?P<host>[0-9a-f]{{8}})-(?P<pid>\d+)-")
-_swept_for_pid = 0
+_swept: set[tuple[int, str]] = set()  # (pid, temp dir) already swept
 
 
 def host_tag() -> str:
@@ -310,12 +310,12 @@ def temp_dir(kind: str) -> str:
     """A new private folder `isolhub-<kind>-<host>-<pid>-XXXXXXXX` in the temp dir.
 
     The name says who owns it, so a folder left by a process killed before it could clean up is
-    removed later: by the first `temp_dir` call of every later process, and by
+    removed later: by the first `temp_dir` call of every later process (per temp dir), and by
     `isolhub cache prune`. The caller still removes it when done.
     """
-    global _swept_for_pid
-    if _swept_for_pid != os.getpid():
-        _swept_for_pid = os.getpid()
+    where = (os.getpid(), tempfile.gettempdir())
+    if where not in _swept:
+        _swept.add(where)
         sweep_temp_dirs()
     return tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{kind}-{host_tag()}-{os.getpid()}-")
 

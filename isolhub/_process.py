@@ -113,6 +113,8 @@ class _Zygote:
     def get(cls) -> _Zygote:
         with cls._class_lock:
             z = cls._instance
+            if z is not None and z.owner == os.getpid() and z.proc.poll() is not None:
+                z.control.close()  # now, not whenever the dead one is garbage-collected
             if z is None or z.owner != os.getpid() or z.proc.poll() is not None:
                 z = cls._instance = _Zygote()
             return z
