@@ -8,7 +8,13 @@ Layout under `get_dir()`:
     repos/<repo-key>/manifests/<sha>.json  what that tree held at install (`_manifest`)
     checkpoints/<file>                   weights (torch.hub's layout, shared with it)
     trusted_list                         torch.hub's trust file
+    <owner>_<name>_<ref> -> repos/github--<owner>--<name>/snapshots/<sha>
+                                         torch.hub's folder name for a GitHub ref, as a link
     .locks/<name>.lock                   filelocks (only avoid duplicate work)
+
+`get_dir()` is torch.hub's hub dir (see `_config`). torch.hub never touches `repos/` or `.locks/`:
+its own names are `<owner>_<name>_<ref>`, `<owner>-<name>-<sha7>` (while extracting) and
+`<ref>.zip`, besides `checkpoints/` and `trusted_list`.
 
 A snapshot is written into a uniquely named staging folder beside its final place and renamed in,
 so a reader sees either nothing or the whole tree; correctness never depends on the lock, because
@@ -17,7 +23,7 @@ the rename, so every snapshot installed by this version has one.
 
 Example:
     >>> install_snapshot(spec, sha, lambda staging: extract_into(staging))
-    PosixPath('/root/.cache/isolhub/repos/github--o--r/snapshots/3f2a...')
+    PosixPath('/root/.cache/torch/hub/repos/github--o--r/snapshots/3f2a...')
 """
 
 from __future__ import annotations
@@ -348,4 +354,64 @@ def sweep_temp_dirs(parent: str | None = None) -> list[Path]:
         remove_tree(path)
         if not path.exists():
             removed.append(path)
+    return removed
+
+
+# -- torch.hub's view of the snapshots ----------------------------------------------------------
+
+
+def torch_folder(spec: RepoSpec, ref: str) -> Path | None:
+    """`<hub>/<owner>_<name>_<ref>`, the folder torch.hub would download `spec` to (GitHub only)."""
+    if spec.kind != "github":
+        return None
+    return hub_dir() / f"{spec.location.replace('/', '_')}_{ref.replace('/', '_')}"
+
+
+def link_torch_folder(spec: RepoSpec, ref: str, sha: str) -> None:
+    """Point torch.hub's folder name for `spec` at `ref` to the snapshot of `sha` (a relative link).
+
+    Code that looks for `get_dir()/<owner>_<name>_<ref>` finds the snapshot; torch.hub itself uses
+    it as its cache. A real folder there is torch.hub's own download and is left alone; a link is
+    repointed when the ref moved. Best effort: a read-only hub dir just gets no link.
+    """
+    link = torch_folder(spec, ref)
+    if link is None:
+        return
+    target = os.path.relpath(snapshot_path(spec, sha), link.parent)
+    tmp = link.with_name(f".{link.name}.{uuid.uuid4().hex[:8]}.link")
+    try:
+        if link.is_symlink():
+            if os.readlink(link) == target:
+                return
+        elif link.exists():
+            return
+        os.symlink(target, tmp)
+        os.replace(tmp, link)  # fails (EISDIR) if torch.hub made a real folder meanwhile
+    except OSError:
+        pass
+    finally:
+        if tmp.is_symlink():
+            tmp.unlink(missing_ok=True)
+    sweep_torch_links()
+
+
+def sweep_torch_links() -> list[Path]:
+    """Remove links in the hub dir that lead into `repos/` to a snapshot no longer there.
+
+    torch.hub treats a dangling link as no cache and then fails to move its download onto it.
+    """
+    root = hub_dir()
+    removed = []
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.is_symlink():
+            continue
+        path = Path(entry.path)
+        with contextlib.suppress(OSError):
+            if os.readlink(path).startswith("repos" + os.sep) and not path.exists():
+                path.unlink()
+                removed.append(path)
     return removed

@@ -38,6 +38,7 @@ from ._cache import (
     manifest_path,
     pid_alive,
     remove_tree,
+    sweep_torch_links,
 )
 from ._cli_common import output_flags
 from ._errors import CacheError, DownloadError, UsageError
@@ -738,6 +739,7 @@ def _remove_entries(
             repo = _repo_of(Path(e.path), root)
             if repo is not None:
                 _drop_empty_repo(repo)
+        sweep_torch_links()  # torch.hub-named links to what is gone
     return removed
 
 

@@ -1,7 +1,9 @@
 """Where isolhub keeps things and how it reaches the outside, resolved at call time.
 
-Precedence for the hub dir: `set_dir()` > `$ISOLHUB_HOME` > `$XDG_CACHE_HOME/isolhub` >
-the platformdirs user cache dir. Nothing here is read at import time.
+The hub dir is torch.hub's, found as torch.hub finds it, so checkpoints and `trusted_list` are
+shared with it: `set_dir()` > `$ISOLHUB_HOME` > `torch.hub.set_dir()` (when torch.hub is
+imported) > `$TORCH_HOME/hub` > `$XDG_CACHE_HOME/torch/hub` > `~/.cache/torch/hub`.
+Nothing here is read at import time.
 
 Example:
     >>> import isolhub
@@ -13,8 +15,7 @@ Example:
 from __future__ import annotations
 
 import os
-
-import platformdirs
+import sys
 
 DEFAULT_GITHUB_API = "https://api.github.com"
 
@@ -28,14 +29,27 @@ def set_dir(d: str | os.PathLike[str]) -> None:
 
 
 def get_dir() -> str:
-    """Return the hub dir: `set_dir()` > `$ISOLHUB_HOME` > `$XDG_CACHE_HOME/isolhub` > user cache."""
+    """Return the hub dir: `set_dir()`, else `$ISOLHUB_HOME`, else torch.hub's own answer.
+
+    torch.hub's answer is its `set_dir()` setting when torch.hub is imported and was given one,
+    else `$TORCH_HOME/hub`, `$XDG_CACHE_HOME/torch/hub`, `~/.cache/torch/hub`, in that order
+    (computed here, without importing torch).
+    """
     if _hub_dir_override is not None:
         return _hub_dir_override
     if os.environ.get("ISOLHUB_HOME"):
         return os.path.expanduser(os.environ["ISOLHUB_HOME"])
-    if os.environ.get("XDG_CACHE_HOME"):
-        return os.path.join(os.path.expanduser(os.environ["XDG_CACHE_HOME"]), "isolhub")
-    return platformdirs.user_cache_dir("isolhub", appauthor=False)
+    torch_set = getattr(sys.modules.get("torch.hub"), "_hub_dir", None)
+    if isinstance(torch_set, str):
+        return torch_set
+    return os.path.join(torch_home(), "hub")
+
+
+def torch_home() -> str:
+    """`$TORCH_HOME`, else `$XDG_CACHE_HOME/torch`, else `~/.cache/torch` (torch's rule, `~`
+    expanded; an empty variable counts as set, as in torch)."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "~/.cache")
+    return os.path.expanduser(os.environ.get("TORCH_HOME", os.path.join(xdg, "torch")))
 
 
 def is_offline() -> bool:

@@ -4,14 +4,15 @@
   * `UsageError(IsolhubError, ValueError)` — an argument or flag has a wrong type or value.
   * `SpecError(IsolhubError, ValueError)` — a spec string is malformed.
   * `ResolveError` — a ref could not be turned into a commit.
-    * `RefNotFoundError` — the repository has no such branch, tag or commit.
-      * `RefValidationError(RefNotFoundError, ValueError)` — not a branch or tag head (torch.hub's check).
+    * `RefNotFoundError(ResolveError, ValueError)` — no such branch, tag or commit (torch.hub: ValueError).
+      * `RefValidationError` — not a branch or tag head (torch.hub's check).
     * `OfflineError(ResolveError, ConnectionError)` — offline and not in the cache.
   * `UntrustedRepoError` — the trust check refused the repository.
+    * `TrustResponseError(UntrustedRepoError, ValueError)` — the prompt's answer was no y/n.
   * `FetchError` — a source or file could not be downloaded.
     * `DownloadError` — an HTTP download failed (names the URL).
       * `HashMismatchError(DownloadError, RuntimeError)` — bytes do not match the expected hash.
-  * `ArchiveError` — an archive is malformed or hostile; nothing was written.
+  * `ArchiveError(IsolhubError, ValueError)` — an archive is malformed or hostile; nothing was written.
   * `CacheError` — the cache could not be used (not writable, corrupt entry).
     * `CacheCorruptedError` — a cached entry failed verification.
   * `EntrypointError(IsolhubError, RuntimeError)` — the hubconf has no such callable.
@@ -79,11 +80,15 @@ class ResolveError(IsolhubError):
     """Raised when a branch, tag or commit cannot be resolved to a commit SHA."""
 
 
-class RefNotFoundError(ResolveError):
-    """Raised when the repository exists but has no such branch, tag or commit."""
+class RefNotFoundError(ResolveError, ValueError):
+    """Raised when the repository has no such branch, tag or commit (or is not there at all).
+
+    A `ValueError`, as torch.hub's "Cannot find <ref> in https://github.com/<o>/<n>. If it's a
+    commit from a forked repo, ..." is; for GitHub refs the message carries that sentence.
+    """
 
 
-class RefValidationError(RefNotFoundError, ValueError):
+class RefValidationError(RefNotFoundError):
     """Raised when torch.hub's ref validation (`skip_validation=False`) finds no match.
 
     The ref is neither the name of a branch or tag of the repository nor a prefix of the head
@@ -97,7 +102,19 @@ class OfflineError(ResolveError, ConnectionError):
 
 
 class UntrustedRepoError(IsolhubError):
-    """Raised when a repository is not trusted and no one could be asked (no terminal)."""
+    """Raised when the trust check refused a repository: the answer was no, or there was no one
+    to ask (`input()` met the end of stdin), or `trust_repo` had a value torch.hub does not know.
+
+    The message starts "Untrusted repository" where torch.hub raises `Exception("Untrusted
+    repository.")`.
+    """
+
+
+class TrustResponseError(UntrustedRepoError, ValueError):
+    """Raised when the trust prompt's answer is none of y, yes, n, no or nothing.
+
+    A `ValueError` whose message starts "Unrecognized response", as torch.hub's.
+    """
 
 
 class FetchError(IsolhubError):
@@ -112,8 +129,11 @@ class HashMismatchError(DownloadError, RuntimeError):
     """Raised when downloaded bytes do not match the expected hash; the target is untouched."""
 
 
-class ArchiveError(IsolhubError):
-    """Raised when an archive is malformed or hostile; the offending member is named."""
+class ArchiveError(IsolhubError, ValueError):
+    """Raised when an archive is malformed or hostile; the offending member is named.
+
+    A `ValueError`, as torch.hub's zip-slip refusals ("Archive entry escapes target directory").
+    """
 
 
 class CacheError(IsolhubError):

@@ -85,7 +85,8 @@ def resolve_ref(
             if resp.status_code == 404 and _get(s, repo_url, ResolveError).status_code == 404:
                 raise _repo_not_found(owner, name, api)
             raise RefNotFoundError(
-                f"GitHub repository {owner}/{name} has no branch, tag or commit {ref!r}",
+                f"{torch_not_found(owner, name, ref, api)} (GitHub repository {owner}/{name} has "
+                f"no branch, tag or commit {ref!r})",
                 repo=f"{owner}/{name}",
                 ref=ref,
             )
@@ -162,12 +163,32 @@ def validate_ref(
                     "pass skip_validation=True"
                 )
     raise RefValidationError(
-        f"Cannot find {ref} in {owner}/{name} ({_redact(api)}): it names no branch or tag and is "
-        "no prefix of one's head commit. If it's a commit from a forked repo, please call "
-        "hub.load() with forked repo directly (for an older commit of this repository, pass "
-        "skip_validation=True).",
+        f"{torch_not_found(owner, name, ref, api)} ({ref!r} names no branch or tag of "
+        f"{owner}/{name} and is no prefix of one's head commit; for an older commit of this "
+        "repository, pass skip_validation=True)",
         repo=f"{owner}/{name}",
         ref=ref,
+    )
+
+
+def web_url(api: str) -> str:
+    """The web root for an API base: github.com for api.github.com, else the base less `/api/v3`.
+
+    GitHub Enterprise serves its API under `<host>/api/v3`, so its web root is `<host>`.
+    """
+    split = urlsplit(api)
+    if split.netloc.lower() == "api.github.com":
+        return "https://github.com"
+    path = split.path.rstrip("/")
+    path = path[: -len("/api/v3")] if path.endswith("/api/v3") else path
+    return _redact(urlunsplit((split.scheme, split.netloc, path, "", "")))
+
+
+def torch_not_found(owner: str, name: str, ref: str, api: str) -> str:
+    """torch.hub's sentence for a ref it cannot find (its `_validate_not_a_forked_repo`)."""
+    return (
+        f"Cannot find {ref} in {web_url(api)}/{owner}/{name}. If it's a commit from a forked "
+        "repo, please call hub.load() with forked repo directly."
     )
 
 

@@ -15,11 +15,11 @@ Routed: `torch.hub.list`, `help`, `load`, `load_state_dict_from_url`, `download_
   forwarded, `mode=`, `sandbox=`, `timeout=` and `seed=` included: isolhub's own options come from
   the patch, never from the call. `skip_validation=False` (torch's default) makes torch.hub's ref
   check (`isolhub._github.validate_ref`) when a snapshot is downloaded.
-* **The hub dir is isolhub's.** `torch.hub.get_dir()` is `isolhub.get_dir()`, so checkpoints and
-  `trusted_list` are the ones isolhub's own calls use (both in torch.hub's layout);
+* **The hub dir is torch.hub's.** `torch.hub.get_dir()` is `isolhub.get_dir()`, which is what
+  torch.hub would answer (its `set_dir` setting, `$TORCH_HOME/hub`, ...; it also warns when
+  `$TORCH_HUB` is set) unless `isolhub.set_dir()` or `$ISOLHUB_HOME` chose another;
   `torch.hub.set_dir(d)` sets isolhub's dir, which outlasts the patch, as `isolhub.set_dir` does.
-  torch's own setting is never touched. To share weights with unpatched torch.hub, point both at
-  one directory (`ISOLHUB_HOME=$TORCH_HOME/hub`, or `set_dir` on both).
+  torch's own setting is never touched.
 * **Aliases are rebound.** Modules imported before the patch that bound torch.hub's functions at
   module level (`from torch.hub import load as hub_load`) are rebound too, and put back when the
   patch ends, where nobody changed them meanwhile. References held elsewhere (a dict, a closure, a
@@ -38,9 +38,11 @@ Routed: `torch.hub.list`, `help`, `load`, `load_state_dict_from_url`, `download_
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 import types
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -330,8 +332,14 @@ def _hub_download_url_to_file(
 
 
 def _hub_get_dir() -> str:
-    """torch.hub.get_dir, served by isolhub's: the hub dir is isolhub's while patched."""
-    return _config.get_dir() if _active() is not None else _fallthrough["get_dir"]()
+    """torch.hub.get_dir, served by isolhub's (torch's answer, unless isolhub was given a dir)."""
+    if _active() is None:
+        return _fallthrough["get_dir"]()
+    if os.getenv("TORCH_HUB"):
+        warnings.warn(
+            "TORCH_HUB is deprecated, please use env TORCH_HOME instead", stacklevel=2
+        )  # torch.hub's own words
+    return _config.get_dir()
 
 
 def _hub_set_dir(d: Any) -> None:

@@ -13,7 +13,7 @@ warning) where it cannot be.
 Example:
     >>> snap = fetch_snapshot(parse_spec("git+file:///srv/net.git@v1"))
     >>> snap.sha, snap.path
-    ('57dad2b4...', PosixPath('/root/.cache/isolhub/repos/git--net--1a2b.../snapshots/57dad2b4...'))
+    ('57dad2b4...', PosixPath('/root/.cache/torch/hub/repos/git--net--1a2b.../snapshots/57dad2b4...'))
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from . import _git
 from ._cache import (
     STAGING_PREFIX,
     install_snapshot,
+    link_torch_folder,
     read_ref,
     snapshot_damage,
     snapshot_path,
@@ -89,7 +90,7 @@ def fetch_snapshot(
         return Snapshot(spec, None, path)
     if not trusted:
         check_trust(spec, trust_repo, calling_fn)
-    sha = _resolve(spec)
+    ref_name, sha = _resolve(spec)
     path = snapshot_path(spec, sha)
     damage = None
     if path.is_dir() and not force_reload:
@@ -97,7 +98,7 @@ def fetch_snapshot(
         if damage is None:
             if verbose:
                 notice(f"Using cache found in {path}")
-            return Snapshot(spec, sha, path)
+            return _linked(Snapshot(spec, sha, path), ref_name)
     if is_offline():
         if damage is None:
             raise OfflineError(
@@ -119,7 +120,14 @@ def fetch_snapshot(
         if damage is None:
             raise
         return _damaged(spec, sha, path, damage, f"fetching it again failed ({e})")
-    return Snapshot(spec, sha, path)
+    return _linked(Snapshot(spec, sha, path), ref_name)
+
+
+def _linked(snap: Snapshot, ref_name: str | None) -> Snapshot:
+    """`snap`, with torch.hub's `<owner>_<name>_<ref>` folder name leading to it (GitHub)."""
+    if ref_name is not None and snap.sha is not None:
+        link_torch_folder(snap.spec, ref_name, snap.sha)
+    return snap
 
 
 def _describe(damage: Damage) -> str:
@@ -145,9 +153,10 @@ def _damaged(spec: RepoSpec, sha: str, path: Path, damage: Damage, why: str) -> 
     )
 
 
-def _resolve(spec: RepoSpec) -> str:
+def _resolve(spec: RepoSpec) -> tuple[str | None, str]:
+    """(the ref's name, or None when unknown offline; the commit SHA)."""
     if spec.ref is not None and _SHA.fullmatch(spec.ref):
-        return spec.ref
+        return spec.ref, spec.ref
     ref_key = spec.ref or "HEAD"
     if is_offline():
         sha = read_ref(spec, ref_key)
@@ -157,16 +166,16 @@ def _resolve(spec: RepoSpec) -> str:
                 f"commit is unknown (hub dir {get_dir()}); run once online or unset ISOLHUB_OFFLINE"
             )
         notice(f"offline: using {spec} = {sha[:12]} as last resolved (it may be stale)")
-        return sha
+        return spec.ref, sha
     if spec.kind == "github":
         from . import _github
 
         owner, name = spec.location.split("/")
-        _, sha = _github.resolve_ref(owner, name, spec.ref)
+        ref_name, sha = _github.resolve_ref(owner, name, spec.ref)
     else:
-        _, sha = _git.resolve(spec.location, spec.ref)
+        ref_name, sha = _git.resolve(spec.location, spec.ref)
     write_ref(spec, ref_key, sha)
-    return sha
+    return ref_name, sha
 
 
 def _populate(spec: RepoSpec, sha: str, dest: Path, validate: bool = False) -> None:

@@ -1,8 +1,17 @@
-"""torch.hub's `trust_repo` semantics, with the `trusted_list` file in the hub dir.
+"""torch.hub's `trust_repo` rules (those of the installed torch, 2.13), with its `trusted_list`.
+
+As torch.hub's `_check_repo_is_trusted`:
+* the hub dir and `<hub>/trusted_list` are created on every check (the file empty);
+* a repository is trusted when `owner_name` is in the list, its owner is one of
+  `TRUSTED_OWNERS`, or the folder torch.hub would download it to (`<hub>/owner_name_ref`, a
+  directory or a link to one) exists (torch's "already downloaded" rule);
+* `False` always asks through `input()`, `"check"` asks when untrusted; `True`, `None` (and
+  nothing else: other values are refused) trust without asking;
+* whatever was trusted by the answer or by the argument, and was not trusted yet, is appended.
 
 GitHub repositories are keyed `owner_name` (as torch.hub, so one file serves both); remote git
-repositories by URL. Local directories and `git+file://` repositories are always trusted, as
-`source='local'` is in torch.hub.
+repositories by URL. Local directories and `git+file://` repositories need no trust, as
+`source='local'` in torch.hub.
 
 Example:
     >>> check_trust(parse_spec("someone/net"), trust_repo=True)   # appends someone_net
@@ -10,15 +19,16 @@ Example:
 
 from __future__ import annotations
 
-import sys
-import warnings
+import contextlib
+import os
 from typing import Any
 
-from ._cache import hub_dir, repo_dir
-from ._errors import UntrustedRepoError
+from ._cache import hub_dir
+from ._errors import TrustResponseError, UntrustedRepoError
 from ._spec import RepoSpec
 
 TRUSTED_OWNERS = ("pytorch", "facebookresearch", "facebookincubator", "fairinternal")
+TRUST_VALUES = (None, "check", True, False)
 
 
 def trust_key(spec: RepoSpec) -> str | None:
@@ -30,8 +40,21 @@ def trust_key(spec: RepoSpec) -> str | None:
     return spec.location
 
 
+def torch_folder_names(spec: RepoSpec) -> tuple[str, ...]:
+    """The names torch.hub gives `spec`'s download folder in the hub dir (GitHub specs only).
+
+    `owner_name_ref` with `/` in the ref made `_`; without a ref, torch.hub probes `main` then
+    `master`, so either name may be the one.
+    """
+    if spec.kind != "github":
+        return ()
+    stem = spec.location.replace("/", "_")
+    refs = (spec.ref,) if spec.ref is not None else ("main", "master")
+    return tuple(f"{stem}_{ref.replace('/', '_')}" for ref in refs)
+
+
 def is_trusted(spec: RepoSpec) -> bool:
-    """Whether `spec`'s repository is trusted without asking."""
+    """Whether `spec`'s repository is trusted without asking (reads, never writes)."""
     key = trust_key(spec)
     if key is None:
         return True
@@ -39,15 +62,29 @@ def is_trusted(spec: RepoSpec) -> bool:
         return True
     if key in _read_list():
         return True
-    # torch.hub's legacy rule: what was already downloaded counts as trusted.
-    return (repo_dir(spec) / "snapshots").is_dir()
+    root = hub_dir()
+    return any((root / name).is_dir() for name in torch_folder_names(spec))
+
+
+def _list_path() -> os.PathLike[str]:
+    return hub_dir() / "trusted_list"
 
 
 def _read_list() -> set[str]:
     try:
-        return {line.strip() for line in (hub_dir() / "trusted_list").read_text().splitlines()}
+        with open(_list_path()) as f:
+            return {line.strip() for line in f}
     except OSError:
         return set()
+
+
+def _touch_list() -> None:
+    # torch.hub makes the hub dir and an empty trusted_list on every check. A read-only cache
+    # must still serve what it holds, so failing to create them is not an error here.
+    with contextlib.suppress(OSError):
+        root = hub_dir()
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "trusted_list").touch()
 
 
 def _add(key: str) -> None:
@@ -59,66 +96,57 @@ def _add(key: str) -> None:
 def check_trust(spec: RepoSpec, trust_repo: Any, calling_fn: str = "load") -> None:
     """Apply torch.hub's `trust_repo` rules (None, 'check', True, False) before any download.
 
+    `calling_fn` names the public function in messages.
+
     Raises:
-        UntrustedRepoError: the user said no, or there is no terminal to ask on.
+        UntrustedRepoError: the user said no, there was no one to ask (stdin closed or not
+            readable), or `trust_repo` is none of None, 'check', True, False.
+        TrustResponseError: an answer other than y/yes/n/no/'' (also a `ValueError`, as in torch).
     """
     key = trust_key(spec)
     if key is None:
         return
-    trusted = is_trusted(spec)
-    if trust_repo is None:
-        if not trusted:
-            warnings.warn(
-                "You are about to download and run code from an untrusted repository. In a future "
-                f"release, this won't be allowed. To add the repository to your trusted list, "
-                f"change the command to {calling_fn}(..., trust_repo=False) and a command "
-                f"prompt will appear asking for an explicit confirmation of trust, or "
-                f"{calling_fn}(..., trust_repo=True), which will assume that the prompt is to be "
-                "answered with 'yes'. You can also use load(..., trust_repo='check') which will "
-                "only prompt for confirmation if the repo is not already trusted. This will "
-                "eventually be the default behaviour",
-                UserWarning,
-                stacklevel=3,
-            )
-        return
-    if trust_repo is True:
-        if not trusted:
-            _add(key)
-        return
-    if trust_repo == "check" and trusted:
-        return
-    if trust_repo not in (False, "check"):
+    if not any(trust_repo is v or (isinstance(v, str) and trust_repo == v) for v in TRUST_VALUES):
         raise UntrustedRepoError(
-            f"trust_repo must be None, 'check', True or False, not {trust_repo!r}"
+            f"{calling_fn}(..., trust_repo={trust_repo!r}): trust_repo must be None, 'check', "
+            "True or False",
+            spec=str(spec),
         )
-    _prompt(spec, key, trusted)
+    _touch_list()
+    trusted = is_trusted(spec)
+    if trust_repo is False or (trust_repo == "check" and not trusted):
+        _prompt(spec, key, trusted)
+    if not trusted:
+        _add(key)
 
 
 def _prompt(spec: RepoSpec, key: str, trusted: bool) -> None:
+    """Ask through `input()` as torch.hub does; return only when the answer is yes."""
     hint = (
         f"pass trust_repo=True, or add the line '{key}' to {hub_dir() / 'trusted_list'}, "
         "or load it confined with mode='remote', sandbox='strict'"
     )
-    if not (sys.stdin and sys.stdin.isatty()):
-        raise UntrustedRepoError(
-            f"the repository {spec} is not trusted and there is no terminal to ask on; {hint}",
-            spec=str(spec),
-        )
-    answer = (
-        input(
+    try:
+        answer = input(
             f"The repository {key} does not belong to the list of trusted repositories and as such "
             "cannot be downloaded. Do you trust this repository and wish to add it to the trusted "
             "list of repositories (y/N)?"
         )
-        .strip()
-        .lower()
-    )
-    if answer in ("y", "yes"):
+    except (EOFError, OSError) as e:
+        # torch.hub lets the EOFError through; here it says what to do instead.
+        raise UntrustedRepoError(
+            f"Untrusted repository {spec}: it is not trusted and there is no one to ask "
+            f"(stdin gave {type(e).__name__}); {hint}",
+            spec=str(spec),
+        ) from None
+    if answer.lower() in ("y", "yes"):
         if trusted:
             print("The repository is already trusted.")
-        else:
-            _add(key)
         return
-    if answer in ("", "n", "no"):
+    if answer.lower() in ("n", "no", ""):
         raise UntrustedRepoError(f"Untrusted repository {spec}; {hint}", spec=str(spec))
-    raise UntrustedRepoError(f"Unrecognized response {answer!r}; answer y or n", spec=str(spec))
+    raise TrustResponseError(
+        f"Unrecognized response {answer}. (to trust {spec}, answer y or yes; to refuse, n, no or "
+        "nothing)",
+        spec=str(spec),
+    )

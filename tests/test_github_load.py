@@ -89,9 +89,16 @@ def test_an_archive_of_another_commit_is_refused_and_nothing_is_cached(
     assert list(hub_home.glob("repos/*/snapshots/*")) == []
 
 
-def test_an_unknown_ref_is_ref_not_found(gh: FakeGitHub) -> None:
-    with pytest.raises(hub.RefNotFoundError):
-        hub.load("someone/net:nope", "net", trust_repo=True)
+def test_an_unknown_ref_is_a_value_error_in_torch_hubs_words(gh: FakeGitHub) -> None:
+    for skip_validation in (False, True):
+        with pytest.raises(ValueError) as e:
+            hub.load("someone/net:nope", "net", trust_repo=True, skip_validation=skip_validation)
+        assert isinstance(e.value, hub.RefNotFoundError)
+        assert str(e.value).startswith(
+            f"Cannot find nope in {gh.web_url}/someone/net. If it's a commit from a forked repo, "
+            "please call hub.load() with forked repo directly."
+        )
+        assert "has no branch, tag or commit 'nope'" in str(e.value)
 
 
 def test_an_untrusted_repo_without_a_terminal_is_refused_before_any_download(
@@ -115,17 +122,15 @@ def test_trust_repo_true_adds_owner_name_to_the_trusted_list(
 
 def test_trusted_owners_need_no_prompt_and_are_not_written(gh: FakeGitHub, hub_home: Path) -> None:
     assert "net" in hub.list("pytorch/vision:v1")
-    assert not (hub_home / "trusted_list").exists()
+    assert (hub_home / "trusted_list").read_text() == ""  # created empty, as torch.hub does
 
 
-def test_trust_repo_none_warns_once_and_proceeds(gh: FakeGitHub, hub_home: Path) -> None:
+def test_trust_repo_none_trusts_silently_as_torch_2_13_does(gh: FakeGitHub, hub_home: Path) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         hub.list("someone/net:v1", trust_repo=None)
-    texts = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
-    assert len(texts) == 1
-    assert "You are about to download and run code from an untrusted repository" in texts[0]
-    assert not (hub_home / "trusted_list").exists()
+    assert [w for w in caught if issubclass(w.category, UserWarning)] == []
+    assert (hub_home / "trusted_list").read_text().splitlines() == ["someone_net"]
 
 
 def test_a_prompt_answered_yes_trusts_and_no_refuses(

@@ -62,6 +62,7 @@ from github_server import FakeGitHub, git
 from hubrepos import commit, make_repo, net_files, spec_of
 from weights_server import WeightsServer, sha256
 
+REAL_INPUT = builtins.input
 # Held in a dict, not as module globals, so the patch's alias rebinding leaves them alone.
 ORIGINAL = {name: getattr(torch.hub, name) for name in _patch.HUB_NAMES}
 ORIGINAL["model_zoo.load_url"] = torch.utils.model_zoo.load_url
@@ -530,7 +531,11 @@ def test_c03_refs_with_slashes_load_and_names_that_torch_would_merge_stay_apart(
         )
     refs = hub_home / "repos" / "github--someone--slashy" / "refs"
     assert {"ci%2Ftest_slash", "ci_test_slash", "refs%2Ftags%2Fv1"} <= set(os.listdir(refs))
-    assert not list(hub_home.glob("someone_slashy_*"))
+    # torch.hub's folder names are links to the snapshot last loaded under that name
+    links = sorted(p.name for p in hub_home.glob("someone_slashy_*"))
+    assert links == ["someone_slashy_ci_test_slash", "someone_slashy_refs_tags_v1"]
+    merged = hub_home / "someone_slashy_ci_test_slash"
+    assert "underscore" in (merged / "hubconf.py").read_text()
 
 
 def test_c04_differs_offline_is_explicit_and_typed(
@@ -571,14 +576,16 @@ def test_c05_a_malformed_spec_is_a_value_error(spec: str) -> None:
 # --- checks 6-10: cache ----------------------------------------------------------------------
 
 
-def test_c06_differs_get_dir_is_isolhubs_while_patched_and_set_dir_sets_isolhubs(
+def test_c06_get_dir_is_torch_hubs_while_patched_and_set_dir_sets_isolhubs(
     hub_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     torch_dir = str(tmp_path / "torch" / "hub")  # $TORCH_HOME/hub
     assert torch.hub.get_dir() == torch_dir
     with patched_torch_hub():
-        assert torch.hub.get_dir() == str(hub_home)  # TORCH_HOME is not isolhub's setting
+        assert torch.hub.get_dir() == str(hub_home)  # $ISOLHUB_HOME overrides torch's rule
+        monkeypatch.delenv("ISOLHUB_HOME")
+        assert torch.hub.get_dir() == isolhub.get_dir() == torch_dir  # as torch answers
         torch.hub.set_dir("~/x")
         assert torch.hub.get_dir() == isolhub.get_dir() == str(tmp_path / "home" / "x")
         torch.hub.set_dir(tmp_path / "pathlike")
@@ -587,7 +594,7 @@ def test_c06_differs_get_dir_is_isolhubs_while_patched_and_set_dir_sets_isolhubs
     assert isolhub.get_dir() == str(tmp_path / "pathlike")  # set_dir outlasts the patch
 
 
-def test_c07_differs_the_cache_is_keyed_by_commit_and_leaves_no_zip(
+def test_c07_differs_the_cache_is_keyed_by_commit_linked_from_torchs_name_and_leaves_no_zip(
     gh: FakeGitHub, hub_home: Path
 ) -> None:
     with patched_torch_hub():
@@ -595,7 +602,8 @@ def test_c07_differs_the_cache_is_keyed_by_commit_and_leaves_no_zip(
     sha = git(gh.repos[("someone", "net")].path, "rev-parse", "v1")
     snap = hub_home / "repos" / "github--someone--net" / "snapshots" / sha
     assert (snap / "hubconf.py").is_file()
-    assert not (hub_home / "someone_net_v1").exists()
+    link = hub_home / "someone_net_v1"  # torch.hub's name, a link to the snapshot
+    assert link.is_symlink() and link.resolve() == snap.resolve()
     leftovers = [p for p in hub_home.rglob("*") if p.suffix == ".zip" or ".staging-" in p.name]
     assert leftovers == []
 
@@ -639,7 +647,7 @@ def test_c09_force_reload_downloads_again_and_replaces_the_snapshot(
     assert os.stat(path).st_ino != inode
 
 
-def test_c10_differs_repo_caches_are_not_shared_with_torch_but_the_trusted_list_is(
+def test_c10_differs_torch_hub_uses_isolhubs_snapshots_not_the_reverse_and_shares_trust(
     gh: FakeGitHub, tmp_path: Path, hub_home: Path
 ) -> None:
     add_repo(gh, tmp_path, "other/net", version_files("other"), tag="v1")
@@ -664,7 +672,8 @@ def test_c10_differs_repo_caches_are_not_shared_with_torch_but_the_trusted_list_
         ],
     )
     assert second == [["ok", None], ["ok", "other"]]  # torch reads isolhub's trusted_list
-    assert len(paths(gh, start, "/zipball/")) == 1  # and downloads what isolhub had cached
+    # and finds isolhub's snapshot under its own folder name (a link): nothing downloaded
+    assert paths(gh, start, "/zipball/") == [] and (hub_home / "other_net_v1").is_symlink()
     assert (hub_home / "trusted_list").read_text().split() == ["someone_net", "other_net"]
 
 
@@ -781,15 +790,14 @@ def test_c14_differs_no_ambiguous_300_explicit_refs_choose_with_skip_validation(
 # --- checks 15-21: trust ---------------------------------------------------------------------
 
 
-def test_c15_trust_none_warns_once_and_loads_and_differs_by_not_creating_the_file(
-    gh: FakeGitHub, hub_home: Path
+def test_c15_trust_none_trusts_silently_and_adds_the_repo_as_torch_2_13_does(
+    gh: FakeGitHub, hub_home: Path, answers: tuple[list[str], list[str]]
 ) -> None:
-    with patched_torch_hub(), pytest.warns(UserWarning) as caught:
+    with patched_torch_hub(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         assert torch.hub.load("someone/net:v1", "nodoc", trust_repo=None) == 1
-    texts = [str(w.message) for w in caught]
-    assert len(texts) == 1
-    assert "You are about to download and run code from an untrusted repository" in texts[0]
-    assert not (hub_home / "trusted_list").exists()  # torch touches it into existence
+    assert [w for w in caught if issubclass(w.category, UserWarning)] == []
+    assert answers[1] == [] and (hub_home / "trusted_list").read_text() == "someone_net\n"
 
 
 def test_c16_trust_true_appends_owner_name_without_a_prompt(
@@ -826,15 +834,17 @@ def test_c17_no_refuses_with_untrusted_repository_and_fetches_nothing(
     assert gh.log == []  # check 21: nothing, not even a resolution, before the decision
 
 
-def test_c17_differs_other_answers_and_no_terminal_are_untrusted_repo_errors(
+def test_c17_other_answers_are_value_errors_and_eof_differs_as_an_untrusted_repo_error(
     gh: FakeGitHub, answers: tuple[list[str], list[str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     answers[0].append("maybe")
     with patched_torch_hub():
-        with pytest.raises(UntrustedRepoError, match="Unrecognized response"):
-            torch.hub.load("someone/net:v1", "nodoc", trust_repo=False)  # torch: ValueError
+        with pytest.raises(ValueError, match="^Unrecognized response maybe") as e:
+            torch.hub.load("someone/net:v1", "nodoc", trust_repo=False)
+        assert isinstance(e.value, UntrustedRepoError)
+        monkeypatch.setattr(builtins, "input", REAL_INPUT)  # on an empty stdin
         monkeypatch.setattr(sys, "stdin", io.StringIO())
-        with pytest.raises(UntrustedRepoError, match="no terminal"):
+        with pytest.raises(UntrustedRepoError, match="there is no one to ask"):
             torch.hub.load("someone/net:v1", "nodoc")  # torch: input() raises EOFError
 
 
@@ -855,21 +865,25 @@ def test_c19_builtin_owners_are_trusted_without_a_prompt_or_a_write(
     gh.add_repo("pytorch", "vision", gh.repos[("someone", "net")].path)
     with patched_torch_hub():
         torch.hub.load("pytorch/vision:v1", "nodoc", trust_repo="check")
-    assert answers[1] == [] and not (hub_home / "trusted_list").exists()
+    assert answers[1] == [] and (hub_home / "trusted_list").read_text() == ""  # touched
 
 
-def test_c20_differs_legacy_trust_is_any_snapshot_of_the_repo_in_isolhubs_cache(
-    gh: FakeGitHub, hub_home: Path, tmp_path: Path
+def test_c20_legacy_trust_is_torch_hubs_folder_for_that_ref_and_the_file_is_recreated(
+    gh: FakeGitHub, hub_home: Path, tmp_path: Path, answers: tuple[list[str], list[str]]
 ) -> None:
     with patched_torch_hub():
         torch.hub.load("someone/net:v1", "nodoc", trust_repo=True)
         (hub_home / "trusted_list").unlink()
-        torch.hub.load("someone/net:v2", "nodoc")  # another ref: still trusted (per repo)
-        assert not (hub_home / "trusted_list").exists()  # torch recreates it, empty
-        add_repo(gh, tmp_path, "other/net", version_files("x"), tag="v1")
-        (hub_home / "other_net_v1").mkdir()  # torch's legacy folder is not isolhub's cache
+        torch.hub.load("someone/net:v1", "nodoc")  # someone_net_v1 (isolhub's link) is there
+        assert (hub_home / "trusted_list").read_text() == ""  # recreated, empty, as torch does
+        assert answers[1] == []
+        answers[0].append("n")
         with pytest.raises(UntrustedRepoError):
-            torch.hub.load("other/net:v1", "version")
+            torch.hub.load("someone/net:v2", "nodoc")  # another ref has no folder: asks
+        assert len(answers[1]) == 1
+        add_repo(gh, tmp_path, "other/net", version_files("x"), tag="v1")
+        (hub_home / "other_net_v1").mkdir()  # torch.hub's own folder counts too
+        assert torch.hub.load("other/net:v1", "version") == "x"
 
 
 def test_c21_local_source_skips_trust(tmp_path: Path, answers: tuple[list[str], list[str]]) -> None:
