@@ -25,6 +25,11 @@
   * `TransportError` — a result could not be moved between processes.
     * `ProtocolError` — a malformed, oversize or unexpected frame.
   * `HandleClosedError` — a remote handle was used after its worker went away.
+  * `RemoteOperationError` — an attribute read, index, `len`, `in` or iteration on a handle
+    failed as it would on the object itself; each subclass is also the built-in error:
+    * `RemoteAttributeError(RemoteOperationError, AttributeError)` — no such attribute.
+    * `RemoteIndexError(RemoteOperationError, IndexError)`, `RemoteKeyError(…, KeyError)`,
+      `RemoteTypeError(…, TypeError)` — the object's own answer to the operation.
   * `PoolClosedError` — a `Hub` was used after `close()`.
 
 Every error pickles (so it can cross process boundaries) with its attributes intact.
@@ -190,6 +195,31 @@ class PoolClosedError(IsolhubError):
 
 class HandleClosedError(IsolhubError):
     """Raised when a remote handle is used after it was closed or its worker died."""
+
+
+class RemoteOperationError(IsolhubError):
+    """Raised when an operation on a remote handle fails the way it would on the object itself.
+
+    Not an error of the hubconf code (that is `RemoteError`): the caller asked for an attribute,
+    index or protocol the object does not have. Attributes: `remote_type`, `remote_message`,
+    `remote_traceback`, `spec`.
+    """
+
+
+class RemoteAttributeError(RemoteOperationError, AttributeError):
+    """Raised when the object behind a handle has no such attribute (`hasattr` sees False)."""
+
+
+class RemoteIndexError(RemoteOperationError, IndexError):
+    """Raised when indexing the object behind a handle raised `IndexError` (ends iteration)."""
+
+
+class RemoteKeyError(RemoteOperationError, KeyError):
+    """Raised when indexing the object behind a handle raised `KeyError`."""
+
+
+class RemoteTypeError(RemoteOperationError, TypeError):
+    """Raised when the object behind a handle does not support the operation (`len`, `iter`…)."""
 
 
 def describe_exit(status: int | None) -> str:

@@ -4,6 +4,12 @@ The parent never unpickles what the worker sends: replies come through the restr
 (plain values and tensors); any other object in a reply becomes another handle. Arguments go
 the other way by cloudpickle (the parent is trusted), tensors out-of-band through the arena.
 
+A handle behaves like the object where Python's protocols allow: a missing attribute is an
+`AttributeError` (so `hasattr` and `getattr(h, name, default)` work), `len`, indexing, `in`,
+iteration, `dir`, `repr` and `str` are the object's own (items that cannot cross become handles
+too, one proxy per remote object), and a method returning the object (`.eval()`, `.to()`) returns
+this same handle. A handle can be passed back as an argument to calls on handles of its worker.
+
 Example:
     >>> m = hub.load("someone/unvetted:main", "net", mode="remote")
     >>> y = m(x)                  # forward runs in the worker
@@ -14,14 +20,36 @@ Example:
 from __future__ import annotations
 
 import os
+import threading
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from collections.abc import Iterator
 from typing import Any
 
 from ._byvalue import dumps
-from ._errors import HandleClosedError, ProtocolError
+from ._errors import (
+    HandleClosedError,
+    IsolhubError,
+    ProtocolError,
+    RemoteAttributeError,
+    RemoteIndexError,
+    RemoteKeyError,
+    RemoteOperationError,
+    RemoteTypeError,
+)
 from ._process import Worker
-from ._values import decode_state_dict, decode_value
+from ._values import bounded_text, decode_state_dict, decode_value
+from ._worker import REPR_LIMIT, _kept
+
+_RAISED: dict[str, type[RemoteOperationError]] = {
+    "AttributeError": RemoteAttributeError,
+    "IndexError": RemoteIndexError,
+    "KeyError": RemoteKeyError,
+    "TypeError": RemoteTypeError,
+}
+_TEXT_LIMIT = 2000  # characters of a worker's error message kept in ours
+_MAX_BATCH = 256  # items an iteration asks for at once (it starts at 1 and doubles)
+_sending = threading.local()  # the session whose request is being pickled (`__reduce__`)
 
 
 class _Session:
@@ -37,13 +65,19 @@ class _Session:
         self.timeout = timeout
         self.to_release: list[int] = []
         self.proxies: weakref.WeakValueDictionary[int, RemoteObject] = weakref.WeakValueDictionary()
+        # Items of remote iterators fetched ahead, and the size of the next fetch, by handle id.
+        self.ahead: dict[int, tuple[deque[Any], int]] = {}
 
     def invoke(self, handle_id: int, action: str, *args: Any, name: str = "", **kwargs: Any) -> Any:
         if self.worker.closed:
             raise HandleClosedError(
                 f"the worker for {self.worker.label} is gone; load the model again"
             )
-        data, fd, layout = dumps((args, kwargs))
+        _sending.session = self
+        try:
+            data, fd, layout = dumps((args, kwargs))
+        finally:
+            _sending.session = None
         release, self.to_release = self.to_release, []
         message = {
             "op": "invoke",
@@ -65,13 +99,39 @@ class _Session:
             raise ProtocolError("a reply came with more than one fd")
         try:
             fd = fds[0] if fds else None
-            if reply.get("kind") == "state_dict":
+            kind = reply.get("kind")
+            if kind == "raised":
+                if fd is not None:
+                    os.close(fd)
+                error = self.raised(reply["error"])
+            elif kind == "state_dict":
                 return decode_state_dict(reply["body"], fd, reply["layout"])
-            value = decode_value(reply["body"], fd, reply["layout"], self.proxy)
+            else:
+                return decode_value(reply["body"], fd, reply["layout"], self.proxy)
         except (KeyError, TypeError, ValueError, ProtocolError) as e:
             self.worker.kill()  # it sent garbage: nothing more it says can be trusted
             raise ProtocolError(f"bad reply from the worker for {self.worker.label}: {e}") from e
-        return value
+        raise error
+
+    def raised(self, record: Any) -> RemoteOperationError:
+        """The error for a protocol operation the object refused (`kind="raised"`)."""
+        cls = _RAISED[record["builtin"]]
+        message = _text(record["message"])
+        target = _text(record["target"]).removeprefix("builtins.")
+        suggestions = [_text(s) for s in record.get("suggestions") or ()][:3]
+        name = _text(record.get("name") or "")
+        if suggestions:
+            message += f"; did you mean {' or '.join(repr(s) for s in suggestions)}?"
+        error = cls(
+            f"{message}\n(the remote {target} in the worker for {self.worker.label})",
+            spec=self.worker.label,
+            remote_type=_text(record["type"]),
+            remote_message=_text(record["message"]),
+            remote_traceback=_text(record.get("traceback") or "", 20 * _TEXT_LIMIT),
+        )
+        if name and isinstance(error, AttributeError):
+            error.name = name
+        return error
 
     def proxy(self, info: Any) -> RemoteObject:
         if not isinstance(info, dict) or type(info.get("id")) is not int:
@@ -87,11 +147,50 @@ class _Session:
 
     def queue_release(self, handle_id: int) -> None:
         """Called when the proxy of `handle_id` is gone: the worker may drop the object."""
+        self.ahead.pop(handle_id, None)
         self.to_release.append(handle_id)
+
+    def next_item(self, handle_id: int) -> Any:
+        """The next item of the remote iterator `handle_id`, fetched in growing batches.
+
+        A batch is taken from the worker's iterator at once: a generator runs ahead of the
+        caller by at most one batch (1, 2, 4, ... up to 256 items).
+        """
+        ahead, batch = self.ahead.get(handle_id) or (deque(), 1)
+        if not ahead:
+            reply = self.invoke(handle_id, "next", batch)
+            if (
+                not isinstance(reply, dict)
+                or type(reply.get("items")) not in (list, tuple)
+                or type(reply.get("more")) is not bool
+                or len(reply["items"]) > batch
+            ):
+                self.worker.kill()
+                raise ProtocolError(f"bad iteration reply from the worker for {self.worker.label}")
+            ahead.extend(reply["items"])
+            if not ahead:
+                self.ahead.pop(handle_id, None)
+                raise StopIteration
+            batch = min(2 * batch, _MAX_BATCH)
+        self.ahead[handle_id] = (ahead, batch)
+        return ahead.popleft()
+
+    def expect(self, value: Any, kind: type | tuple[type, ...], what: str) -> Any:
+        """`value` if it is a `kind`; else the worker lied: kill it and raise."""
+        if not isinstance(value, kind) or (kind is int and type(value) is bool):
+            self.worker.kill()
+            raise ProtocolError(f"the worker for {self.worker.label} answered {what} wrongly")
+        return value
+
+
+def _text(value: Any, limit: int = _TEXT_LIMIT) -> str:
+    if type(value) is not str:
+        raise ProtocolError("a text field of a reply is not a string")
+    return bounded_text(value, limit)
 
 
 class RemoteObject:
-    """A proxy for an object living in a worker; attribute reads and calls run there."""
+    """A proxy for an object living in a worker; attribute reads, calls and protocols run there."""
 
     __slots__ = ("_session", "_info", "__weakref__")
 
@@ -104,19 +203,83 @@ class RemoteObject:
         """The qualified type name of the object in the worker."""
         return str(self._info.get("type"))
 
+    def _invoke(self, action: str, *args: Any, **kwargs: Any) -> Any:
+        return self._session.invoke(self._info["id"], action, *args, **kwargs)
+
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") and name.endswith("__"):
+        if (name.startswith("__") and name.endswith("__")) or name in RemoteObject.__slots__:
             raise AttributeError(name)
-        return self._session.invoke(self._info["id"], "getattr", name=name)
+        return self._invoke("getattr", name=name)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        self._session.invoke(self._info["id"], "setattr", value, name=name)
+        self._invoke("setattr", value, name=name)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._session.invoke(self._info["id"], "call", *args, **kwargs)
+        return self._invoke("call", *args, **kwargs)
+
+    def __dir__(self) -> list[str]:
+        names = self._session.expect(self._invoke("dir"), list, "dir()")
+        own = [n for n in dir(type(self)) if not n.startswith("_")]
+        return sorted({*(n for n in names if type(n) is str), *own})
+
+    def __len__(self) -> int:
+        n = self._session.expect(self._invoke("len"), int, "len()")
+        return n if n >= 0 else self._session.expect(n, (), "len()")
+
+    def __bool__(self) -> bool:
+        return self._session.expect(self._invoke("bool"), bool, "bool()")
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._invoke("getitem", key)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._invoke("setitem", key, value)
+
+    def __delitem__(self, key: Any) -> None:
+        self._invoke("delitem", key)
+
+    def __contains__(self, item: Any) -> bool:
+        return self._session.expect(self._invoke("contains", item), bool, "`in`")
+
+    def __iter__(self) -> Iterator[Any]:
+        iterator = self._session.expect(self._invoke("iter"), RemoteObject, "iter()")
+        return _iterate(iterator)
+
+    def __next__(self) -> Any:
+        return self._session.next_item(self._info["id"])
 
     def __repr__(self) -> str:
-        return f"<remote {self.remote_type} in worker pid {self._session.worker.pid}: {self._info.get('repr', '')[:200]}>"
+        try:
+            text = self._session.expect(self._invoke("repr"), str, "repr()")
+        except IsolhubError as e:  # a repr must not raise: say what is known
+            why = "gone" if self._session.worker.closed else f"repr failed: {type(e).__name__}"
+            return f"<remote {self.remote_type} (the worker for {self._session.worker.label} is {why})>"
+        return bounded_text(text, REPR_LIMIT + 200)
+
+    def __str__(self) -> str:
+        try:
+            text = self._session.expect(self._invoke("str"), str, "str()")
+        except IsolhubError:
+            return repr(self)
+        return bounded_text(text, REPR_LIMIT + 200)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Only as an argument to a call on a handle of the same worker, which finds the object.
+        if getattr(_sending, "session", None) is not self._session:
+            raise TypeError(
+                f"a remote handle ({self.remote_type}) can be passed only to calls on handles of "
+                "its own worker, not to another worker or pickled; pass a state_dict() instead"
+            )
+        return (_kept, (self._info["id"],))
+
+
+def _iterate(iterator: RemoteObject) -> Iterator[Any]:
+    while True:
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        yield item
 
 
 class RemoteModule(RemoteObject):
@@ -128,9 +291,9 @@ class RemoteModule(RemoteObject):
 
     __slots__ = ()
 
-    def state_dict(self) -> OrderedDict[str, Any]:
-        """The module's state dict, tensors through the arena, no pickle."""
-        return self._session.invoke(self._info["id"], "state_dict")
+    def state_dict(self, *args: Any, **kwargs: Any) -> OrderedDict[str, Any]:
+        """The module's state dict (`prefix=`, `keep_vars=` as torch's), tensors through the arena."""
+        return self._invoke("state_dict", *args, **kwargs)
 
     def close(self) -> None:
         """Stop the worker; every handle from it is closed."""

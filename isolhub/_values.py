@@ -38,11 +38,16 @@ def encode_value(
 
     tensor_type = torch.Tensor
 
+    parameter_type = torch.nn.Parameter
+
     def ext(value: Any) -> Any:
         if isinstance(value, tensor_type):
+            grad = value.requires_grad if isinstance(value, parameter_type) else None
             value = value.detach()
             packed = arena.tensor_packed(value)
-            return {"t": arena.tensor_meta(value)} if packed is None else packed
+            data = {"t": arena.tensor_meta(value)} if packed is None else packed
+            # A parameter stays one, with its requires_grad (what counting trainable ones reads).
+            return data if grad is None else {"p": data, "g": grad}
         if handle_for is not None:
             return {"h": handle_for(value)}
         raise ProtocolError(
@@ -129,13 +134,46 @@ def _reader(fd: int | None, layout: Any) -> ArenaReader:
 
 
 def _ext(arena: ArenaReader, handle_factory: Callable[[Any], Any] | None) -> Callable[[Any], Any]:
-    def ext(value: Any) -> Any:
+    def tensor(value: Any) -> Any:
         if type(value) is bytes:  # a tensor, packed (ArenaWriter.tensor_packed)
             return arena.tensor_packed(value)
         if isinstance(value, dict) and set(value) == {"t"}:
             return arena.tensor(value["t"])
+        return None
+
+    def ext(value: Any) -> Any:
+        t = tensor(value)
+        if t is not None:
+            return t
+        if isinstance(value, dict) and set(value) == {"p", "g"} and type(value["g"]) is bool:
+            t = tensor(value["p"])
+            if t is not None:
+                import torch
+
+                return torch.nn.Parameter(t, requires_grad=value["g"])
         if isinstance(value, dict) and set(value) == {"h"} and handle_factory is not None:
             return handle_factory(value["h"])
         raise ProtocolError("unexpected extension value in a reply")
 
     return ext
+
+
+def bounded_text(text: str, limit: int) -> str:
+    """`text`, or its first whole lines within `limit` characters and a line saying what is left.
+
+    A cut never falls inside a line (a long single line is cut at a space or comma), so what is
+    shown can be read as it is.
+    """
+    if len(text) <= limit:
+        return text
+    cut = text.rfind("\n", 0, limit)
+    if cut <= 0:
+        cut = max(text.rfind(" ", 0, limit), text.rfind(",", 0, limit) + 1)
+    if cut <= 0:
+        cut = limit
+    rest = text[cut:].lstrip("\n")
+    lines = rest.count("\n") + 1
+    return (
+        f"{text[:cut]}\n... ({lines} more lines, {len(rest)} more characters, "
+        f"not shown: the text is bounded at {limit} characters)"
+    )

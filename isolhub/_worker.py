@@ -14,8 +14,10 @@ Example (what the zygote runs after fork):
 
 from __future__ import annotations
 
+import difflib
 import faulthandler
 import importlib.util
+import itertools
 import os
 import pickle
 import select
@@ -37,7 +39,7 @@ from ._byvalue import (
 )
 from ._errors import EntrypointError, MissingDependenciesError, ProtocolError, SandboxError
 from ._protocol import encode, recv_frame, send_frame, spin_poll
-from ._values import encode_state_dict, encode_value
+from ._values import bounded_text, encode_state_dict, encode_value
 
 
 def serve(fd: int) -> NoReturn:
@@ -121,6 +123,8 @@ def _flush() -> None:
 
 class _WorkerState:
     def __init__(self, init: dict[str, Any], sock: socket.socket) -> None:
+        global _STATE
+        _STATE = self
         mark_loaded_modules()  # before a line of the repo is imported
         self.sock = sock
         self.scratch: str = init["scratch"]
@@ -239,7 +243,6 @@ class _WorkerState:
             "type": f"{type(obj).__module__}.{type(obj).__qualname__}",
             "module": isinstance(obj, torch.nn.Module),
             "callable": callable(obj),
-            "repr": _short_repr(obj),
         }
 
     def release(self, handle_id: Any) -> None:
@@ -248,21 +251,29 @@ class _WorkerState:
             self.handle_ids.pop(id(obj), None)
 
     def invoke(self, request: dict[str, Any]) -> tuple[bytes, list[int]]:
-        """Act on a kept object: call it, read or set an attribute, or take its state dict."""
+        """Act on a kept object: call it, read or set an attribute, index it, take its state dict.
+
+        A protocol operation (attribute, index, len, in, iteration) that fails the way it would
+        on a local object answers `kind="raised"` with the built-in error's name, so the parent
+        raises that error (an `AttributeError` for `hasattr`), not a hubconf `RemoteError`.
+        """
         target = self.handles.get(request["id"])
         if target is None:
             raise ProtocolError(f"no object {request['id']!r} in this worker (released?)")
-        action = request["action"]
+        action, name = request["action"], request.get("name", "")
         args, kwargs = request.get("args", ()), request.get("kwargs", {})
         if action == "call":
             result = target(*args, **kwargs)
-        elif action == "getattr":
-            result = getattr(target, request["name"])
         elif action == "setattr":
-            setattr(target, request["name"], args[0])
+            setattr(target, name, args[0])
             result = None
         elif action == "state_dict":
-            return _state_dict_reply(target.state_dict())
+            return _state_dict_reply(target.state_dict(*args, **kwargs))
+        elif action in _OPERATIONS:
+            try:
+                result = _OPERATIONS[action](target, name, *args)
+            except _CALLER_ERRORS as e:
+                return _raised_reply(e, target, name if action == "getattr" else ""), []
         else:
             raise ProtocolError(f"unknown action {action!r}")
         body, fd, layout = encode_value(result, handle_for=self.new_handle)
@@ -336,12 +347,58 @@ class _WorkerState:
         raise ProtocolError(f"unknown result mode {result!r}")
 
 
-def _short_repr(obj: Any) -> str:
-    try:
-        text = repr(obj)
-    except Exception:
-        text = f"<{type(obj).__qualname__}>"
-    return text if len(text) <= 2000 else text[:2000] + "..."
+REPR_LIMIT = 100_000  # characters of a handle's repr/str; the parent bounds it again
+
+# What a handle's protocol operations do to the object: (target, name, *args).
+_OPERATIONS: dict[str, Callable[..., Any]] = {
+    "getattr": lambda t, name: getattr(t, name),
+    "dir": lambda t, _: [str(n) for n in dir(t)],
+    "repr": lambda t, _: bounded_text(repr(t), REPR_LIMIT),
+    "str": lambda t, _: bounded_text(str(t), REPR_LIMIT),
+    "len": lambda t, _: len(t),
+    "bool": lambda t, _: bool(t),
+    "getitem": lambda t, _, key: t[key],
+    "setitem": lambda t, _, key, value: t.__setitem__(key, value),
+    "delitem": lambda t, _, key: t.__delitem__(key),
+    "contains": lambda t, _, item: item in t,
+    "iter": lambda t, _: iter(t),
+    "next": lambda t, _, n: _next_items(t, n),
+}
+_CALLER_ERRORS = (AttributeError, IndexError, KeyError, TypeError)
+_STATE: _WorkerState | None = None  # this process's one state, for handles sent back (`_kept`)
+
+
+def _next_items(iterator: Any, n: Any) -> dict[str, Any]:
+    """Up to `n` (at most 256) next items of `iterator`; `more` is False once it is exhausted."""
+    n = max(1, min(int(n), 256))
+    items = list(itertools.islice(iterator, n))
+    return {"items": items, "more": len(items) == n}
+
+
+def _raised_reply(e: BaseException, target: Any, name: str) -> bytes:
+    """The answer for a protocol operation that raised one of `_CALLER_ERRORS`."""
+    suggestions: list[str] = []
+    if name and isinstance(e, AttributeError):
+        try:
+            suggestions = difflib.get_close_matches(name, [str(n) for n in dir(target)], n=3)
+        except Exception:
+            pass
+    record = _error_record(e)
+    record.update(
+        builtin=next(c.__name__ for c in _CALLER_ERRORS if isinstance(e, c)),
+        target=f"{type(target).__module__}.{type(target).__qualname__}",
+        name=name,
+        suggestions=suggestions,
+    )
+    return encode({"ok": True, "kind": "raised", "error": record})
+
+
+def _kept(handle_id: int) -> Any:
+    """The object behind a handle the parent passed back as an argument (see `RemoteObject`)."""
+    obj = None if _STATE is None else _STATE.handles.get(handle_id)
+    if obj is None:
+        raise ProtocolError(f"no object {handle_id!r} in this worker (released?)")
+    return obj
 
 
 def _value_reply(kind: str, obj: Any) -> tuple[bytes, list[int]]:
