@@ -11,6 +11,9 @@ What this adds to torch.hub's version, in the order a download meets it:
   (`Retry-After` honoured up to a cap), never on other 4xx; a cut body resumes with
   `Range` + `If-Range` and a checked `Content-Range`, or restarts from byte 0 (two versions of a
   file are never joined);
+* a download interrupted by Ctrl-C or a kill keeps its temp file, with a record of its URL and
+  validator (`<tmp stem>.meta.partial`); the next run adopts it and resumes with `Range` +
+  `If-Range`, as huggingface_hub resumes its `.incomplete` files;
 * redirects followed by hand: at most 10 hops, http(s) only, loops named, `Authorization` dropped
   when the host changes; an HTML page served with 200 is refused;
 * offline mode (`ISOLHUB_OFFLINE=1`): an existing target is served, anything else is an
@@ -39,6 +42,7 @@ import contextlib
 import dataclasses
 import errno
 import hashlib
+import json
 import logging
 import os
 import re
@@ -66,7 +70,8 @@ log = logging.getLogger("isolhub.download")
 
 _STALE_PARTIAL_S = 24 * 3600
 _PARTIAL_RE = re.compile(
-    r"^(?P<name>.+)\.[0-9a-f]{32}(?:\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+))?\.partial$"
+    r"^(?P<name>.+)\.[0-9a-f]{32}(?:\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+))?(?P<meta>\.meta)?"
+    r"\.partial$"
 )
 _DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 _NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
@@ -183,11 +188,22 @@ def _download(
         # Another process installed the target while this one waited for the lock.
         if now is not None and now != before and _hash_matches(dst, hash_prefix):
             return
+        adopted = _adopt_partial(dst, url)
         _sweep_partials(dst)
-        tmp, fd = _create_temp(dst, surl)
+        if adopted is not None:
+            tmp, fd, resume = adopted
+        else:
+            (tmp, fd), resume = _create_temp(dst, surl), None
+        meta = _meta_path(tmp)
+        _ACTIVE.add(tmp)
+        keep = False
+        state: _State | None = None
         try:
             with os.fdopen(fd, "wb", buffering=0) as f:
                 state = _State(f, hashing=True)
+                if resume is not None:
+                    _resume_state(state, resume, surl)
+                state.on_entity = lambda st: _write_meta(meta, url, st)
                 try:
                     _fetch(url, state, settings, dict(headers or {}), progress, dst, surl, guard)
                 except _DiskError as e:
@@ -206,9 +222,124 @@ def _download(
                 raise _local_error(e, dst, surl) from e
             _fsync_dir(os.path.dirname(os.path.abspath(dst)))
             _remember_install(dst, ino, digest)
+        except (KeyboardInterrupt, SystemExit):
+            # Interrupted: keep what arrived, with its validator, for the next run to resume.
+            keep = (
+                state is not None
+                and state.can_resume
+                and state.validator is not None
+                and state.written > 0
+            )
+            if keep and state is not None:
+                log.info("kept %s (%d bytes) to resume %s", tmp, state.written, surl)
+            raise
         finally:
-            with contextlib.suppress(FileNotFoundError):
+            _ACTIVE.discard(tmp)
+            for path in () if keep else (tmp, meta):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+
+
+# -- resuming across runs ----------------------------------------------------------------------
+
+# Temp files this process is writing now (a leftover of this pid is otherwise dead).
+_ACTIVE: set[str] = set()
+
+
+def _meta_path(tmp: str) -> str:
+    """The resume record beside the temp file `<x>.partial`: `<x>.meta.partial`."""
+    return tmp.removesuffix(".partial") + ".meta.partial"
+
+
+def _url_key(url: str) -> str:
+    return hashlib.sha256(url.encode()).hexdigest()
+
+
+def _write_meta(meta: str, url: str, state: _State) -> None:
+    """Record which version of which URL the temp file holds (called on each 200)."""
+    if not state.can_resume:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(meta)
+        return
+    record = {"url": _url_key(url), "validator": state.validator, "total": state.total}
+    part = f"{meta}.{uuid.uuid4().hex}.tmp"
+    try:
+        with open(part, "w", encoding="utf-8") as f:
+            json.dump(record, f)
+        os.replace(part, meta)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(part)
+
+
+def _adopt_partial(dst: str, url: str) -> tuple[str, int, dict[str, object]] | None:
+    """Take over the largest resumable temp file of `dst` left by a dead download of `url`.
+
+    It is renamed to a temp name of this process first, so no one else adopts it too.
+    """
+    parent = os.path.dirname(os.path.abspath(dst))
+    base = os.path.basename(dst)
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return None
+    found: list[tuple[int, str, dict[str, object]]] = []
+    for name in names:
+        m = _PARTIAL_RE.match(name)
+        if m is None or m.group("name") != base or m.group("meta"):
+            continue
+        path = os.path.join(parent, name)
+        if partial_is_live(path):
+            continue
+        try:
+            with open(_meta_path(path), encoding="utf-8") as f:
+                record = json.load(f)
+            size = os.lstat(path).st_size
+        except (OSError, ValueError):
+            continue
+        if (
+            isinstance(record, dict)
+            and record.get("url") == _url_key(url)
+            and isinstance(record.get("validator"), str)
+            and size > 0
+        ):
+            found.append((size, path, record))
+    for _size, path, record in sorted(found, reverse=True):
+        tag = f"{_host_tag()}-{os.getpid()}"
+        tmp = f"{dst}.{uuid.uuid4().hex}.{tag}.partial"
+        try:
+            os.rename(path, tmp)
+        except OSError:
+            continue  # another process took it
+        with contextlib.suppress(OSError):
+            os.rename(_meta_path(path), _meta_path(tmp))
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            with contextlib.suppress(OSError):
                 os.unlink(tmp)
+            continue
+        _ACTIVE.add(tmp)  # before the sweep that follows, which would take it for a leftover
+        return tmp, fd, record
+    return None
+
+
+def _resume_state(state: _State, record: dict[str, object], surl: str) -> None:
+    """Continue `state` from the adopted temp file: its bytes, hash and validator."""
+    fd = state.f.fileno()
+    h = hashlib.sha256()
+    offset = 0
+    while chunk := os.pread(fd, READ_CHUNK * 8, offset):
+        h.update(chunk)
+        offset += len(chunk)
+    total = record.get("total")
+    state.f.seek(offset)
+    state.written = state.high_water = offset
+    state.total = total if isinstance(total, int) else None
+    state.validator = str(record["validator"])
+    state.can_resume = True
+    state.hasher = h
+    log.info("%s: resuming an interrupted download at byte %d", surl, offset)
 
 
 # -- local files -------------------------------------------------------------------------------
@@ -345,6 +476,9 @@ def partial_is_live(path: str) -> bool:
         return age < 3600
     if m.group("host") != _host_tag():
         return True
+    if int(m.group("pid")) == os.getpid():
+        data = path.removesuffix(".meta.partial") + ".partial" if m.group("meta") else path
+        return data in _ACTIVE
     return pid_alive(int(m.group("pid")))
 
 

@@ -604,19 +604,61 @@ def _start_and_wait_for_bytes(server: WeightsServer, path: str, url: str, dst: s
     pytest.fail("the child never started downloading")
 
 
-def test_a_download_killed_mid_way_leaves_no_target_and_the_next_call_succeeds(
-    server: WeightsServer, out: Path, guard: Guard
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
+def test_a_download_killed_mid_way_leaves_no_target_and_the_next_run_resumes_it(
+    server: WeightsServer, out: Path, guard: Guard, sig: int
 ) -> None:
     url = server.add("/w.pt", body=DATA, throttle=64 * 1024)
     dst = out / "w.pt"
     proc = _start_and_wait_for_bytes(server, "/w.pt", url, str(dst), len(DATA) // 2)
-    os.kill(proc.pid, signal.SIGKILL)
+    os.kill(proc.pid, sig)
     proc.join(10)
     assert not dst.exists()
-    assert [p.name.endswith(".partial") for p in out.iterdir()] == [True]
+    # The partial stays, with its validator beside it, as huggingface_hub keeps `.incomplete`.
+    left = sorted(p.name for p in out.iterdir())
+    assert len(left) == 2 and all(n.endswith(".partial") for n in left), left
+    (data,) = [out / n for n in left if not n.endswith(".meta.partial")]
+    kept = data.stat().st_size
+    assert 0 < kept < len(DATA)
     download_url_to_file(url, str(dst), hash_prefix=DIGEST, progress=False)
     assert dst.read_bytes() == DATA
-    # The dead process's temp file was swept by pid.
+    resumed = server.log("/w.pt")[-1]
+    assert resumed.status == 206
+    assert resumed.headers["range"] == f"bytes={kept}-"
+    assert resumed.headers["if-range"]  # the ETag of the first response
+    assert resumed.sent == len(DATA) - kept
+    assert sorted(p.name for p in out.iterdir()) == ["w.pt"]
+    guard.check(out)
+
+
+def test_a_kept_partial_of_a_changed_file_is_started_again_not_joined(
+    server: WeightsServer, out: Path, guard: Guard
+) -> None:
+    new = os.urandom(len(DATA))
+    url = server.add("/w.pt", body=DATA, throttle=64 * 1024, new_body=new)
+    dst = out / "w.pt"
+    proc = _start_and_wait_for_bytes(server, "/w.pt", url, str(dst), len(DATA) // 2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join(10)
+    download_url_to_file(url, str(dst), progress=False)
+    assert dst.read_bytes() == new
+    assert server.statuses("/w.pt")[-1] == 200  # If-Range saw the new ETag
+    assert sorted(p.name for p in out.iterdir()) == ["w.pt"]
+    guard.check(out)
+
+
+def test_a_kept_partial_is_resumed_only_for_its_own_url(
+    server: WeightsServer, out: Path, guard: Guard
+) -> None:
+    url = server.add("/w.pt", body=DATA, throttle=64 * 1024)
+    other = server.add("/other/w.pt", body=DATA[::-1])
+    dst = out / "w.pt"
+    proc = _start_and_wait_for_bytes(server, "/w.pt", url, str(dst), len(DATA) // 2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join(10)
+    download_url_to_file(other, str(dst), progress=False)
+    assert dst.read_bytes() == DATA[::-1]
+    assert "range" not in server.log("/other/w.pt")[-1].headers
     assert sorted(p.name for p in out.iterdir()) == ["w.pt"]
     guard.check(out)
 
