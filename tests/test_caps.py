@@ -222,7 +222,7 @@ def test_a_dropped_handle_kills_reaps_and_cleans_up_its_worker(
     repo: Path, sandbox: str | None
 ) -> None:
     m = hub.load(spec_of(repo), "net", mode="remote", sandbox=sandbox)
-    pid = int(re.search(r"worker pid (\d+)", repr(m)).group(1))
+    pid = object.__getattribute__(m, "_session").worker.pid  # repr(m) is the remote object's
     scratch = os.readlink(f"/proc/{pid}/cwd")  # the worker runs in its scratch dir
     # The twin: while the handle lives, so do the worker, its scratch and (confined) its cgroups.
     assert os.path.basename(scratch) in scratch_dirs()
