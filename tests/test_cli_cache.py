@@ -280,7 +280,8 @@ def test_cache_verify_finds_broken_entries_and_fix_removes_only_those(
     bad_st = checkpoint(hub, "x.safetensors", (1 << 40).to_bytes(8, "little") + b"{}")
     dead = checkpoint(hub, f"w.pth.{'0' * 32}.00000000-999999999.partial", b"half")
     age(dead, 2)
-    live = checkpoint(hub, f"w.pth.{'1' * 32}.{_host()}-{os.getpid()}.partial", b"half")
+    # another running process (ours would be an abandoned, resumable partial unless in use)
+    live = checkpoint(hub, f"w.pth.{'1' * 32}.{_host()}-{os.getppid()}.partial", b"half")
     staging = hub / "repos" / "github--o--r" / "snapshots" / ".staging-cccc-999999999-ab"
     staging.mkdir()
     empty = hub / "repos" / "github--o--r" / "snapshots" / SHA_C
