@@ -900,7 +900,9 @@ def test_a_symlink_planted_at_the_temp_name_is_never_followed(
     download_url_to_file(server.add("/w.pt", body=DATA), str(out / "w.pt"), progress=False)
     assert (out / "w.pt").read_bytes() == DATA
     assert victim.read_bytes() == b"precious"
-    assert planted.is_symlink()
+    # the leftover sweep may unlink the planted link (our own pid, no download using it); it is
+    # never followed, so the victim stays as it was
+    assert planted.is_symlink() or not os.path.lexists(planted)
 
 
 def test_a_directory_as_dst_is_an_error(server: WeightsServer, out: Path) -> None:
