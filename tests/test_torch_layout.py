@@ -99,7 +99,7 @@ def test_removing_a_snapshot_removes_the_links_to_it(
 ) -> None:
     isolhub.load("someone/net:v1", "version", trust_repo=True)
     sha = _snapshot(gh, torch_hub_home, "v1").name
-    assert isolhub_cli(["cache", "rm", sha]) == 0
+    assert isolhub_cli(["cache", "rm", sha, "--yes"]) == 0
     assert not os.path.lexists(torch_hub_home / "someone_net_v1")
 
 
