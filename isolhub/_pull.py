@@ -28,7 +28,7 @@ _ALIGN = 64
 _HUGE = 2 << 20
 _MADV_HUGEPAGE = 14
 _IOV_MAX = 1024
-_CHUNK = 1 << 30  # the kernel moves at most ~2 GiB per call
+_CHUNK = 1 << 30  # per iovec; one call moves at most 2 GiB - 4 KiB in all (`_readv` loops)
 _PAIR = struct.Struct("<QQ")
 _MAX_TOTAL = 1 << 44
 
@@ -99,18 +99,34 @@ def read_storages(pid: int, layout: Any) -> list[Any]:
 
 
 def _readv(pid: int, local: list[tuple[int, int]], remote: list[tuple[int, int]]) -> None:
-    n = len(local)
-    liov = (_Iovec * n)(*local)
-    riov = (_Iovec * n)(*remote)
-    want = sum(size for _, size in local)
-    got = _libc.process_vm_readv(pid, liov, n, riov, n, 0)
-    if got < 0:
-        err = ctypes.get_errno()
-        if err in (1, 38):  # EPERM (ptrace restrictions), ENOSYS
-            raise PullError(err, f"cannot read the worker's memory: {os.strerror(err)}")
-        raise ProtocolError(f"cannot read the storages the worker named: {os.strerror(err)}")
-    if got != want:
-        raise ProtocolError(f"read {got} of the {want} storage bytes the worker named")
+    """Read `remote` into `local` (pairs of equal sizes), on through short reads.
+
+    One call moves at most 2 GiB - 4 KiB (the kernel's MAX_RW_COUNT), however many pairs it
+    is given; a call that moves nothing is an error, as is any failure.
+    """
+    while local:
+        n = len(local)
+        liov = (_Iovec * n)(*local)
+        riov = (_Iovec * n)(*remote)
+        want = sum(size for _, size in local)
+        got = _libc.process_vm_readv(pid, liov, n, riov, n, 0)
+        if got < 0:
+            err = ctypes.get_errno()
+            if err in (1, 38):  # EPERM (ptrace restrictions), ENOSYS
+                raise PullError(err, f"cannot read the worker's memory: {os.strerror(err)}")
+            raise ProtocolError(f"cannot read the storages the worker named: {os.strerror(err)}")
+        if got == 0 or got > want:
+            raise ProtocolError(f"read {got} of the {want} storage bytes the worker named")
+        local, remote = _after(local, got), _after(remote, got)
+
+
+def _after(pairs: list[tuple[int, int]], done: int) -> list[tuple[int, int]]:
+    """What is left of `(address, size)` pairs once their first `done` bytes are read."""
+    for i, (address, size) in enumerate(pairs):
+        if done < size:
+            return [(address + done, size - done), *pairs[i + 1 :]]
+        done -= size
+    return []
 
 
 def _huge_buffer(size: int) -> ctypes.Array[ctypes.c_char]:

@@ -98,3 +98,53 @@ def test_a_worker_that_stays_up_frees_what_it_pinned_once_it_is_read(tmp_path: P
             time.sleep(0.05)
         assert _rss_mib(w.pid) <= before + 32, "the worker still holds the module's storages"
         assert m.weight.shape == (4096, 4096)
+
+
+# One process_vm_readv call moves at most 2 GiB - 4 KiB (the kernel's MAX_RW_COUNT): the parent
+# reads on until everything is in. The storages are torch.empty (no page touched until read)
+# with a marker byte near each end and on both sides of the first call's limit.
+BIG = """
+import torch
+
+GIB = 1 << 30
+
+
+def _marked(nbytes, tag):
+    t = torch.empty(nbytes, dtype=torch.uint8)
+    for i, offset in enumerate(sorted({0, min(2 * GIB - 4097, nbytes - 1), nbytes - 1})):
+        t[offset] = tag + i
+    return t
+
+
+class Buffers(torch.nn.Module):
+    def __init__(self, sizes):
+        super().__init__()
+        for i, n in enumerate(sizes):
+            self.register_buffer(f"b{i}", _marked(n, 10 * i + 1))
+
+
+def big(sizes):
+    return Buffers(sizes)
+"""
+
+
+def _markers_ok(t: torch.Tensor, tag: int) -> bool:
+    gib, n = 1 << 30, t.numel()
+    offsets = sorted({0, min(2 * gib - 4097, n - 1), n - 1})
+    return all(int(t[o]) == tag + i for i, o in enumerate(offsets))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "sizes",
+    [[2 << 30], [512 << 20] * 5, [4 << 30]],
+    ids=["one-2GiB-tensor", "five-512MiB-buffers", "one-4GiB-tensor"],
+)
+def test_module_storages_past_2_gib_are_pulled_whole(tmp_path: Path, sizes: list[int]) -> None:
+    repo = make_repo(tmp_path / "r", {"hubconf.py": BIG})
+    m = hub.load(spec_of(repo), "big", sizes)
+    assert not _api._PULL_REFUSED
+    buffers = [getattr(m, f"b{i}") for i in range(len(sizes))]
+    assert [b.numel() for b in buffers] == sizes
+    assert all(_markers_ok(b, 10 * i + 1) for i, b in enumerate(buffers))
+    del m, buffers  # 2-4 GiB: gone before the next case starts
