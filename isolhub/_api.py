@@ -23,7 +23,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from . import _byvalue
+from . import _byvalue, _rng
 from ._arena import ArenaReader
 from ._broker import weights_broker
 from ._config import get_dir
@@ -33,7 +33,7 @@ from ._process import Worker
 from ._pull import PullError, read_storages
 from ._sandbox import PRETEND_MISSING_ENV, Sandbox, SandboxReport, probe, resolve_policy
 from ._source import Snapshot, fetch_snapshot
-from ._spec import parse_spec
+from ._spec import RepoSpec, parse_spec
 from ._values import decode_state_dict, decode_value
 
 MODES = ("module", "state_dict", "remote")
@@ -135,15 +135,35 @@ class HubOptions:
 
 def _snapshot(repo_or_dir: Any, o: HubOptions, fn: str, policy: Sandbox | None) -> Snapshot:
     # Code that will only ever run confined needs no trust: that is the point of the sandbox.
+    return snapshot_of(parse_spec(repo_or_dir, o.source), o, fn, trusted=policy is not None)
+
+
+def snapshot_of(spec: RepoSpec, o: HubOptions, fn: str, *, trusted: bool) -> Snapshot:
+    """`fetch_snapshot` with the options of `o`: the one place options become a fetch.
+
+    `trusted=True` when the trust check is done (a `Hub` asks it itself) or not needed.
+    """
     return fetch_snapshot(
-        parse_spec(repo_or_dir, o.source),
+        spec,
         trust_repo=o.trust_repo,
         force_reload=o.force_reload,
         verbose=o.verbose,
         calling_fn=fn,
-        trusted=policy is not None,
+        trusted=trusted,
         skip_validation=o.skip_validation,
     )
+
+
+def rng_handoff(seed: int | None, *, back: bool = True, state: Any = None) -> dict[str, Any]:
+    """The request fields that start a worker from this process's random state (`_rng`).
+
+    With `back`, the worker's end state is applied here when it answers, as if the repo had run
+    in this process (torch.hub's behaviour). `state`: a state captured earlier, sent instead of
+    the current one. A `seed` overrides: the worker is seeded and this process's state untouched.
+    """
+    if seed is not None:
+        return {}
+    return {"rng": _rng.capture() if state is None else state, "rng_back": back}
 
 
 def run_list(github: Any, o: HubOptions) -> builtins.list[str]:
@@ -151,7 +171,7 @@ def run_list(github: Any, o: HubOptions) -> builtins.list[str]:
     policy = policy_for(o.sandbox, "list")
     snap = _snapshot(github, o, "list", policy)
     with start_worker(snap, sandbox=policy) as w:
-        reply, _ = w.request({"op": "list"}, _watchdog(o.timeout, policy))
+        reply, _ = w.request({"op": "list", **rng_handoff(None)}, _watchdog(o.timeout, policy))
     return reply["value"]
 
 
@@ -161,7 +181,8 @@ def run_help(github: Any, model: Any, o: HubOptions) -> str | None:
     policy = policy_for(o.sandbox, "help")
     snap = _snapshot(github, o, "help", policy)
     with start_worker(snap, sandbox=policy) as w:
-        reply, _ = w.request({"op": "help", "entry": model}, _watchdog(o.timeout, policy))
+        message = {"op": "help", "entry": model, **rng_handoff(None)}
+        reply, _ = w.request(message, _watchdog(o.timeout, policy))
     return reply["value"]
 
 
@@ -178,11 +199,15 @@ def run_load(
     if o.mode != "remote":
         with start_worker(snap, sandbox=policy) as w:
             return call(
-                w, model, args, kwargs, result=o.mode, timeout=timeout, seed=o.seed, last=True
-            )
+                w, model, args, kwargs, result=o.mode, timeout=timeout, seed=o.seed, rng=True,
+                last=True,
+            )  # fmt: skip
     w = start_worker(snap, sandbox=policy)
     try:
-        reply, fds = w.request(_call_message(model, args, kwargs, "handle", o.seed, None), timeout)
+        # The random state goes in with the entrypoint call and comes back with its result;
+        # later calls on the handle draw from the worker's own generators.
+        message = _call_message(model, args, kwargs, "handle", o.seed, None)
+        reply, fds = w.request({**message, **rng_handoff(o.seed)}, timeout)
         if reply.get("kind") != "handle" or not isinstance(reply.get("handle"), dict) or fds:
             for fd in fds:
                 os.close(fd)
@@ -276,8 +301,12 @@ def load(
 
     `mode="module"` (trusted code) ships the returned object back with its classes by value and
     its tensors read out of the worker's memory; `mode="state_dict"` is `load_state_dict`.
-    `timeout` bounds the worker's time (it is killed past it); `seed` seeds torch and random
-    first.
+    `timeout` bounds the worker's time (it is killed past it). Without `seed`, the worker
+    starts from this process's random state (torch's CPU generator, `random`, numpy's) and hands
+    its end state back, so `torch.manual_seed(s); load(...)` draws what torch.hub would, and
+    leaves the generators where torch.hub would; `seed` seeds the worker's torch, random and
+    numpy instead, right before the entrypoint, and leaves this process's state untouched.
+    Warnings the repo raises are re-issued here, through this process's filters.
 
     Raises:
         EntrypointError, MissingDependenciesError, RemoteError: as torch.hub, but typed.
@@ -344,6 +373,8 @@ def call(
     seed: int | None = None,
     then: Any = None,
     last: bool = False,
+    rng: bool = False,
+    rng_state: Any = None,
 ) -> Any:
     """Call `entry` in a live worker and decode its result.
 
@@ -351,9 +382,13 @@ def call(
     `then(obj)`, if given, runs in the worker on the entrypoint's result first (closures and
     lambdas work: it travels by cloudpickle, from this trusted process to the worker).
     `last=True`: the worker exits right after replying, while this process decodes the reply
-    (its exit then costs `close()` nothing).
+    (its exit then costs `close()` nothing). Unless `seed` is given, `rng=True` starts the
+    worker from this process's random state and takes its end state back (`rng_handoff`);
+    `rng_state` starts it from that captured state instead, and takes nothing back.
     """
     message = _call_message(entry, args, kwargs, result, seed, then)
+    if rng or rng_state is not None:
+        message.update(rng_handoff(seed, back=rng_state is None, state=rng_state))
     if last:
         message["last"] = True
     pull = result == "module" and not _PULL_REFUSED

@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import pickle
 import signal
@@ -30,7 +31,7 @@ from typing import Any, Protocol
 
 import cloudpickle
 
-from ._api import call, start_worker
+from ._api import HubOptions, call, rng_handoff, start_worker
 from ._errors import IsolhubError, WorkerCrashedError, WorkerError
 from ._process import Worker
 from ._sandbox import Sandbox
@@ -69,6 +70,54 @@ class _Job:
     result: str = "value"
     then: bytes | None = None  # `fn`, pickled by value here, unpickled only in the worker
     seed: int | None = None
+    rng: bool = False  # unseeded: hand the caller's random state in, and the end state back
+    seed_base: int | None = None  # unseeded `map`: task i is seeded with seed_base + i
+
+
+_SEED_SPAN = 1 << 62
+
+
+def job_of(
+    o: HubOptions,
+    op: str,
+    entry: str | None = None,
+    args: tuple[Any, ...] = (),
+    kwargs: dict[str, Any] | None = None,
+    *,
+    result: str = "value",
+    then: bytes | None = None,
+    per_task: bool = False,
+) -> _Job:
+    """The job for one `Hub` call, its seeding from `o` (as `isolhub.load` does it).
+
+    A seed seeds every call. Without one, a single call starts from the caller's random state
+    and hands its end state back; `per_task` calls (a `map`, run at once in many workers) are
+    instead seeded with `seed_base + index`, `seed_base` drawn once from the caller's torch
+    generator: each task draws its own numbers, reproducibly after `torch.manual_seed`.
+    """
+    base = None
+    if per_task and o.seed is None:
+        import torch
+
+        base = int(torch.randint(0, _SEED_SPAN, (), dtype=torch.int64))
+    return _Job(
+        op,
+        entry,
+        tuple(args),
+        dict(kwargs or {}),
+        result=result,
+        then=then,
+        seed=o.seed,
+        rng=not per_task and o.seed is None,
+        seed_base=base,
+    )
+
+
+def for_task(job: _Job, index: int) -> _Job:
+    """`job` as task `index` of a `map` runs it (its own seed when the map has none)."""
+    if job.seed_base is None:
+        return job
+    return dataclasses.replace(job, seed=(job.seed_base + index) % _SEED_SPAN, seed_base=None)
 
 
 @dataclass
@@ -164,11 +213,12 @@ def execute(worker: Worker, job: _Job, timeout: float | None) -> Any:
         RemoteError, EntrypointError, MissingDependenciesError, WorkerCrashedError,
         WorkerTimeoutError, ProtocolError: as `isolhub._api.call`.
     """
+    handoff = rng_handoff(None) if job.rng else {}
     if job.op == "list":
-        reply, _ = worker.request({"op": "list"}, timeout)
+        reply, _ = worker.request({"op": "list", **handoff}, timeout)
         return reply["value"]
     if job.op == "help":
-        reply, _ = worker.request({"op": "help", "entry": job.entry}, timeout)
+        reply, _ = worker.request({"op": "help", "entry": job.entry, **handoff}, timeout)
         return reply["value"]
     then = None if job.then is None else _Shipped(job.then)
     return call(
@@ -180,6 +230,7 @@ def execute(worker: Worker, job: _Job, timeout: float | None) -> Any:
         timeout=timeout,
         seed=job.seed,
         then=then,
+        rng=job.rng,
     )
 
 

@@ -79,7 +79,11 @@ def compare(
 
     Both sides run at once. `inputs` (a tensor or a tuple of forward arguments) is fed to each
     returned module; `seed` seeds each worker the same way before the entrypoint and again before
-    the forward, so identical code gives identical random weights. Tuples and non-module results
+    the forward, so identical code gives identical random weights. Without `seed`, both sides
+    start from the same state: this process's random state at the call (torch's CPU generator,
+    `random`, numpy's), as `load` would use it; identical code then draws identical weights too
+    (the report's notes say so), unless it reseeds itself from the OS; this process's
+    generators are left as they were. Tuples and non-module results
     are compared on what can be compared; the report says what could not. `timeout` bounds each
     worker's call (it is killed past it); `sandbox` ("strict" or a `Sandbox`) confines both
     workers, and untrusted repos then need no trust prompt; the other arguments are as for `load`.
@@ -96,7 +100,7 @@ def compare(
     Raises:
         SpecError: a malformed spec, an unknown `mode`, bad `inputs` or tolerances.
     """
-    from . import _api, _trust
+    from . import _api, _rng, _trust
     from ._spec import parse_spec
 
     if not isinstance(entrypoint, str):
@@ -117,7 +121,10 @@ def compare(
             _trust.check_trust(spec, trust_repo, "compare")
         except IsolhubError as e:
             side.error = e
-    job = _Job(entrypoint, args, kwargs, probe, seed, mode, force_reload, verbose, timeout, policy)
+    start = None if seed is not None else _rng.capture()  # one state, the same for both sides
+    job = _Job(
+        entrypoint, args, kwargs, probe, seed, mode, force_reload, verbose, timeout, policy, start
+    )
     with ThreadPoolExecutor(2, thread_name_prefix="isolhub-compare") as pool:
         pending = [
             pool.submit(_run_side, side, spec, job)
@@ -131,6 +138,11 @@ def compare(
         notes.append("no inputs given: outputs were not compared")
     if mode == "remote":
         notes.append("remote mode: modules ran as the entrypoint returned them (no eval())")
+    if seed is None:
+        notes.append(
+            "no seed given: both sides started from the same random state (the caller's), so "
+            "random draws match where the code is the same; pass a seed to choose it"
+        )
     return build_report(
         sides[0],
         sides[1],
@@ -160,6 +172,7 @@ class _Job:
     verbose: bool
     timeout: float | None
     sandbox: Any = None
+    rng_state: Any = None  # unseeded: the caller's random state, where both sides start
 
 
 @dataclass
@@ -196,7 +209,7 @@ def _run_side(side: _Side, spec: Any, job: _Job) -> None:
             try:
                 summary = _api.call(
                     worker, job.entry, job.args, job.kwargs, result="value", timeout=job.timeout,
-                    seed=job.seed, then=then,
+                    seed=job.seed, then=then, rng_state=job.rng_state,
                 )  # fmt: skip
             except (RemoteError, EntrypointError, MissingDependenciesError) as e:
                 side.error = e

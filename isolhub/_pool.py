@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import queue
 import signal
 import threading
@@ -33,7 +34,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, final
 
-from ._api import policy_for
+from ._api import HubOptions, policy_for, snapshot_of
 from ._backend import (
     _Backend,
     _Job,
@@ -41,11 +42,13 @@ from ._backend import (
     _Outcome,
     _Settings,
     _ship_by_value,
+    for_task,
     is_infrastructure_failure,
+    job_of,
 )
 from ._errors import IsolhubError, PoolClosedError
 from ._progress import _Progress
-from ._source import Snapshot, fetch_snapshot
+from ._source import Snapshot
 from ._spec import parse_spec
 from ._trust import check_trust
 
@@ -147,9 +150,17 @@ class Hub:
             needs `isolhub[ray]`; uses the running Ray session, else starts one with
             `ray.init(address=ray_address)`).
         start_method: `"zygote"` (fast fork) or `"spawn"` (a fresh interpreter per worker).
-        source, trust_repo, force_reload, verbose: as `isolhub.load`.
+        source, trust_repo, force_reload, skip_validation, verbose: as `isolhub.load` (one
+            `HubOptions` carries them for both, so a Hub fetches and validates refs as it does).
         progress: show a progress bar on stderr (plain lines when stderr is not a terminal).
-        seed: seed torch and random in the worker before each entrypoint call.
+        seed: seed torch, random and numpy in the worker before each entrypoint call (every
+            task of a `map` alike). Without a seed, `load`, `load_state_dict`, `list` and `help`
+            start from this process's random state and hand the end state back, as
+            `isolhub.load` does (a reused worker does not import hubconf again, so what hubconf
+            draws at import is drawn once per worker); a `map` draws one number from this
+            process's torch generator and seeds task i with it plus i, so every task draws
+            its own weights, the same ones again after the same `torch.manual_seed`, whatever
+            the scheduling. With `backend="ray"` single calls are seeded that way too.
         sandbox: None, "strict" or an `isolhub.Sandbox`: every worker confines itself before
             importing its repo (then untrusted repos need no trust prompt, `load` in module mode
             is refused, and `timeout` defaults to the policy's `wall_seconds`).
@@ -180,6 +191,7 @@ class Hub:
         source: str = "github",
         trust_repo: Any = "check",
         force_reload: bool = False,
+        skip_validation: bool = False,
         verbose: bool = False,
         progress: bool = False,
         seed: int | None = None,
@@ -218,6 +230,16 @@ class Hub:
             ray_address=ray_address,
             ray_actor_options=dict(ray_actor_options or {}),
             sandbox=policy,
+        )
+        self._options = HubOptions(
+            source=source,
+            trust_repo=trust_repo,
+            force_reload=force_reload,
+            verbose=verbose,
+            skip_validation=skip_validation,
+            timeout=timeout,
+            seed=seed,
+            sandbox=sandbox,
         )
         self._backend: _Backend
         if backend == "ray":
@@ -277,14 +299,8 @@ class Hub:
         if not isinstance(entrypoint, str):
             raise TypeError(f"entrypoint must be a str, not {type(entrypoint).__name__}")
         items = list(specs)
-        job = _Job(
-            op="call",
-            entry=entrypoint,
-            args=tuple(args),
-            kwargs=dict(kwargs or {}),
-            result="value",
-            then=_ship_by_value(fn),
-            seed=self._settings.seed,
+        job = job_of(
+            self._options, "call", entrypoint, args, kwargs, then=_ship_by_value(fn), per_task=True
         )
         return self._stream(items, job, ordered)
 
@@ -299,7 +315,8 @@ class Hub:
             WorkerTimeoutError, and what `fetch` raises; IsolhubError if the Hub was closed.
         """
         policy_for(self._settings.sandbox, "module")  # refuses module mode under a sandbox
-        return self._sync(repo_or_dir, _Job("call", model, args, kwargs, "module", None, None))
+        job = job_of(self._options, "call", model, args, kwargs, result="module")
+        return self._sync(repo_or_dir, job)
 
     def load_state_dict(self, repo_or_dir: Any, model: str, *args: Any, **kwargs: Any) -> Any:
         """`isolhub.load_state_dict` with this Hub's settings, in a pooled worker.
@@ -310,7 +327,7 @@ class Hub:
         Raises:
             What `load` raises.
         """
-        job = _Job("call", model, args, kwargs, "state_dict", None, self._settings.seed)
+        job = job_of(self._options, "call", model, args, kwargs, result="state_dict")
         return self._sync(repo_or_dir, job)
 
     def list(self, repo_or_dir: Any) -> list[str]:  # noqa: A003 - torch.hub's name
@@ -323,7 +340,7 @@ class Hub:
         Raises:
             RemoteError (importing hubconf raised), WorkerError, and what `fetch` raises.
         """
-        return self._sync(repo_or_dir, _Job("list"))  # type: ignore[no-any-return]
+        return self._sync(repo_or_dir, job_of(self._options, "list"))  # type: ignore[no-any-return]
 
     def help(self, repo_or_dir: Any, model: str) -> str | None:  # noqa: A003
         """`isolhub.help` with this Hub's settings, in a pooled worker.
@@ -335,7 +352,8 @@ class Hub:
         Raises:
             EntrypointError, and what `list` raises.
         """
-        return self._sync(repo_or_dir, _Job("help", model))  # type: ignore[no-any-return]
+        job = job_of(self._options, "help", model)
+        return self._sync(repo_or_dir, job)  # type: ignore[no-any-return]
 
     def close(self) -> None:
         """Cancel running maps (their workers are killed) and stop every worker; idempotent.
@@ -449,7 +467,7 @@ class Hub:
             if run.cancelled.is_set():
                 raise _Cancelled from None
             return Result(spec, None, False, error=e, elapsed=time.monotonic() - start, index=index)
-        outcome, attempts = self._perform(run, snap, job)
+        outcome, attempts = self._perform(run, snap, for_task(job, index))
         code = outcome.returncode
         return Result(
             spec=spec,
@@ -496,6 +514,9 @@ class Hub:
 
     def _sync(self, spec: Any, job: _Job) -> Any:
         self._check_open()
+        if job.rng and self._settings.backend == "ray":  # its worker is on another machine
+            seeded = job_of(self._options, job.op, job.entry, job.args, job.kwargs, per_task=True)
+            job = for_task(dataclasses.replace(seeded, result=job.result), 0)
         run = _Run(total=1)
         with self._cond:
             self._runs.add(run)
@@ -528,13 +549,7 @@ class Hub:
             if s.sandbox is None:  # confined code needs no trust
                 with self._trust_lock:  # one prompt at a time, never two threads on one terminal
                     check_trust(parsed, s.trust_repo, "load")
-            snap = fetch_snapshot(
-                parsed,
-                force_reload=s.force_reload,
-                verbose=s.verbose,
-                calling_fn="load",
-                trusted=True,
-            )
+            snap = snapshot_of(parsed, self._options, "load", trusted=True)
         except BaseException as e:
             with self._cond:  # a failure is shared by those waiting now, not cached for later
                 self._snapshots.pop(key, None)

@@ -34,7 +34,7 @@ from typing import Any
 
 import cloudpickle
 
-from . import _caps, _config
+from . import _caps, _config, _rng, _worker_warnings
 from ._cache import temp_dir
 from ._errors import (
     EntrypointError,
@@ -256,6 +256,7 @@ class Worker:
         # Serves requests the worker makes while answering (a sandbox's downloads).
         self.on_request: Callable[[dict[str, Any]], tuple[dict[str, Any], list[int]]] | None = None
         self._lock = threading.RLock()  # one request at a time on the channel
+        self._rng_back = False  # the request in flight asked for the worker's random state
         self._tail = bytearray()
         self._reader = threading.Thread(
             target=_drain, args=(output_fd, self._tail), name=f"isolhub-out-{pid}", daemon=True
@@ -335,6 +336,7 @@ class Worker:
             raise WorkerCrashedError(f"the worker for {self.label} is gone", spec=self.label)
         with self._lock:
             deadline = None if timeout is None else time.monotonic() + timeout
+            self._rng_back = bool(message.get("rng_back"))
             try:
                 send_frame(self.sock, cloudpickle.dumps(message), fds)
             except OSError:
@@ -344,13 +346,41 @@ class Worker:
     def _reply(
         self, deadline: float | None, timeout: float | None = None
     ) -> tuple[dict[str, Any], list[int]]:
-        """The worker's answer; requests it makes meanwhile (a sandbox's downloads) are served."""
+        """The worker's answer; its warnings are re-issued here, after it, whatever it was."""
+        relayed: list[tuple[list[dict[str, Any]], int]] = []
+        try:
+            reply, fds = self._answer(deadline, timeout, relayed)
+        except BaseException:
+            self._reissue(relayed)  # warnings raised before a failure are the caller's too
+            raise
+        try:
+            self._reissue(relayed)
+        except BaseException:  # an error filter (-W error) made a warning the outcome
+            for fd in fds:
+                os.close(fd)
+            raise
+        return reply, fds
+
+    def _reissue(self, relayed: list[tuple[list[dict[str, Any]], int]]) -> None:
+        for records, dropped in relayed:
+            _worker_warnings.reissue(records, dropped, self.label)
+
+    def _answer(
+        self,
+        deadline: float | None,
+        timeout: float | None,
+        relayed: list[tuple[list[dict[str, Any]], int]],
+    ) -> tuple[dict[str, Any], list[int]]:
+        """Read frames up to the reply; serve requests (a sandbox's downloads) and side effects."""
         while True:
             reply, fds = self._frame(deadline, timeout)
             if "ok" in reply:
                 return reply, fds
             for fd in fds:
                 os.close(fd)
+            if "effects" in reply:
+                relayed.append(self._effects(reply["effects"], fds))
+                continue
             if self.on_request is None:
                 self.kill()
                 raise ProtocolError(f"the worker for {self.label} made a request nobody serves")
@@ -362,6 +392,26 @@ class Worker:
             finally:
                 for fd in answer_fds:
                     os.close(fd)
+
+    def _effects(self, effects: Any, fds: list[int]) -> tuple[list[dict[str, Any]], int]:
+        """Apply the worker's end random state (if asked for); check its warnings for later."""
+        try:
+            if not isinstance(effects, dict) or fds:
+                raise ProtocolError("malformed side effects")
+            if not set(effects) <= {"rng", "warnings", "warnings_dropped"}:
+                raise ProtocolError(f"unknown side effects {sorted(effects)!r}")
+            warned = _worker_warnings.checked(
+                effects.get("warnings", []), effects.get("warnings_dropped", 0)
+            )
+            if "rng" in effects:
+                if not self._rng_back:
+                    raise ProtocolError("a random state nobody asked for")
+                self._rng_back = False
+                _rng.restore(effects["rng"])
+        except ProtocolError as e:
+            self.kill()
+            raise ProtocolError(f"bad reply from the worker for {self.label}: {e}") from None
+        return warned
 
     def _frame(
         self, deadline: float | None, timeout: float | None
@@ -405,7 +455,9 @@ class Worker:
         payload, fds = frame
         try:
             reply = decode(payload)
-            if not isinstance(reply, dict) or ("ok" not in reply and "broker" not in reply):
+            if not isinstance(reply, dict) or not (
+                "ok" in reply or "broker" in reply or "effects" in reply
+            ):
                 raise ProtocolError("the reply is not a message")
         except ProtocolError as e:
             for fd in fds:

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any, NoReturn
 
-from . import _config
+from . import _config, _rng, _worker_warnings
 from ._arena import ArenaWriter
 from ._byvalue import (
     dumps,
@@ -81,6 +81,9 @@ def serve(fd: int) -> NoReturn:
                 continue
             reply, fds = state.handle(request, in_fds)
             try:
+                effects = _effects(request)
+                if effects:  # before the reply, so the parent has them whatever the reply says
+                    send_frame(sock, encode({"effects": effects}))
                 send_frame(sock, reply, fds)
             finally:
                 for f in fds:
@@ -94,6 +97,17 @@ def serve(fd: int) -> NoReturn:
         code = 70
     _flush()
     os._exit(code)
+
+
+def _effects(request: dict[str, Any]) -> dict[str, Any]:
+    """What the parent must see besides the reply: the warnings raised, the end random state."""
+    records, dropped = _worker_warnings.take()
+    out: dict[str, Any] = {}
+    if records or dropped:
+        out["warnings"], out["warnings_dropped"] = records, dropped
+    if request.get("rng_back"):
+        out["rng"] = _rng.capture()
+    return out
 
 
 def _spin_waiter(sock: socket.socket, seconds: float) -> Callable[[], None]:
@@ -126,6 +140,8 @@ class _WorkerState:
         global _STATE
         _STATE = self
         mark_loaded_modules()  # before a line of the repo is imported
+        _worker_warnings.install()  # the parent re-issues them, through its own filters
+        _rng.fresh_numpy()  # not the zygote's state, shared by every worker
         self.sock = sock
         self.scratch: str = init["scratch"]
         self.spin: float = float(init.get("spin") or 0.0)
@@ -193,6 +209,10 @@ class _WorkerState:
             if request.get("op") == "push":  # the parent could not pull: the usual sealed arena
                 return self.push()
             self.pinned = None  # the parent has read them: the next request says so
+            if request.get("rng") is not None:  # the caller's generators, as torch.hub uses them
+                _rng.restore(request["rng"])
+            elif request.get("seed") is not None:  # what importing hubconf draws is seeded too
+                _seed_everything(int(request["seed"]))
             for handle_id in request.get("release", ()):
                 self.release(handle_id)
             if "payload" in request:
