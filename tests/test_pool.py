@@ -128,14 +128,14 @@ def test_identical_specs_share_one_download_and_an_idle_worker_is_reused(
 ) -> None:
     repo = make_repo(tmp_path / "net", net_files("v1", width=3), tag="v1")
     fetched: list[str] = []
-    real = _pool.fetch_snapshot
+    real = _pool.snapshot_of
 
-    def counting(spec: Any, **kw: Any) -> Any:
+    def counting(spec: Any, *args: Any, **kw: Any) -> Any:
         fetched.append(str(spec))
         time.sleep(0.2)  # let the other tasks for the same spec arrive meanwhile
-        return real(spec, **kw)
+        return real(spec, *args, **kw)
 
-    monkeypatch.setattr(_pool, "fetch_snapshot", counting)
+    monkeypatch.setattr(_pool, "snapshot_of", counting)
     specs = [spec_of(repo, "v1")] * 4 + [spec_of(repo, "main")]
     with Hub(max_workers=2) as h:
         results = list(h.map(lambda m: os.getpid(), specs, "net"))
