@@ -142,9 +142,16 @@ def reissue(records: list[dict[str, Any]], dropped: int, label: str) -> None:
     for r in records:
         message = _instance(r["category"], r["message"])
         module = r["module"] or None
-        warnings.warn_explicit(
-            message, type(message), r["filename"], r["lineno"], module, _registry(module)
-        )
+        try:
+            warnings.warn_explicit(
+                message, type(message), r["filename"], r["lineno"], module, _registry(module)
+            )
+        except Exception as e:
+            if not isinstance(message, ResourceWarning):
+                raise
+            # In one process this warning comes from a finalizer, where an error filter's
+            # exception is "ignored" through sys.unraisablehook rather than raised: do the same.
+            sys.unraisablehook(_Unraisable(e, f"Exception ignored in a worker of {label}"))
     if dropped:
         warnings.warn(
             f"isolhub: the worker for {label} raised {dropped} more warnings, not re-issued "
@@ -152,6 +159,17 @@ def reissue(records: list[dict[str, Any]], dropped: int, label: str) -> None:
             UserWarning,
             stacklevel=2,
         )
+
+
+class _Unraisable:
+    """What `sys.unraisablehook` is given (the fields of `sys.UnraisableHookArgs`)."""
+
+    def __init__(self, exc: BaseException, err_msg: str) -> None:
+        self.exc_type = type(exc)
+        self.exc_value = exc
+        self.exc_traceback = exc.__traceback__
+        self.err_msg = err_msg
+        self.object = None
 
 
 def _strings(value: Any, count: int, length: int) -> bool:

@@ -49,22 +49,26 @@ def _outcome(fn):
     except Exception as e:
         return {"ok": False, "error": type(e).__name__, "errno": None}
 
+def _read(path, mode="r", n=-1):
+    with open(path, mode) as f:
+        return f.read(n)
+
 def read_secret(path):
-    return _outcome(lambda: open(path).read())
+    return _outcome(lambda: _read(path))
 
 def env_secrets():
     return {k: os.environ.get(k) for k in ("GITHUB_TOKEN", "AWS_SECRET_ACCESS_KEY", "HOME")}
 
 def proc_environ():
-    return open("/proc/self/environ", "rb").read().count(b"sekrit")
+    return _read("/proc/self/environ", "rb").count(b"sekrit")
 
 def tcp_connect(port):
     return _outcome(lambda: socket.create_connection(("127.0.0.1", port), timeout=2).close())
 
 def udp_send(port):
     def send():
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.sendto(b"x", ("127.0.0.1", port))
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(b"x", ("127.0.0.1", port))
     return _outcome(send)
 
 def dns_lookup():
@@ -72,8 +76,8 @@ def dns_lookup():
 
 def abstract_unix(name):
     def connect():
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.connect("\0" + name)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect("\0" + name)
     return _outcome(connect)
 
 def write_file(path):
@@ -83,13 +87,16 @@ def write_file(path):
     return _outcome(write)
 
 def write_scratch():
-    return _outcome(lambda: open("scratch-file.txt", "w").write("fine"))
+    def write():
+        with open("scratch-file.txt", "w") as f:
+            f.write("fine")
+    return _outcome(write)
 
 def signal_process(pid):
     return _outcome(lambda: os.kill(pid, 0))
 
 def read_parent_mem(pid):
-    return _outcome(lambda: open(f"/proc/{pid}/mem", "rb").read(1))
+    return _outcome(lambda: _read(f"/proc/{pid}/mem", "rb", 1))
 
 def ptrace_parent(pid):
     import ctypes

@@ -62,12 +62,17 @@ def traced():
     return 1
 
 
+def leak(path):
+    open(path).read()  # line 42: the file object is freed unclosed: a ResourceWarning
+    return 1
+
+
 def loop():
-    warnings.warn("x" * 100_000, UserWarning)  # line 42
+    warnings.warn("x" * 100_000, UserWarning)  # line 47
     for _ in range(1000):
-        warnings.warn("again", UserWarning)  # line 44
+        warnings.warn("again", UserWarning)  # line 49
     for i in range(1000):
-        warnings.warn(f"distinct {i}", UserWarning)  # line 46
+        warnings.warn(f"distinct {i}", UserWarning)  # line 51
     return 1
 '''
 
@@ -136,6 +141,22 @@ def test_the_callers_error_filter_turns_a_worker_warning_into_the_exception(repo
             )
 
 
+def test_an_error_filter_on_a_resource_warning_goes_to_the_unraisable_hook_as_in_one_process(
+    repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # In one process a ResourceWarning is raised by a finalizer: an "error" filter cannot make the
+    # call fail, the exception is reported through sys.unraisablehook. The worker's is the same.
+    (tmp_path / "f").write_text("x")
+    seen: list[object] = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResourceWarning)
+        assert hub.load(str(repo), "leak", str(tmp_path / "f"), source="local", verbose=False) == 1
+    (args,) = seen
+    assert isinstance(args.exc_value, ResourceWarning) and "unclosed file" in str(args.exc_value)
+    assert args.exc_value.__traceback__ is args.exc_traceback
+
+
 def test_dash_w_error_makes_the_load_raise_as_torch_hub_would(repo: Path) -> None:
     code = (
         "import isolhub, sys\n"
@@ -194,7 +215,7 @@ def test_a_flood_of_warnings_is_bounded_and_says_how_many_were_dropped(repo: Pat
     from_repo = [w for w in log if w.filename.endswith("hubconf.py")]
     assert len([w for w in from_repo if str(w.message) == "again"]) == 1  # duplicates collapse
     assert 10 <= len(from_repo) <= 100
-    huge = [w for w in from_repo if w.lineno == 42]
+    huge = [w for w in from_repo if w.lineno == 47]
     assert len(huge) == 1 and str(huge[0].message).startswith("xxxx")
     assert all(len(str(w.message)) <= 8192 for w in from_repo)
     dropped = [w for w in log if "more warnings" in str(w.message)]
