@@ -30,6 +30,7 @@ from ._config import get_dir
 from ._errors import ProtocolError, SandboxError, SpecError
 from ._handle import open_handle
 from ._process import Worker
+from ._protocol import ReplyLimits
 from ._pull import PullError, read_storages
 from ._sandbox import PRETEND_MISSING_ENV, Sandbox, SandboxReport, probe, resolve_policy
 from ._source import Snapshot, fetch_snapshot
@@ -45,13 +46,15 @@ def start_worker(
     start_method: str = "zygote",
     memory_bytes: int | None = None,
     sandbox: Sandbox | None = None,
+    limits: ReplyLimits | None = None,
 ) -> Worker:
     """Start a worker serving `snapshot` (the caller closes it).
 
     `memory_bytes` caps the worker's address space (RLIMIT_AS): past it, allocations fail with
     MemoryError in the worker instead of the machine swapping or the OOM killer striking.
     With a `sandbox` policy the worker confines itself before importing the repo, and its
-    downloads are served by this process (`_broker`).
+    downloads are served by this process (`_broker`). `limits` caps what one reply may make
+    this process hold or print (default: `reply_limits(sandbox)`).
 
     Raises:
         SandboxError: a sandbox with another start method than the zygote.
@@ -64,8 +67,10 @@ def start_worker(
         "env": dict(os.environ),
         "memory_bytes": memory_bytes,
     }
+    if limits is None:
+        limits = reply_limits(sandbox)
     if sandbox is None:
-        return Worker.start(snapshot.label, init, start_method=start_method)
+        return Worker.start(snapshot.label, init, start_method=start_method, limits=limits)
     if start_method != "zygote":
         raise SandboxError("the sandbox is applied in a worker forked from the zygote; use it")
     # The confined worker keeps the zygote's secret-free environment and never sees the hub dir.
@@ -74,8 +79,20 @@ def start_worker(
     if pretend:  # the test knob simulating an older kernel must reach the worker
         init["env_overrides"] = {PRETEND_MISSING_ENV: pretend}
     return Worker.start(
-        snapshot.label, init, start_method=start_method, on_request=weights_broker(sandbox)
+        snapshot.label,
+        init,
+        start_method=start_method,
+        on_request=weights_broker(sandbox),
+        limits=limits,
     )
+
+
+def reply_limits(policy: Sandbox | None) -> ReplyLimits:
+    """What one reply may make this process hold or print under `policy` (None: trusted)."""
+    if policy is None:
+        return ReplyLimits()
+    # Printing is no way around the file cap; a hostile worker's \r could overwrite a line.
+    return ReplyLimits(output_bytes=policy.file_size_bytes, output_cr=False)
 
 
 def policy_for(sandbox: Any, mode: str) -> Sandbox | None:

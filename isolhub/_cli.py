@@ -28,6 +28,7 @@ from ._cli_common import (
     parse_kw,
 )
 from ._errors import IsolhubError, UsageError
+from ._escape import escape_controls
 
 __all__ = ["build_parser", "main", "parse_kw"]
 
@@ -64,14 +65,14 @@ def _print(args: argparse.Namespace, value: Any, human: str) -> None:
         json.dump(value, sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")
     else:
-        print(human)
+        print(escape_controls(human))  # much of it is a worker's text
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     from . import _api
 
     names = _api.list(args.spec, **_hub_kwargs(args))
-    _print(args, names, "\n".join(names))
+    _print(args, names, "\n".join(escape_controls(n, keep_lines=False) for n in names))
     return EXIT_OK
 
 
@@ -219,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "verbose", False):
             traceback.print_exc()
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"isolhub: error: {type(e).__name__}: {first}", file=sys.stderr)
+        print(f"isolhub: error: {type(e).__name__}: {escape_controls(first)}", file=sys.stderr)
         return EXIT_ERROR
 
 

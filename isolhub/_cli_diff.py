@@ -17,6 +17,7 @@ from typing import Any
 
 from ._cli_common import EXIT_DIFFERENT, EXIT_ERROR, EXIT_OK, output_flags, parse_kw
 from ._errors import UsageError
+from ._escape import escape_controls
 
 
 def add_commands(subparsers: Any) -> None:
@@ -126,7 +127,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     if args.json:
         print(report.to_json())
     else:
-        print(report.summary(max_rows=args.max_rows))
+        print(escape_controls(report.summary(max_rows=args.max_rows)))
         if args.html:
             print(f"HTML report: {args.html}")
     if report.failed:
@@ -134,7 +135,10 @@ def cmd_diff(args: argparse.Namespace) -> int:
             if side.error is None:
                 continue
             if args.verbose and side.error_detail:
-                print(side.error_detail, file=sys.stderr)
-            print(f"isolhub: error: {label} ({side.spec}): {side.error}", file=sys.stderr)
+                print(escape_controls(side.error_detail), file=sys.stderr)
+            print(
+                f"isolhub: error: {label} ({side.spec}): {escape_controls(side.error)}",
+                file=sys.stderr,
+            )
         return EXIT_ERROR
     return EXIT_OK if report.equivalent else EXIT_DIFFERENT

@@ -32,6 +32,7 @@ from typing import IO, Any
 
 from ._cli_common import EXIT_DIFFERENT, EXIT_OK, output_flags, parse_kw
 from ._errors import UsageError
+from ._escape import escape_controls
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
 
@@ -185,7 +186,7 @@ def _human(r: Any) -> str:
     if r.ok:
         return f"ok      {r.spec}  {sha}  {json.dumps(r.value, default=_jsonable)}"
     first = (str(r.error).strip().splitlines() or [""])[0]
-    return f"FAILED  {r.spec}  {sha}  {type(r.error).__name__}: {first}"
+    return f"FAILED  {r.spec}  {sha}  {type(r.error).__name__}: {escape_controls(first)}"
 
 
 @contextlib.contextmanager

@@ -37,6 +37,7 @@ from ._errors import (
     RemoteOperationError,
     RemoteTypeError,
 )
+from ._escape import escape_any, escape_controls
 from ._process import Worker
 from ._values import bounded_text, decode_state_dict, decode_value
 from ._worker import REPR_LIMIT, _kept
@@ -186,7 +187,7 @@ class _Session:
 def _text(value: Any, limit: int = _TEXT_LIMIT) -> str:
     if type(value) is not str:
         raise ProtocolError("a text field of a reply is not a string")
-    return bounded_text(value, limit)
+    return escape_controls(bounded_text(value, limit))  # it goes into an error: escaped
 
 
 class RemoteObject:
@@ -201,7 +202,7 @@ class RemoteObject:
     @property
     def remote_type(self) -> str:
         """The qualified type name of the object in the worker."""
-        return str(self._info.get("type"))
+        return escape_any(self._info.get("type"), keep_lines=False)
 
     def _invoke(self, action: str, *args: Any, **kwargs: Any) -> Any:
         return self._session.invoke(self._info["id"], action, *args, **kwargs)
@@ -254,14 +255,14 @@ class RemoteObject:
         except IsolhubError as e:  # a repr must not raise: say what is known
             why = "gone" if self._session.worker.closed else f"repr failed: {type(e).__name__}"
             return f"<remote {self.remote_type} (the worker for {self._session.worker.label} is {why})>"
-        return bounded_text(text, REPR_LIMIT + 200)
+        return escape_controls(bounded_text(text, REPR_LIMIT + 200))  # printed: escaped
 
     def __str__(self) -> str:
         try:
             text = self._session.expect(self._invoke("str"), str, "str()")
         except IsolhubError:
             return repr(self)
-        return bounded_text(text, REPR_LIMIT + 200)
+        return escape_controls(bounded_text(text, REPR_LIMIT + 200))  # printed: escaped
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Only as an argument to a call on a handle of the same worker, which finds the object.

@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import os
 import pickle
@@ -47,7 +48,8 @@ from ._errors import (
     WorkerTimeoutError,
     describe_exit,
 )
-from ._protocol import decode, encode, recv_frame, send_frame, spin_poll
+from ._escape import escape_any, escape_controls
+from ._protocol import ReplyLimits, decode, encode, recv_frame, send_frame, spin_poll
 from ._sandbox import without_secrets
 
 _TAIL_BYTES = 8192
@@ -238,8 +240,10 @@ class Worker:
         status: Callable[[], int],
         output_fd: int,
         scratch: str,
+        limits: ReplyLimits | None = None,
     ) -> None:
         self.label = label
+        self.limits = limits or ReplyLimits()  # what one reply may make the parent hold
         self.pid = pid
         self.sock = sock
         self.pidfd = os.pidfd_open(pid)
@@ -259,7 +263,16 @@ class Worker:
         self._rng_back = False  # the request in flight asked for the worker's random state
         self._tail = bytearray()
         self._reader = threading.Thread(
-            target=_drain, args=(output_fd, self._tail), name=f"isolhub-out-{pid}", daemon=True
+            target=_drain,
+            args=(
+                output_fd,
+                self._tail,
+                pid,
+                _OutputCap(total=self.limits.output_bytes),
+                self.limits.output_cr,
+            ),
+            name=f"isolhub-out-{pid}",
+            daemon=True,
         )
         self._reader.start()
         # Dropped without close(): killed, reaped and cleaned up all the same.
@@ -274,8 +287,11 @@ class Worker:
         *,
         start_method: str = "zygote",
         on_request: Callable[[dict[str, Any]], tuple[dict[str, Any], list[int]]] | None = None,
+        limits: ReplyLimits | None = None,
     ) -> Worker:
         """Start a worker for `label` and hand it `init` (snapshot, module name, hub dir...).
+
+        `limits` caps what it may make this process hold or print (`ReplyLimits`).
 
         Raises:
             WorkerError: the worker could not be started.
@@ -309,7 +325,7 @@ class Worker:
         finally:
             child.close()
             os.close(out_w)
-        worker = cls(label, pid, parent, status, out_r, scratch)
+        worker = cls(label, pid, parent, status, out_r, scratch, limits)
         worker.on_request = on_request
         worker.zygote = zygote
         try:
@@ -473,20 +489,23 @@ class Worker:
     def _remote_error(self, record: Any) -> Exception:
         if not isinstance(record, dict):
             return ProtocolError(f"malformed error from the worker for {self.label}")
-        kind, message = record.get("kind"), str(record.get("message", ""))
+        # Everything in the record is the worker's text: escaped before it reaches an error,
+        # whose message ends up on a terminal.
+        kind, message = record.get("kind"), escape_any(record.get("message", ""))
         if kind == "entrypoint":
             return EntrypointError(message, spec=self.label)
         if kind == "sandbox":
             return SandboxError(
                 f"{message} (worker for {self.label})",
                 spec=self.label,
-                missing=list(record.get("missing") or []),
+                missing=_escaped_list(record.get("missing")),
             )
         if kind == "dependencies":
             return MissingDependenciesError(
-                message, spec=self.label, missing=list(record.get("missing") or [])
+                message, spec=self.label, missing=_escaped_list(record.get("missing"))
             )
-        rtype, tb = str(record.get("type", "Exception")), str(record.get("traceback", ""))
+        rtype = escape_any(record.get("type", "Exception"), keep_lines=False)
+        tb = escape_any(record.get("traceback", ""))
         short = rtype.removeprefix("builtins.")
         return RemoteError(
             f"{short}: {message}\n(raised by hubconf code in the worker for {self.label}; "
@@ -519,8 +538,8 @@ class Worker:
         )
 
     def output_tail(self) -> str:
-        """The last few KiB the worker wrote to stdout/stderr."""
-        return bytes(self._tail).decode("utf-8", "replace")
+        """The last few KiB the worker wrote to stdout/stderr (control characters escaped)."""
+        return escape_controls(bytes(self._tail).decode("utf-8", "replace"))
 
     def _tail_text(self) -> str:
         self._reader.join(timeout=1.0)
@@ -633,15 +652,73 @@ def _clean_up(pidfd: int, status: Callable[[], int], scratch: str, pid: int) -> 
         _caps.release(pid)
 
 
-def _drain(fd: int, tail: bytearray) -> None:
+def _escaped_list(items: Any) -> list[str]:
+    return [escape_any(i, keep_lines=False) for i in items] if isinstance(items, list) else []
+
+
+class _OutputCap:
+    """How much of a worker's output reaches this process's stderr: a rate, a burst, a total.
+
+    A token bucket (`rate` bytes a second, up to `burst` at once) and a `total` (None: none);
+    what is over them is dropped, and a note says how much. The tail kept for error messages
+    is the worker's last output whatever was dropped.
+    """
+
+    def __init__(self, rate: int = 1 << 20, burst: int = 4 << 20, total: int | None = None):
+        self.rate, self.burst, self.total = rate, burst, total
+        self.tokens = float(burst)
+        self.stamp = time.monotonic()
+        self.forwarded = 0
+
+    def allow(self, n: int) -> int:
+        """How many of the next `n` bytes may be forwarded now."""
+        now = time.monotonic()
+        self.tokens = min(float(self.burst), self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        ok = min(n, int(self.tokens))
+        if self.total is not None:
+            ok = min(ok, max(0, self.total - self.forwarded))
+        self.tokens -= ok
+        self.forwarded += ok
+        return ok
+
+    def describe(self) -> str:
+        total = "" if self.total is None else f", {self.total} bytes in all"
+        return f"{self.rate} bytes/s with bursts of {self.burst}{total}"
+
+
+def _drain(fd: int, tail: bytearray, pid: int, cap: _OutputCap, keep_cr: bool) -> None:
+    """Forward the worker's output to stderr, escaped and capped, keeping its tail."""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    dropped = 0
+
+    def write(text: str) -> None:
+        with contextlib.suppress(Exception):
+            sys.stderr.write(text)
+            sys.stderr.flush()
+
+    def note_dropped() -> None:
+        write(
+            f"\n[isolhub: dropped {dropped} bytes of output from worker pid {pid}, over its "
+            f"cap of {cap.describe()}]\n"
+        )
+
     try:
         while chunk := os.read(fd, 65536):
             tail.extend(chunk)
             del tail[:-_TAIL_BYTES]
-            with contextlib.suppress(Exception):
-                sys.stderr.write(chunk.decode("utf-8", "replace"))
-                sys.stderr.flush()
+            n = cap.allow(len(chunk))
+            if n and dropped:
+                note_dropped()
+                dropped = 0
+            if n:
+                write(escape_controls(decoder.decode(chunk[:n]), keep_cr=keep_cr))
+            if n < len(chunk):
+                dropped += len(chunk) - n
+                decoder.reset()  # what comes next does not continue what was forwarded
     except OSError:
         pass
     finally:
         os.close(fd)
+        if dropped:
+            note_dropped()

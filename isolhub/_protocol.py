@@ -19,6 +19,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ._errors import ProtocolError
@@ -30,6 +31,21 @@ _MAX_DEPTH = 64
 _SMALL_FRAME = 64 << 10
 _ANC_SPACE = socket.CMSG_SPACE(MAX_FDS * 4)
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)  # the enum's own `&` is a Python call
+
+
+@dataclass(frozen=True)
+class ReplyLimits:
+    """What a worker may make the parent hold or print.
+
+    `output_bytes`: bytes of its output forwarded to the parent's stderr in all (None: no
+    total; the rate cap holds regardless); a sandbox policy sets it to `file_size_bytes`.
+    `output_cr`: carriage returns in that output are forwarded as they are (a trusted worker's
+    progress bars), not escaped as every other control character is.
+    """
+
+    output_bytes: int | None = None
+    output_cr: bool = True
+
 
 # Codec tags.
 _NONE, _TRUE, _FALSE, _INT, _BIGINT, _FLOAT = b"N", b"T", b"F", b"i", b"I", b"f"
