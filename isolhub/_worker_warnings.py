@@ -28,6 +28,7 @@ import warnings
 from typing import Any
 
 from ._errors import ProtocolError
+from ._escape import escape_controls
 
 MAX_WARNINGS = 50  # distinct warnings carried per reply; the rest are counted
 MAX_MESSAGE = 8192  # characters of a message
@@ -134,7 +135,19 @@ def checked(records: Any, dropped: Any) -> tuple[list[dict[str, Any]], int]:
         )
         if not ok:
             raise ProtocolError("malformed warning record from a worker")
-    return records, dropped
+    # Their text is printed by the warnings machinery: escaped first (`_escape`).
+    return [_escaped(r) for r in records], dropped
+
+
+def _escaped(record: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: escape_controls(v)
+        if type(v) is str
+        else [escape_controls(c, keep_lines=False) for c in v]
+        if type(v) is list
+        else v
+        for k, v in record.items()
+    }
 
 
 def reissue(records: list[dict[str, Any]], dropped: int, label: str) -> None:

@@ -55,6 +55,13 @@ def shout(mib=64):
     return written
 
 
+def warns():
+    import warnings
+
+    warnings.warn("careful \x1b]0;pwned\x07\x1b[2J")
+    return {"w": __import__("torch").ones(1)}
+
+
 class Sly(nn.Module):
     def __repr__(self):
         return "sly \x1b]0;pwned\x07\x1b[2J"
@@ -166,3 +173,10 @@ def test_escape_controls_keeps_text_and_escapes_every_control() -> None:
 def test_the_escaping_is_visible_and_stable(tmp_path: Path) -> None:
     once = escape_controls(TITLE + CLIPBOARD + CLEAR)
     assert escape_controls(once) == once and ESC not in once
+
+
+def test_a_workers_warning_is_reissued_escaped(evil: str) -> None:
+    with pytest.warns(UserWarning) as record:
+        hub.load_state_dict(evil, "warns", sandbox="strict")
+    [text] = [str(w.message) for w in record if "careful" in str(w.message)]
+    assert text == "careful \\x1b]0;pwned\\x07\\x1b[2J"
