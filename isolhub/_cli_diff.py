@@ -36,6 +36,14 @@ def add_commands(subparsers: Any) -> None:
         "--kw", action="append", default=[], metavar="K=V", help="keyword for the entrypoint"
     )
     p.add_argument(
+        "--kw-a", action="append", default=[], metavar="K=V",
+        help="keyword for SPEC_A's entrypoint only (over --kw)",
+    )  # fmt: skip
+    p.add_argument(
+        "--kw-b", action="append", default=[], metavar="K=V",
+        help="keyword for SPEC_B's entrypoint only (over --kw)",
+    )  # fmt: skip
+    p.add_argument(
         "--input-shape",
         metavar="N,C,H,W",
         help="feed both models the same torch.randn input of this shape (seeded by --seed or 0)",
@@ -109,6 +117,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
         args.spec_a,
         args.spec_b,
         args.entry,
+        kwargs_a=parse_kw(args.kw_a) or None,
+        kwargs_b=parse_kw(args.kw_b) or None,
         inputs=inputs,
         seed=args.seed,
         mode=args.mode,

@@ -37,7 +37,15 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from ._compare_report import CompareReport, EntrypointDiff, SideInfo, TensorDiff, ValueDiff
+from ._compare_code import diff_trees
+from ._compare_report import (
+    CompareReport,
+    EntrypointDiff,
+    FileChange,
+    SideInfo,
+    TensorDiff,
+    ValueDiff,
+)
 from ._compare_worker import _clean_doc, _one_line, summarise
 from ._errors import (
     EntrypointError,
@@ -51,6 +59,9 @@ from ._errors import (
 MODES = ("module", "remote")
 # Tensor statuses that are not differences; every other status (changed, reshaped...) is one.
 EQUAL_STATUSES = ("same", "close")
+# A renamed parameter keeps its values: the two refs compute the same thing (the report says a
+# state dict saved at one needs its keys mapped for the other, but that is no difference).
+PARAMETER_EQUAL = (*EQUAL_STATUSES, "renamed")
 _CHUNK = 1 << 22  # elements per step when diffing, so a huge tensor never doubles in float64
 
 
@@ -62,6 +73,10 @@ def compare(
     spec_b: str,
     entrypoint: str,
     *args: Any,
+    args_a: Any = None,
+    args_b: Any = None,
+    kwargs_a: dict[str, Any] | None = None,
+    kwargs_b: dict[str, Any] | None = None,
     inputs: Any = None,
     seed: int | None = None,
     mode: str = "module",
@@ -76,6 +91,9 @@ def compare(
     **kwargs: Any,
 ) -> CompareReport:
     """Load `entrypoint(*args, **kwargs)` at two refs, each in its own worker, and compare them.
+
+    `args_a`/`args_b` replace `args` on one side; `kwargs_a`/`kwargs_b` are merged over `kwargs`
+    on one side (for refs whose entrypoint signatures differ).
 
     Both sides run at once. `inputs` (a tensor or a tuple of forward arguments) is fed to each
     returned module; `seed` seeds each worker the same way before the entrypoint and again before
@@ -109,6 +127,7 @@ def compare(
         raise SpecError(f"unknown compare mode {mode!r}; use one of {', '.join(MODES)}")
     if not (atol >= 0 and rtol >= 0):
         raise SpecError(f"atol and rtol must be >= 0 (got {atol!r}, {rtol!r})")
+    calls = [_side_call(args, kwargs, args_a, kwargs_a), _side_call(args, kwargs, args_b, kwargs_b)]
     policy = _api.policy_for(sandbox, "value")
     probe = _normalise_inputs(inputs)
     specs = [parse_spec(spec_a, source), parse_spec(spec_b, source)]
@@ -122,13 +141,11 @@ def compare(
         except IsolhubError as e:
             side.error = e
     start = None if seed is not None else _rng.capture()  # one state, the same for both sides
-    job = _Job(
-        entrypoint, args, kwargs, probe, seed, mode, force_reload, verbose, timeout, policy, start
-    )
+    job = _Job(entrypoint, probe, seed, mode, force_reload, verbose, timeout, policy, start)
     with ThreadPoolExecutor(2, thread_name_prefix="isolhub-compare") as pool:
         pending = [
-            pool.submit(_run_side, side, spec, job)
-            for side, spec in zip(sides, specs, strict=True)
+            pool.submit(_run_side, side, spec, job, call)
+            for side, spec, call in zip(sides, specs, calls, strict=True)
             if side.error is None
         ]
         for future in pending:
@@ -143,9 +160,13 @@ def compare(
             "no seed given: both sides started from the same random state (the caller's), so "
             "random draws match where the code is the same; pass a seed to choose it"
         )
+    code: tuple[Any, ...] = ()
+    if sides[0].path is not None and sides[1].path is not None:
+        code = diff_trees(sides[0].path, sides[1].path)
     return build_report(
         sides[0],
         sides[1],
+        code=code,
         entrypoint=entrypoint,
         mode=mode,
         atol=atol,
@@ -153,6 +174,10 @@ def compare(
         seed=seed,
         args=tuple(_short_repr(a) for a in args),
         kwargs=tuple((k, _short_repr(v)) for k, v in kwargs.items()),
+        args_a=None if args_a is None else tuple(_short_repr(a) for a in calls[0][0]),
+        args_b=None if args_b is None else tuple(_short_repr(a) for a in calls[1][0]),
+        kwargs_a=tuple((k, _short_repr(v)) for k, v in (kwargs_a or {}).items()),
+        kwargs_b=tuple((k, _short_repr(v)) for k, v in (kwargs_b or {}).items()),
         inputs=tuple(_describe_input(x) for x in probe),
         notes=tuple(notes),
     )
@@ -160,11 +185,9 @@ def compare(
 
 @dataclass(frozen=True)
 class _Job:
-    """What each side does (the same on both)."""
+    """What each side does (the same on both; the entrypoint's arguments are per side)."""
 
     entry: str
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
     inputs: tuple[Any, ...]
     seed: int | None
     mode: str
@@ -181,6 +204,7 @@ class _Side:
 
     spec: str
     sha: str | None = None
+    path: str | None = None  # the snapshot tree, for the code diff
     error: BaseException | None = None
     summary: dict[str, Any] | None = None
     entrypoints: dict[str, dict[str, Any]] | None = None
@@ -188,7 +212,22 @@ class _Side:
     load_s: float | None = None
 
 
-def _run_side(side: _Side, spec: Any, job: _Job) -> None:
+def _side_call(
+    args: tuple[Any, ...], kwargs: dict[str, Any], own_args: Any, own_kwargs: Any
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """One side's `(args, kwargs)`: its own args instead of the shared ones, its kwargs over."""
+    if own_args is not None and not isinstance(own_args, (tuple, list)):
+        raise SpecError(f"args_a/args_b must be a tuple or list, not {type(own_args).__name__}")
+    if own_kwargs is not None and not (
+        isinstance(own_kwargs, dict) and all(isinstance(k, str) for k in own_kwargs)
+    ):
+        raise SpecError("kwargs_a/kwargs_b must be a dict with string keys")
+    return tuple(args if own_args is None else own_args), {**kwargs, **(own_kwargs or {})}
+
+
+def _run_side(
+    side: _Side, spec: Any, job: _Job, call: tuple[tuple[Any, ...], dict[str, Any]]
+) -> None:
     from . import _api
     from ._source import fetch_snapshot
 
@@ -198,7 +237,7 @@ def _run_side(side: _Side, spec: Any, job: _Job) -> None:
             spec, force_reload=job.force_reload, verbose=job.verbose, calling_fn="compare",
             trusted=True,  # checked by compare() already
         )  # fmt: skip
-        side.sha = snap.sha
+        side.sha, side.path = snap.sha, str(snap.path)
         with _api.start_worker(snap, sandbox=job.sandbox) as worker:
             side.start_s = time.monotonic() - began
             then = partial(
@@ -208,7 +247,7 @@ def _run_side(side: _Side, spec: Any, job: _Job) -> None:
             sent = time.monotonic()
             try:
                 summary = _api.call(
-                    worker, job.entry, job.args, job.kwargs, result="value", timeout=job.timeout,
+                    worker, job.entry, call[0], call[1], result="value", timeout=job.timeout,
                     seed=job.seed, then=then, rng_state=job.rng_state,
                 )  # fmt: skip
             except (RemoteError, EntrypointError, MissingDependenciesError) as e:
@@ -283,9 +322,12 @@ def build_report(side_a: _Side, side_b: _Side, **meta: Any) -> CompareReport:
         parameters = diff_tensors(sa["tensors"], sb["tensors"], atol, rtol, renames=True)
         outputs = diff_tensors(sa["outputs"], sb["outputs"], atol, rtol, renames=False)
         values = diff_values(sa["values"], sb["values"], atol, rtol)
-        for kind, rows in (("parameter", parameters), ("output", outputs)):
+        for kind, rows, equal in (
+            ("parameter", parameters, PARAMETER_EQUAL),
+            ("output", outputs, EQUAL_STATUSES),
+        ):
             differences.extend(
-                f"{kind} {_describe_tensor_diff(r)}" for r in rows if r.status not in EQUAL_STATUSES
+                f"{kind} {_describe_tensor_diff(r)}" for r in rows if r.status not in equal
             )
         differences.extend(
             f"value {v.name}: {v.status}" for v in values if v.status not in EQUAL_STATUSES
@@ -387,6 +429,9 @@ def diff_entrypoints(
                 changes.append("signature")
             if ea.get("doc") != eb.get("doc"):
                 changes.append("docstring")
+            src_a, src_b = ea.get("source"), eb.get("source")
+            if src_a is not None and src_b is not None and src_a != src_b:
+                changes.append("source")
             status = "changed" if changes else "same"
         rows.append(
             EntrypointDiff(
@@ -581,4 +626,12 @@ def _short_repr(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-__all__ = ["CompareReport", "EntrypointDiff", "SideInfo", "TensorDiff", "ValueDiff", "compare"]
+__all__ = [
+    "CompareReport",
+    "EntrypointDiff",
+    "FileChange",
+    "SideInfo",
+    "TensorDiff",
+    "ValueDiff",
+    "compare",
+]

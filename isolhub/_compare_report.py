@@ -3,7 +3,8 @@
     CompareReport ── a, b: SideInfo           what each ref turned out to be, or why it failed
                   ├─ entrypoints: EntrypointDiff  names, signatures, docstrings
                   ├─ parameters, outputs: TensorDiff  weights and forward outputs
-                  └─ values: ValueDiff        plain values in the result or the outputs
+                  ├─ values: ValueDiff        plain values in the result or the outputs
+                  └─ code: FileChange         files changed between the two snapshots
 
 Pure data: diffing two sides into a report is `_compare`'s, rendering one (terminal tables,
 HTML) is `_report_html`'s, imported only when asked for.
@@ -51,8 +52,10 @@ class SideInfo:
 class EntrypointDiff:
     """One hubconf entrypoint: `status` is added, removed, changed or same.
 
-    `changes` names what changed: "signature" and/or "docstring". A signature of None is
-    unknown (that side's entrypoint raised, so only names and docstrings could be read).
+    `changes` names what changed: "signature", "docstring" and/or "source" (the text of the
+    function or class itself, as `inspect.getsource` reads it; not what it calls). A signature
+    of None is unknown (that side's entrypoint raised, so only names and docstrings could be
+    read).
     """
 
     name: str
@@ -98,11 +101,30 @@ class ValueDiff:
 
 @final
 @dataclass(frozen=True)
+class FileChange:
+    """One file that differs between the two snapshots: added, removed or modified.
+
+    `added`/`removed` count lines as `git diff --stat` does; `binary` files (or ones too large
+    or undecodable to diff as text) have no counts.
+    """
+
+    path: str
+    status: str
+    added: int = 0
+    removed: int = 0
+    binary: bool = False
+
+
+@final
+@dataclass(frozen=True)
 class CompareReport:
     """The comparison of one entrypoint at two refs; see `compare`.
 
     `differences` lists, one line each, why the two are not equivalent; `uncompared` what could
     not be compared (a returned object that is no module, tensor or plain value, say).
+    `args`/`kwargs` went to both sides; `args_a`/`args_b` (None: `args`) and
+    `kwargs_a`/`kwargs_b` (merged over `kwargs`) to one side only. `code` lists the files that
+    differ between the two snapshots (empty when either side could not be fetched, or none do).
 
     Example:
         >>> rep.equivalent, rep.error_b
@@ -130,6 +152,11 @@ class CompareReport:
     uncompared: tuple[str, ...] = ()
     differences: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+    args_a: tuple[str, ...] | None = None
+    args_b: tuple[str, ...] | None = None
+    kwargs_a: tuple[tuple[str, str], ...] = ()
+    kwargs_b: tuple[tuple[str, str], ...] = ()
+    code: tuple[FileChange, ...] = ()
 
     @property
     def error_a(self) -> str | None:
@@ -151,6 +178,17 @@ class CompareReport:
         """Both sides loaded and nothing differs beyond atol/rtol (docstrings may differ)."""
         return not self.failed and not self.differences
 
+    @property
+    def renamed(self) -> tuple[TensorDiff, ...]:
+        """Parameters renamed with their values kept (equivalent, but a state dict saved at one
+        ref needs its keys mapped to load at the other)."""
+        return tuple(p for p in self.parameters if p.status == "renamed")
+
+    @property
+    def changed_entrypoints(self) -> tuple[str, ...]:
+        """Entrypoints present at both refs whose own source text changed."""
+        return tuple(e.name for e in self.entrypoints if "source" in e.changes)
+
     def layer_differences(self) -> list[dict[str, Any]]:
         """Per layer (a state-dict key without its last part), largest difference first.
 
@@ -165,7 +203,8 @@ class CompareReport:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able data (non-finite floats become "inf"/"nan" strings)."""
         data = dataclasses.asdict(self)
-        data["kwargs"] = dict(self.kwargs)
+        for key in ("kwargs", "kwargs_a", "kwargs_b"):
+            data[key] = dict(getattr(self, key))
         data["equivalent"] = self.equivalent
         return _json_safe(data)
 
@@ -252,7 +291,12 @@ def _report_from_dict(data: dict[str, Any]) -> CompareReport:
         "parameters": lambda v: tuple(build(TensorDiff, x) for x in v),
         "outputs": lambda v: tuple(build(TensorDiff, x) for x in v),
         "values": lambda v: tuple(build(ValueDiff, x) for x in v),
-        "kwargs": lambda v: tuple((str(k), str(x)) for k, x in dict(v).items()),
+        "kwargs": _pairs,
+        "kwargs_a": _pairs,
+        "kwargs_b": _pairs,
+        "args_a": lambda v: None if v is None else tuple(v),
+        "args_b": lambda v: None if v is None else tuple(v),
+        "code": lambda v: tuple(build(FileChange, x) for x in v),
         "args": tuple,
         "inputs": tuple,
         "uncompared": tuple,
@@ -263,9 +307,15 @@ def _report_from_dict(data: dict[str, Any]) -> CompareReport:
     }
     kwargs = {}
     for f in dataclasses.fields(CompareReport):
+        if f.name not in data and f.default is not dataclasses.MISSING:
+            continue  # a report from an older isolhub: the field keeps its default
         raw = data[f.name]
         kwargs[f.name] = converters.get(f.name, lambda v: v)(raw)
     return CompareReport(**kwargs)
 
 
-__all__ = ["CompareReport", "EntrypointDiff", "SideInfo", "TensorDiff", "ValueDiff"]
+def _pairs(v: Any) -> tuple[tuple[str, str], ...]:
+    return tuple((str(k), str(x)) for k, x in dict(v).items())
+
+
+__all__ = ["CompareReport", "EntrypointDiff", "FileChange", "SideInfo", "TensorDiff", "ValueDiff"]

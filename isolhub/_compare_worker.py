@@ -6,7 +6,7 @@ imports nothing else of isolhub, and torch only when it runs) and calls it on th
 result. The answer holds only what the restricted codec and the tensor arena carry back:
 
     {"t0": monotonic time at the start, "result_type": "Net",
-     "entrypoints": {name: {"kind", "signature", "doc"}} or None,
+     "entrypoints": {name: {"kind", "signature", "doc", "source"}} or None,
      "parts": [{"path", "type", "parameters", "training", "forward_s" or "forward_error"}],
      "tensors": {state-dict key: CPU tensor}, "outputs": {name: CPU tensor},
      "values": {name: None | bool | int | float | str}, "uncompared": {name: reason}}
@@ -181,8 +181,40 @@ def _describe_entrypoints(snapshot: str) -> dict[str, dict[str, Any]] | None:
             sig = None
         kind = "class" if isinstance(fn, type) else "function" if inspect.isroutine(fn) else None
         doc = fn.__doc__ if isinstance(getattr(fn, "__doc__", None), str) else None
-        out[name] = {"kind": kind, "signature": sig, "doc": _clean_doc(doc)}
+        out[name] = {"kind": kind, "signature": sig, "doc": _clean_doc(doc), "source": _source(fn)}
     return out
+
+
+def _source(fn: Any) -> str | None:
+    """A fingerprint of the entrypoint's own code (None where inspect cannot read it).
+
+    Its syntax tree without the docstring, so a docstring, comment or layout change alone
+    (reported as "docstring" or not at all) is not a source change.
+    """
+    import ast
+    import hashlib
+    import textwrap
+
+    try:
+        text = textwrap.dedent(inspect.getsource(fn))
+    except (OSError, TypeError):
+        return None
+    try:
+        tree = ast.parse(text)
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if (
+                isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                and body
+                and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)
+            ):
+                node.body = body[1:] or [ast.Pass()]
+        text = ast.unparse(tree)
+    except (SyntaxError, ValueError, RecursionError):
+        pass  # fingerprint the text as it is
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 def _type_name(obj: Any) -> str:
