@@ -29,7 +29,14 @@ from urllib.parse import urlparse
 from ._cache import temp_dir
 from ._config import get_dir, is_offline
 from ._download import _download, fetch_broker, safe_url
-from ._errors import ArchiveError, CacheCorruptedError, CacheError, DownloadError, OfflineError
+from ._errors import (
+    ArchiveError,
+    CacheCorruptedError,
+    CacheError,
+    DownloadError,
+    OfflineError,
+    Option,
+)
 from ._verified import recorded, remember, sha256_fd
 
 __all__ = ["HASH_REGEX", "load_state_dict_from_url", "load_url"]
@@ -136,10 +143,15 @@ def checkpoint_name(url: str, file_name: str | None = None) -> str:
     """
     name = file_name if file_name is not None else os.path.basename(urlparse(url).path)
     if name in ("", ".", "..") or "/" in name or "\0" in name:
-        what = "file_name" if file_name is not None else "the URL's path"
+        what: str | Option = Option.of("file_name") if file_name is not None else "the URL's path"
         raise DownloadError(
-            f"cannot store {safe_url(url)}: {what} gives no safe file name ({name!r}); "
-            "pass file_name= with a plain file name",
+            (
+                f"cannot store {safe_url(url)}: ",
+                what,
+                f" gives no safe file name ({name!r}); pass ",
+                Option.of("file_name"),
+                " with a plain file name",
+            ),
             url=safe_url(url),
         )
     return name

@@ -24,8 +24,10 @@ from ._cli_common import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    cli_message,
     output_flags,
     parse_kw,
+    spec_source,
 )
 from ._errors import IsolhubError, UsageError
 from ._escape import escape_controls
@@ -34,9 +36,17 @@ __all__ = ["build_parser", "main", "parse_kw"]
 
 
 def _source_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("spec", help="owner/name[:ref], git+<url>[@ref], or a dir with --local")
+    p.add_argument(
+        "spec",
+        help="owner/name[:ref], git+<url>[@ref], or a directory (./dir, or any with --local)",
+    )
     p.add_argument("--local", action="store_true", help="SPEC is a local directory")
     p.add_argument("--force-reload", action="store_true", help="fetch the snapshot again")
+    p.add_argument(
+        "--skip-validation",
+        action="store_true",
+        help="do not check that a GitHub ref is a branch or tag (an older commit, say)",
+    )
     p.add_argument(
         "--trust", action="store_true", help="trust the repository (adds it to trusted_list)"
     )
@@ -51,8 +61,9 @@ def _source_args(p: argparse.ArgumentParser) -> None:
 
 def _hub_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {
-        "source": "local" if args.local else "github",
+        "source": spec_source(args.spec, args.local),
         "force_reload": args.force_reload,
+        "skip_validation": args.skip_validation,
         "trust_repo": True if args.trust else "check",
         "timeout": args.timeout,
         "verbose": not (args.json or args.quiet),
@@ -153,7 +164,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     missing = [n for n in report.missing if n in Sandbox().requested()]
     _print(args, report.to_dict(), str(report))
     if missing and not args.json:
-        print(f"\nsandbox='strict' would refuse to run here: missing {', '.join(missing)}")
+        print(f"\n--sandbox strict would refuse to run here: missing {', '.join(missing)}")
     return EXIT_DIFFERENT if missing else EXIT_OK
 
 
@@ -219,7 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except IsolhubError as e:
         if getattr(args, "verbose", False):
             traceback.print_exc()
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = cli_message(e).strip()
+        first = text.splitlines()[0] if text else type(e).__name__
         print(f"isolhub: error: {type(e).__name__}: {escape_controls(first)}", file=sys.stderr)
         return EXIT_ERROR
 

@@ -67,6 +67,11 @@ def add_commands(subparsers: Any) -> None:
     dl.add_argument("url", metavar="URL")
     dl.add_argument("dst", metavar="DST", nargs="?", help="target file or existing folder")
     dl.add_argument("--sha256", metavar="HEX", help="expected SHA-256 (or a prefix of it)")
+    dl.add_argument(
+        "--file-name",
+        metavar="NAME",
+        help="name in the checkpoint cache (default: the URL's last path part)",
+    )
     dl.add_argument("--no-progress", action="store_true", help="no progress bar")
     _json_flag(dl)
     dl.set_defaults(func=cmd_download)
@@ -278,7 +283,7 @@ def cmd_download(args: argparse.Namespace) -> int:
     if args.dst:
         dst = os.path.expanduser(args.dst)
         if os.path.isdir(dst):
-            dst = os.path.join(dst, checkpoint_name(args.url))
+            dst = os.path.join(dst, checkpoint_name(args.url, args.file_name))
         download_url_to_file(args.url, dst, sha, progress=not (args.no_progress or args.quiet))
     else:
         folder = hub_dir(create=True) / "checkpoints"
@@ -288,7 +293,7 @@ def cmd_download(args: argparse.Namespace) -> int:
             raise CacheError(
                 f"cache not writable: {folder} ({e.strerror}); set ISOLHUB_HOME or pass DST"
             ) from e
-        dst = str(folder / checkpoint_name(args.url))
+        dst = str(folder / checkpoint_name(args.url, args.file_name))
         cached = os.path.isfile(dst) and _hash_matches(dst, sha)
         if not cached:
             download_url_to_file(args.url, dst, sha, progress=not (args.no_progress or args.quiet))

@@ -15,18 +15,22 @@ from __future__ import annotations
 
 import argparse
 import ast
+import os
 from collections.abc import Sequence
 from typing import Any
 
-from ._errors import UsageError
+from ._errors import IsolhubError, Option, SpecError, UsageError
 
 __all__ = [
     "EXIT_DIFFERENT",
     "EXIT_ERROR",
     "EXIT_INTERRUPTED",
     "EXIT_OK",
+    "cli_message",
+    "cli_words",
     "output_flags",
     "parse_kw",
+    "spec_source",
 ]
 
 EXIT_OK, EXIT_DIFFERENT, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -34,6 +38,52 @@ EXIT_OK, EXIT_DIFFERENT, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 # The words shells and YAML use for booleans; `--kw pretrained=no` means False, not 'no'.
 _TRUE = frozenset({"true", "yes", "on"})
 _FALSE = frozenset({"false", "no", "off"})
+
+
+# Settings whose flag is not the dashed argument name. None: the command line has no such choice
+# to make (it picks the mode itself: `load` is a state-dict load, sandboxable).
+_SETTING_FLAGS: dict[tuple[str, Any], str | None] = {
+    ("trust_repo", True): "--trust",
+    ("source", "local"): "--local",
+    ("mode", "remote"): None,
+    ("mode", "state_dict"): None,
+}
+_NAME_FLAGS = {"file_name": "--file-name NAME", "memory_bytes": "--memory"}
+
+
+def cli_words(option: Option) -> str:
+    """How the command line reads an `Option`: `--trust`, `--sandbox strict`, `--timeout`."""
+    words = [_NAME_FLAGS.get(n, "--" + n.replace("_", "-")) for n in option.names]
+    for name, value in option.settings:
+        dashed = "--" + name.replace("_", "-")
+        default = dashed if value is True else f"{dashed} {value}"
+        try:
+            flag = _SETTING_FLAGS.get((name, value), default)
+        except TypeError:  # an unhashable value
+            flag = default
+        if flag is not None:
+            words.append(flag)
+    return " ".join(words)
+
+
+def cli_message(e: IsolhubError) -> str:
+    """`e`'s message as the command line says it: its options as flags."""
+    return e.render(cli_words)
+
+
+def spec_source(spec: str, local: bool) -> str:
+    """The `source` for SPEC: "local" with `--local`, or for an existing directory whose name is
+    no spec (`./net`, `~/net`, `net`); else "github" (a directory `owner/name` stays GitHub's)."""
+    from ._spec import parse_spec
+
+    if local:
+        return "local"
+    if os.path.isdir(os.path.expanduser(spec)):
+        try:
+            parse_spec(spec)
+        except SpecError:
+            return "local"
+    return "github"
 
 
 def parse_kw(items: Sequence[str]) -> dict[str, Any]:

@@ -30,8 +30,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from ._cli_common import EXIT_DIFFERENT, EXIT_OK, output_flags, parse_kw
-from ._errors import UsageError
+from ._cli_common import EXIT_DIFFERENT, EXIT_OK, cli_message, output_flags, parse_kw
+from ._errors import IsolhubError, UsageError
 from ._escape import escape_controls
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
@@ -172,7 +172,7 @@ def result_record(r: Any) -> dict[str, Any]:
         "ok": r.ok,
         "value": r.value,
         "error_type": None if r.error is None else type(r.error).__name__,
-        "error": None if r.error is None else str(r.error),
+        "error": _error_text(r.error),
         "elapsed": round(r.elapsed, 4),
         "returncode": r.returncode,
         "signal": r.signal,
@@ -181,11 +181,17 @@ def result_record(r: Any) -> dict[str, Any]:
     }
 
 
+def _error_text(error: BaseException | None) -> str | None:
+    if error is None:
+        return None
+    return cli_message(error) if isinstance(error, IsolhubError) else str(error)
+
+
 def _human(r: Any) -> str:
     sha = (r.sha or "-")[:12]
     if r.ok:
         return f"ok      {r.spec}  {sha}  {json.dumps(r.value, default=_jsonable)}"
-    first = (str(r.error).strip().splitlines() or [""])[0]
+    first = ((_error_text(r.error) or "").strip().splitlines() or [""])[0]
     return f"FAILED  {r.spec}  {sha}  {type(r.error).__name__}: {escape_controls(first)}"
 
 

@@ -33,12 +33,54 @@
   * `PoolClosedError` — a `Hub` was used after `close()`.
 
 Every error pickles (so it can cross process boundaries) with its attributes intact.
+
+A message that names an argument (`pass trust_repo=True`) is built from parts, some of them
+`Option`s, so each interface renders them in its own words: `str(e)` in Python's, the command
+line through `e.render(...)` in its flags' (`pass --trust`).
+
+Example:
+    >>> e = UntrustedRepoError(("pass ", Option.of(trust_repo=True), " to trust it"))
+    >>> str(e)
+    'pass trust_repo=True to trust it'
 """
 
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
+
+
+@dataclass(frozen=True)
+class Option:
+    """Arguments an error message names: a setting (`trust_repo=True`) or a bare name (`timeout=`).
+
+    `settings` holds `(name, value)` pairs; `names` the arguments named without a value.
+    """
+
+    settings: tuple[tuple[str, Any], ...] = ()
+    names: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, *names: str, **settings: Any) -> Option:
+        """`Option.of("timeout")` names the argument; `Option.of(sandbox="strict")` a setting."""
+        return cls(tuple(settings.items()), names)
+
+    def python(self) -> str:
+        """The Python words: `mode='remote', sandbox='strict'`, or `timeout=`."""
+        return ", ".join(
+            [*(f"{n}=" for n in self.names), *(f"{k}={v!r}" for k, v in self.settings)]
+        )
+
+
+Words = Callable[[Option], str]
+MessageParts = Sequence["str | Option"]
+
+
+def python_words(option: Option) -> str:
+    """How Python callers read an `Option`: the argument names they pass."""
+    return option.python()
 
 
 class IsolhubError(Exception):
@@ -51,22 +93,34 @@ class IsolhubError(Exception):
         ...     print(e)
     """
 
-    def __init__(self, message: str = "", **attrs: Any) -> None:
-        super().__init__(message)
-        self.message = message
+    def __init__(self, message: str | MessageParts = "", **attrs: Any) -> None:
+        parts = (message,) if isinstance(message, str) else tuple(message)
+        self.parts = parts
+        self.message = _render(parts, python_words)
+        super().__init__(self.message)
         for key, value in attrs.items():
             setattr(self, key, value)
         self._attrs = attrs
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild_error, (type(self), self.message, self._attrs))
+        return (_rebuild_error, (type(self), self.parts, self._attrs))
 
     def __str__(self) -> str:
         return self.message
 
+    def render(self, words: Words) -> str:
+        """The message with each `Option` in `words` (the command line's flags, say)."""
+        return _render(self.parts, words)
 
-def _rebuild_error(cls: type[IsolhubError], message: str, attrs: dict[str, Any]) -> IsolhubError:
-    return cls(message, **attrs)
+
+def _render(parts: Sequence[str | Option], words: Words) -> str:
+    return "".join(p if isinstance(p, str) else words(p) for p in parts)
+
+
+def _rebuild_error(
+    cls: type[IsolhubError], parts: tuple[str | Option, ...], attrs: dict[str, Any]
+) -> IsolhubError:
+    return cls(parts, **attrs)
 
 
 class UsageError(IsolhubError, ValueError):

@@ -25,7 +25,13 @@ from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 import requests
 
 from . import _config
-from ._errors import DownloadError, RefNotFoundError, RefValidationError, ResolveError
+from ._errors import (
+    DownloadError,
+    Option,
+    RefNotFoundError,
+    RefValidationError,
+    ResolveError,
+)
 
 TIMEOUT = (10, 60)  # (connect, read) seconds, per request
 RETRIES = 3  # extra attempts after a 5xx or a 429 without a rate-limit reset
@@ -159,13 +165,20 @@ def validate_ref(
                     return
             else:
                 raise ResolveError(
-                    f"{_redact(repo_url)}/{kind} has more than {MAX_VALIDATION_PAGES} pages; "
-                    "pass skip_validation=True"
+                    (
+                        f"{_redact(repo_url)}/{kind} has more than {MAX_VALIDATION_PAGES} pages; "
+                        "pass ",
+                        Option.of(skip_validation=True),
+                    )
                 )
     raise RefValidationError(
-        f"{torch_not_found(owner, name, ref, api)} ({ref!r} names no branch or tag of "
-        f"{owner}/{name} and is no prefix of one's head commit; for an older commit of this "
-        "repository, pass skip_validation=True)",
+        (
+            f"{torch_not_found(owner, name, ref, api)} ({ref!r} names no branch or tag of "
+            f"{owner}/{name} and is no prefix of one's head commit; for an older commit of this "
+            "repository, pass ",
+            Option.of(skip_validation=True),
+            ")",
+        ),
         repo=f"{owner}/{name}",
         ref=ref,
     )

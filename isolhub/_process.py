@@ -40,6 +40,7 @@ from ._cache import temp_dir
 from ._errors import (
     EntrypointError,
     MissingDependenciesError,
+    Option,
     ProtocolError,
     RemoteError,
     SandboxError,
@@ -446,9 +447,12 @@ class Worker:
             if remaining is not None and remaining <= 0:
                 self.kill()
                 raise WorkerTimeoutError(
-                    f"the worker for {self.label} (pid {self.pid}) did not answer within "
-                    f"{timeout or _HANDSHAKE_TIMEOUT:g} s and was killed; raise timeout= if "
-                    f"the load is just slow{self._tail_text()}",
+                    (
+                        f"the worker for {self.label} (pid {self.pid}) did not answer within "
+                        f"{timeout or _HANDSHAKE_TIMEOUT:g} s and was killed; raise ",
+                        Option.of("timeout"),
+                        f" if the load is just slow{self._tail_text()}",
+                    ),
                     spec=self.label,
                     pid=self.pid,
                 )

@@ -36,7 +36,14 @@ from ._cache import (
     write_ref,
 )
 from ._config import get_dir, is_offline
-from ._errors import CacheCorruptedError, CacheError, FetchError, OfflineError, ResolveError
+from ._errors import (
+    CacheCorruptedError,
+    CacheError,
+    FetchError,
+    OfflineError,
+    Option,
+    ResolveError,
+)
 from ._manifest import Damage
 from ._progress import notice
 from ._spec import RepoSpec
@@ -86,7 +93,9 @@ def fetch_snapshot(
     if spec.kind == "local":
         path = Path(spec.location)
         if not (path / "hubconf.py").is_file():
-            raise ResolveError(f"{path} has no hubconf.py; source='local' needs a hub repo dir")
+            raise ResolveError(
+                (f"{path} has no hubconf.py; ", Option.of(source="local"), " needs a hub repo dir")
+            )
         return Snapshot(spec, None, path)
     if not trusted:
         check_trust(spec, trust_repo, calling_fn)
@@ -145,9 +154,12 @@ def _damaged(spec: RepoSpec, sha: str, path: Path, damage: Damage, why: str) -> 
         return Snapshot(spec, sha, path)
     file = damage.path if os.path.isabs(damage.path) else str(path / damage.path)
     raise CacheCorruptedError(
-        f"the cached snapshot of {spec} at {sha[:12]} is damaged: {file} {damage.what} "
-        f"({damage.detail}), and {why}; run `isolhub cache verify --fix` and load it again "
-        "online, or pass force_reload=True",
+        (
+            f"the cached snapshot of {spec} at {sha[:12]} is damaged: {file} {damage.what} "
+            f"({damage.detail}), and {why}; run `isolhub cache verify --fix` and load it again "
+            "online, or pass ",
+            Option.of(force_reload=True),
+        ),
         path=str(path),
         file=file,
     )

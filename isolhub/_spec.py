@@ -20,11 +20,12 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlsplit
 
-from ._errors import SpecError
+from ._errors import Option, SpecError
 
 ACCEPTED_FORMS = (
     "accepted forms: 'owner/name[:ref]' (GitHub), 'git+<url>[@ref]' with a file, https or ssh "
-    "URL (e.g. 'git+file:///srv/repo.git@v1'), or a directory with source='local'"
+    "URL (e.g. 'git+file:///srv/repo.git@v1'), or a directory with ",
+    Option.of(source="local"),
 )
 GIT_SCHEMES = ("file", "https", "ssh")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -79,11 +80,13 @@ def parse_spec(text: str | os.PathLike[str], source: str = "github") -> RepoSpec
     if isinstance(text, os.PathLike):
         text = os.fspath(text)
     if not isinstance(text, str):
-        raise SpecError(f"a spec must be a string, not {type(text).__name__}; {ACCEPTED_FORMS}")
+        raise _bad(f"a spec must be a string, not {type(text).__name__}")
     src = source.lower() if isinstance(source, str) else source
     if src == "local":
         if not text:
-            raise SpecError(f"empty directory for source='local'; {ACCEPTED_FORMS}")
+            raise SpecError(
+                ("empty directory for ", Option.of(source="local"), "; ", *ACCEPTED_FORMS)
+            )
         return RepoSpec("local", os.path.abspath(os.path.expanduser(text)))
     if src != "github":
         raise SpecError(f'Unknown source: "{source}". Allowed values: "github" | "local".')
@@ -93,14 +96,27 @@ def parse_spec(text: str | os.PathLike[str], source: str = "github") -> RepoSpec
 
 
 def _parse_github(text: str) -> RepoSpec:
-    repo, sep, ref = text.partition(":")
-    if ":" in ref or (sep and not ref):
+    if text.startswith(("/", "./", "../", "~")) or text in (".", ".."):
         raise SpecError(
-            f"bad spec {text!r}: expected one ':' before a non-empty ref; {ACCEPTED_FORMS}"
+            (
+                f"bad spec {text!r}: a path, not a GitHub 'owner/name'; for a directory pass ",
+                Option.of(source="local"),
+                "; ",
+                *ACCEPTED_FORMS,
+            )
         )
+    repo, sep, ref = text.partition(":")
+    if not sep and repo.count("@") == 1:
+        name, at_ref = repo.split("@")
+        if at_ref and len(name.split("/")) == 2:
+            raise _bad(
+                f"bad spec {text!r}: did you mean {name}:{at_ref}? (a GitHub ref follows ':')"
+            )
+    if ":" in ref or (sep and not ref):
+        raise _bad(f"bad spec {text!r}: expected one ':' before a non-empty ref")
     parts = repo.split("/")
     if len(parts) != 2 or not all(_NAME.match(p) for p in parts) or parts[1] in {".", ".."}:
-        raise SpecError(f"bad spec {text!r}: expected 'owner/name[:ref]'; {ACCEPTED_FORMS}")
+        raise _bad(f"bad spec {text!r}: expected 'owner/name[:ref]'")
     _check_ref(text, ref or None)
     return RepoSpec("github", repo, ref or None)
 
@@ -109,25 +125,21 @@ def _parse_git(text: str) -> RepoSpec:
     url = text[len("git+") :]
     parts = urlsplit(url)
     if parts.scheme not in GIT_SCHEMES:
-        raise SpecError(
-            f"bad spec {text!r}: git URL scheme {parts.scheme!r} is not allowed; {ACCEPTED_FORMS}"
-        )
+        raise _bad(f"bad spec {text!r}: git URL scheme {parts.scheme!r} is not allowed")
     if parts.query or parts.fragment:
-        raise SpecError(
-            f"bad spec {text!r}: a git URL takes no query or fragment; {ACCEPTED_FORMS}"
-        )
+        raise _bad(f"bad spec {text!r}: a git URL takes no query or fragment")
     path, ref = parts.path, None
     if "@" in path:
         path, ref = path.rsplit("@", 1)
         if not ref:
-            raise SpecError(f"bad spec {text!r}: empty ref after '@'; {ACCEPTED_FORMS}")
+            raise _bad(f"bad spec {text!r}: empty ref after '@'")
     if parts.scheme == "file":
         if parts.netloc not in ("", "localhost") or not path.startswith("/"):
-            raise SpecError(f"bad spec {text!r}: expected 'git+file:///abs/path'; {ACCEPTED_FORMS}")
+            raise _bad(f"bad spec {text!r}: expected 'git+file:///abs/path'")
     elif not parts.netloc:
-        raise SpecError(f"bad spec {text!r}: the URL has no host; {ACCEPTED_FORMS}")
+        raise _bad(f"bad spec {text!r}: the URL has no host")
     if not path.strip("/"):
-        raise SpecError(f"bad spec {text!r}: the URL has no repository path; {ACCEPTED_FORMS}")
+        raise _bad(f"bad spec {text!r}: the URL has no repository path")
     _check_ref(text, ref)
     location = f"{parts.scheme}://{parts.netloc}{path}"
     return RepoSpec("git", location, ref)
@@ -135,4 +147,8 @@ def _parse_git(text: str) -> RepoSpec:
 
 def _check_ref(text: str, ref: str | None) -> None:
     if ref is not None and _BAD_REF.search(ref):
-        raise SpecError(f"bad spec {text!r}: {ref!r} is not a valid git ref name; {ACCEPTED_FORMS}")
+        raise _bad(f"bad spec {text!r}: {ref!r} is not a valid git ref name")
+
+
+def _bad(what: str) -> SpecError:
+    return SpecError((what, "; ", *ACCEPTED_FORMS))

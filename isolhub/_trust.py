@@ -24,7 +24,7 @@ import os
 from typing import Any
 
 from ._cache import hub_dir
-from ._errors import TrustResponseError, UntrustedRepoError
+from ._errors import Option, TrustResponseError, UntrustedRepoError
 from ._spec import RepoSpec
 
 TRUSTED_OWNERS = ("pytorch", "facebookresearch", "facebookincubator", "fairinternal")
@@ -123,8 +123,10 @@ def check_trust(spec: RepoSpec, trust_repo: Any, calling_fn: str = "load") -> No
 def _prompt(spec: RepoSpec, key: str, trusted: bool) -> None:
     """Ask through `input()` as torch.hub does; return only when the answer is yes."""
     hint = (
-        f"pass trust_repo=True, or add the line '{key}' to {hub_dir() / 'trusted_list'}, "
-        "or load it confined with mode='remote', sandbox='strict'"
+        "pass ",
+        Option.of(trust_repo=True),
+        f", or add the line '{key}' to {hub_dir() / 'trusted_list'}, or load it confined with ",
+        Option.of(mode="remote", sandbox="strict"),
     )
     try:
         answer = input(
@@ -135,8 +137,11 @@ def _prompt(spec: RepoSpec, key: str, trusted: bool) -> None:
     except (EOFError, OSError) as e:
         # torch.hub lets the EOFError through; here it says what to do instead.
         raise UntrustedRepoError(
-            f"Untrusted repository {spec}: it is not trusted and there is no one to ask "
-            f"(stdin gave {type(e).__name__}); {hint}",
+            (
+                f"Untrusted repository {spec}: it is not trusted and there is no one to ask "
+                f"(stdin gave {type(e).__name__}); ",
+                *hint,
+            ),
             spec=str(spec),
         ) from None
     if answer.lower() in ("y", "yes"):
@@ -144,7 +149,7 @@ def _prompt(spec: RepoSpec, key: str, trusted: bool) -> None:
             print("The repository is already trusted.")
         return
     if answer.lower() in ("n", "no", ""):
-        raise UntrustedRepoError(f"Untrusted repository {spec}; {hint}", spec=str(spec))
+        raise UntrustedRepoError((f"Untrusted repository {spec}; ", *hint), spec=str(spec))
     raise TrustResponseError(
         f"Unrecognized response {answer}. (to trust {spec}, answer y or yes; to refuse, n, no or "
         "nothing)",

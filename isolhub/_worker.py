@@ -336,7 +336,10 @@ class _WorkerState:
                 )
         fn = getattr(m, name, None) if name in dir(m) else None
         if fn is None or not callable(fn):
-            raise EntrypointError(f"Cannot find callable {name} in hubconf", entry=name)
+            raise EntrypointError(
+                f"Cannot find callable {name} in hubconf{_suggest(name, self.entrypoints())}",
+                entry=name,
+            )
         return fn
 
     def call(self, request: dict[str, Any]) -> tuple[bytes, list[int]]:
@@ -472,6 +475,21 @@ def _route_torch_hub(hub_dir: str | None) -> None:
     torch.hub.download_url_to_file = _download.download_url_to_file
     torch.hub.load_state_dict_from_url = _checkpoints.load_state_dict_from_url
     torch.utils.model_zoo.load_url = _checkpoints.load_state_dict_from_url
+
+
+def _suggest(name: str, names: list[str]) -> str:
+    """`; did you mean net? available: Net, net` (torch.hub's message stays in front)."""
+    if not names:
+        return "; the hubconf has no public callables"
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    if not close:
+        close = [n for n in names if n.lower() == name.lower()]
+    shown = ", ".join(names[:_SHOWN_NAMES]) + (", ..." if len(names) > _SHOWN_NAMES else "")
+    mean = f"; did you mean {' or '.join(close)}?" if close else ""
+    return f"{mean}{';' if not mean else ''} available: {shown}"
+
+
+_SHOWN_NAMES = 30
 
 
 def _error_record(e: BaseException) -> dict[str, Any]:
