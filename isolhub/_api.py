@@ -27,7 +27,7 @@ from . import _byvalue, _rng
 from ._arena import ArenaReader
 from ._broker import weights_broker
 from ._config import get_dir
-from ._errors import ProtocolError, SandboxError, SpecError
+from ._errors import ProtocolError, SandboxError, UsageError
 from ._handle import open_handle
 from ._process import Worker
 from ._protocol import ReplyLimits
@@ -35,6 +35,7 @@ from ._pull import PullError, read_storages
 from ._sandbox import PRETEND_MISSING_ENV, Sandbox, SandboxReport, probe, resolve_policy
 from ._source import Snapshot, fetch_snapshot
 from ._spec import RepoSpec, parse_spec
+from ._usage import check_choice, check_timeout
 from ._values import decode_state_dict, decode_value
 
 MODES = ("module", "state_dict", "remote")
@@ -149,6 +150,10 @@ class HubOptions:
     seed: int | None = None
     sandbox: Any = None
 
+    def __post_init__(self) -> None:
+        check_choice(self.mode, "mode", MODES)
+        check_timeout(self.timeout)
+
 
 def _snapshot(repo_or_dir: Any, o: HubOptions, fn: str, policy: Sandbox | None) -> Snapshot:
     # Code that will only ever run confined needs no trust: that is the point of the sandbox.
@@ -208,8 +213,6 @@ def run_load(
 ) -> Any:
     """`load` with the entrypoint's arguments and the hub's options kept apart."""
     _check_model_name(model)
-    if o.mode not in MODES:
-        raise SpecError(f"unknown mode {o.mode!r}; use one of {', '.join(MODES)}")
     policy = policy_for(o.sandbox, o.mode)
     timeout = _watchdog(o.timeout, policy)
     snap = _snapshot(repo_or_dir, o, "load", policy)
@@ -513,4 +516,4 @@ def _decode_kind(reply: dict[str, Any], fd: int | None) -> Any:
 
 def _check_model_name(model: Any) -> None:
     if not isinstance(model, str):
-        raise SpecError("Invalid input: model should be a string of function name")
+        raise UsageError("Invalid input: model should be a string of function name")

@@ -54,7 +54,9 @@ from ._errors import (
     ProtocolError,
     RemoteError,
     SpecError,
+    UsageError,
 )
+from ._usage import check_choice, check_timeout, check_tolerance
 
 MODES = ("module", "remote")
 # Tensor statuses that are not differences; every other status (changed, reshaped...) is one.
@@ -116,17 +118,18 @@ def compare(
         (False, ['fc.weight', 'fc.bias'])
 
     Raises:
-        SpecError: a malformed spec, an unknown `mode`, bad `inputs` or tolerances.
+        SpecError: a malformed spec or bad `inputs`.
+        UsageError: an unknown `mode`, a negative tolerance, a bad `timeout`.
     """
     from . import _api, _rng, _trust
     from ._spec import parse_spec
 
     if not isinstance(entrypoint, str):
-        raise SpecError("Invalid input: entrypoint should be a string of function name")
-    if mode not in MODES:
-        raise SpecError(f"unknown compare mode {mode!r}; use one of {', '.join(MODES)}")
-    if not (atol >= 0 and rtol >= 0):
-        raise SpecError(f"atol and rtol must be >= 0 (got {atol!r}, {rtol!r})")
+        raise UsageError("Invalid input: entrypoint should be a string of function name")
+    check_choice(mode, "mode", MODES)
+    check_tolerance(atol, "atol")
+    check_tolerance(rtol, "rtol")
+    check_timeout(timeout)
     calls = [_side_call(args, kwargs, args_a, kwargs_a), _side_call(args, kwargs, args_b, kwargs_b)]
     policy = _api.policy_for(sandbox, "value")
     probe = _normalise_inputs(inputs)

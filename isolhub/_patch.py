@@ -48,7 +48,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from . import _api, _checkpoints, _config, _download
-from ._errors import SpecError
+from ._usage import check_choice, check_timeout
 
 __all__ = ["patch_torch_hub", "patched_torch_hub", "unpatch_torch_hub"]
 
@@ -102,7 +102,7 @@ def patch_torch_hub(
         >>> isolhub.unpatch_torch_hub()
 
     Raises:
-        SpecError: an unknown mode (a ValueError).
+        UsageError: an unknown mode or a bad timeout (a ValueError).
         SandboxError: an unknown sandbox, or a sandbox with mode="module".
     """
     global _base
@@ -150,7 +150,7 @@ def patched_torch_hub(
         >>> y = m(x)
 
     Raises:
-        SpecError: an unknown mode. SandboxError: an unknown sandbox, or one with mode="module".
+        UsageError: an unknown mode or a bad timeout. SandboxError: an unknown sandbox, or one with mode="module".
     """
     given = {"mode": mode, "sandbox": sandbox, "timeout": timeout, "seed": seed}
     with _lock:
@@ -185,8 +185,8 @@ def _active() -> _Options | None:
 
 
 def _check(opts: _Options) -> _Options:
-    if opts.mode not in _api.MODES:
-        raise SpecError(f"unknown mode {opts.mode!r}; use one of {', '.join(_api.MODES)}")
+    check_choice(opts.mode, "mode", _api.MODES)
+    check_timeout(opts.timeout)
     _api.policy_for(opts.sandbox, opts.mode)
     return opts
 

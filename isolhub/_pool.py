@@ -51,6 +51,7 @@ from ._progress import _Progress
 from ._source import Snapshot
 from ._spec import parse_spec
 from ._trust import check_trust
+from ._usage import check_choice, check_count, check_timeout
 
 BACKENDS = ("local", "ray")
 _JOIN_TIMEOUT = 30.0
@@ -175,7 +176,7 @@ class Hub:
         ...     sd = h.load_state_dict(specs[0], "net")
 
     Raises:
-        ValueError: an argument is out of range or unknown.
+        UsageError: an argument is out of range or unknown (a `ValueError`).
         IsolhubError: `backend="ray"` and Ray is not installed or cannot be reached.
     """
 
@@ -199,21 +200,15 @@ class Hub:
         ray_actor_options: dict[str, Any] | None = None,
         sandbox: Any = None,
     ) -> None:
+        check_count(max_workers, "max_workers")
+        timeout = check_timeout(timeout)
+        check_count(memory_bytes, "memory_bytes")
+        check_count(retries, "retries", minimum=0, none=False)
+        check_choice(backend, "backend", BACKENDS)
+        check_choice(start_method, "start_method", ("zygote", "spawn"))
         policy = policy_for(sandbox, "value")
         if policy is not None and timeout is None:
             timeout = policy.wall_seconds
-        if max_workers is not None and (type(max_workers) is not int or max_workers < 1):
-            raise ValueError(f"max_workers must be a positive int or None, not {max_workers!r}")
-        if timeout is not None and not timeout > 0:
-            raise ValueError(f"timeout must be positive or None, not {timeout!r}")
-        if memory_bytes is not None and (type(memory_bytes) is not int or memory_bytes <= 0):
-            raise ValueError(f"memory_bytes must be a positive int or None, not {memory_bytes!r}")
-        if type(retries) is not int or retries < 0:
-            raise ValueError(f"retries must be an int >= 0, not {retries!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
-        if start_method not in ("zygote", "spawn"):
-            raise ValueError(f"unknown start_method {start_method!r}; use 'zygote' or 'spawn'")
         self._settings = _Settings(
             max_workers=max_workers,
             timeout=timeout,

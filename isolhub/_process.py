@@ -44,6 +44,7 @@ from ._errors import (
     ProtocolError,
     RemoteError,
     SandboxError,
+    UsageError,
     WorkerCrashedError,
     WorkerError,
     WorkerTimeoutError,
@@ -230,6 +231,39 @@ def shutdown_zygote() -> None:
         _close_zygote(z.control, z.proc)
 
 
+def _pickled_request(message: dict[str, Any], label: str) -> bytes:
+    """`message` pickled for the worker; an argument that cannot be is named.
+
+    Raises:
+        UsageError: an argument (or `then`) cannot be pickled, even by value.
+    """
+    try:
+        return cloudpickle.dumps(message)
+    except Exception as e:  # noqa: BLE001 - pickling raises whatever the object's reducer does
+        what: list[str | Option] = ["the request"]
+        args, kwargs = message.get("args") or (), message.get("kwargs") or {}
+        named = [(f"argument {i}", v) for i, v in enumerate(args)]
+        named += [(k, v) for k, v in kwargs.items()] + [("then", message.get("then"))]
+        for name, value in named:
+            try:
+                cloudpickle.dumps(value)
+            except Exception:  # noqa: BLE001 - as above
+                what = (
+                    [f"the {name}"]
+                    if name.startswith("argument")
+                    else ["the argument ", Option.of(name)]
+                )
+                break
+        raise UsageError(
+            (
+                *what,
+                f" cannot be sent to the worker for {label} (arguments travel pickled): "
+                f"{type(e).__name__}: {e}; pass values that pickle (tensors, numbers, strings, "
+                "containers of them, importable or by-value functions)",
+            )
+        ) from e
+
+
 class Worker:
     """One live worker process serving one snapshot. Use `Worker.start`, then `request`/`call`."""
 
@@ -351,11 +385,12 @@ class Worker:
         """
         if self.closed:
             raise WorkerCrashedError(f"the worker for {self.label} is gone", spec=self.label)
+        data = _pickled_request(message, self.label)
         with self._lock:
             deadline = None if timeout is None else time.monotonic() + timeout
             self._rng_back = bool(message.get("rng_back"))
             try:
-                send_frame(self.sock, cloudpickle.dumps(message), fds)
+                send_frame(self.sock, data, fds)
             except OSError:
                 self._raise_death()
             return self._reply(deadline, timeout)

@@ -492,6 +492,10 @@ def _suggest(name: str, names: list[str]) -> str:
 _SHOWN_NAMES = 30
 
 
+# What torch's CPU allocator raises (as a RuntimeError) where Python would raise MemoryError.
+_TORCH_NO_MEMORY = "DefaultCPUAllocator: can't allocate memory"
+
+
 def _error_record(e: BaseException) -> dict[str, Any]:
     kind = "remote"
     if isinstance(e, EntrypointError):
@@ -501,9 +505,12 @@ def _error_record(e: BaseException) -> dict[str, Any]:
     elif isinstance(e, SandboxError):
         kind = "sandbox"
     tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+    rtype = f"{type(e).__module__}.{type(e).__qualname__}"
+    if isinstance(e, RuntimeError) and _TORCH_NO_MEMORY in str(e):
+        rtype = "builtins.MemoryError"  # torch's allocator says it with a RuntimeError
     return {
         "kind": kind,
-        "type": f"{type(e).__module__}.{type(e).__qualname__}",
+        "type": rtype,
         "message": str(e),
         "traceback": tb,
         "missing": list(getattr(e, "missing", []) or []),

@@ -224,3 +224,73 @@ def test_an_existing_directory_on_the_command_line_is_a_local_repo(
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["Net", "net"]
+
+
+# -- usage mistakes are typed ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("timeout", ["abc", -1, 0, float("nan"), True])
+def test_a_bad_timeout_is_a_usage_error_before_any_worker(repo: Path, timeout: object) -> None:
+    with pytest.raises(isolhub.UsageError, match=r"timeout= must be a positive number"):
+        isolhub.load(spec_of(repo, "v1"), "net", timeout=timeout)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"timeout": "x"}, "timeout="),
+        ({"max_workers": 0}, "max_workers="),
+        ({"max_workers": 2.5}, "max_workers="),
+        ({"memory_bytes": -5}, "memory_bytes="),
+        ({"retries": -1}, "retries="),
+        ({"backend": "nope"}, "backend="),
+    ],
+)
+def test_bad_hub_settings_are_usage_errors(kwargs: dict[str, object], name: str) -> None:
+    with pytest.raises(isolhub.UsageError, match=name):
+        isolhub.Hub(**kwargs)  # type: ignore[arg-type]
+
+
+def test_an_unknown_mode_is_a_usage_error_not_a_spec_error(repo: Path) -> None:
+    with pytest.raises(isolhub.UsageError, match="mode=") as info:
+        isolhub.load(spec_of(repo, "v1"), "net", mode="modul")  # type: ignore[arg-type]
+    assert not isinstance(info.value, isolhub.SpecError)
+
+
+def test_a_negative_tolerance_is_a_usage_error(repo: Path) -> None:
+    with pytest.raises(isolhub.UsageError, match="atol"):
+        isolhub.compare(spec_of(repo, "v1"), spec_of(repo, "v1"), "net", atol=-1)
+
+
+def test_an_unpicklable_kwarg_is_a_usage_error_naming_it(repo: Path) -> None:
+    import threading
+
+    with pytest.raises(isolhub.UsageError, match=r"scale=.*cannot be sent") as info:
+        isolhub.load(spec_of(repo, "v1"), "net", scale=threading.Lock())
+    assert "_thread.lock" in str(info.value)
+
+
+def test_an_unpicklable_kwarg_in_a_pool_is_a_usage_error(repo: Path) -> None:
+    import threading
+
+    with isolhub.Hub(max_workers=1) as h, pytest.raises(isolhub.UsageError, match="scale="):
+        h.load_state_dict(spec_of(repo, "v1"), "net", scale=threading.Lock())
+
+
+def test_a_torch_allocation_past_the_memory_cap_is_a_memory_error(tmp_path: Path) -> None:
+    hog = make_repo(
+        tmp_path / "hog",
+        {
+            "hubconf.py": """
+                import torch
+
+                def hog():
+                    return torch.empty(64 * 2**30, dtype=torch.uint8)
+            """
+        },
+    )
+    with isolhub.Hub(max_workers=1, memory_bytes=2 * 2**30) as h:
+        (r,) = h.map(None, [spec_of(hog)], "hog")
+    assert isinstance(r.error, isolhub.RemoteError), r.error
+    assert r.error.remote_type == "builtins.MemoryError", r.error.remote_type
+    assert "allocate" in r.error.remote_message

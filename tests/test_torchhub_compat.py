@@ -52,8 +52,8 @@ from isolhub._errors import (
     RefValidationError,
     ResolveError,
     SandboxError,
-    SpecError,
     UntrustedRepoError,
+    UsageError,
 )
 from isolhub._patch import patch_torch_hub, patched_torch_hub, unpatch_torch_hub
 from isolhub._spec import RepoSpec, parse_spec
@@ -358,7 +358,7 @@ def test_blocks_nest_inherit_unset_options_and_may_end_in_any_order() -> None:
 
 
 def test_bad_options_are_refused_before_anything_is_patched() -> None:
-    with pytest.raises(SpecError, match="unknown mode"):
+    with pytest.raises(UsageError, match="unknown mode"):
         patch_torch_hub(mode="everything")
     with pytest.raises(SandboxError, match="mode='remote'"):
         patch_torch_hub(sandbox="strict")  # mode="module" would run the repo's classes here
