@@ -406,6 +406,7 @@ class Hub:
                 )
                 run.threads.append(t)
                 t.start()
+            progress.launched(len(run.threads))
             while done < len(items):
                 kind, payload = run.events.get()
                 if kind == "closed" or self._closed:
@@ -414,7 +415,10 @@ class Hub:
                         "still pending"
                     )
                 if kind == "start":
-                    progress.started()
+                    progress.started(payload)
+                    continue
+                if kind == "running":
+                    progress.running_now(payload)
                     continue
                 done += 1
                 progress.finished(payload)
@@ -462,7 +466,7 @@ class Hub:
             if run.cancelled.is_set():
                 raise _Cancelled from None
             return Result(spec, None, False, error=e, elapsed=time.monotonic() - start, index=index)
-        outcome, attempts = self._perform(run, snap, for_task(job, index))
+        outcome, attempts = self._perform(run, snap, for_task(job, index), index)
         code = outcome.returncode
         return Result(
             spec=spec,
@@ -478,7 +482,11 @@ class Hub:
             index=index,
         )
 
-    def _perform(self, run: _Run, snap: Snapshot, job: _Job) -> tuple[_Outcome, int]:
+    def _perform(
+        self, run: _Run, snap: Snapshot, job: _Job, index: int | None = None
+    ) -> tuple[_Outcome, int]:
+        """Run `job` on `snap` in a worker, retrying infrastructure failures; `index` (a map's
+        spec) is reported running once its first worker is ready."""
         attempts = 0
         while True:
             attempts += 1
@@ -493,6 +501,8 @@ class Hub:
                     infrastructure=is_infrastructure_failure(e),
                 )
             else:
+                if index is not None and attempts == 1:
+                    run.events.put(("running", index))
                 try:
                     outcome = self._backend.run(slot.executor, job, self._settings.timeout)
                 except BaseException:

@@ -5,9 +5,11 @@ file, CI), nothing at all when quiet (`ISOLHUB_QUIET=1`, or `--quiet` on the com
 sets it for the workers too). Notices such as torch.hub's "Using cache found in ..." go through
 the `isolhub` logger, so `logging.getLogger("isolhub").setLevel(logging.WARNING)` silences them.
 
-`Hub.map` shows done, failed, running and an ETA; elsewhere one line per finished spec:
+`Hub.map` shows done, failed, starting, running and an ETA ("starting workers" until the first
+call is in a worker); elsewhere a line as workers start, then one line per finished spec:
 
-    isolhub: [ 3/10] failed 1, running 4, eta 12 s: FAILED git+file:///srv/x.git@v1: ...
+    isolhub: [ 0/10] starting 4 workers for 10 specs (fetching snapshots, importing hubconf)
+    isolhub: [ 3/10] failed 1, starting 0, running 4, eta 12 s: FAILED git+file:///srv/x.git@v1: ...
 
 Example:
     >>> bar = bytes_bar(enabled=True, desc="w.pt", stream=io.StringIO())
@@ -146,16 +148,28 @@ class _Finished(Protocol):
 
     @property
     def ok(self) -> bool: ...
+    @property
+    def index(self) -> int: ...
     def summary(self) -> str: ...
 
 
 class _Progress:
-    """done / failed / running and an ETA on stderr: a tqdm bar on a terminal, lines elsewhere."""
+    """done / failed / starting / running and an ETA on stderr: a tqdm bar on a terminal, lines
+    elsewhere.
+
+    A spec is *starting* from when a pool thread takes it (its snapshot fetched, its worker
+    forked and importing) until its call is sent; then *running* until its result. Until the
+    first spec runs, the bar says "starting workers" and a plain line says so once, so a pool
+    that spends its first seconds starting workers does not look stuck at 0.
+    """
 
     def __init__(self, total: int, enabled: bool, stream: TextIO | None = None) -> None:
         self.total, self.enabled = total, enabled
         self.stream = stream or sys.stderr
-        self.done = self.failed = self.running = 0
+        self.done = self.failed = 0
+        self._starting: set[int] = set()
+        self._running: set[int] = set()
+        self._said_starting = False
         self.start = time.monotonic()
         self.bar: Any = None
         if enabled and is_quiet():
@@ -166,19 +180,60 @@ class _Progress:
             self.bar = tqdm(total=total, file=self.stream, unit="repo", dynamic_ncols=True)
             self._postfix()
 
+    @property
+    def starting(self) -> int:
+        """Specs taken whose call has not been sent yet (fetching, worker starting)."""
+        return len(self._starting)
+
+    @property
+    def running(self) -> int:
+        """Specs whose call is in a worker."""
+        return len(self._running)
+
     def _postfix(self) -> None:
+        if not self._running and not self.done:
+            self.bar.set_description_str("starting workers" if self._starting else "", False)
+        else:
+            self.bar.set_description_str("", False)
         self.bar.set_postfix_str(
-            f"ok={self.done - self.failed} failed={self.failed} running={self.running}",
+            f"ok={self.done - self.failed} failed={self.failed} starting={self.starting} "
+            f"running={self.running}",
             refresh=True,
         )
 
-    def started(self) -> None:
-        self.running += 1
+    def started(self, index: int) -> None:
+        """A pool thread took spec `index`: its snapshot and worker are being made ready."""
+        self._starting.add(index)
+        if self.bar is not None:
+            self._postfix()
+
+    def launched(self, workers: int) -> None:
+        """`workers` pool threads were started; say so once, before any result."""
+        if not self.enabled or self._said_starting or self.done:
+            return
+        self._said_starting = True
+        if self.bar is not None:
+            self._postfix()
+            return
+        width = len(str(self.total))
+        noun = "worker" if workers == 1 else "workers"
+        print(
+            f"isolhub: [{0:>{width}}/{self.total}] starting {workers} {noun} for {self.total} "
+            "specs (fetching snapshots, importing hubconf)",
+            file=self.stream,
+            flush=True,
+        )
+
+    def running_now(self, index: int) -> None:
+        """Spec `index` has its worker and its call was sent."""
+        self._starting.discard(index)
+        self._running.add(index)
         if self.bar is not None:
             self._postfix()
 
     def finished(self, result: _Finished) -> None:
-        self.running = max(0, self.running - 1)
+        self._starting.discard(result.index)
+        self._running.discard(result.index)
         self.done += 1
         self.failed += not result.ok
         if not self.enabled:
@@ -191,8 +246,8 @@ class _Progress:
         eta = spent / self.done * (self.total - self.done)
         width = len(str(self.total))
         print(
-            f"isolhub: [{self.done:>{width}}/{self.total}] failed {self.failed}, running "
-            f"{self.running}, eta {eta:.0f} s: {result.summary()}",
+            f"isolhub: [{self.done:>{width}}/{self.total}] failed {self.failed}, starting "
+            f"{self.starting}, running {self.running}, eta {eta:.0f} s: {result.summary()}",
             file=self.stream,
             flush=True,
         )
