@@ -37,7 +37,7 @@ An autouse guard refuses any non-loopback name lookup or connection.
 
 Upstream check -> test here (all three implementations unless said otherwise):
 * test_load_from_github -> test_load_from_github_default_branch_pretrained
-* test_load_from_local_dir -> test_load_from_local_dir (see the helper below)
+* test_load_from_local_dir -> test_load_from_local_dir (on the cached `<owner>_<name>_master`)
 * test_load_from_branch -> test_load_from_branch_with_a_slash
 * test_get_set_dir -> test_get_set_dir_and_the_default_branch_folder
 * test_list_entrypoints -> test_list_entrypoints
@@ -54,9 +54,13 @@ Upstream check -> test here (all three implementations unless said otherwise):
 * test_trust_repo_builtin_trusted_owners -> test_trust_repo_builtin_owner_leaves_the_list_empty
 * test_trust_repo_none -> test_trust_repo_none_as_the_installed_torch_does
 * test_trust_repo_legacy -> test_trust_repo_legacy_folder_counts_as_trusted
-Beyond upstream (asked for by issue 12): a tag, `hub.help`, `force_reload`, the tar format,
-`check_hash`, `download_url_to_file(hash_prefix=...)`, an unrecognized trust answer,
-`skip_validation=True`, missing `dependencies`.
+Beyond upstream (asked for by issue 12): test_load_from_tag, test_help_returns_the_docstring,
+test_force_reload_downloads_the_repo_again, test_a_cached_branch_is_used_until_force_reload,
+test_load_tar_format_checkpoint, test_load_state_dict_from_url_every_format,
+test_load_state_dict_from_url_check_hash, test_download_url_to_file_checks_the_hash_prefix,
+test_trust_repo_unrecognized_answer_is_a_value_error,
+test_skip_validation_asks_for_no_branches_or_tags,
+test_missing_dependencies_fail_help_and_load_but_not_list.
 
 Not applicable, and why:
 * `torch.hub._parse_repo_info` (upstream's test_hub_parse_repo_info) and
