@@ -29,7 +29,7 @@ from ._broker import weights_broker
 from ._config import get_dir
 from ._errors import ProtocolError, SandboxError, UsageError
 from ._handle import open_handle
-from ._process import Worker
+from ._process import Worker, prestart_zygote
 from ._protocol import ReplyLimits
 from ._pull import PullError, read_storages
 from ._sandbox import PRETEND_MISSING_ENV, Sandbox, SandboxReport, probe, resolve_policy
@@ -164,7 +164,9 @@ def snapshot_of(spec: RepoSpec, o: HubOptions, fn: str, *, trusted: bool) -> Sna
     """`fetch_snapshot` with the options of `o`: the one place options become a fetch.
 
     `trusted=True` when the trust check is done (a `Hub` asks it itself) or not needed.
+    The zygote starts meanwhile: a worker will be wanted next.
     """
+    prestart_zygote()
     return fetch_snapshot(
         spec,
         trust_repo=o.trust_repo,
@@ -217,6 +219,9 @@ def run_load(
     timeout = _watchdog(o.timeout, policy)
     snap = _snapshot(repo_or_dir, o, "load", policy)
     if o.mode != "remote":
+        # The result holds tensors: import torch here while the zygote imports its own.
+        import torch  # noqa: F401
+
         with start_worker(snap, sandbox=policy) as w:
             return call(
                 w, model, args, kwargs, result=o.mode, timeout=timeout, seed=o.seed, rng=True,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import json
 import os
 import pickle
 import queue
@@ -35,7 +36,7 @@ from typing import Any
 
 import cloudpickle
 
-from . import _caps, _config, _rng, _worker_warnings
+from . import _caps, _config, _preload, _rng, _worker_warnings
 from ._cache import temp_dir
 from ._errors import (
     EntrypointError,
@@ -71,6 +72,7 @@ class _Zygote:
 
     _instance: _Zygote | None = None
     _class_lock = threading.Lock()
+    _starting = 0  # the pid of the process whose zygote is being started in the background
 
     def __init__(self) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -86,11 +88,15 @@ class _Zygote:
         self.owner = os.getpid()
         self.lock = threading.Lock()
         self.control = parent
+        self.hub_dir = _config.get_dir()
+        names = _preload.learned(self.hub_dir) if _preload.enabled() else []
+        self.preloaded: set[str] = set(names)
+        argv = [sys.executable, "-m", "isolhub._zygote", str(child.fileno()), str(self.owner)]
         # Its parent-death signal fires when the *thread* that forked it ends, so it is forked
         # from a thread that lasts as long as this process.
         self.proc = _in_lasting_thread(
             lambda: subprocess.Popen(
-                [sys.executable, "-m", "isolhub._zygote", str(child.fileno()), str(self.owner)],
+                [*argv, json.dumps(names)],
                 pass_fds=[child.fileno()],
                 stdin=subprocess.DEVNULL,
                 env=env,
@@ -109,6 +115,9 @@ class _Zygote:
         if not hello.get("ready"):
             self.proc.kill()
             self.proc.wait()
+            if isinstance(hello.get("unsafe"), str):
+                _preload.forbid(self.hub_dir, hello["unsafe"])
+                raise _PreloadUnsafe(hello["unsafe"])
             why = hello.get("error") or describe_exit(self.proc.returncode)
             raise WorkerError(f"the isolhub zygote failed to start ({why}); see its stderr above")
         weakref.finalize(self, _close_zygote, self.control, self.proc)
@@ -120,8 +129,53 @@ class _Zygote:
             if z is not None and z.owner == os.getpid() and z.proc.poll() is not None:
                 z.control.close()  # now, not whenever the dead one is garbage-collected
             if z is None or z.owner != os.getpid() or z.proc.poll() is not None:
-                z = cls._instance = _Zygote()
+                for _ in range(_preload.MAX_MODULES):
+                    try:
+                        z = cls._instance = _Zygote()
+                        break
+                    except _PreloadUnsafe:
+                        continue  # forbidden now: the next one starts without it
+                else:
+                    raise WorkerError("the isolhub zygote could not start; set ISOLHUB_PRELOAD=0")
             return z
+
+    @classmethod
+    def prestart(cls) -> None:
+        """Start this process's zygote in the background, if it is not running (first use)."""
+        if cls._starting == os.getpid():
+            return  # (read without the lock: the starting thread holds it until the zygote is up)
+        with cls._class_lock:
+            z = cls._instance
+            if z is not None and z.owner == os.getpid() and z.proc.poll() is None:
+                return
+            if cls._starting == os.getpid():
+                return
+            cls._starting = os.getpid()
+
+        def start() -> None:
+            try:
+                cls.get()
+            except Exception:  # noqa: BLE001 - the call that needs the zygote reports it
+                pass
+            finally:
+                cls._starting = 0
+
+        threading.Thread(target=start, name="isolhub-zygote-start", daemon=True).start()
+
+    def preload(self, names: list[str]) -> None:
+        """Have the zygote import installed packages that workers import, for the next ones."""
+        names = [n for n in names if n not in self.preloaded]
+        if not names:
+            return
+        self.preloaded.update(names)
+        try:
+            reply = self._ask({"op": "preload", "names": names})
+        except WorkerError:
+            return  # a lost zygote is replaced by the next call
+        if isinstance(reply.get("unsafe"), str):  # it has a thread now: it must not fork again
+            _preload.forbid(self.hub_dir, reply["unsafe"])
+            _Zygote.forget(self)
+            _close_zygote(self.control, self.proc)
 
     @classmethod
     def forget(cls, z: _Zygote) -> None:
@@ -168,6 +222,24 @@ class _Zygote:
 
     def wait(self, pid: int) -> int:
         return int(self._ask({"op": "wait", "pid": pid})["status"])
+
+
+def prestart_zygote() -> None:
+    """Start this process's zygote in the background if it is not up (a worker is wanted soon)."""
+    _Zygote.prestart()
+
+
+def _learn_imports(zygote: _Zygote, names: list[str]) -> None:
+    """Record what an unconfined worker imported; its zygote imports it now, off this path."""
+    allowed = _preload.learn(_config.get_dir(), names)
+    if any(n not in zygote.preloaded for n in allowed):
+        threading.Thread(
+            target=zygote.preload, args=(allowed,), name="isolhub-preload", daemon=True
+        ).start()
+
+
+class _PreloadUnsafe(Exception):
+    """Importing a learned package started a thread in the zygote (it is now forbidden)."""
 
 
 class _ZygoteLost(WorkerError):
@@ -292,6 +364,7 @@ class Worker:
         self._spin = _config.spin_seconds()
         self.closed = False
         self.zygote: _Zygote | None = None  # the zygote it was forked from
+        self.confined = True  # until `start` knows: a confined worker's word is never learned
         # Serves requests the worker makes while answering (a sandbox's downloads).
         self.on_request: Callable[[dict[str, Any]], tuple[dict[str, Any], list[int]]] | None = None
         self._lock = threading.RLock()  # one request at a time on the channel
@@ -363,6 +436,7 @@ class Worker:
         worker = cls(label, pid, parent, status, out_r, scratch, limits)
         worker.on_request = on_request
         worker.zygote = zygote
+        worker.confined = init.get("sandbox") is not None
         try:
             send_frame(parent, cloudpickle.dumps(dict(init, scratch=scratch, spin=worker._spin)))
             worker._reply(time.monotonic() + _HANDSHAKE_TIMEOUT)
@@ -450,8 +524,13 @@ class Worker:
         try:
             if not isinstance(effects, dict) or fds:
                 raise ProtocolError("malformed side effects")
-            if not set(effects) <= {"rng", "warnings", "warnings_dropped"}:
+            if not set(effects) <= {"rng", "warnings", "warnings_dropped", "imported"}:
                 raise ProtocolError(f"unknown side effects {sorted(effects)!r}")
+            imported = effects.get("imported")
+            if imported is not None and (self.confined or not _preload.valid_names(imported)):
+                raise ProtocolError(
+                    "a list of imported packages from a confined worker, or malformed"
+                )
             warned = _worker_warnings.checked(
                 effects.get("warnings", []), effects.get("warnings_dropped", 0)
             )
@@ -460,6 +539,8 @@ class Worker:
                     raise ProtocolError("a random state nobody asked for")
                 self._rng_back = False
                 _rng.restore(effects["rng"])
+            if imported and self.zygote is not None:
+                _learn_imports(self.zygote, imported)
         except ProtocolError as e:
             self.kill()
             raise ProtocolError(f"bad reply from the worker for {self.label}: {e}") from None

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any, NoReturn
 
-from . import _config, _rng, _worker_warnings
+from . import _config, _preload, _rng, _worker_warnings
 from ._arena import ArenaWriter
 from ._byvalue import (
     dumps,
@@ -107,6 +107,13 @@ def _effects(request: dict[str, Any]) -> dict[str, Any]:
         out["warnings"], out["warnings_dropped"] = records, dropped
     if request.get("rng_back"):
         out["rng"] = _rng.capture()
+    state = _STATE
+    if state is not None and state.learn:
+        # Installed packages the repo imported: the zygote imports them for the next workers.
+        imported = _preload.reported(state.baseline, [state.snapshot])
+        if imported:
+            out["imported"] = imported
+        state.baseline.update(n for n in sys.modules if "." not in n)
     return out
 
 
@@ -139,7 +146,11 @@ class _WorkerState:
     def __init__(self, init: dict[str, Any], sock: socket.socket) -> None:
         global _STATE
         _STATE = self
+        # What the zygote preloaded but the snapshot ships under the same name: the repo's own.
+        _preload.evict_shadowed([init["snapshot"]])
         mark_loaded_modules()  # before a line of the repo is imported
+        self.baseline = {n.partition(".")[0] for n in sys.modules}
+        self.learn = init.get("sandbox") is None and _preload.enabled()
         _worker_warnings.install()  # the parent re-issues them, through its own filters
         _rng.fresh_numpy()  # not the zygote's state, shared by every worker
         self.sock = sock

@@ -8,6 +8,10 @@ control socket:
 
     {"op": "fork"} + fds [channel, output]  →  {"pid": N}
     {"op": "wait", "pid": N}                 →  {"status": returncode}   (after N has exited)
+    {"op": "preload", "names": [...]}        →  {"preloaded": [...], "unsafe": name | None}
+
+Before it says it is ready it imports the installed packages that workers were seen to import
+(`_preload`), and it imports more when asked; then the spare is forked again, so that it has them.
 
 It dies with its parent: its very first act, before torch is imported, is to ask the kernel for
 SIGKILL when the parent dies, and then to check that the parent has not died already (the race
@@ -100,6 +104,13 @@ def _hand_over(spare: tuple[int, socket.socket], fds: list[int], children: set[i
         sock.close()
 
 
+def _drop_spare(spare: tuple[int, socket.socket], children: set[int]) -> None:
+    pid, sock = spare
+    sock.close()  # it exits: "the zygote is closing"
+    os.waitpid(pid, 0)
+    children.discard(pid)
+
+
 def _child(channel: int, output: int) -> None:
     os.dup2(output, 1)
     os.dup2(output, 2)
@@ -111,8 +122,12 @@ def _child(channel: int, output: int) -> None:
     serve(channel)
 
 
-def main(control_fd: int) -> None:
-    """Serve fork and wait requests on `control_fd` until the parent closes it."""
+def main(control_fd: int, names: list[str] | None = None) -> None:
+    """Serve fork and wait requests on `control_fd` until the parent closes it.
+
+    `names`: installed packages to preload for the workers (`_preload`).
+    """
+    from ._preload import preload
     from ._protocol import decode, encode, recv_frame, send_frame
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
@@ -128,7 +143,11 @@ def main(control_fd: int) -> None:
 
     try:
         _preload()
-        send_frame(control, encode({"ready": True, "pid": os.getpid()}))
+        loaded, unsafe = preload(names or (), _threads)
+        if unsafe is not None:  # it cannot fork now: the parent starts one without it
+            send_frame(control, encode({"ready": False, "unsafe": unsafe}))
+            return
+        send_frame(control, encode({"ready": True, "pid": os.getpid(), "preloaded": loaded}))
     except BaseException as e:
         send_frame(control, encode({"ready": False, "error": f"{type(e).__name__}: {e}"}))
         raise
@@ -152,6 +171,12 @@ def main(control_fd: int) -> None:
                         spare = None
                 reply = {"pid": spare[0]} if spare else {"error": "a new worker died at once"}
                 spare, forked = None, True
+        elif request.get("op") == "preload" and isinstance(request.get("names"), list):
+            loaded, unsafe = preload(request["names"], _threads)
+            reply = {"preloaded": loaded, "unsafe": unsafe}
+            if loaded and spare is not None:  # the next worker gets them too
+                _drop_spare(spare, children)
+                spare = None if unsafe else new_spare()
         elif request.get("op") == "wait" and request.get("pid") in children:
             pid = request["pid"]
             _, status = os.waitpid(pid, 0)
@@ -186,4 +211,6 @@ def die_with_parent(parent_pid: int) -> None:
 
 if __name__ == "__main__":
     die_with_parent(int(sys.argv[2]))  # first, before the seconds of importing torch
-    main(int(sys.argv[1]))
+    import json
+
+    main(int(sys.argv[1]), json.loads(sys.argv[3]) if len(sys.argv) > 3 else None)
