@@ -52,7 +52,7 @@ from ._errors import (
     describe_exit,
 )
 from ._escape import escape_any, escape_controls
-from ._protocol import ReplyLimits, decode, encode, recv_frame, send_frame, spin_poll
+from ._protocol import ReplyLimits, Spinner, decode, encode, recv_frame, send_frame
 from ._sandbox import without_secrets
 
 _TAIL_BYTES = 8192
@@ -362,6 +362,7 @@ class Worker:
         self._poller.register(sock, select.POLLIN)
         self._poller.register(self.pidfd, select.POLLIN)
         self._spin = _config.spin_seconds()
+        self._spinner = Spinner(self._spin)
         self.closed = False
         self.zygote: _Zygote | None = None  # the zygote it was forked from
         self.confined = True  # until `start` knows: a confined worker's word is never learned
@@ -551,7 +552,7 @@ class Worker:
     ) -> tuple[dict[str, Any], list[int]]:
         sock_fd = self.sock.fileno()
         poll = self._poller.poll
-        events = poll(0) or spin_poll(poll, self._spin)
+        events = poll(0) or self._spinner(poll)
         while True:
             if events:
                 ready = {fd for fd, _ in events}

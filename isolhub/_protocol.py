@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import array
+import os
 import socket
 import struct
 import time
@@ -135,7 +136,36 @@ def spin_poll(
         events = poll(0)
         if events:
             return events
+        os.sched_yield()  # the other side may need this core to answer (a busy machine)
     return []
+
+
+class Spinner:
+    """`spin_poll` that stops spinning while spinning does not pay (adaptive spinning).
+
+    When the other side is not running (the machine is busy, or it is computing), each spin is
+    a wasted core: after a spin that found nothing, the next 1, 2, 4 … 64 waits sleep at once;
+    a spin that finds the answer spins again next time.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._skip = 0
+        self._backoff = 0
+
+    def __call__(self, poll: Callable[[int], list[tuple[int, int]]]) -> list[tuple[int, int]]:
+        if self.seconds <= 0:
+            return []
+        if self._skip:
+            self._skip -= 1
+            return []
+        events = spin_poll(poll, self.seconds)
+        if events:
+            self._backoff = 0
+        else:
+            self._backoff = min(64, max(1, 2 * self._backoff))
+            self._skip = self._backoff
+        return events
 
 
 def _fds_from(anc: list[tuple[int, int, bytes]]) -> list[int]:

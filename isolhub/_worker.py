@@ -38,7 +38,7 @@ from ._byvalue import (
     register_snapshot_modules,
 )
 from ._errors import EntrypointError, MissingDependenciesError, ProtocolError, SandboxError
-from ._protocol import encode, recv_frame, send_frame, spin_poll
+from ._protocol import Spinner, encode, recv_frame, send_frame
 from ._values import bounded_text, encode_state_dict, encode_value
 
 
@@ -126,10 +126,11 @@ def _spin_waiter(sock: socket.socket, seconds: float) -> Callable[[], None]:
     poller = select.poll()
     poller.register(sock, select.POLLIN)
     poll = poller.poll
+    spin = Spinner(seconds)
 
     def wait() -> None:
         if not poll(0):
-            spin_poll(poll, seconds)
+            spin(poll)
 
     return wait
 

@@ -1,0 +1,45 @@
+"""Adaptive spinning: a side that finds nothing when it spins sleeps at once for a while."""
+
+from __future__ import annotations
+
+from isolhub._protocol import Spinner
+
+
+class Poll:
+    def __init__(self, answers: bool) -> None:
+        self.answers = answers
+        self.calls = 0
+
+    def __call__(self, timeout: int) -> list[tuple[int, int]]:
+        assert timeout == 0  # spinning never sleeps in poll
+        self.calls += 1
+        return [(3, 1)] if self.answers else []
+
+
+def spun(spin: Spinner, poll: Poll) -> bool:
+    before = poll.calls
+    spin(poll)
+    return poll.calls > before
+
+
+def test_a_spin_that_finds_nothing_makes_the_next_waits_sleep_at_once_doubling_up_to_64() -> None:
+    spin, idle = Spinner(0.0002), Poll(answers=False)
+    pattern = [spun(spin, idle) for _ in range(1 + 1 + 1 + 2 + 1 + 4 + 1)]
+    assert pattern == [True, False, True, False, False, True, False, False, False, False, True]
+    for _ in range(2000):
+        spin(idle)
+    spins = [spun(spin, idle) for _ in range(65 * 3)]
+    assert sum(spins) == 3  # one spin in 65 waits once backed off fully
+
+
+def test_a_spin_that_finds_the_answer_spins_again_next_time() -> None:
+    spin = Spinner(0.0002)
+    spin(Poll(answers=False))  # backs off once
+    assert not spun(spin, Poll(answers=True))  # skipped
+    busy = Poll(answers=True)
+    assert all(spun(spin, busy) for _ in range(10))
+
+
+def test_no_spin_budget_never_polls() -> None:
+    poll = Poll(answers=True)
+    assert Spinner(0)(poll) == [] and poll.calls == 0
