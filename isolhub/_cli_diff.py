@@ -6,6 +6,7 @@ the table still describes the other side, and each failure gets one line on stde
 Example:
     $ isolhub diff git+file:///srv/net.git@v1 git+file:///srv/net.git@v2 tinynet \\
           --kw pretrained=true --input-shape 2,3,32,32 --seed 0 --html report.html
+    $ isolhub diff A B resnet --layers --inputs batches.pt --kw-b dropout=0.0 --html report.html
 """
 
 from __future__ import annotations
@@ -48,6 +49,19 @@ def add_commands(subparsers: Any) -> None:
         metavar="N,C,H,W",
         help="feed both models the same torch.randn input of this shape (seeded by --seed or 0)",
     )
+    p.add_argument(
+        "--inputs", metavar="FILE",
+        help="batches saved with torch.save (a tensor, a tuple of tensors, or a list of batches)",
+    )  # fmt: skip
+    p.add_argument(
+        "--layers", action="store_true",
+        help="record every submodule's output on both sides and name the first that diverges",
+    )  # fmt: skip
+    p.add_argument(
+        "--layer-bytes", type=int, default=64 << 20, metavar="N",
+        help="per side and batch, layer outputs kept whole up to N bytes (default 64 MiB); "
+        "past it layers are compared on summary statistics",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=None, help="seed each worker before the entrypoint")
     p.add_argument("--atol", type=float, default=1e-6, help="absolute tolerance (default 1e-6)")
     p.add_argument("--rtol", type=float, default=1e-5, help="relative tolerance (default 1e-5)")
@@ -109,7 +123,11 @@ def cmd_diff(args: argparse.Namespace) -> int:
     clash = sorted(set(kwargs) & set(own))
     if clash:
         raise UsageError(f"--kw {', '.join(clash)}: that name is an option of diff, not passable")
-    inputs = None
+    inputs: Any = None
+    if args.inputs and args.input_shape:
+        raise UsageError("--inputs and --input-shape: give one of them")
+    if args.inputs:
+        inputs = args.inputs
     if args.input_shape:
         gen = torch.Generator().manual_seed(args.seed if args.seed is not None else 0)
         inputs = torch.randn(parse_shape(args.input_shape), generator=gen)
@@ -121,6 +139,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
         kwargs_b=parse_kw(args.kw_b) or None,
         inputs=inputs,
         seed=args.seed,
+        layers=args.layers,
+        layer_bytes=args.layer_bytes,
         mode=args.mode,
         atol=args.atol,
         rtol=args.rtol,

@@ -29,11 +29,12 @@ Example:
 from __future__ import annotations
 
 import difflib
-import math
+import itertools
+import os
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -46,7 +47,8 @@ from ._compare_report import (
     TensorDiff,
     ValueDiff,
 )
-from ._compare_worker import _clean_doc, _one_line, summarise
+from ._compare_stream import Latency, Stream, describe_batch, difference, iter_batches
+from ._compare_worker import _clean_doc, _one_line, open_session
 from ._errors import (
     EntrypointError,
     IsolhubError,
@@ -64,7 +66,7 @@ EQUAL_STATUSES = ("same", "close")
 # A renamed parameter keeps its values: the two refs compute the same thing (the report says a
 # state dict saved at one needs its keys mapped for the other, but that is no difference).
 PARAMETER_EQUAL = (*EQUAL_STATUSES, "renamed")
-_CHUNK = 1 << 22  # elements per step when diffing, so a huge tensor never doubles in float64
+_MAX_LAYERS = 100_000  # layer records one step may report
 
 
 # ----------------------------------------------------------------------------- compare
@@ -81,6 +83,8 @@ def compare(
     kwargs_b: dict[str, Any] | None = None,
     inputs: Any = None,
     seed: int | None = None,
+    layers: bool = False,
+    layer_bytes: int = 64 << 20,
     mode: str = "module",
     atol: float = 1e-6,
     rtol: float = 1e-5,
@@ -131,8 +135,12 @@ def compare(
     check_tolerance(rtol, "rtol")
     check_timeout(timeout)
     calls = [_side_call(args, kwargs, args_a, kwargs_a), _side_call(args, kwargs, args_b, kwargs_b)]
+    if not (isinstance(layer_bytes, int) and layer_bytes >= 0):
+        raise SpecError(f"layer_bytes must be an int >= 0 (got {layer_bytes!r})")
     policy = _api.policy_for(sandbox, "value")
-    probe = _normalise_inputs(inputs)
+    batches = iter_batches(inputs) if inputs is not None else iter(())
+    first = next(batches, None)
+    shown = describe_batch(first) if first is not None else ()
     specs = [parse_spec(spec_a, source), parse_spec(spec_b, source)]
     sides = [_Side(str(spec)) for spec in (spec_a, spec_b)]
     # Trust is asked here, one side after the other, never from two threads at once.
@@ -144,18 +152,34 @@ def compare(
         except IsolhubError as e:
             side.error = e
     start = None if seed is not None else _rng.capture()  # one state, the same for both sides
-    job = _Job(entrypoint, probe, seed, mode, force_reload, verbose, timeout, policy, start)
-    with ThreadPoolExecutor(2, thread_name_prefix="isolhub-compare") as pool:
-        pending = [
-            pool.submit(_run_side, side, spec, job, call)
-            for side, spec, call in zip(sides, specs, calls, strict=True)
-            if side.error is None
-        ]
-        for future in pending:
-            future.result()
+    job = _Job(
+        entrypoint, seed, mode, force_reload, verbose, timeout, policy, start, layers, layer_bytes
+    )
+    stream = Stream(atol, rtol, partial(diff_tensors, atol=atol, rtol=rtol, renames=False))
+    try:
+        with ThreadPoolExecutor(2, thread_name_prefix="isolhub-compare") as pool:
+            pending = [
+                pool.submit(_open_side, side, spec, job, call)
+                for side, spec, call in zip(sides, specs, calls, strict=True)
+                if side.error is None
+            ]
+            for future in pending:
+                future.result()
+            if first is not None:
+                batches = itertools.chain([first], batches)
+                del first  # the stream holds one batch at a time, this one included
+                _run_batches(pool, sides, batches, stream, job.timeout)
+        for side in sides:
+            side.peak_memory = _peak_memory(side.worker)
+    finally:
+        for side in sides:
+            if side.worker is not None:
+                side.worker.close()
     notes = []
-    if not probe:
+    if not shown:
         notes.append("no inputs given: outputs were not compared")
+    elif stream.batches > 1:
+        notes.append(f"outputs compared over {stream.batches} batches; inputs shows the first")
     if mode == "remote":
         notes.append("remote mode: modules ran as the entrypoint returned them (no eval())")
     if seed is None:
@@ -163,6 +187,8 @@ def compare(
             "no seed given: both sides started from the same random state (the caller's), so "
             "random draws match where the code is the same; pass a seed to choose it"
         )
+    if layers and stream.batches and not stream.layers.rows:
+        notes.append("layers: no submodule outputs were recorded (not an nn.Module?)")
     code: tuple[Any, ...] = ()
     if sides[0].path is not None and sides[1].path is not None:
         code = diff_trees(sides[0].path, sides[1].path)
@@ -170,6 +196,7 @@ def compare(
         sides[0],
         sides[1],
         code=code,
+        stream=stream,
         entrypoint=entrypoint,
         mode=mode,
         atol=atol,
@@ -181,7 +208,7 @@ def compare(
         args_b=None if args_b is None else tuple(_short_repr(a) for a in calls[1][0]),
         kwargs_a=tuple((k, _short_repr(v)) for k, v in (kwargs_a or {}).items()),
         kwargs_b=tuple((k, _short_repr(v)) for k, v in (kwargs_b or {}).items()),
-        inputs=tuple(_describe_input(x) for x in probe),
+        inputs=shown,
         notes=tuple(notes),
     )
 
@@ -191,7 +218,6 @@ class _Job:
     """What each side does (the same on both; the entrypoint's arguments are per side)."""
 
     entry: str
-    inputs: tuple[Any, ...]
     seed: int | None
     mode: str
     force_reload: bool
@@ -199,11 +225,13 @@ class _Job:
     timeout: float | None
     sandbox: Any = None
     rng_state: Any = None  # unseeded: the caller's random state, where both sides start
+    layers: bool = False
+    layer_bytes: int = 0
 
 
 @dataclass
 class _Side:
-    """One side while it is being described (mutable; one thread each)."""
+    """One side while it is being described (mutable; one thread at a time)."""
 
     spec: str
     sha: str | None = None
@@ -213,6 +241,10 @@ class _Side:
     entrypoints: dict[str, dict[str, Any]] | None = None
     start_s: float | None = None
     load_s: float | None = None
+    worker: Any = None
+    session: Any = None  # the worker's CompareSession, through its handle
+    latency: Latency = field(default_factory=Latency)
+    peak_memory: int | None = None
 
 
 def _side_call(
@@ -228,10 +260,12 @@ def _side_call(
     return tuple(args if own_args is None else own_args), {**kwargs, **(own_kwargs or {})}
 
 
-def _run_side(
+def _open_side(
     side: _Side, spec: Any, job: _Job, call: tuple[tuple[Any, ...], dict[str, Any]]
 ) -> None:
+    """Fetch, start the worker, call the entrypoint and keep its result there as a session."""
     from . import _api
+    from ._handle import open_handle
     from ._source import fetch_snapshot
 
     began = time.monotonic()
@@ -241,29 +275,102 @@ def _run_side(
             trusted=True,  # checked by compare() already
         )  # fmt: skip
         side.sha, side.path = snap.sha, str(snap.path)
-        with _api.start_worker(snap, sandbox=job.sandbox) as worker:
-            side.start_s = time.monotonic() - began
-            then = partial(
-                summarise, inputs=job.inputs, seed=job.seed, remote=job.mode == "remote",
-                snapshot=str(snap.path),
-            )  # fmt: skip
-            sent = time.monotonic()
-            try:
-                summary = _api.call(
-                    worker, job.entry, call[0], call[1], result="value", timeout=job.timeout,
-                    seed=job.seed, then=then, rng_state=job.rng_state,
-                )  # fmt: skip
-            except (RemoteError, EntrypointError, MissingDependenciesError) as e:
-                side.error = e
-                side.entrypoints = _entrypoints_by_help(worker, job.timeout)
-                return
-            _check_summary(summary)
-            # CLOCK_MONOTONIC is system-wide on Linux: the worker's clock is this one.
-            side.load_s = max(0.0, float(summary["t0"]) - sent)
-            side.summary = summary
-            side.entrypoints = summary["entrypoints"]
+        side.worker = worker = _api.start_worker(snap, sandbox=job.sandbox)
+        side.start_s = time.monotonic() - began
+        then = partial(
+            open_session, seed=job.seed, remote=job.mode == "remote", snapshot=str(snap.path),
+            layers=job.layers, layer_bytes=job.layer_bytes,
+        )  # fmt: skip
+        message = _api._call_message(job.entry, call[0], call[1], "handle", job.seed, then)
+        message.update(_api.rng_handoff(job.seed, back=False, state=job.rng_state))
+        sent = time.monotonic()
+        try:
+            reply, fds = worker.request(message, job.timeout)
+        except (RemoteError, EntrypointError, MissingDependenciesError) as e:
+            side.error = e
+            side.entrypoints = _entrypoints_by_help(worker, job.timeout)
+            return
+        if reply.get("kind") != "handle" or not isinstance(reply.get("handle"), dict) or fds:
+            for fd in fds:
+                os.close(fd)
+            worker.kill()
+            raise ProtocolError(f"the worker for {snap.label} sent no compare session")
+        session = open_handle(worker, reply["handle"], job.timeout)
+        summary = session("summary")
+        _check_summary(summary)
+        # CLOCK_MONOTONIC is system-wide on Linux: the worker's clock is this one.
+        side.load_s = max(0.0, float(summary["t0"]) - sent)
+        side.summary = summary
+        side.entrypoints = summary["entrypoints"]
+        side.session = session
     except IsolhubError as e:
         side.error = e
+
+
+def _run_batches(
+    pool: ThreadPoolExecutor,
+    sides: list[_Side],
+    batches: Iterator[tuple[Any, ...]],
+    stream: Stream,
+    timeout: float | None,
+) -> None:
+    """Each batch through every live side at once, folded into `stream` before the next."""
+    for index, batch in enumerate(batches):
+        live = [s for s in sides if s.session is not None]
+        if not live:
+            return
+        answers = list(pool.map(partial(_step, batch=batch), live))
+        replies = {id(side): r for side, r in zip(live, answers, strict=True)}
+        del batch, answers
+        for side in live:
+            reply = replies[id(side)]
+            if reply is not None:
+                _note_step(side, reply, first=index == 0)
+        ra, rb = (replies.get(id(s)) for s in sides)
+        if ra is not None and rb is not None:
+            stream.add(ra, rb)
+        del replies, ra, rb
+
+
+def _step(side: _Side, batch: tuple[Any, ...]) -> dict[str, Any] | None:
+    """One batch through one side's session: its checked reply, or None once it failed."""
+    try:
+        reply = side.session("step", *batch)
+        _check_step(reply)
+        return reply
+    except IsolhubError as e:
+        side.error, side.session = e, None
+        return None
+
+
+def _note_step(side: _Side, reply: dict[str, Any], *, first: bool) -> None:
+    """What one batch tells about its side: latency, forward errors, the first batch's values."""
+    summary = side.summary
+    assert summary is not None
+    parts = {p["path"]: p for p in summary["parts"]}
+    for path, message in reply["errors"].items():
+        if path in parts:
+            parts[path].setdefault("forward_error", message)
+    if not reply["errors"] and reply["forward_s"]:
+        side.latency.add(sum(reply["forward_s"].values()))
+    if first:
+        summary["values"].update(reply["values"])
+        summary["uncompared"].update(reply["uncompared"])
+        summary["outputs"] = {}  # compared through the stream
+
+
+def _peak_memory(worker: Any) -> int | None:
+    """The worker's peak resident set (VmHWM), read from /proc here, not taken on its word."""
+    if worker is None or worker.closed:
+        return None
+    try:
+        with open(f"/proc/{int(worker.pid)}/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def _entrypoints_by_help(worker: Any, timeout: float | None) -> dict[str, dict[str, Any]] | None:
@@ -304,11 +411,48 @@ def _check_summary(s: Any) -> None:
         raise ProtocolError("the worker's compare summary is malformed")
 
 
+def _check_step(r: Any) -> None:
+    """Refuse a malformed step reply (repo code ran beside the session in the worker)."""
+    import torch
+
+    def strs(d: Any) -> bool:
+        return isinstance(d, dict) and all(isinstance(k, str) for k in d)
+
+    def number(x: Any) -> bool:
+        return x is None or type(x) is float
+
+    ok = isinstance(r, dict) and all(
+        strs(r.get(k))
+        for k in ("forward_s", "errors", "outputs", "values", "uncompared", "activations")
+    )
+    ok = ok and all(type(v) is float and v >= 0 for v in r["forward_s"].values())
+    ok = ok and all(isinstance(v, str) for k in ("errors", "uncompared") for v in r[k].values())
+    ok = ok and all(
+        isinstance(v, torch.Tensor) for k in ("outputs", "activations") for v in r[k].values()
+    )
+    layers = r.get("layers") if ok else None
+    ok = ok and isinstance(layers, list) and len(layers) <= _MAX_LAYERS
+    ok = ok and all(
+        isinstance(x, dict)
+        and isinstance(x.get("name"), str)
+        and isinstance(x.get("type"), str)
+        and isinstance(x.get("dtype"), str)
+        and isinstance(x.get("shape"), list)
+        and all(type(d) is int and d >= 0 for d in x["shape"])
+        and all(number(x.get(k)) for k in ("mean", "std", "min", "max"))
+        for x in layers or ()
+    )
+    if not ok:
+        raise ProtocolError("the worker's compare step reply is malformed")
+
+
 # ----------------------------------------------------------------------------- diffing
 
 
-def build_report(side_a: _Side, side_b: _Side, **meta: Any) -> CompareReport:
-    """Diff two described sides into a report (pure: no workers)."""
+def build_report(
+    side_a: _Side, side_b: _Side, *, stream: Stream | None = None, **meta: Any
+) -> CompareReport:
+    """Diff two described sides (and the batches `stream` folded) into a report (no workers)."""
     atol, rtol = meta["atol"], meta["rtol"]
     sa, sb = side_a.summary, side_b.summary
     differences: list[str] = []
@@ -324,6 +468,8 @@ def build_report(side_a: _Side, side_b: _Side, **meta: Any) -> CompareReport:
     if sa is not None and sb is not None:
         parameters = diff_tensors(sa["tensors"], sb["tensors"], atol, rtol, renames=True)
         outputs = diff_tensors(sa["outputs"], sb["outputs"], atol, rtol, renames=False)
+        if stream is not None and stream.batches:
+            outputs = stream.output_rows()
         values = diff_values(sa["values"], sb["values"], atol, rtol)
         for kind, rows, equal in (
             ("parameter", parameters, PARAMETER_EQUAL),
@@ -364,6 +510,9 @@ def build_report(side_a: _Side, side_b: _Side, **meta: Any) -> CompareReport:
         values=values,
         uncompared=tuple(uncompared),
         differences=tuple(differences),
+        batches=stream.batches if stream is not None else 0,
+        metrics=stream.metrics() if stream is not None else (),
+        layers=stream.layers.rows_out() if stream is not None else (),
         **meta,
     )
 
@@ -382,7 +531,6 @@ def _side_info(side: _Side) -> SideInfo:
         count = sum(params)
     else:
         count = sum(t.numel() for t in _unique(tensors.values()))
-    fwd = [p["forward_s"] for p in s["parts"] if isinstance(p.get("forward_s"), float)]
     forward_errors = [
         (f"{p['path']}: " if p["path"] else "") + str(p["forward_error"])
         for p in s["parts"]
@@ -399,8 +547,9 @@ def _side_info(side: _Side) -> SideInfo:
         bytes=sum(t.numel() * t.element_size() for t in _unique(tensors.values())),
         start_s=side.start_s,
         load_s=side.load_s,
-        forward_s=sum(fwd) if fwd else None,
         forward_error="; ".join(forward_errors) or None,
+        peak_memory=side.peak_memory,
+        **side.latency.summary(),
     )
 
 
@@ -494,22 +643,7 @@ def tensor_difference(a: Any, b: Any, atol: float, rtol: float) -> tuple[float, 
     NaNs in the same place count as equal, as do equal infinities; a NaN on one side only is an
     infinite difference. Works in float64 (complex128), a few million elements at a time.
     """
-    import torch
-
-    wide = torch.complex128 if a.is_complex() or b.is_complex() else torch.float64
-    xa, xb = a.detach().reshape(-1), b.detach().reshape(-1)
-    max_abs = scale = 0.0
-    close = True
-    for i in range(0, xa.numel(), _CHUNK):
-        x, y = xa[i : i + _CHUNK].to(wide), xb[i : i + _CHUNK].to(wide)
-        equal = (x == y) | (x.isnan() & y.isnan())
-        d = torch.where(equal, 0.0, (x - y).abs().to(torch.float64)).nan_to_num(nan=math.inf)
-        max_abs = max(max_abs, float(d.max()))
-        mag = torch.maximum(x.abs(), y.abs()).to(torch.float64)
-        scale = max(scale, float(mag.nan_to_num(nan=0.0, posinf=0.0).max()))
-        close = close and bool(torch.allclose(x, y, rtol=rtol, atol=atol, equal_nan=True))
-    rel = 0.0 if max_abs == 0 else (max_abs / scale if scale > 0 else math.inf)
-    return max_abs, rel, close
+    return difference(a, b, atol, rtol)[:3]
 
 
 def find_renames(removed: dict[str, Any], added: dict[str, Any]) -> list[tuple[str, str]]:
@@ -602,26 +736,6 @@ def shape_text(shape: tuple[int, ...] | None) -> str:
     if shape is None:
         return "-"
     return "x".join(str(d) for d in shape) if shape else "scalar"
-
-
-def _normalise_inputs(inputs: Any) -> tuple[Any, ...]:
-    if inputs is None:
-        return ()
-    if isinstance(inputs, tuple):
-        return inputs
-    if isinstance(inputs, list):
-        return tuple(inputs)
-    if type(inputs).__module__.startswith("torch") and hasattr(inputs, "shape"):
-        return (inputs,)
-    raise SpecError(
-        f"inputs must be a tensor or a tuple of forward arguments, not {type(inputs).__name__}"
-    )
-
-
-def _describe_input(x: Any) -> str:
-    if hasattr(x, "shape") and hasattr(x, "dtype"):
-        return f"{shape_text(tuple(x.shape))} {str(x.dtype).removeprefix('torch.')}"
-    return _short_repr(x)
 
 
 def _short_repr(value: Any, limit: int = 80) -> str:

@@ -4,6 +4,8 @@
                   ├─ entrypoints: EntrypointDiff  names, signatures, docstrings
                   ├─ parameters, outputs: TensorDiff  weights and forward outputs
                   ├─ values: ValueDiff        plain values in the result or the outputs
+                  ├─ metrics: OutputMetrics   aggregates of each output over all the batches
+                  ├─ layers: LayerDiff        each submodule's output, aligned (layers=True)
                   └─ code: FileChange         files changed between the two snapshots
 
 Pure data: diffing two sides into a report is `_compare`'s, rendering one (terminal tables,
@@ -31,7 +33,13 @@ from ._errors import SpecError
 @final
 @dataclass(frozen=True)
 class SideInfo:
-    """What one ref turned out to be. `error` is set when the side could not be described."""
+    """What one ref turned out to be. `error` is set when the side could not be described.
+
+    `forward_s` is the median forward time of one batch (every part of the result), over
+    `forwards` batches, `forward_iqr_s` its interquartile range, `forward_min_s`/`forward_max_s`
+    the extremes; `peak_memory` the worker's peak resident set in bytes (VmHWM, read by the
+    parent from /proc once the batches are done, not taken on the worker's word).
+    """
 
     spec: str
     sha: str | None = None
@@ -45,6 +53,11 @@ class SideInfo:
     load_s: float | None = None
     forward_s: float | None = None
     forward_error: str | None = None
+    forward_iqr_s: float | None = None
+    forward_min_s: float | None = None
+    forward_max_s: float | None = None
+    forwards: int = 0
+    peak_memory: int | None = None
 
 
 @final
@@ -97,6 +110,62 @@ class ValueDiff:
     status: str
     a: str | None = None
     b: str | None = None
+
+
+@final
+@dataclass(frozen=True)
+class OutputMetrics:
+    """One output over all the batches both sides ran (same-shape pairs only).
+
+    `max_abs`/`mean_abs` are over every element of every batch. For classifier-shaped outputs
+    (N×C floats, C ≥ 2) `top1_agreement` is the share of rows whose argmax agrees and `kl_div`
+    the mean over rows of KL(softmax A ‖ softmax B), in nats; None otherwise.
+    """
+
+    name: str
+    batches: int
+    elements: int
+    max_abs: float
+    mean_abs: float
+    rows: int | None = None
+    top1_agreement: float | None = None
+    kl_div: float | None = None
+
+
+@final
+@dataclass(frozen=True)
+class LayerDiff:
+    """One submodule's output at both refs (`compare(..., layers=True)`), over all batches.
+
+    `name` is A's qualified module name (B's for a layer only in B), `name_b` B's where they are
+    paired (a different name: aligned by order and shape after a rename). `status`: same, close,
+    changed, reshaped, retyped, added (only in B), removed (only in A), or unchecked (its tensors
+    were past the byte budget and its summary statistics agree, which proves nothing; `exact` is
+    False whenever a batch was compared on statistics only: then `max_abs` is a lower bound).
+    `mean_*`/`std_*` are the output's statistics at each ref, averaged over the batches.
+    """
+
+    name: str
+    status: str
+    name_b: str | None = None
+    type_a: str | None = None
+    type_b: str | None = None
+    shape_a: tuple[int, ...] | None = None
+    shape_b: tuple[int, ...] | None = None
+    dtype_a: str | None = None
+    dtype_b: str | None = None
+    max_abs: float | None = None
+    rel: float | None = None
+    allclose: bool | None = None
+    exact: bool = False
+    batches: int = 0
+    mean_a: float | None = None
+    mean_b: float | None = None
+    std_a: float | None = None
+    std_b: float | None = None
+
+
+DEPARTED = ("changed", "reshaped", "retyped")  # a layer whose output departs from its partner's
 
 
 @final
@@ -157,6 +226,9 @@ class CompareReport:
     kwargs_a: tuple[tuple[str, str], ...] = ()
     kwargs_b: tuple[tuple[str, str], ...] = ()
     code: tuple[FileChange, ...] = ()
+    batches: int = 0
+    metrics: tuple[OutputMetrics, ...] = ()
+    layers: tuple[LayerDiff, ...] = ()
 
     @property
     def error_a(self) -> str | None:
@@ -177,6 +249,18 @@ class CompareReport:
     def equivalent(self) -> bool:
         """Both sides loaded and nothing differs beyond atol/rtol (docstrings may differ)."""
         return not self.failed and not self.differences
+
+    @property
+    def first_divergence(self) -> LayerDiff | None:
+        """The first layer, in A's call order, whose output departs beyond atol/rtol (or whose
+        shape or dtype changed) from its aligned partner; None if none does (or no layers)."""
+        path = self.divergence_path
+        return path[0] if path else None
+
+    @property
+    def divergence_path(self) -> tuple[LayerDiff, ...]:
+        """The first divergence and every departing layer after it, in call order."""
+        return tuple(x for x in self.layers if x.status in DEPARTED and x.name_b is not None)
 
     @property
     def renamed(self) -> tuple[TensorDiff, ...]:
@@ -243,6 +327,12 @@ class CompareReport:
 
         return render_text(self, max_rows)
 
+    def _repr_html_(self) -> str:
+        """The HTML report as a notebook cell shows it (styles scoped to the report)."""
+        from ._report_html import render_fragment
+
+        return render_fragment(self)
+
     def to_html(self, path: str | os.PathLike[str] | None = None) -> str:
         """A self-contained HTML page (tables and a per-layer plot); written to `path` if given.
 
@@ -277,7 +367,7 @@ def _report_from_dict(data: dict[str, Any]) -> CompareReport:
             v = raw[f.name]
             if f.name in ("shape_a", "shape_b") and v is not None:
                 v = tuple(int(d) for d in v)
-            elif f.name in ("max_abs", "rel", "atol", "rtol") and v is not None:
+            elif f.type in ("float", "float | None") and v is not None:
                 v = float(v)
             elif f.name == "changes":
                 v = tuple(v)
@@ -297,6 +387,8 @@ def _report_from_dict(data: dict[str, Any]) -> CompareReport:
         "args_a": lambda v: None if v is None else tuple(v),
         "args_b": lambda v: None if v is None else tuple(v),
         "code": lambda v: tuple(build(FileChange, x) for x in v),
+        "metrics": lambda v: tuple(build(OutputMetrics, x) for x in v),
+        "layers": lambda v: tuple(build(LayerDiff, x) for x in v),
         "args": tuple,
         "inputs": tuple,
         "uncompared": tuple,
@@ -318,4 +410,13 @@ def _pairs(v: Any) -> tuple[tuple[str, str], ...]:
     return tuple((str(k), str(x)) for k, x in dict(v).items())
 
 
-__all__ = ["CompareReport", "EntrypointDiff", "FileChange", "SideInfo", "TensorDiff", "ValueDiff"]
+__all__ = [
+    "CompareReport",
+    "EntrypointDiff",
+    "FileChange",
+    "LayerDiff",
+    "OutputMetrics",
+    "SideInfo",
+    "TensorDiff",
+    "ValueDiff",
+]

@@ -14,6 +14,20 @@ result. The answer holds only what the restricted codec and the tensor arena car
 The parent checks that shape (`_compare._check_summary`) before it trusts it: repo code ran
 beside `summarise` and may have tampered with it.
 
+For many batches `compare` keeps a `CompareSession` in the worker instead (`open_session`, the
+`then=` of a call whose result stays there as a handle) and sends it one batch at a time:
+
+    session("summary")     the dict above, without outputs
+    session("step", *xs)   {"forward_s": {part: s}, "errors": {part: message},
+                            "outputs": {name: tensor}, "values": {...}, "uncompared": {...},
+                            "layers": [{"name", "type", "shape", "dtype", "mean", "std", "min",
+                                        "max"}], "activations": {layer name: tensor}}
+
+With `layers=True`, forward hooks on every submodule record its output while the batch runs:
+summary statistics for every layer, and the output tensor itself (cloned, since a later in-place
+op may overwrite it) while the batch's kept tensors stay within `layer_bytes`. Only that state
+of the current batch is held: memory stays bounded however many batches come.
+
 Example:
     >>> summarise(torch.nn.Linear(2, 3), (torch.ones(1, 2),), seed=0)["outputs"].keys()
     dict_keys(['output'])
@@ -77,6 +91,162 @@ def summarise(
     else:
         _keep(obj, "result", out["tensors"], out, _MAX_NESTING)
     return out
+
+
+def open_session(
+    obj: Any,
+    *,
+    seed: int | None = None,
+    remote: bool = False,
+    snapshot: str | None = None,
+    layers: bool = False,
+    layer_bytes: int = 0,
+) -> CompareSession:
+    """The `then=` of compare's call: keep the result in a `CompareSession` (runs in the worker)."""
+    return CompareSession(obj, seed, remote, snapshot, layers, layer_bytes)
+
+
+class CompareSession:
+    """An entrypoint's result kept in its worker, stepped one batch at a time (see the module).
+
+    Callable, so the parent reaches it in one round trip per batch through its handle.
+    """
+
+    def __init__(
+        self,
+        obj: Any,
+        seed: int | None,
+        remote: bool,
+        snapshot: str | None,
+        layers: bool,
+        layer_bytes: int,
+    ) -> None:
+        self.summary = summarise(obj, (), seed, remote=remote, snapshot=snapshot)
+        self.parts = _module_parts(obj)
+        self.seed, self.layers, self.layer_bytes = seed, layers, int(layer_bytes)
+
+    def __call__(self, op: str, *args: Any) -> dict[str, Any]:
+        if op == "summary":
+            return self.summary
+        if op == "step":
+            return self.step(args)
+        raise ValueError(f"unknown compare session operation {op!r}")
+
+    def step(self, inputs: tuple[Any, ...]) -> dict[str, Any]:
+        """Run every module part on one batch; see the module docstring for the answer."""
+        import torch
+
+        out: dict[str, Any] = {
+            "forward_s": {},
+            "errors": {},
+            "outputs": {},
+            "values": {},
+            "uncompared": {},
+            "layers": [],
+            "activations": {},
+        }
+        budget = [self.layer_bytes]
+        for path, m in self.parts:
+            prefix = f"{path}." if path else ""
+            hooks = []
+            if self.layers and isinstance(m, torch.nn.Module):
+                hooks = _hook_layers(m, prefix, out, budget)
+            if self.seed is not None:
+                _reseed(self.seed)
+            began = time.monotonic()
+            try:
+                with torch.no_grad():
+                    y = m(*inputs)
+                out["forward_s"][path] = time.monotonic() - began
+                _keep(y, f"{prefix}output", out["outputs"], out, 0)
+            except Exception as e:  # noqa: BLE001 - repo code: record it, go on
+                out["errors"][path] = _one_line(e)
+            finally:
+                for h in hooks:
+                    h.remove()
+        return out
+
+
+def _module_parts(obj: Any) -> list[tuple[str, Any]]:
+    """The module-like parts of a result, as `summarise` names them."""
+    if _is_module_like(obj):
+        return [("", obj)]
+    if isinstance(obj, (tuple, list)):
+        return [(f"[{i}]", item) for i, item in enumerate(obj) if _is_module_like(item)]
+    return []
+
+
+def _hook_layers(m: Any, prefix: str, out: dict[str, Any], budget: list[int]) -> list[Any]:
+    """Forward hooks on every submodule of `m` that record its output into `out`."""
+    calls: dict[str, int] = {}
+
+    def record(name: str, module: Any, output: Any) -> None:
+        t = _first_tensor(output, 0)
+        if t is None:
+            return
+        calls[name] = calls.get(name, 0) + 1
+        key = f"{prefix}{name}" + (f"#{calls[name]}" if calls[name] > 1 else "")
+        row: dict[str, Any] = {
+            "name": key,
+            "type": _type_name(module),
+            "shape": [int(d) for d in t.shape],
+            "dtype": str(t.dtype).removeprefix("torch."),
+        }
+        row.update(_stats(t))
+        out["layers"].append(row)
+        size = t.numel() * t.element_size()
+        if size <= budget[0]:
+            try:
+                kept = _crossable(t)
+                out["activations"][key] = kept.clone() if kept.data_ptr() == t.data_ptr() else kept
+                budget[0] -= size
+            except (TypeError, RuntimeError):
+                pass  # summary statistics only
+
+    hooks = []
+    for name, sub in m.named_modules():
+        if name:  # the root's output is the model's output, compared already
+            hooks.append(sub.register_forward_hook(lambda mod, _i, o, n=name: record(n, mod, o)))
+    return hooks
+
+
+def _first_tensor(value: Any, depth: int) -> Any:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value
+    if depth < _MAX_NESTING:
+        items = value.values() if isinstance(value, dict) else value
+        if isinstance(value, (tuple, list, dict)):
+            for item in items:
+                t = _first_tensor(item, depth + 1)
+                if t is not None:
+                    return t
+    return None
+
+
+def _stats(t: Any) -> dict[str, float | None]:
+    """Mean, standard deviation, min and max of a tensor, in float64 (None where undefined)."""
+    import torch
+
+    none: dict[str, float | None] = {"mean": None, "std": None, "min": None, "max": None}
+    try:
+        x = t.detach()
+        if x.is_quantized:
+            x = x.dequantize()
+        if x.is_complex():
+            x = x.abs()
+        x = x.to(torch.float64)
+        if not x.numel():
+            return none
+        return {
+            "mean": float(x.mean()),
+            "std": float(x.std(unbiased=False)),
+            "min": float(x.min()),
+            "max": float(x.max()),
+        }
+    except (TypeError, RuntimeError):
+        return none
 
 
 def _is_module_like(obj: Any) -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -102,8 +103,22 @@ def _per_side(rep: CompareReport) -> bool:
     return bool(rep.args_a is not None or rep.args_b is not None or rep.kwargs_a or rep.kwargs_b)
 
 
+def _spread(side: Any) -> str:
+    if not side.forwards:
+        return "-"
+    return (
+        f"{_seconds(side.forward_iqr_s)}; {_seconds(side.forward_min_s)}–"
+        f"{_seconds(side.forward_max_s)} ({side.forwards} batches)"
+    )
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / (1 << 20):,.1f} MiB"
+
+
 def _side_rows(rep: CompareReport) -> list[tuple[str, str, str]]:
     a, b = rep.a, rep.b
+    many = max(a.forwards, b.forwards) > 1
     rows = [("spec", a.spec, b.spec)]
     if _per_side(rep):
         rows.append(("call", _call_text(rep, "a"), _call_text(rep, "b")))
@@ -112,7 +127,14 @@ def _side_rows(rep: CompareReport) -> list[tuple[str, str, str]]:
         ("result", a.result_type or "-", b.result_type or "-"),
         ("start (fetch + worker)", _seconds(a.start_s), _seconds(b.start_s)),
         ("load time", _seconds(a.load_s), _seconds(b.load_s)),
-        ("forward time", _seconds(a.forward_s), _seconds(b.forward_s)),
+        ("forward time" + (" (median)" if many else ""), _seconds(a.forward_s),
+         _seconds(b.forward_s)),
+    ]  # fmt: skip
+    if many:
+        rows.append(("forward spread (IQR; min–max)", _spread(a), _spread(b)))
+    if a.peak_memory is not None or b.peak_memory is not None:
+        rows.append(("peak memory (worker)", _mib(a.peak_memory), _mib(b.peak_memory)))
+    rows += [
         ("parameters", _count(a.parameters), _count(b.parameters)),
         ("tensors", _count(a.tensors), _count(b.tensors)),
         ("bytes", _count(a.bytes), _count(b.bytes)),
@@ -204,6 +226,11 @@ def render_text(rep: CompareReport, max_rows: int = 40) -> str:
         hidden = len(items) - len(rows)
         if hidden:
             out.append(f"  … {hidden} more rows (same or close, or past {max_rows}): see --json")
+    from ._report_layers import layer_text, metrics_text
+
+    out += metrics_text(rep)
+    if rep.layers:
+        out += layer_text(rep, max_rows)
     values = [v for v in rep.values if v.status not in ("same", "close")]
     if values:
         out += ["", f"Values: {_counts(rep.values)}"]
@@ -222,7 +249,7 @@ def render_text(rep: CompareReport, max_rows: int = 40) -> str:
 # ----------------------------------------------------------------------------- HTML
 
 _CSS = """
-body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px auto;
+.isolhub-report{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px auto;
 max-width:1150px;padding:0 16px;color:#1d2330;background:#fff}
 h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #dde;
 padding-bottom:4px}code,td.mono{font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:12.5px}
@@ -237,7 +264,18 @@ td[class^="s-"]{white-space:nowrap}svg{max-width:100%;height:auto}
 .s-reshaped,.s-added,.s-removed{color:#a34b00;font-weight:600}.s-modified{color:#3b4fb8}
 .plus,.minus{display:inline-block;height:10px}.plus{background:#2da44e}.minus{background:#cf222e}.s-renamed{color:#3b4fb8;font-weight:600}
 ul{margin:4px 0 0 18px;padding:0}pre{white-space:pre-wrap;background:#f7f7fa;padding:8px;font-size:12px}
+p.first{font-weight:600;color:#9b1c1c}
 """
+
+
+def _scoped(css: str, scope: str = ".isolhub-report") -> str:
+    """Every rule of `css` limited to the report's own element, so a notebook keeps its styles."""
+
+    def prefix(m: re.Match[str]) -> str:
+        sels = [x.strip() for x in m.group(1).split(",")]
+        return ",".join(x if x.startswith(scope) else f"{scope} {x}" for x in sels) + "{"
+
+    return re.sub(r"([^{}]+)\{", prefix, css.strip())
 
 
 def _e(x: Any) -> str:
@@ -263,12 +301,33 @@ def _html_table(
 
 def render_html(rep: CompareReport) -> str:
     """The report as one self-contained HTML page (no scripts, nothing fetched)."""
+    return (
+        "\n".join(
+            [
+                "<!DOCTYPE html>",
+                '<html lang="en"><head><meta charset="utf-8">',
+                '<meta name="viewport" content="width=device-width,initial-scale=1">',
+                f"<title>isolhub diff: {_e(rep.entrypoint)}</title>",
+                f"<style>body{{margin:0}}{_scoped(_CSS)}</style></head><body>",
+                '<div class="isolhub-report">',
+                *_body(rep),
+                "</div></body></html>",
+            ]
+        )
+        + "\n"
+    )
+
+
+def render_fragment(rep: CompareReport) -> str:
+    """The report as one `<div>` with its own scoped styles (for a notebook's `_repr_html_`)."""
+    return "\n".join(
+        [f'<div class="isolhub-report"><style>{_scoped(_CSS)}</style>', *_body(rep), "</div>"]
+    )
+
+
+def _body(rep: CompareReport) -> list[str]:
     verdict_cls = "fail" if rep.failed else "ok" if rep.equivalent else "bad"
     parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width,initial-scale=1">',
-        f"<title>isolhub diff: {_e(rep.entrypoint)}</title><style>{_CSS}</style></head><body>",
         f"<h1>isolhub diff: <code>{_e(_call_text(rep))}</code></h1>",
         f'<div class="meta">mode {_e(rep.mode)} · seed {_e(rep.seed)} · atol {rep.atol:g} · '
         f"rtol {rep.rtol:g} · inputs {_e(', '.join(rep.inputs) or 'none')}</div>",
@@ -317,6 +376,7 @@ def render_html(rep: CompareReport) -> str:
             f"<h2>Outputs on the inputs: {_e(_counts(rep.outputs))}</h2>",
             _tensor_table(rep.outputs, True, "outputs"),
         ]
+    parts += _deep_html(rep)
     if rep.values:
         rows = [(v.status, v.name, v.a or "-", v.b or "-") for v in rep.values]
         parts += [
@@ -330,8 +390,45 @@ def render_html(rep: CompareReport) -> str:
         parts.append(
             "<h2>Notes</h2><ul>" + "".join(f"<li>{_e(n)}</li>" for n in rep.notes) + "</ul>"
         )
-    parts.append('<p class="meta">Generated by isolhub.</p></body></html>')
-    return "\n".join(parts) + "\n"
+    parts.append('<p class="meta">Generated by isolhub.</p>')
+    return parts
+
+
+def _deep_html(rep: CompareReport) -> list[str]:
+    """Metrics over the batches, and the layers with their depth plot."""
+    from ._report_layers import (
+        LAYER_HEADERS,
+        METRIC_HEADERS,
+        depth_svg,
+        divergence_text,
+        layer_counts,
+        layer_rows,
+        metric_rows,
+    )
+
+    parts = []
+    if rep.metrics:
+        n = rep.batches
+        parts += [
+            f"<h2>Outputs over {n} batch{'es' if n != 1 else ''}</h2>",
+            _html_table(
+                METRIC_HEADERS, metric_rows(rep.metrics),
+                ("mono", "num", "num", "num", "num", "num"), "metrics",
+            ),
+        ]  # fmt: skip
+    if rep.layers:
+        first = rep.first_divergence
+        parts += [
+            f"<h2>Layers: {len(rep.layers)} ({_e(layer_counts(rep.layers))})</h2>",
+            f'<p id="divergence" class="{"first" if first else "meta"}">'
+            f"{_e(divergence_text(rep))}</p>",
+            depth_svg(rep.layers, first),
+            _html_table(
+                LAYER_HEADERS, layer_rows(rep.layers),
+                ("num", "status", "mono", "mono", "mono", "mono", "num", "num", ""), "layers",
+            ),
+        ]  # fmt: skip
+    return parts
 
 
 def _code_html(rep: CompareReport) -> str:

@@ -5,14 +5,18 @@ Every case is two tags of a real git repo built by the test (`hubrepos`), loaded
 
 from __future__ import annotations
 
+import gc
 import subprocess
+import weakref
 from pathlib import Path
 
 import pytest
+import torch
 from test_compare import X, by_name, diff, model, run_cli, two_tags  # noqa: F401 - fixture
 
 from isolhub._compare import CompareReport, compare
 from isolhub._compare_code import diff_trees
+from isolhub._errors import SpecError
 
 from hubrepos import spec_of
 
@@ -154,3 +158,196 @@ def test_a_rename_that_keeps_the_weights_is_equivalent_and_says_keys_need_mappin
     ]
     assert rep.equivalent and rep.differences == ()
     assert "2 parameters renamed" in rep.summary()
+
+
+# ----------------------------------------------------------------------------- layers
+
+DEEP_LAYERS = """\
+self.stem = nn.Linear(4, 8)
+self.act = nn.ReLU()
+self.{mid} = nn.Linear(8, 8)
+self.head = nn.Linear(8, 3)"""
+DEEP_FORWARD = "return self.head(self.act(self.{mid}(self.act(self.stem(x)))))"
+
+
+def deep(mid: str = "mid", post: str = "") -> dict[str, str | None]:
+    return model(
+        layers=DEEP_LAYERS.format(mid=mid), forward=DEEP_FORWARD.format(mid=mid), post=post
+    )
+
+
+BATCHES = [torch.linspace(-1, 1, 12).reshape(3, 4) * (i + 1) for i in range(4)]
+
+
+@pytest.mark.parametrize("mode", ["module", "remote"])
+def test_one_changed_layer_is_named_as_the_first_divergence(tmp_path: Path, mode: str) -> None:
+    repo = two_tags(tmp_path, deep(), deep(post="self.mid.weight.add_(0.25)"))
+    rep = diff(repo, inputs=BATCHES, layers=True, seed=0, mode=mode)
+    assert not rep.failed, (rep.error_a, rep.error_b)
+    assert [x.name for x in rep.layers] == ["stem", "act", "mid", "act#2", "head"]
+    rows = {x.name: x for x in rep.layers}
+    assert rows["stem"].status == "same" and rows["act"].status == "same"
+    assert rows["stem"].exact and rows["stem"].batches == len(BATCHES)
+    first = rep.first_divergence
+    assert first is not None and first.name == "mid" and first.name_b == "mid"
+    assert first.status == "changed" and first.max_abs > 0.1 and 0 < first.rel < 1
+    assert first.shape_a == (3, 8) and first.type_a == "Linear"
+    assert [x.name for x in rep.divergence_path] == ["mid", "act#2", "head"]
+    assert "first divergence: mid" in rep.summary()
+    again = CompareReport.from_json(rep.to_json())
+    assert again == rep and again.first_divergence == first
+
+
+def test_a_renamed_layer_keeping_its_weights_is_aligned_and_equivalent(tmp_path: Path) -> None:
+    repo = two_tags(tmp_path, deep(), deep(mid="middle"))
+    rep = diff(repo, inputs=BATCHES, layers=True, seed=0)
+    assert rep.equivalent, rep.differences
+    rows = {x.name: x for x in rep.layers}
+    assert set(rows) == {"stem", "act", "mid", "act#2", "head"}
+    assert (rows["mid"].name_b, rows["mid"].status, rows["mid"].exact) == ("middle", "same", True)
+    assert rep.first_divergence is None and rep.divergence_path == ()
+    assert {(p.name, p.name_b) for p in rep.renamed} == {
+        ("mid.weight", "middle.weight"),
+        ("mid.bias", "middle.bias"),
+    }
+
+
+def test_an_added_layer_is_listed_only_in_b_and_the_rest_stays_aligned(tmp_path: Path) -> None:
+    v2 = model(
+        layers=DEEP_LAYERS.format(mid="mid") + "\nself.extra = nn.Identity()",
+        forward="return self.head(self.extra(self.act(self.mid(self.act(self.stem(x))))))",
+    )
+    rep = diff(two_tags(tmp_path, deep(), v2), inputs=BATCHES, layers=True, seed=0)
+    assert [(x.name, x.status) for x in rep.layers] == [
+        ("stem", "same"),
+        ("act", "same"),
+        ("mid", "same"),
+        ("act#2", "same"),
+        ("extra", "added"),
+        ("head", "same"),
+    ]
+    assert rep.first_divergence is None and rep.equivalent
+
+
+def test_layers_past_the_byte_budget_are_compared_on_statistics(tmp_path: Path) -> None:
+    repo = two_tags(tmp_path, deep(), deep(post="self.head.bias.add_(1.0)"))
+    # 3x8 float32 = 96 bytes: the budget keeps stem (96) and act (96) only.
+    rep = diff(repo, inputs=BATCHES, layers=True, seed=0, layer_bytes=200)
+    rows = {x.name: x for x in rep.layers}
+    assert rows["stem"].exact and rows["stem"].status == "same"
+    assert not rows["mid"].exact and rows["mid"].status == "unchecked"
+    # head's mean moved by 1.0: its statistics alone prove the change (a lower bound).
+    assert rows["head"].status == "changed" and not rows["head"].exact
+    assert rows["head"].max_abs == pytest.approx(1.0)
+    assert rep.first_divergence.name == "head"
+
+
+def test_layers_work_under_the_strict_sandbox(tmp_path: Path) -> None:
+    repo = two_tags(tmp_path, deep(), deep(post="self.mid.weight.add_(0.25)"))
+    rep = diff(repo, inputs=BATCHES, layers=True, seed=0, mode="remote", sandbox="strict")
+    assert not rep.failed, (rep.error_a, rep.error_b)
+    assert rep.first_divergence.name == "mid"
+    assert rep.metrics[0].batches == len(BATCHES)
+
+
+# ----------------------------------------------------------------------------- many inputs
+
+LOGITS = '''
+import torch
+import torch.nn as nn
+
+
+def clf(shift=0.0):
+    """Logits of a fixed linear classifier."""
+    m = nn.Linear(4, 3)
+    with torch.no_grad():
+        m.weight.copy_(torch.arange(12.0).reshape(3, 4).cos())
+        m.bias.copy_(torch.tensor([0.0, shift, -shift]))
+    return m
+'''
+
+
+def _local_clf(shift: float) -> torch.nn.Linear:
+    m = torch.nn.Linear(4, 3)
+    with torch.no_grad():
+        m.weight.copy_(torch.arange(12.0).reshape(3, 4).cos())
+        m.bias.copy_(torch.tensor([0.0, shift, -shift]))
+    return m
+
+
+def test_many_batches_give_aggregate_metrics_with_top1_agreement_and_kl(
+    tmp_path: Path,
+    run_cli,  # noqa: F811
+) -> None:
+    repo = two_tags(tmp_path, {"hubconf.py": LOGITS}, {"hubconf.py": LOGITS})
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(5, 4, generator=gen) for _ in range(7)]
+    rep = diff(repo, "clf", inputs=iter(batches), kwargs_b={"shift": 0.7}, seed=0)
+    assert rep.batches == 7 and rep.b.forwards == 7 and rep.a.forwards == 7
+    (m,) = rep.metrics
+    ma, mb = _local_clf(0.0), _local_clf(0.7)
+    with torch.no_grad():
+        ya = torch.cat([ma(x) for x in batches]).double()
+        yb = torch.cat([mb(x) for x in batches]).double()
+    assert (m.name, m.batches, m.elements, m.rows) == ("output", 7, 105, 35)
+    assert m.max_abs == pytest.approx(float((ya - yb).abs().max()), rel=1e-5)
+    assert m.mean_abs == pytest.approx(float((ya - yb).abs().mean()), rel=1e-5)
+    agree = float((ya.argmax(1) == yb.argmax(1)).double().mean())
+    assert 0 < agree < 1 and m.top1_agreement == pytest.approx(agree)
+    kl = torch.nn.functional.kl_div(
+        yb.log_softmax(1), ya.log_softmax(1), log_target=True, reduction="batchmean"
+    )
+    assert m.kl_div == pytest.approx(float(kl), rel=1e-6)
+    out = rep.outputs[0]
+    assert out.status == "changed" and out.max_abs == pytest.approx(m.max_abs)
+    # Cost side by side: a median and spread over the 7 forwards, each worker's peak memory.
+    for side in (rep.a, rep.b):
+        assert side.forward_min_s <= side.forward_s <= side.forward_max_s
+        assert side.forward_iqr_s >= 0 and side.peak_memory > 1 << 20
+    text = rep.summary()
+    assert "top-1 agreement" in text and "peak memory" in text and "7 batches" in text
+
+    # The same batches from a saved file, through the CLI.
+    saved = tmp_path / "batches.pt"
+    torch.save(batches, saved)
+    code, out_text, err = run_cli(
+        "diff", spec_of(repo, "v1"), spec_of(repo, "v2"), "clf", "--inputs", str(saved),
+        "--kw-b", "shift=0.7", "--seed", "0", "--json",
+    )  # fmt: skip
+    assert code == 1, err
+    data = CompareReport.from_json(out_text)
+    assert data.batches == 7 and data.metrics[0].top1_agreement == pytest.approx(agree)
+
+
+def test_inputs_that_are_not_batches_are_refused_before_any_worker_starts(tmp_path: Path) -> None:
+    repo = two_tags(tmp_path, {"hubconf.py": LOGITS}, {"hubconf.py": LOGITS})
+    with pytest.raises(SpecError, match="inputs must be"):
+        diff(repo, "clf", inputs=3)
+    with pytest.raises(SpecError, match="cannot read the inputs file"):
+        diff(repo, "clf", inputs=str(tmp_path / "missing.pt"))
+
+
+def test_a_large_batch_count_holds_a_bounded_number_of_tensors(tmp_path: Path) -> None:
+    repo = two_tags(tmp_path, deep(), deep(post="self.mid.weight.add_(0.25)"))
+    alive: weakref.WeakSet[torch.Tensor] = weakref.WeakSet()
+    held: dict[int, int] = {}
+    seen_alive = []
+    n = 240
+
+    def batches():
+        for i in range(n):
+            seen_alive.append(len(alive))  # batches the parent still holds
+            if i % 40 == 0:
+                held[i] = sum(issubclass(type(o), torch.Tensor) for o in gc.get_objects())
+            x = torch.full((3, 4), float(i % 7) - 3.0)
+            alive.add(x)
+            yield x
+
+    rep = diff(repo, inputs=batches(), layers=True, seed=0)
+    assert rep.batches == n and rep.first_divergence.name == "mid"
+    # Asked for the next batch, the parent still holds at most the last two (locals that name
+    # the batch just run): never a number that grows with the batches.
+    assert max(seen_alive) <= 2 and seen_alive[-1] <= 2
+    # Tensors alive in this process (outputs, activations, the report) do not grow with batches.
+    counts = [held[i] for i in sorted(held) if i >= 40]
+    assert max(counts) - min(counts) <= 8, held
