@@ -1,22 +1,27 @@
 """Two refs of one repo side by side: entrypoints, weights and outputs, in one report.
 
-    spec A ─► fetch ─► worker A ─► entry(*args, **kwargs) ─► summarise() ─┐ plain values and
-    spec B ─► fetch ─► worker B ─► entry(*args, **kwargs) ─► summarise() ─┘ tensors cross back
-                                              (one thread per side, both at once)
+    spec A ─► fetch ─► worker A ─► entry(*args_a, **kwargs_a) ─► CompareSession ─┐ plain values
+    spec B ─► fetch ─► worker B ─► entry(*args_b, **kwargs_b) ─► CompareSession ─┘ and tensors
+                                              (one thread per side, both at once)   cross back
+    each batch ─► session("step", *batch) on both at once ─► Stream (folded, then dropped)
                  ─► diff in this process ─► CompareReport: summary() / to_json() / to_html()
 
-`summarise` (in `_compare_worker`) runs inside each worker (through `call(..., then=)`): it takes
-the state dict, runs the forward on the inputs and describes the hubconf's entrypoints with
-`inspect`. Only the restricted codec and the tensor arena carry its answer back, so nothing from
-the repo is unpickled here in either mode, and the repo's classes never enter this process. This
-module starts the two sides and diffs them; the report types are in `_compare_report`.
+The entrypoint's result stays in its worker inside a `CompareSession` (`_compare_worker`, the
+`then=` of the call, kept as a handle): it describes the state dict and the hubconf's
+entrypoints (`inspect`), then runs one batch per request, with forward hooks on every submodule
+when `layers=True`. Only the restricted codec and the tensor arena carry its answers back, so
+nothing from the repo is unpickled here in either mode, and the repo's classes never enter this
+process. This module starts the two sides, feeds them the batches and diffs them
+(`_compare_stream` folds the batches, `_compare_code` diffs the snapshot trees); the report
+types are in `_compare_report`.
 
 * `mode="module"` treats the result as the module it is: `parameters()` are counted, its class
   is named, and it is switched to `eval()` before the forward.
 * `mode="remote"` uses only what a remote proxy (`load(mode="remote")`) offers: `__call__` and
   `state_dict()`. The module runs as the entrypoint returned it (no `eval()`), and the parameter
   count is every value in the state dict. `summarise(proxy, remote=True)` works unchanged on
-  such a proxy in this process.
+  such a proxy in this process. Layer hooks run in the worker in both modes (on whatever
+  `nn.Module` the entrypoint returned), so `layers=True` works in remote mode and confined.
 
 Example:
     >>> rep = compare("git+file:///srv/net.git@v1", "git+file:///srv/net.git@v2", "resnet",
@@ -101,9 +106,14 @@ def compare(
     `args_a`/`args_b` replace `args` on one side; `kwargs_a`/`kwargs_b` are merged over `kwargs`
     on one side (for refs whose entrypoint signatures differ).
 
-    Both sides run at once. `inputs` (a tensor or a tuple of forward arguments) is fed to each
-    returned module; `seed` seeds each worker the same way before the entrypoint and again before
-    the forward, so identical code gives identical random weights. Without `seed`, both sides
+    Both sides run at once. `inputs` is fed to each returned module: a tensor or a tuple of
+    forward arguments (one batch), an iterable of batches, or the path of a file saved with
+    `torch.save` (see `_compare_stream.iter_batches`); batches go through both workers one at a
+    time and are folded into running aggregates (`rep.metrics`), so memory stays bounded.
+    `layers=True` records every submodule's output in both workers (summary statistics always,
+    the tensors themselves up to `layer_bytes` per side and batch) and aligns them
+    (`rep.layers`, `rep.first_divergence`). `seed` seeds each worker the same way before the
+    entrypoint and again before each batch's forward, so identical code gives identical random weights. Without `seed`, both sides
     start from the same state: this process's random state at the call (torch's CPU generator,
     `random`, numpy's), as `load` would use it; identical code then draws identical weights too
     (the report's notes say so), unless it reseeds itself from the OS; this process's
@@ -427,6 +437,7 @@ def _check_step(r: Any) -> None:
     )
     ok = ok and all(type(v) is float and v >= 0 for v in r["forward_s"].values())
     ok = ok and all(isinstance(v, str) for k in ("errors", "uncompared") for v in r[k].values())
+    ok = ok and all(v is None or type(v) in (bool, int, float, str) for v in r["values"].values())
     ok = ok and all(
         isinstance(v, torch.Tensor) for k in ("outputs", "activations") for v in r[k].values()
     )

@@ -6,6 +6,7 @@ Every case is two tags of a real git repo built by the test (`hubrepos`), loaded
 from __future__ import annotations
 
 import gc
+import re
 import subprocess
 import weakref
 from pathlib import Path
@@ -351,3 +352,24 @@ def test_a_large_batch_count_holds_a_bounded_number_of_tensors(tmp_path: Path) -
     # Tensors alive in this process (outputs, activations, the report) do not grow with batches.
     counts = [held[i] for i in sorted(held) if i >= 40]
     assert max(counts) - min(counts) <= 8, held
+
+
+def test_the_report_shows_layers_metrics_and_code_in_html_and_in_a_notebook(tmp_path: Path) -> None:
+    repo = two_tags(tmp_path, deep(), deep(post="self.mid.weight.add_(0.25)"))
+    rep = diff(repo, inputs=BATCHES, layers=True, seed=0)
+    page = rep.to_html(tmp_path / "r.html")
+    for ident in ('<svg id="depth-plot"', '<table id="layers">', '<table id="metrics">',
+                  '<table id="code">', 'id="first-divergence" data-layer="mid"'):  # fmt: skip
+        assert ident in page
+    assert re.findall(r'<g class="layer" data-layer="([^"]+)"', page) == [
+        "stem", "act", "mid", "act#2", "head"
+    ]  # fmt: skip
+    assert "<script" not in page and "http" not in page.replace("http://www.w3.org/2000/svg", "")
+    cell = rep._repr_html_()
+    assert cell.startswith('<div class="isolhub-report"><style>') and "<html" not in cell
+    # Every style rule is scoped to the report, so a notebook's own styles are left alone.
+    css = cell.split("<style>", 1)[1].split("</style>", 1)[0]
+    selectors = re.findall(r"([^{}]+)\{", css)
+    assert selectors and all(
+        part.strip().startswith(".isolhub-report") for sel in selectors for part in sel.split(",")
+    )
