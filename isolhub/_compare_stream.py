@@ -413,6 +413,8 @@ class _Layers:
 def align_layers(la: list[dict], lb: list[dict]) -> list[tuple[dict | None, dict | None]]:
     """Pair two call-ordered layer lists: by qualified name, then the rest by order and shape.
 
+    A same-name pair needs the same type or the same output shape (ReLU → GELU under one name
+    pairs; a name that moved to an unrelated layer does not).
     Layers left over after the names are matched in order where their (type, shape, dtype)
     agree (a longest-common-subsequence match), so a renamed layer still pairs with its old
     self. Returns A's layers in call order, each with its B partner or None, and B's unpaired
@@ -422,7 +424,9 @@ def align_layers(la: list[dict], lb: list[dict]) -> list[tuple[dict | None, dict
     partner: dict[int, int] = {}
     for i, r in enumerate(la):
         j = names_b.get(r["name"])
-        if j is not None:
+        # A name now used by another kind of layer with another shape (`head.2` was the
+        # Linear, is now a Dropout before it) is not that layer: left to the order pass.
+        if j is not None and (r["type"] == lb[j]["type"] or r["shape"] == lb[j]["shape"]):
             partner[i] = j
     taken = set(partner.values())
     free_a = [i for i in range(len(la)) if i not in partner]

@@ -103,6 +103,10 @@ def _per_side(rep: CompareReport) -> bool:
     return bool(rep.args_a is not None or rep.args_b is not None or rep.kwargs_a or rep.kwargs_b)
 
 
+def _outputs_where(rep: CompareReport) -> str:
+    return f"worst over {rep.batches} batches" if rep.batches > 1 else "on the inputs"
+
+
 def _spread(side: Any) -> str:
     if not side.forwards:
         return "-"
@@ -213,7 +217,8 @@ def render_text(rep: CompareReport, max_rows: int = 40) -> str:
         out += ["", "Code changed between the snapshots:", *stat_text(rep.code)]
         if rep.changed_entrypoints:
             out.append(f"  entrypoints whose source changed: {', '.join(rep.changed_entrypoints)}")
-    sections = (("Parameters", rep.parameters, False), ("Outputs on the inputs", rep.outputs, True))
+    outs = f"Outputs {_outputs_where(rep)}"
+    sections = (("Parameters", rep.parameters, False), (outs, rep.outputs, True))
     for title, items, outputs in sections:
         if not items:
             continue
@@ -363,20 +368,20 @@ def _body(rep: CompareReport) -> list[str]:
         ]
     if rep.code:
         parts.append(_code_html(rep))
+    parts += _deep_html(rep)
     if rep.parameters:
         layers = layer_differences(rep.parameters)
         parts += [
-            f"<h2>Per-layer difference ({len(layers)} layers, largest first)</h2>",
+            f"<h2>Weights by layer ({len(layers)} layers, largest difference first)</h2>",
             render_svg(layers),
             f"<h2>Parameters: {_e(_counts(rep.parameters))}</h2>",
             _tensor_table(rep.parameters, False, "parameters"),
         ]
     if rep.outputs:
         parts += [
-            f"<h2>Outputs on the inputs: {_e(_counts(rep.outputs))}</h2>",
+            f"<h2>Outputs {_e(_outputs_where(rep))}: {_e(_counts(rep.outputs))}</h2>",
             _tensor_table(rep.outputs, True, "outputs"),
         ]
-    parts += _deep_html(rep)
     if rep.values:
         rows = [(v.status, v.name, v.a or "-", v.b or "-") for v in rep.values]
         parts += [

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from ._compare_report import CompareReport, LayerDiff, OutputMetrics
 
 _STRUCTURAL = ("reshaped", "added", "removed")
+_FLOOR = 18  # pixels under the lowest decade where identical outputs (0) sit
 
 
 def _f(x: float | None) -> str:
@@ -143,9 +144,9 @@ def depth_svg(layers: Sequence[LayerDiff], first: LayerDiff | None = None) -> st
     marked with a red line and its name. A line joins the dots, so the path of divergence shows.
     """
     n = len(layers)
-    left, right, top, bottom = 64, 20, 30, 120
-    step = max(6, min(36, 860 // max(n, 1)))
-    plot_w = step * max(n, 1)
+    left, right, top, bottom = 64, 20, 30, 96
+    step = max(6, min(110, 900 // max(n, 1)))
+    plot_w = max(step * max(n, 1), 660)
     width, height = left + plot_w + right, top + 200 + bottom
     plot_h = 200
     finite = [x.rel for x in layers if x.rel is not None and 0 < x.rel < math.inf]
@@ -159,7 +160,7 @@ def depth_svg(layers: Sequence[LayerDiff], first: LayerDiff | None = None) -> st
         if rel == math.inf:
             return top
         frac = (math.log10(rel) - lo) / (hi - lo)
-        return top + plot_h * (1 - min(1.0, max(0.0, frac)))
+        return top + (plot_h - _FLOOR) * (1 - min(1.0, max(0.0, frac)))
 
     out = [
         f'<svg id="depth-plot" xmlns="http://www.w3.org/2000/svg" width="{width}" '
@@ -177,6 +178,9 @@ def depth_svg(layers: Sequence[LayerDiff], first: LayerDiff | None = None) -> st
             f'<line x1="{left}" y1="{y:.1f}" x2="{left + plot_w}" y2="{y:.1f}" stroke="#e3e6ee"/>'
             f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" fill="#778">1e{decade}</text>'
         )
+    out.append(
+        f'<text x="{left - 6}" y="{top + plot_h + 3}" text-anchor="end" fill="#778">0</text>'
+    )
     points = []
     for i, x in enumerate(layers):
         cx = left + step * i + step / 2

@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import gc
 import re
+import struct
 import subprocess
 import weakref
 from pathlib import Path
 
 import pytest
 import torch
-from test_compare import X, by_name, diff, model, run_cli, two_tags  # noqa: F401 - fixture
+from test_compare import X, _chromium, by_name, diff, model, run_cli, two_tags  # noqa: F401 - fixture
 
 from isolhub._compare import CompareReport, compare
 from isolhub._compare_code import diff_trees
+from isolhub._compare_stream import align_layers
 from isolhub._errors import SpecError
 
 from hubrepos import spec_of
@@ -373,3 +375,58 @@ def test_the_report_shows_layers_metrics_and_code_in_html_and_in_a_notebook(tmp_
     assert selectors and all(
         part.strip().startswith(".isolhub-report") for sel in selectors for part in sel.split(",")
     )
+
+
+def headless_chromium(page: Path, profile: Path, *flags: str) -> subprocess.CompletedProcess:
+    """Run headless Chromium on a local page (nothing fetched), as the report test does."""
+    return subprocess.run(
+        [
+            _chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+            "--no-first-run", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--disable-dev-shm-usage", "--hide-scrollbars",
+            f"--user-data-dir={profile}", *flags, page.as_uri(),
+        ],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def deep_report(tmp_path: Path) -> CompareReport:
+    """The layer report the browser test renders (and docs/compare-layers.png shows)."""
+    repo = two_tags(tmp_path, deep(), deep(post="self.mid.weight.add_(0.25)"))
+    return diff(repo, inputs=BATCHES, layers=True, seed=0, kwargs_b={"pretrained": False})
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(
+    _chromium() is None, reason="headless chromium is not installed (apt-get install chromium)"
+)
+def test_the_layer_report_renders_in_headless_chromium(tmp_path: Path) -> None:
+    page = tmp_path / "report.html"
+    deep_report(tmp_path).to_html(page)
+    proc = headless_chromium(page, tmp_path / "profile", "--dump-dom")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    dom = proc.stdout
+    for table in ("sides", "code", "metrics", "layers", "parameters", "outputs"):
+        assert f'<table id="{table}">' in dom
+    assert re.findall(r'<g class="layer" data-layer="([^"]+)"', dom) == [
+        "stem", "act", "mid", "act#2", "head"
+    ]  # fmt: skip
+    assert '<g id="first-divergence" data-layer="mid">' in dom
+    assert "first divergence: mid" in dom and "DIFFERENT" in dom
+    shot = tmp_path / "report.png"
+    proc = headless_chromium(
+        page, tmp_path / "profile", f"--screenshot={shot}", "--window-size=1100,1500"
+    )
+    assert proc.returncode == 0 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert struct.unpack(">II", shot.read_bytes()[16:24]) == (1100, 1500)
+
+
+def test_a_name_taken_over_by_another_kind_of_layer_aligns_by_order_and_shape() -> None:
+    def rec(name: str, kind: str, *shape: int) -> dict:
+        return {"name": name, "type": kind, "shape": list(shape), "dtype": "float32"}
+
+    a = [rec("act", "ReLU", 2, 8), rec("head.2", "Linear", 2, 10)]
+    b = [rec("act", "GELU", 2, 8), rec("head.2", "Dropout", 2, 8), rec("head.3", "Linear", 2, 10)]
+    pairs = [(x and x["name"], y and y["name"]) for x, y in align_layers(a, b)]
+    # ReLU → GELU keeps its name (same shape); head.2 now names a Dropout: not the old Linear.
+    assert pairs == [("act", "act"), (None, "head.2"), ("head.2", "head.3")]
