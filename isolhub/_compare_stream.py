@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import os
@@ -289,8 +290,6 @@ def _worse(old: TensorDiff, new: TensorDiff) -> TensorDiff:
         fields[name] = max(values) if values else None
     if old.allclose is not None or new.allclose is not None:
         fields["allclose"] = old.allclose is not False and new.allclose is not False
-    import dataclasses
-
     return dataclasses.replace(base, **fields)
 
 
