@@ -60,10 +60,9 @@ from ._errors import (
     MissingDependenciesError,
     ProtocolError,
     RemoteError,
-    SpecError,
     UsageError,
 )
-from ._usage import check_choice, check_timeout, check_tolerance
+from ._usage import check_choice, check_count, check_timeout, check_tolerance
 
 MODES = ("module", "remote")
 # Tensor statuses that are not differences; every other status (changed, reshaped...) is one.
@@ -133,7 +132,8 @@ def compare(
 
     Raises:
         SpecError: a malformed spec or bad `inputs`.
-        UsageError: an unknown `mode`, a negative tolerance, a bad `timeout`.
+        UsageError: an unknown `mode`, a negative tolerance, a bad `timeout` or `layer_bytes`,
+            per-side arguments of the wrong type.
     """
     from . import _api, _rng, _trust
     from ._spec import parse_spec
@@ -145,8 +145,7 @@ def compare(
     check_tolerance(rtol, "rtol")
     check_timeout(timeout)
     calls = [_side_call(args, kwargs, args_a, kwargs_a), _side_call(args, kwargs, args_b, kwargs_b)]
-    if not (isinstance(layer_bytes, int) and layer_bytes >= 0):
-        raise SpecError(f"layer_bytes must be an int >= 0 (got {layer_bytes!r})")
+    check_count(layer_bytes, "layer_bytes", minimum=0, none=False)
     policy = _api.policy_for(sandbox, "value")
     batches = iter_batches(inputs) if inputs is not None else iter(())
     first = next(batches, None)
@@ -262,11 +261,11 @@ def _side_call(
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """One side's `(args, kwargs)`: its own args instead of the shared ones, its kwargs over."""
     if own_args is not None and not isinstance(own_args, (tuple, list)):
-        raise SpecError(f"args_a/args_b must be a tuple or list, not {type(own_args).__name__}")
+        raise UsageError(f"args_a/args_b must be a tuple or list, not {type(own_args).__name__}")
     if own_kwargs is not None and not (
         isinstance(own_kwargs, dict) and all(isinstance(k, str) for k in own_kwargs)
     ):
-        raise SpecError("kwargs_a/kwargs_b must be a dict with string keys")
+        raise UsageError("kwargs_a/kwargs_b must be a dict with string keys")
     return tuple(args if own_args is None else own_args), {**kwargs, **(own_kwargs or {})}
 
 

@@ -19,7 +19,7 @@ from test_compare import X, _chromium, by_name, diff, model, run_cli, two_tags  
 from isolhub._compare import CompareReport, compare
 from isolhub._compare_code import diff_trees
 from isolhub._compare_stream import align_layers
-from isolhub._errors import SpecError
+from isolhub._errors import SpecError, UsageError
 
 from hubrepos import spec_of
 
@@ -65,7 +65,7 @@ def test_per_side_positional_args_replace_the_shared_ones(tmp_path: Path) -> Non
     assert not rep.failed, (rep.error_a, rep.error_b)
     assert rep.args == ("3",) and rep.args_a is None and rep.args_b == ("3", "1")
     assert rep.outputs[0].status == "same"
-    with pytest.raises(Exception, match="args_a/args_b"):
+    with pytest.raises(UsageError, match="args_a/args_b"):
         diff(repo, args_a=3)
 
 
