@@ -156,3 +156,68 @@ def test_preloading_is_off_with_isolhub_preload_0(python: Path, tmp_path: Path) 
     )
     assert [o["before"] for o in out] == [[], [], []]
     assert not (tmp_path / "hub" / "preload").exists()
+
+
+FORGE = """
+import os, socket
+from isolhub._protocol import encode, send_frame
+
+def channel():
+    for fd in sorted(int(f) for f in os.listdir("/proc/self/fd")):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                return socket.socket(fileno=os.dup(fd))
+        except OSError:
+            pass
+
+def forge(names):
+    # A side-effects frame of its own, ahead of the worker's real reply.
+    with channel() as s:
+        send_frame(s, encode({"effects": {"imported": names}}))
+"""
+
+
+def forged(tmp_path: Path, names: list[str]) -> Path:
+    return repo(
+        tmp_path,
+        {"hubconf.py": FORGE + f"\n\ndef evil():\n    forge({names!r})\n    return {{'w': 1}}\n"},
+    )
+
+
+def learned_names() -> list[str]:
+    files = list((Path(os.environ["ISOLHUB_HOME"]) / "preload").glob("*.json"))
+    return sorted(json.loads(files[0].read_text())["used"]) if files else []
+
+
+def test_an_unconfined_workers_list_of_imported_packages_is_learned(tmp_path: Path) -> None:
+    # The twin of the confined case below: the same report, from a trusted worker, is taken.
+    r = forged(tmp_path, ["nosuchpkg_isolhub_test"])
+    assert hub_load(r, "evil", mode="state_dict") == {"w": 1}
+    assert learned_names() == ["nosuchpkg_isolhub_test"]
+
+
+@pytest.mark.parametrize("names", [["os; rm -rf /"], ["x"] * 1000, "numpy", [b"numpy"]])
+def test_a_malformed_list_of_imported_packages_is_a_protocol_error(
+    tmp_path: Path, names: object
+) -> None:
+    with pytest.raises(isolhub.ProtocolError):
+        hub_load(forged(tmp_path, names), "evil", mode="state_dict")  # type: ignore[arg-type]
+    assert learned_names() == []
+
+
+@pytest.mark.sandbox
+def test_a_confined_workers_list_of_imported_packages_is_refused_never_learned(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(isolhub.ProtocolError):
+        hub_load(
+            forged(tmp_path, ["nosuchpkg_isolhub_test"]),
+            "evil",
+            mode="state_dict",
+            sandbox="strict",
+        )
+    assert learned_names() == []
+
+
+def hub_load(r: Path, entry: str, **kw: object) -> object:
+    return isolhub.load(str(r), entry, source="local", verbose=False, **kw)
