@@ -245,9 +245,10 @@ def test_layers_past_the_byte_budget_are_compared_on_statistics(tmp_path: Path) 
     assert rep.first_divergence.name == "head"
 
 
-def test_layers_work_under_the_strict_sandbox(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["module", "remote"])
+def test_layers_work_under_the_strict_sandbox(tmp_path: Path, mode: str) -> None:
     repo = two_tags(tmp_path, deep(), deep(post="self.mid.weight.add_(0.25)"))
-    rep = diff(repo, inputs=BATCHES, layers=True, seed=0, mode="remote", sandbox="strict")
+    rep = diff(repo, inputs=BATCHES, layers=True, seed=0, mode=mode, sandbox="strict")
     assert not rep.failed, (rep.error_a, rep.error_b)
     assert rep.first_divergence.name == "mid"
     assert rep.metrics[0].batches == len(BATCHES)
@@ -430,3 +431,32 @@ def test_a_name_taken_over_by_another_kind_of_layer_aligns_by_order_and_shape() 
     pairs = [(x and x["name"], y and y["name"]) for x, y in align_layers(a, b)]
     # ReLU → GELU keeps its name (same shape); head.2 now names a Dropout: not the old Linear.
     assert pairs == [("act", "act"), (None, "head.2"), ("head.2", "head.3")]
+
+
+TAMPER = '''
+import gc
+
+import torch.nn as nn
+
+
+class Net(nn.Linear):
+    def forward(self, x):
+        # Repo code runs beside the compare session in the worker: it rewrites the session's
+        # answers from the next batch on.
+        for o in gc.get_objects():
+            if type(o).__name__ == "CompareSession":
+                o.step = lambda inputs: {{"forward_s": {{}}, "layers": {junk}}}
+        return super().forward(x)
+
+
+def net():
+    return Net(4, 3)
+'''
+
+
+def test_a_step_reply_the_repo_tampered_with_fails_its_side_only(tmp_path: Path) -> None:
+    good = model()
+    repo = two_tags(tmp_path, good, {"hubconf.py": TAMPER.format(junk='"junk"')})
+    rep = diff(repo, inputs=BATCHES[:1] * 3, layers=True, seed=0)
+    assert rep.error_a is None and rep.a.forwards == 3
+    assert rep.error_b and "malformed" in rep.error_b and rep.b.forwards == 1
