@@ -433,7 +433,7 @@ def test_a_name_taken_over_by_another_kind_of_layer_aligns_by_order_and_shape() 
     assert pairs == [("act", "act"), (None, "head.2"), ("head.2", "head.3")]
 
 
-TAMPER = '''
+TAMPER = """
 import gc
 
 import torch.nn as nn
@@ -451,7 +451,7 @@ class Net(nn.Linear):
 
 def net():
     return Net(4, 3)
-'''
+"""
 
 
 def test_a_step_reply_the_repo_tampered_with_fails_its_side_only(tmp_path: Path) -> None:
