@@ -306,7 +306,11 @@ def _open_side(
             raise ProtocolError(f"the worker for {snap.label} sent no compare session")
         session = open_handle(worker, reply["handle"], job.timeout)
         summary = session("summary")
-        _check_summary(summary)
+        try:
+            _check_summary(summary)
+        except ProtocolError:
+            worker.kill()  # it sent garbage: nothing more it says can be trusted
+            raise
         # CLOCK_MONOTONIC is system-wide on Linux: the worker's clock is this one.
         side.load_s = max(0.0, float(summary["t0"]) - sent)
         side.summary = summary
@@ -348,6 +352,8 @@ def _step(side: _Side, batch: tuple[Any, ...]) -> dict[str, Any] | None:
         _check_step(reply)
         return reply
     except IsolhubError as e:
+        if isinstance(e, ProtocolError):
+            side.worker.kill()  # it sent garbage: nothing more it says can be trusted
         side.error, side.session = e, None
         return None
 

@@ -460,3 +460,4 @@ def test_a_step_reply_the_repo_tampered_with_fails_its_side_only(tmp_path: Path)
     rep = diff(repo, inputs=BATCHES[:1] * 3, layers=True, seed=0)
     assert rep.error_a is None and rep.a.forwards == 3
     assert rep.error_b and "malformed" in rep.error_b and rep.b.forwards == 1
+    assert rep.b.peak_memory is None and rep.a.peak_memory  # B was killed at once
