@@ -411,9 +411,10 @@ def _check_summary(s: Any) -> None:
     import torch
 
     def typed(value: Any, kind: type, item: type | None = None) -> bool:
-        return isinstance(value, kind) and (
-            item is None or all(isinstance(v, item) for v in value.values())
-        )
+        if not isinstance(value, kind):
+            return False
+        items: Any = value
+        return item is None or all(isinstance(v, item) for v in items.values())
 
     ok = isinstance(s, dict) and isinstance(s.get("t0"), float)
     ok = ok and typed(s.get("tensors"), dict, torch.Tensor)

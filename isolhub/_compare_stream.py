@@ -34,8 +34,9 @@ from ._errors import SpecError
 
 _CHUNK = 1 << 22  # elements per step in float64, so a huge tensor is never doubled at once
 _LATENCY_SAMPLES = 4096  # per side: past this many batches, a uniform sample (reservoir)
-_RANK = ("same", "close", "renamed", "unchecked", "changed", "retyped", "removed", "added")
-_RANK += ("reshaped",)
+_RANK = (
+    "same", "close", "renamed", "unchecked", "changed", "retyped", "removed", "added", "reshaped"
+)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- inputs

@@ -334,7 +334,7 @@ def _describe_entrypoints(snapshot: str) -> dict[str, dict[str, Any]] | None:
             m
             for m in list(sys.modules.values())
             if isinstance(getattr(m, "__file__", None), str)
-            and (m.__file__ == path or os.path.realpath(m.__file__) == real)
+            and (m.__file__ == path or os.path.realpath(str(m.__file__)) == real)
         ),
         None,
     )

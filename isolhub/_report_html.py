@@ -151,7 +151,7 @@ def _side_rows(rep: CompareReport) -> list[tuple[str, str, str]]:
 
 
 def _entry_rows(rep: CompareReport) -> list[tuple[str, ...]]:
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for e in rep.entrypoints:
         if e.status == "same":
             continue
@@ -383,10 +383,12 @@ def _body(rep: CompareReport) -> list[str]:
             _tensor_table(rep.outputs, True, "outputs"),
         ]
     if rep.values:
-        rows = [(v.status, v.name, v.a or "-", v.b or "-") for v in rep.values]
+        value_rows = [(v.status, v.name, v.a or "-", v.b or "-") for v in rep.values]
         parts += [
             f"<h2>Values: {_e(_counts(rep.values))}</h2>",
-            _html_table(("status", "name", "A", "B"), rows, ("status", "mono", "mono", "mono")),
+            _html_table(
+                ("status", "name", "A", "B"), value_rows, ("status", "mono", "mono", "mono")
+            ),
         ]
     if rep.uncompared:
         items = "".join(f"<li>{_e(u)}</li>" for u in rep.uncompared)

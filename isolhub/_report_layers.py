@@ -60,7 +60,7 @@ LAYER_HEADERS = ("#", "status", "layer A", "layer B", "A", "B", "max|a-b|", "rel
 
 
 def layer_rows(layers: Sequence[LayerDiff]) -> list[tuple[str, ...]]:
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for i, x in enumerate(layers):
         name_b = x.name_b if x.name_b is not None else ("-" if x.status == "removed" else x.name)
         name_a = "-" if x.status == "added" else x.name
