@@ -55,12 +55,10 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 def test_a_harness_over_24_repos_on_ray_gives_the_local_results(
     cluster: Path, harness: dict[str, str]
 ) -> None:
-    start = time.monotonic()
+    # No wall-clock bound here (timings are noisy): a hang is caught by the per-task timeout.
     with Hub(max_workers=2, timeout=HANG_TIMEOUT, memory_bytes=MEMORY_CAP, backend="ray") as h:
         results = list(h.map(evaluate, harness.values(), entrypoint="model"))
-    elapsed = time.monotonic() - start
     check_harness_results(results, harness)
-    assert elapsed < 120, elapsed
     # The snapshots were shipped and installed in the nodes' own cache, not the driver's.
     shipped = {p.name for p in cluster.glob("repos/*/snapshots/*")}
     assert {r.sha for r in results if r.sha} <= shipped
