@@ -8,6 +8,7 @@ A drop-in for `torch.hub`:
     >>> b = hub.load("git+file:///srv/repos/net.git@v2", "resnet", pretrained=False)
 """
 
+import builtins as _builtins
 import importlib as _importlib
 import typing as _typing
 
@@ -92,5 +93,5 @@ def __getattr__(name: str) -> _typing.Any:
     return obj
 
 
-def __dir__() -> "list[str]":
+def __dir__() -> _builtins.list[str]:
     return sorted(set(globals()) | set(_WHERE))

@@ -35,6 +35,7 @@ from ._pull import PullError, read_storages
 from ._sandbox import PRETEND_MISSING_ENV, Sandbox, SandboxReport, probe, resolve_policy
 from ._source import Snapshot, fetch_snapshot
 from ._spec import RepoSpec, parse_spec
+from ._types import Mode, SandboxArg, Source, TrustRepo
 from ._usage import check_choice, check_timeout
 from ._values import decode_state_dict, decode_value
 
@@ -118,8 +119,8 @@ def policy_for(sandbox: Any, mode: str) -> Sandbox | None:
 def fetch(
     repo_or_dir: str,
     *,
-    source: str = "github",
-    trust_repo: Any = "check",
+    source: Source = "github",
+    trust_repo: TrustRepo = "check",
     force_reload: bool = False,
     verbose: bool = False,
 ) -> Snapshot:
@@ -140,15 +141,15 @@ def fetch(
 class HubOptions:
     """How a hub call runs: torch.hub's options plus isolhub's, carried as one frozen object."""
 
-    source: str = "github"
-    trust_repo: Any = "check"
+    source: Source = "github"
+    trust_repo: TrustRepo = "check"
     force_reload: bool = False
     verbose: bool = True
     skip_validation: bool = False
-    mode: str = "module"
+    mode: Mode = "module"
     timeout: float | None = None
     seed: int | None = None
-    sandbox: Any = None
+    sandbox: SandboxArg = None
 
     def __post_init__(self) -> None:
         check_choice(self.mode, "mode", MODES)
@@ -250,13 +251,13 @@ def list(  # noqa: A001 - torch.hub's name
     github: str,
     force_reload: bool = False,
     skip_validation: bool = False,
-    trust_repo: Any = "check",
+    trust_repo: TrustRepo = "check",
     verbose: bool = True,
     *,
-    source: str = "github",
+    source: Source = "github",
     timeout: float | None = None,
-    sandbox: Any = None,
-) -> list[str]:  # type: ignore[valid-type]
+    sandbox: SandboxArg = None,
+) -> builtins.list[str]:
     """The entrypoints of a repo's hubconf: its public callables, imported ones included.
 
     hubconf is imported in a worker, never in this process.
@@ -282,12 +283,12 @@ def help(  # noqa: A001 - torch.hub's name
     model: str,
     force_reload: bool = False,
     skip_validation: bool = False,
-    trust_repo: Any = "check",
+    trust_repo: TrustRepo = "check",
     *,
-    source: str = "github",
+    source: Source = "github",
     verbose: bool = True,
     timeout: float | None = None,
-    sandbox: Any = None,
+    sandbox: SandboxArg = None,
 ) -> str | None:
     """The docstring of entrypoint `model` (None if it has none).
 
@@ -311,15 +312,15 @@ def load(
     repo_or_dir: str,
     model: str,
     *args: Any,
-    source: str = "github",
-    trust_repo: Any = "check",
+    source: Source = "github",
+    trust_repo: TrustRepo = "check",
     force_reload: bool = False,
     verbose: bool = True,
     skip_validation: bool = False,
-    mode: str = "module",
+    mode: Mode = "module",
     timeout: float | None = None,
     seed: int | None = None,
-    sandbox: Any = None,
+    sandbox: SandboxArg = None,
     **kwargs: Any,
 ) -> Any:
     """Call entrypoint `model(*args, **kwargs)` of the repo in a worker and return its result.
@@ -356,14 +357,14 @@ def load_state_dict(
     repo_or_dir: str,
     model: str,
     *args: Any,
-    source: str = "github",
-    trust_repo: Any = "check",
+    source: Source = "github",
+    trust_repo: TrustRepo = "check",
     force_reload: bool = False,
     verbose: bool = True,
     skip_validation: bool = False,
     timeout: float | None = None,
     seed: int | None = None,
-    sandbox: Any = None,
+    sandbox: SandboxArg = None,
     **kwargs: Any,
 ) -> OrderedDict[str, Any]:
     """The `state_dict()` of what entrypoint `model` returns, through shared memory, no pickle.
@@ -433,7 +434,11 @@ _PULL_REFUSED = False  # set once the kernel refused process_vm_readv here
 
 
 def _pulled_module(
-    worker: Worker, reply: dict[str, Any], fds: list[int], timeout: float | None, last: bool
+    worker: Worker,
+    reply: dict[str, Any],
+    fds: builtins.list[int],
+    timeout: float | None,
+    last: bool,
 ) -> Any:
     """A module-mode result whose storages are read out of the (trusted) worker's memory."""
     global _PULL_REFUSED
@@ -484,7 +489,7 @@ def _call_message(
     }
 
 
-def decode_result(reply: dict[str, Any], fds: list[int], *, expect: str) -> Any:
+def decode_result(reply: dict[str, Any], fds: builtins.list[int], *, expect: str) -> Any:
     """Rebuild a `call` reply of the `expect`ed kind in this process; consumes `fds`.
 
     Only a `module` request may be answered with a pickle: any other reply is decoded by the
@@ -499,9 +504,9 @@ def decode_result(reply: dict[str, Any], fds: list[int], *, expect: str) -> Any:
         for fd in fds:
             os.close(fd)
         raise ProtocolError(f"a result came with {len(fds)} fds; expected at most one")
-    fd = fds[0] if fds else None
+    one = fds[0] if fds else None
     try:
-        return _decode_kind(reply, fd)
+        return _decode_kind(reply, one)
     except (KeyError, TypeError) as e:
         raise ProtocolError(f"malformed result from a worker: {e!r}") from None
 

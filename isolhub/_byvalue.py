@@ -65,7 +65,7 @@ def _modules_since_mark() -> list[tuple[str, Any]]:
     if _MARK is None:
         return list(sys.modules.items())
     count, mark_name, mark_module = _MARK
-    newer = []
+    newer: list[tuple[str, Any]] = []
     try:
         for name in reversed(sys.modules):
             if name == mark_name:
@@ -157,7 +157,12 @@ class _Pickler(cloudpickle.Pickler):
         if not isinstance(obj, (typed, untyped)):
             return None
         if isinstance(obj, typed):
-            return ("typed", self._arena.storage_index(obj._untyped_storage), str(obj.dtype))
+            storage: Any = obj
+            return (
+                "typed",
+                self._arena.storage_index(storage._untyped_storage),
+                str(storage.dtype),
+            )
         return ("untyped", self._arena.storage_index(obj))
 
     def reducer_override(self, obj: Any) -> Any:
@@ -227,7 +232,7 @@ def _plain_tensor_packed(arena: ArenaWriter, t: Any) -> bytes | None:
         or t.is_quantized
         or t.is_nested
         or t._backward_hooks
-        or torch._C._get_tensor_metadata(t)
+        or torch._C._get_tensor_metadata(t)  # type: ignore[attr-defined]
     ):
         return None
     return arena.tensor_packed(t)

@@ -401,7 +401,7 @@ def sweep_torch_links() -> list[Path]:
     torch.hub treats a dangling link as no cache and then fails to move its download onto it.
     """
     root = hub_dir()
-    removed = []
+    removed: list[Path] = []
     try:
         entries = list(os.scandir(root))
     except OSError:

@@ -147,7 +147,7 @@ def load_function(text: str) -> Callable[..., Any]:
         raise UsageError(f"--fn {text!r}: {type(e).__name__}: {e}") from e
     if not callable(fn):
         raise UsageError(f"--fn {text!r} is a {type(fn).__name__}, not a function")
-    return fn  # type: ignore[no-any-return]
+    return fn
 
 
 def _jsonable(value: Any) -> Any:

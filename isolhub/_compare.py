@@ -62,6 +62,7 @@ from ._errors import (
     RemoteError,
     UsageError,
 )
+from ._types import CompareMode, SandboxArg, Source, TrustRepo
 from ._usage import check_choice, check_count, check_timeout, check_tolerance
 
 MODES = ("module", "remote")
@@ -89,15 +90,15 @@ def compare(
     seed: int | None = None,
     layers: bool = False,
     layer_bytes: int = 64 << 20,
-    mode: str = "module",
+    mode: CompareMode = "module",
     atol: float = 1e-6,
     rtol: float = 1e-5,
-    source: str = "github",
-    trust_repo: Any = "check",
+    source: Source = "github",
+    trust_repo: TrustRepo = "check",
     force_reload: bool = False,
     verbose: bool = True,
     timeout: float | None = None,
-    sandbox: Any = None,
+    sandbox: SandboxArg = None,
     **kwargs: Any,
 ) -> CompareReport:
     """Load `entrypoint(*args, **kwargs)` at two refs, each in its own worker, and compare them.

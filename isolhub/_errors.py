@@ -177,7 +177,12 @@ class TrustResponseError(UntrustedRepoError, ValueError):
 
 
 class FetchError(IsolhubError):
-    """Raised when a source snapshot could not be fetched (git or HTTP)."""
+    """Raised when a source snapshot could not be fetched (git or HTTP).
+
+    `stderr`: what git said (on one line, bounded), when git failed.
+    """
+
+    stderr: str = ""
 
 
 class DownloadError(FetchError):

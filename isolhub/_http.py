@@ -52,7 +52,8 @@ if TYPE_CHECKING:
 class Guard(Protocol):
     """The weights broker's rules for a download (`_broker.BrokerGuard`)."""
 
-    proxy: str | None
+    @property
+    def proxy(self) -> str | None: ...
 
     def check(self, url: str, after: Any = None) -> Any: ...
 

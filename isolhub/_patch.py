@@ -48,6 +48,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from . import _api, _checkpoints, _config, _download
+from ._types import Mode, SandboxArg, Source
 from ._usage import check_choice, check_timeout
 
 __all__ = ["patch_torch_hub", "patched_torch_hub", "unpatch_torch_hub"]
@@ -66,8 +67,8 @@ _UNSET: Any = object()
 
 @dataclass(frozen=True)
 class _Options:
-    mode: str = "module"
-    sandbox: Any = None
+    mode: Mode = "module"
+    sandbox: SandboxArg = None
     timeout: float | None = None
     seed: int | None = None
 
@@ -81,8 +82,8 @@ _fallthrough: dict[str, Any] = {}  # torch.hub's functions, called when no patch
 
 def patch_torch_hub(
     *,
-    mode: str = "module",
-    sandbox: Any = None,
+    mode: Mode = "module",
+    sandbox: SandboxArg = None,
     timeout: float | None = None,
     seed: int | None = None,
 ) -> None:
@@ -135,8 +136,8 @@ def unpatch_torch_hub() -> None:
 @contextlib.contextmanager
 def patched_torch_hub(
     *,
-    mode: str = _UNSET,
-    sandbox: Any = _UNSET,
+    mode: Mode = _UNSET,
+    sandbox: SandboxArg = _UNSET,
     timeout: float | None = _UNSET,
     seed: int | None = _UNSET,
 ) -> Iterator[None]:
@@ -152,7 +153,7 @@ def patched_torch_hub(
     Raises:
         UsageError: an unknown mode or a bad timeout. SandboxError: an unknown sandbox, or one with mode="module".
     """
-    given = {"mode": mode, "sandbox": sandbox, "timeout": timeout, "seed": seed}
+    given: dict[str, Any] = {"mode": mode, "sandbox": sandbox, "timeout": timeout, "seed": seed}
     with _lock:
         frame = _check(
             replace(_active() or _Options(), **{k: v for k, v in given.items() if v is not _UNSET})
@@ -278,7 +279,7 @@ def _hub_load(
     repo_or_dir: str,
     model: str,
     *args: Any,
-    source: str = "github",
+    source: Source = "github",
     trust_repo: Any = "check",
     force_reload: bool = False,
     verbose: bool = True,
@@ -328,7 +329,7 @@ def _hub_download_url_to_file(
         if _active() is not None
         else _fallthrough["download_url_to_file"]
     )
-    return fn(url, dst, hash_prefix, progress)
+    fn(url, dst, hash_prefix, progress)
 
 
 def _hub_get_dir() -> str:
@@ -345,7 +346,7 @@ def _hub_get_dir() -> str:
 def _hub_set_dir(d: Any) -> None:
     """torch.hub.set_dir, served by isolhub's: sets isolhub's hub dir while patched."""
     fn = _config.set_dir if _active() is not None else _fallthrough["set_dir"]
-    return fn(d)
+    fn(d)
 
 
 _WRAPPERS: dict[str, Any] = {
@@ -368,7 +369,7 @@ def _options(
     skip_validation: bool,
     trust_repo: Any,
     verbose: bool,
-    source: str = "github",
+    source: Source = "github",
 ) -> _api.HubOptions:
     """torch.hub's per-call options joined with the patch's isolhub options."""
     return _api.HubOptions(

@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import dataclasses
 import queue
@@ -51,6 +52,7 @@ from ._progress import _Progress
 from ._source import Snapshot
 from ._spec import parse_spec
 from ._trust import check_trust
+from ._types import Backend, SandboxArg, Source, StartMethod, TrustRepo
 from ._usage import check_choice, check_count, check_timeout
 
 BACKENDS = ("local", "ray")
@@ -186,11 +188,11 @@ class Hub:
         timeout: float | None = None,
         memory_bytes: int | None = None,
         retries: int = 0,
-        backend: str = "local",
-        start_method: str = "zygote",
+        backend: Backend = "local",
+        start_method: StartMethod = "zygote",
         *,
-        source: str = "github",
-        trust_repo: Any = "check",
+        source: Source = "github",
+        trust_repo: TrustRepo = "check",
         force_reload: bool = False,
         skip_validation: bool = False,
         verbose: bool = False,
@@ -198,7 +200,7 @@ class Hub:
         seed: int | None = None,
         ray_address: str | None = None,
         ray_actor_options: dict[str, Any] | None = None,
-        sandbox: Any = None,
+        sandbox: SandboxArg = None,
     ) -> None:
         check_count(max_workers, "max_workers")
         timeout = check_timeout(timeout)
@@ -325,7 +327,7 @@ class Hub:
         job = job_of(self._options, "call", model, args, kwargs, result="state_dict")
         return self._sync(repo_or_dir, job)
 
-    def list(self, repo_or_dir: Any) -> list[str]:  # noqa: A003 - torch.hub's name
+    def list(self, repo_or_dir: Any) -> builtins.list[str]:  # noqa: A003 - torch.hub's name
         """`isolhub.list` with this Hub's settings, in a pooled worker.
 
         Example:
@@ -335,7 +337,7 @@ class Hub:
         Raises:
             RemoteError (importing hubconf raised), WorkerError, and what `fetch` raises.
         """
-        return self._sync(repo_or_dir, job_of(self._options, "list"))  # type: ignore[no-any-return]
+        return self._sync(repo_or_dir, job_of(self._options, "list"))
 
     def help(self, repo_or_dir: Any, model: str) -> str | None:  # noqa: A003
         """`isolhub.help` with this Hub's settings, in a pooled worker.
@@ -348,7 +350,7 @@ class Hub:
             EntrypointError, and what `list` raises.
         """
         job = job_of(self._options, "help", model)
-        return self._sync(repo_or_dir, job)  # type: ignore[no-any-return]
+        return self._sync(repo_or_dir, job)
 
     def close(self) -> None:
         """Cancel running maps (their workers are killed) and stop every worker; idempotent.
@@ -391,7 +393,7 @@ class Hub:
         if self._closed:
             raise PoolClosedError("this Hub is closed; make a new one")
 
-    def _stream(self, items: list[Any], job: _Job, ordered: bool) -> Iterator[Result]:
+    def _stream(self, items: builtins.list[Any], job: _Job, ordered: bool) -> Iterator[Result]:
         run = _Run(total=len(items))
         with self._cond:
             self._check_open()
@@ -436,7 +438,7 @@ class Hub:
                 self._runs.discard(run)
             progress.close()
 
-    def _work(self, run: _Run, items: list[Any], job: _Job) -> None:
+    def _work(self, run: _Run, items: builtins.list[Any], job: _Job) -> None:
         while True:
             with self._cond:
                 if run.cancelled.is_set() or run.next_index >= len(items):

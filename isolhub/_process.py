@@ -32,7 +32,7 @@ import time
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, NoReturn
 
 import cloudpickle
 
@@ -643,7 +643,7 @@ class Worker:
             sel.register(self.pidfd, selectors.EVENT_READ)
             return bool(sel.select(seconds))
 
-    def _raise_death(self) -> None:
+    def _raise_death(self) -> NoReturn:
         self._dead_within(_GRACE)
         code = self._collect()
         cause = describe_exit(code)

@@ -106,8 +106,9 @@ def _readv(pid: int, local: list[tuple[int, int]], remote: list[tuple[int, int]]
     """
     while local:
         n = len(local)
-        liov = (_Iovec * n)(*local)
-        riov = (_Iovec * n)(*remote)
+        # ctypes builds each structure from its (base, length) tuple; typeshed does not say so.
+        liov = (_Iovec * n)(*local)  # type: ignore[misc]
+        riov = (_Iovec * n)(*remote)  # type: ignore[misc]
         want = sum(size for _, size in local)
         got = _libc.process_vm_readv(pid, liov, n, riov, n, 0)
         if got < 0:

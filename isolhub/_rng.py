@@ -109,7 +109,7 @@ def _checked_random(value: Any) -> tuple[Any, ...]:
 
 
 def _checked_numpy(value: Any) -> tuple[Any, ...]:
-    np = sys.modules.get("numpy")
+    np: Any = sys.modules.get("numpy")
     ok = np is not None and isinstance(value, (list, tuple)) and len(value) == 5
     if ok:
         key, words, pos, has_gauss, cached = value

@@ -120,7 +120,9 @@ _SCRATCH_ENV = (
     "HOME", "TMPDIR", "TMP", "TEMP", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME",
     "XDG_STATE_HOME", "TORCH_HOME", "ISOLHUB_HOME", "HF_HOME",
 )  # fmt: skip
-_SYSTEM_READ = ("/etc/ld.so.cache", "/dev/zero", "/dev/random", "/dev/urandom", "/proc/self")
+_SYSTEM_READ: tuple[str, ...] = (
+    "/etc/ld.so.cache", "/dev/zero", "/dev/random", "/dev/urandom", "/proc/self",
+)  # fmt: skip
 _SYSTEM_READ += ("/proc/cpuinfo", "/sys/devices/system/cpu")  # torch cpuinfo, OpenMP, oneDNN
 
 _CLONE_NEWNS = 0x20000
@@ -600,7 +602,8 @@ def _scrub_environment(policy: Sandbox, scratch: str) -> str:
         os.environ[name] = scratch
     _wipe_exec_environ()
     if "tempfile" in sys.modules:
-        sys.modules["tempfile"].tempdir = None  # gettempdir() caches /tmp; re-read TMPDIR
+        # gettempdir() caches /tmp; re-read TMPDIR
+        sys.modules["tempfile"].tempdir = None  # type: ignore[attr-defined]
     os.chdir(scratch)
     os.umask(0o077)
     return f"removed {len(drop)} variables, kept {kept}; HOME, TMPDIR, caches, cwd → scratch"

@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import os
 import struct
+from typing import Any
 
 from isolhub._errors import SandboxError
 
@@ -174,7 +175,7 @@ def build(
 
     out = []
     for pc, (code, jt, jf, k) in enumerate(prog):
-        jumps = [labels[j] - pc - 1 if isinstance(j, str) else j for j in (jt, jf)]
+        jumps: list[Any] = [labels[j] - pc - 1 if isinstance(j, str) else j for j in (jt, jf)]
         if not all(isinstance(j, int) and 0 <= j <= 255 for j in jumps):
             raise SandboxError(f"seccomp: jump out of range at instruction {pc}")
         out.append((code, int(jumps[0]), int(jumps[1]), k & 0xFFFFFFFF))

@@ -164,7 +164,8 @@ def reissue(records: list[dict[str, Any]], dropped: int, label: str) -> None:
                 raise
             # In one process this warning comes from a finalizer, where an error filter's
             # exception is "ignored" through sys.unraisablehook rather than raised: do the same.
-            sys.unraisablehook(_Unraisable(e, f"Exception ignored in a worker of {label}"))
+            hook_args = _Unraisable(e, f"Exception ignored in a worker of {label}")
+            sys.unraisablehook(hook_args)  # type: ignore[arg-type]  # the same fields
     if dropped:
         warnings.warn(
             f"isolhub: the worker for {label} raised {dropped} more warnings, not re-issued "
