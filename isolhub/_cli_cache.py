@@ -48,6 +48,8 @@ _STAGING_PID = re.compile(rf"{re.escape(STAGING_PREFIX)}[0-9a-f]+-(\d+)-")
 # Staging folders and temp files younger than this may belong to a running process.
 _LEFTOVER_AGE_S = 3600
 _SHOWN_DAMAGE = 10
+_VERIFIED = ".verified"  # `_verified`'s records of what was hashed
+ORPHAN_RECORD = "verification record of a file that is gone"
 
 
 def add_commands(subparsers: Any) -> None:
@@ -153,7 +155,7 @@ class Entry:
     """One thing in the cache, as `cache ls` shows it."""
 
     id: str  # path relative to the hub dir; what `cache rm` takes
-    kind: str  # snapshot | checkpoint | ref
+    kind: str  # snapshot | checkpoint | broker (a sandboxed worker's download) | ref
     path: str
     size: int
     last_used: float
@@ -214,6 +216,15 @@ def scan(root: Path) -> list[Entry]:
         entries.append(
             Entry(id=_rel(f, root), kind="checkpoint", path=str(f), size=size, last_used=last)
         )
+    # What the weights broker downloaded for sandboxed workers: broker/<key of the URL>/<name>.
+    for key in _dirs(root / "broker"):
+        for f in _children(key):
+            if _is_leftover_name(f.name) or f.is_symlink() or not f.is_file():
+                continue
+            size, last = _file_usage(f)
+            entries.append(
+                Entry(id=_rel(f, root), kind="broker", path=str(f), size=size, last_used=last)
+            )
     return entries
 
 
@@ -355,11 +366,19 @@ def cmd_ls(args: argparse.Namespace) -> int:
         print(f"\ncheckpoints ({_human(sum(e.size for e in ckpts))}):")
         for e in ckpts:
             print(f"  {_human(e.size):>9}  {_when(e.last_used):<16}  {e.id}")
+    brokered = [e for e in entries if e.kind == "broker"]
+    if brokered:
+        print(
+            f"\nbroker downloads, for sandboxed workers ({_human(sum(e.size for e in brokered))}):"
+        )
+        for e in brokered:
+            print(f"  {_human(e.size):>9}  {_when(e.last_used):<16}  {e.id}")
     snap_all = [e for e in entries if e.kind == "snapshot"]
     counts = (
         f"{len(repos)} repo(s), {len(snap_all)} snapshot(s) "
         f"({sum(1 for e in snap_all if e.unused)} unused), "
-        f"{sum(1 for e in entries if e.kind == 'ref')} ref(s), {len(ckpts)} checkpoint(s)"
+        f"{sum(1 for e in entries if e.kind == 'ref')} ref(s), {len(ckpts)} checkpoint(s), "
+        f"{len(brokered)} broker download(s)"
     )
     print(f"\n{counts}; {_human(sum(e.size for e in entries))} in total")
     return 0
@@ -482,7 +501,7 @@ def find_problems(root: Path) -> tuple[list[Problem], int, list[str]]:
         checked += 1
         path = Path(e.path)
         try:
-            if e.kind == "checkpoint" and path.is_file():
+            if e.kind in ("checkpoint", "broker") and path.is_file():
                 what = _checkpoint_problem(path, HASH_REGEX)
                 if what:
                     problems.append(Problem(e.id, e.path, what))
@@ -503,13 +522,16 @@ def find_problems(root: Path) -> tuple[list[Problem], int, list[str]]:
                 Problem(e.id, e.path, f"unreadable ({err.strerror or err}); check its permissions")
             )
     for path, kind in _leftovers(root):
-        live = (
-            partial_is_live(str(path))
-            if path.name.endswith(".partial")
-            else _young_or_live(path, kind)
-        )
+        if kind in (ORPHAN_RECORD, "empty broker folder"):
+            live = False
+        elif path.name.endswith(".partial"):
+            live = partial_is_live(str(path))
+        else:
+            live = _young_or_live(path, kind)
         if live:
             in_progress.append(str(path))
+        elif kind in (ORPHAN_RECORD, "empty broker folder"):
+            problems.append(Problem(_rel(path, root), str(path), kind))
         else:
             problems.append(Problem(_rel(path, root), str(path), f"{kind} left by a dead process"))
     return problems, checked, in_progress
@@ -533,9 +555,20 @@ def _sha256_quietly(path: Path) -> str:
 
 
 def _checkpoint_problem(path: Path, hash_regex: re.Pattern[str]) -> str | None:
+    from ._verified import recorded
+
     st = path.stat()
     if st.st_size == 0:
         return "empty checkpoint file"
+    rec = recorded(str(path))
+    if rec is not None and rec.downloaded and rec.sha256 is not None:
+        # isolhub downloaded it: its bytes must still be those the server sent.
+        digest = _sha256_quietly(path)
+        if digest != rec.sha256:
+            return (
+                f"corrupt: sha256 {digest[:16]}... is not the {rec.sha256[:16]}... it was "
+                "downloaded with (changed on disk since)"
+            )
     if path.name.endswith(".safetensors"):
         what = _safetensors_problem(path, st.st_size)
         if what:
@@ -588,7 +621,8 @@ def _snapshot_problem(path: Path) -> str | None:
 
 def _unreadable_folders(root: Path) -> Iterator[Problem]:
     """The cache's own folders that cannot be listed (their entries would go unchecked)."""
-    folders = [root / "repos", root / "checkpoints"]
+    folders = [root / "repos", root / "checkpoints", root / "broker", root / _VERIFIED]
+    folders += _dirs(root / "broker")
     for repo in _dirs(root / "repos"):
         folders += [repo, repo / "refs", repo / "snapshots", repo / "manifests"]
     for d in folders:
@@ -624,6 +658,29 @@ def _leftovers(root: Path) -> Iterator[tuple[Path, str]]:
     for d in _children(root / "repos"):
         if d.name.startswith(STAGING_PREFIX):
             yield d, "staging folder"
+    for key in _dirs(root / "broker"):
+        files = _children(key)
+        for f in files:
+            if f.name.endswith(".partial"):
+                yield f, "partial download"
+            elif _is_leftover_name(f.name):
+                yield f, "incomplete file"
+        if not files:
+            yield key, "empty broker folder"
+    for f in _children(root / _VERIFIED):
+        if f.name.endswith(".tmp"):
+            yield f, "temp file"
+        elif f.name.endswith(".json") and _record_is_orphan(f):
+            yield f, ORPHAN_RECORD
+
+
+def _record_is_orphan(record: Path) -> bool:
+    """Whether a `.verified` record describes a file that no longer exists."""
+    try:
+        target = json.loads(record.read_text(encoding="utf-8")).get("path")
+    except (OSError, ValueError, AttributeError):
+        return True  # unreadable or malformed: no use to anyone (isolhub re-hashes without it)
+    return not isinstance(target, str) or not os.path.lexists(target)
 
 
 def _young_or_live(path: Path, kind: str) -> bool:
@@ -739,6 +796,11 @@ def _remove_entries(
             removed.append({"id": e.id, "kind": e.kind, "size": e.size})
             if e.kind == "snapshot" and not dry_run:
                 _remove(manifest_path(Path(e.path)))
+            if e.kind in ("checkpoint", "broker") and not dry_run:
+                _remove(_record_of(Path(e.path)))
+            if e.kind == "broker" and not dry_run:
+                with contextlib.suppress(OSError):
+                    Path(e.path).parent.rmdir()  # its URL's folder, now empty
     if not dry_run:
         for e in chosen:
             repo = _repo_of(Path(e.path), root)
@@ -746,6 +808,13 @@ def _remove_entries(
                 _drop_empty_repo(repo)
         sweep_torch_links()  # torch.hub-named links to what is gone
     return removed
+
+
+def _record_of(path: Path) -> Path:
+    """The `.verified` record that `_verified` keeps for `path` (it may not exist)."""
+    from ._verified import _record_file
+
+    return Path(_record_file(str(path)))
 
 
 def _repo_of(path: Path, root: Path) -> Path | None:
@@ -798,11 +867,19 @@ def cmd_prune(args: argparse.Namespace) -> int:
     root = hub_dir()
     entries = scan(root)
     cutoff = time.time() - args.older_than
-    old = [e for e in entries if e.kind in ("snapshot", "checkpoint") and e.last_used < cutoff]
+    old = [
+        e
+        for e in entries
+        if e.kind in ("snapshot", "checkpoint", "broker") and e.last_used < cutoff
+    ]
     removed = _remove_entries(old, entries, root, dry_run=args.dry_run)
     problems, _checked, _live = find_problems(root)
     for p in problems:
-        if not (p.problem.endswith("left by a dead process") or p.problem.startswith("ref points")):
+        leftover = p.problem.endswith("left by a dead process") or p.problem in (
+            ORPHAN_RECORD,
+            "empty broker folder",
+        )
+        if not (leftover or p.problem.startswith("ref points")):
             continue
         size = _size_of(Path(p.path))
         if args.dry_run or _remove(Path(p.path)):
