@@ -162,9 +162,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     report = probe()
     missing = [n for n in report.missing if n in Sandbox().requested()]
-    _print(args, report.to_dict(), str(report))
+    _print(args, report.to_dict(), report.describe(advice=False))
     if missing and not args.json:
-        print(f"\n--sandbox strict would refuse to run here: missing {', '.join(missing)}")
+        print(
+            f"\n--sandbox strict would refuse to run here: missing {', '.join(missing)}; "
+            "run without it, or from Python allow them missing (isolhub.Sandbox(allow_missing=...))"
+        )
     return EXIT_DIFFERENT if missing else EXIT_OK
 
 

@@ -16,7 +16,14 @@ import inspect
 import sys
 from typing import Any
 
-from ._cli_common import EXIT_DIFFERENT, EXIT_ERROR, EXIT_OK, output_flags, parse_kw
+from ._cli_common import (
+    EXIT_DIFFERENT,
+    EXIT_ERROR,
+    EXIT_OK,
+    output_flags,
+    parse_kw,
+    spec_source,
+)
 from ._errors import UsageError
 from ._escape import escape_controls
 
@@ -131,6 +138,9 @@ def cmd_diff(args: argparse.Namespace) -> int:
     if args.input_shape:
         gen = torch.Generator().manual_seed(args.seed if args.seed is not None else 0)
         inputs = torch.randn(parse_shape(args.input_shape), generator=gen)
+    # Two existing directories (`./a ./b`) are local repos, as for `list`, `help` and `load`.
+    sources = {spec_source(args.spec_a, False), spec_source(args.spec_b, False)}
+    local = args.local or sources == {"local"}
     report = compare(
         args.spec_a,
         args.spec_b,
@@ -144,7 +154,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
         mode=args.mode,
         atol=args.atol,
         rtol=args.rtol,
-        source="local" if args.local else "github",
+        source="local" if local else "github",
         trust_repo=True if args.trust else "check",
         force_reload=args.force_reload,
         verbose=not (args.json or args.quiet),

@@ -283,11 +283,16 @@ class SandboxReport:
         return {"kernel": self.kernel, "landlock_abi": self.landlock_abi, "protections": entries}
 
     def __str__(self) -> str:
+        return self.describe()
+
+    def describe(self, advice: bool = True) -> str:
+        """The report as lines of text; `advice`: with the Python way to run without what is
+        missing (the command line gives its own)."""
         lines = [f"isolhub sandbox: what this kernel can enforce ({self.kernel})"]
         for e in self.entries:
             support = "" if e.name in PROTECTIONS else " (support)"
             lines.append(f"  [{'yes' if e.available else ' no'}] {e.name:<15}{e.detail}{support}")
-        if self.missing:
+        if self.missing and advice:
             names = ", ".join(repr(m) for m in self.missing)
             lines.append("  sandbox='strict' fails closed here; to run without them anyway pass")
             lines.append(f"  Sandbox(allow_missing={{{names}}})")

@@ -6,6 +6,7 @@ Python names arguments; common mistakes get a suggestion.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import subprocess
@@ -294,3 +295,25 @@ def test_a_torch_allocation_past_the_memory_cap_is_a_memory_error(tmp_path: Path
     assert isinstance(r.error, isolhub.RemoteError), r.error
     assert r.error.remote_type == "builtins.MemoryError", r.error.remote_type
     assert "allocate" in r.error.remote_message
+
+
+def test_two_existing_directories_diff_as_local_repos(repo: Path, tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "isolhub", "diff", "./r", "./r", "net", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["equivalent"] is True
+
+
+def test_doctor_gives_command_line_advice_only() -> None:
+    from isolhub._sandbox import PRETEND_MISSING_ENV
+
+    out = run("doctor", env=dict(os.environ, **{PRETEND_MISSING_ENV: "landlock"}))
+    assert out.returncode == 1
+    assert "--sandbox strict would refuse to run here: missing landlock" in out.stdout
+    assert "sandbox='strict'" not in out.stdout
