@@ -19,6 +19,7 @@ import re
 import shlex
 import shutil
 import stat
+import struct
 import sys
 import uuid
 import warnings
@@ -34,6 +35,7 @@ from ._errors import (
     CacheCorruptedError,
     CacheError,
     DownloadError,
+    IsolhubError,
     OfflineError,
     Option,
 )
@@ -238,12 +240,19 @@ def _load(
         if _is_legacy_zip_format(path):
             return _legacy_zip_load(path, model_dir, map_location, weights_only)
         return torch.load(path, map_location=map_location, weights_only=weights_only)
+    except IsolhubError:
+        raise  # already typed (a hostile legacy zip's ArchiveError is also a ValueError)
     except pickle.UnpicklingError as e:
         if str(e).startswith("Weights only load failed"):
             raise  # torch's refusal of a file that holds more than weights, as torch raises it
         raise _corrupted(path, f"it is damaged or not a checkpoint ({e})") from e
     except (EOFError, zipfile.BadZipFile) as e:
         raise _corrupted(path, f"it is truncated or damaged ({type(e).__name__}: {e})") from e
+    except (ValueError, OverflowError, struct.error) as e:
+        # What unpickling garbage raises past its first opcodes ("invalid literal for int()").
+        raise _corrupted(
+            path, f"it is damaged or not a checkpoint ({type(e).__name__}: {e})"
+        ) from e
     except RuntimeError as e:
         if not _TORCH_DAMAGE.search(str(e)):
             raise  # e.g. a CUDA map_location on a machine without CUDA: not the file's fault

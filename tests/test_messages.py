@@ -317,3 +317,19 @@ def test_doctor_gives_command_line_advice_only() -> None:
     assert out.returncode == 1
     assert "--sandbox strict would refuse to run here: missing landlock" in out.stdout
     assert "sandbox='strict'" not in out.stdout
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"\x80\x02garbage" + bytes(range(256)) * 8, b"", b"hello world\n", b"PK\x03\x04" + b"\0" * 64],
+    ids=["random", "empty", "text", "bad-zip"],
+)
+def test_a_download_that_is_no_checkpoint_is_a_typed_error(body: bytes, hub_home: Path) -> None:
+    from isolhub._checkpoints import load_state_dict_from_url
+
+    from weights_server import WeightsServer
+
+    with WeightsServer() as server:
+        url = server.add("/w.pt", body=body)
+        with pytest.raises(isolhub.CacheCorruptedError, match="w.pt"):
+            load_state_dict_from_url(url, progress=False)
