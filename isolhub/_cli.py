@@ -27,6 +27,7 @@ from ._cli_common import (
     cli_message,
     output_flags,
     parse_kw,
+    seconds,
     spec_source,
 )
 from ._errors import IsolhubError, UsageError
@@ -50,7 +51,7 @@ def _source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--trust", action="store_true", help="trust the repository (adds it to trusted_list)"
     )
-    p.add_argument("--timeout", type=float, default=None, help="kill the worker after N seconds")
+    p.add_argument("--timeout", type=seconds, default=None, help="kill the worker after N seconds")
     p.add_argument(
         "--sandbox",
         choices=("none", "strict"),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -30,6 +31,7 @@ __all__ = [
     "cli_words",
     "output_flags",
     "parse_kw",
+    "seconds",
     "spec_source",
 ]
 
@@ -69,6 +71,17 @@ def cli_words(option: Option) -> str:
 def cli_message(e: IsolhubError) -> str:
     """`e`'s message as the command line says it: its options as flags."""
     return e.render(cli_words)
+
+
+def seconds(text: str) -> float:
+    """An argparse type: a positive, finite number of seconds (`--timeout 30`)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
 
 
 def spec_source(spec: str, local: bool) -> str:

@@ -22,6 +22,7 @@ from ._cli_common import (
     EXIT_OK,
     output_flags,
     parse_kw,
+    seconds,
     spec_source,
 )
 from ._errors import UsageError
@@ -85,7 +86,7 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--local", action="store_true", help="SPEC_A and SPEC_B are local directories")
     p.add_argument("--force-reload", action="store_true", help="fetch the snapshots again")
     p.add_argument("--trust", action="store_true", help="trust both repositories")
-    p.add_argument("--timeout", type=float, default=None, help="kill a worker after N seconds")
+    p.add_argument("--timeout", type=seconds, default=None, help="kill a worker after N seconds")
     p.add_argument(
         "--sandbox",
         choices=("none", "strict"),

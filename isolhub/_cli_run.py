@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from ._cli_common import EXIT_DIFFERENT, EXIT_OK, cli_message, output_flags, parse_kw
+from ._cli_common import EXIT_DIFFERENT, EXIT_OK, cli_message, output_flags, parse_kw, seconds
 from ._errors import IsolhubError, UsageError
 from ._escape import escape_controls
 
@@ -69,16 +69,6 @@ def _positive(text: str) -> int:
     if n == 0:
         raise argparse.ArgumentTypeError("must be at least 1")
     return n
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
-    return value
 
 
 def read_specs(path: str) -> list[str]:
@@ -299,7 +289,7 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument(
         "--workers", type=_positive, default=None, help="workers at once (default: CPUs)"
     )
-    p.add_argument("--timeout", type=_seconds, default=None, help="seconds per repo before a kill")
+    p.add_argument("--timeout", type=seconds, default=None, help="seconds per repo before a kill")
     p.add_argument("--memory", type=parse_size, default=None, help="memory cap per worker: 4G")
     p.add_argument("--retries", type=_count, default=0, help="retries for infrastructure failures")
     p.add_argument("--jsonl", metavar="FILE", help="also write one JSON record per spec ('-')")

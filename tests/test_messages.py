@@ -333,3 +333,10 @@ def test_a_download_that_is_no_checkpoint_is_a_typed_error(body: bytes, hub_home
         url = server.add("/w.pt", body=body)
         with pytest.raises(isolhub.CacheCorruptedError, match="w.pt"):
             load_state_dict_from_url(url, progress=False)
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "abc", "inf"])
+def test_a_bad_timeout_flag_is_refused_by_the_command_line(repo: Path, value: str) -> None:
+    out = run("list", spec_of(repo, "v1"), f"--timeout={value}")
+    assert out.returncode == 2
+    assert "argument --timeout" in out.stderr and "not a positive number of seconds" in out.stderr
