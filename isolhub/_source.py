@@ -25,7 +25,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import _git
+from . import _config, _git
 from ._cache import (
     STAGING_PREFIX,
     install_snapshot,
@@ -39,9 +39,11 @@ from ._config import get_dir, is_offline
 from ._errors import (
     CacheCorruptedError,
     CacheError,
+    DownloadError,
     FetchError,
     OfflineError,
     Option,
+    RefNotFoundError,
     ResolveError,
 )
 from ._manifest import Damage
@@ -209,7 +211,19 @@ def _fill(spec: RepoSpec, sha: str, dest: Path, validate: bool) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f"{STAGING_PREFIX}{sha[:12]}-{os.getpid()}-", dir=dest.parent)
     os.close(fd)
     try:
-        _github.download_tarball(owner, name, sha, Path(tmp))
+        try:
+            _github.download_tarball(owner, name, sha, Path(tmp))
+        except DownloadError as e:
+            if getattr(e, "status", None) != 404:
+                raise
+            # A full SHA is never resolved first: the tarball's 404 is the first "no such commit".
+            api = _config.github_api()
+            raise RefNotFoundError(
+                f"{_github.torch_not_found(owner, name, sha, api)} (GitHub has no commit {sha} "
+                f"in {owner}/{name}: {e})",
+                repo=f"{owner}/{name}",
+                ref=sha,
+            ) from e
         _archive.extract_tar(Path(tmp), dest, expected_commit=sha, strip_top_dir=True)
     finally:
         os.unlink(tmp)

@@ -340,3 +340,17 @@ def test_a_bad_timeout_flag_is_refused_by_the_command_line(repo: Path, value: st
     out = run("list", spec_of(repo, "v1"), f"--timeout={value}")
     assert out.returncode == 2
     assert "argument --timeout" in out.stderr and "not a positive number of seconds" in out.stderr
+
+
+def test_a_full_sha_github_does_not_have_is_ref_not_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from github_server import FakeGitHub, commit, init_repo
+
+    repo = init_repo(tmp_path / "gh")
+    commit(repo, {"hubconf.py": "def net():\n    return 1\n"})
+    with FakeGitHub() as gh:
+        gh.add_repo("someone", "net", repo)
+        monkeypatch.setenv("ISOLHUB_GITHUB_API", gh.url)
+        with pytest.raises(isolhub.RefNotFoundError, match="Cannot find 1{40} in"):
+            isolhub.list(f"someone/net:{'1' * 40}", trust_repo=True, skip_validation=True)
