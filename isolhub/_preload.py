@@ -153,7 +153,7 @@ def preload(names: Iterable[str], threads: Any) -> tuple[list[str], str | None]:
     A process with threads must not fork, so an import that starts one is reported and the
     zygote is replaced by one that does not import it.
     """
-    done = []
+    done: list[str] = []
     for name in names:
         if name in _GROUPS or name in sys.modules:
             continue

@@ -70,3 +70,13 @@ def test_mypy_flags_a_mistyped_mode_in_user_code(tmp_path: Path) -> None:
     assert out.returncode == 1, out.stdout + out.stderr
     errors = [line for line in out.stdout.splitlines() if ": error:" in line]
     assert len(errors) == 1 and "user.py:2:" in errors[0] and "mode" in errors[0], out.stdout
+
+
+def test_mypy_is_clean_over_the_package() -> None:
+    """As `scripts/test` checks it (pyproject's `[tool.mypy]`), so the suite alone catches a slip."""
+    mypy = shutil.which("mypy", path=str(Path(sys.executable).parent))
+    if mypy is None:
+        pytest.skip("mypy is not installed (it comes with the test extras)")
+    root = Path(isolhub.__file__).resolve().parent.parent
+    out = subprocess.run([mypy], capture_output=True, text=True, timeout=900, cwd=root)
+    assert out.returncode == 0, out.stdout + out.stderr
