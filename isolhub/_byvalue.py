@@ -2,9 +2,14 @@
 
 Trusted code only: the parent unpickles what the worker sends. Every Python module loaded from the
 snapshot is pickled **by value** (cloudpickle), so the parent gets working classes and functions
-without the repo ever entering its `sys.modules`; tensor storages are diverted through the arena
-(`persistent_id`), so no tensor byte goes through pickle. TorchScript modules travel as
-`torch.jit.save` bytes.
+without the repo's names (`model`, `utils`) ever entering its `sys.modules`; tensor storages are
+diverted through the arena (`persistent_id`), so no tensor byte goes through pickle. TorchScript
+modules travel as `torch.jit.save` bytes, TorchScript functions as their Python function (scripted
+again in the parent), and modules (`torch.ops`, `torch.backends.cudnn`) by import name.
+
+In the parent, each load's classes and functions live in modules of their own, under a private
+name (`isolhub._snap_<sha>_<n>.model.net`): pickle, `torch.save`, `inspect` and TorchScript find
+them there, in this process (`_Namespace`).
 
 Example:
     >>> data, fd, layout = dumps(model, snapshot_dir)      # in the worker
@@ -13,29 +18,46 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import importlib
 import io
+import itertools
 import marshal
 import os
 import pickle
+import re
 import sys
+import threading
 import types
+import weakref
 from collections import ChainMap
 from typing import Any
 
 import cloudpickle
 
 from ._arena import ArenaReader, ArenaWriter
+from ._errors import TransportError
 from ._pull import pin
+
+# The worker's snapshot modules: name -> (name inside a load's namespace, file); and its tag.
+_SNAPSHOT_MODULES: dict[str, tuple[str, str]] = {}
+_SNAPSHOT_TAG = "local"
 
 
 def register_snapshot_modules(root: str) -> list[str]:
     """Register every loaded module whose file lies under `root` to be pickled by value."""
-    root = os.path.realpath(root) + os.sep
+    global _SNAPSHOT_TAG
+    root = os.path.realpath(root)
+    _SNAPSHOT_TAG = re.sub(r"\W", "_", os.path.basename(root))[:12] or "local"
+    hubconf = os.path.join(root, "hubconf.py")
+    root += os.sep
     names = []
     for name, module in _modules_since_mark():
         path = getattr(module, "__file__", None)
         if path and _realpath(path).startswith(root):
             cloudpickle.register_pickle_by_value(module)
+            inner = "hubconf" if _realpath(path) == hubconf else name
+            _SNAPSHOT_MODULES[name] = (inner, path)
             names.append(name)
     return names
 
@@ -166,12 +188,134 @@ class _Pickler(cloudpickle.Pickler):
         return ("untyped", self._arena.storage_index(obj))
 
     def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is types.FunctionType or isinstance(obj, type):
+            return _in_namespace(obj, super().reducer_override(obj))
+        if isinstance(obj, types.ModuleType):
+            # torch.ops, torch.classes, torch.backends.cudnn: ModuleType subclasses, which
+            # cloudpickle would pickle as objects. Any importable module goes by name.
+            name = getattr(obj, "__name__", None)
+            if name not in _SNAPSHOT_MODULES and sys.modules.get(name) is obj:
+                return importlib.import_module, (name,)
+            return super().reducer_override(obj)
         torch = sys.modules.get("torch")
-        if torch is not None and isinstance(obj, torch.jit.ScriptModule):
-            buf = io.BytesIO()
-            torch.jit.save(obj, buf)
-            return _load_script_module, (buf.getvalue(),)
+        if torch is not None:
+            if isinstance(obj, torch.jit.ScriptModule):
+                buf = io.BytesIO()
+                torch.jit.save(obj, buf)
+                return _load_script_module, (buf.getvalue(),)
+            if isinstance(obj, torch.jit.ScriptFunction):
+                return _script_function_reduce(obj)
         return super().reducer_override(obj)
+
+
+def _script_function_reduce(fn: Any) -> tuple[Any, tuple[Any, ...]]:
+    """A `torch.jit.script`ed function as its Python function, scripted again on arrival.
+
+    TorchScript functions do not pickle; the function they were compiled from does (by value
+    where it is the repo's, with its file and line numbers, which `torch.jit.script` reads).
+    """
+    original = getattr(fn, "_torchdynamo_inline", None)
+    if not isinstance(original, types.FunctionType):
+        raise pickle.PicklingError(
+            f"the TorchScript function {fn.qualified_name} was not compiled from a Python "
+            "function, so there is none to ship"
+        )
+    module = sys.modules.get(original.__module__)
+    name = original.__qualname__
+    if (
+        original.__module__ not in _SNAPSHOT_MODULES
+        and module is not None
+        and getattr(module, name, None) is fn
+    ):  # an importable module's: by name, so it arrives as that same function
+        return getattr, (module, name)
+    return _script, (original,)
+
+
+def _script(fn: Any) -> Any:
+    import torch
+
+    return torch.jit.script(fn)
+
+
+def _in_namespace(obj: Any, reduced: Any) -> Any:
+    """cloudpickle's by-value reduction of a snapshot class or function, which also puts it in
+    its load's namespace in the parent (`_snapshot_setstate`)."""
+    where = _SNAPSHOT_MODULES.get(getattr(obj, "__module__", None))  # type: ignore[arg-type]
+    if where is None or type(reduced) is not tuple or len(reduced) != 6:
+        return reduced
+    setter = functools.partial(_snapshot_setstate, reduced[5], _SNAPSHOT_TAG, *where)
+    return (*reduced[:5], setter)
+
+
+def _snapshot_setstate(setter: Any, tag: str, module: str, file: str, obj: Any, state: Any) -> Any:
+    result = setter(obj, state)
+    namespace = getattr(_LOADING, "namespace", None)
+    if namespace is not None:
+        namespace.add(obj, tag, module, file)
+    return result
+
+
+_LOADING = threading.local()  # the `_Namespace` of the pickle being loaded in this thread
+_LOAD_NUMBERS = itertools.count(1)
+
+
+class _Namespace:
+    """The private modules of one load: `isolhub._snap_<tag>_<n>.<module>`.
+
+    Each holds its classes and functions weakly (a module `__getattr__`), so a model dropped by
+    the caller is freed; what stays in `sys.modules` is an empty module object per repo module.
+    cloudpickle (a call's arguments, to a worker) ships them by value, as the worker did.
+    """
+
+    def __init__(self) -> None:
+        self._prefixes: dict[str, str] = {}
+
+    def add(self, obj: Any, tag: str, module: str, file: str) -> None:
+        prefix = self._prefixes.get(tag)
+        if prefix is None:
+            prefix = self._prefixes[tag] = f"isolhub._snap_{tag}_{next(_LOAD_NUMBERS)}"
+            root = sys.modules[prefix] = _shell(prefix)
+            root.__path__ = []
+            # Sent to a worker (an argument), they travel by value again: no worker has them.
+            cloudpickle.register_pickle_by_value(root)
+        name = f"{prefix}.{module}"
+        objects = _namespace_module(name, file)
+        obj.__module__ = name
+        qualname = getattr(obj, "__qualname__", "")
+        if qualname.isidentifier():  # top level: methods and nested classes hang off theirs
+            objects[qualname] = obj
+
+
+def _namespace_module(name: str, file: str) -> weakref.WeakValueDictionary[str, Any]:
+    """The objects of the namespace module `name`, made (with its parents) on first use."""
+    module = sys.modules.get(name)
+    if module is None:
+        module = _shell(name)
+        parent = name.rpartition(".")[0]
+        while parent != "isolhub" and parent not in sys.modules:
+            sys.modules[parent] = _shell(parent)
+            sys.modules[parent].__path__ = []
+            parent = parent.rpartition(".")[0]
+        sys.modules[name] = module
+    module.__file__ = file
+    return module.__dict__["__isolhub_objects__"]
+
+
+def _shell(name: str) -> types.ModuleType:
+    module = types.ModuleType(name, "A module-mode load's repo module (isolhub).")
+    objects: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+
+    def __getattr__(attr: str) -> Any:
+        try:
+            return objects[attr]
+        except KeyError:
+            raise AttributeError(f"module {name!r} has no attribute {attr!r}") from None
+
+    def __dir__() -> list[str]:
+        return sorted({*module.__dict__, *objects})
+
+    module.__dict__.update(__getattr__=__getattr__, __dir__=__dir__, __isolhub_objects__=objects)
+    return module
 
 
 def dumps(obj: Any) -> tuple[bytes, int | None, Any]:
@@ -196,6 +340,92 @@ def _pickled(obj: Any) -> tuple[bytes, ArenaWriter]:
     arena = ArenaWriter()
     _Pickler(buf, arena).dump(obj)
     return buf.getvalue(), arena
+
+
+def unshippable(obj: Any, entry: str, error: Exception) -> TransportError:
+    """The error for a module-mode result that failed to pickle: what, where, and what to do.
+
+    The culprit is found by pickling the parts of `obj` one by one (on failure only), down to
+    the smallest part that still fails: `the result.inner.guard (a lock)`.
+    """
+    path, culprit, cause = _culprit(obj, error)
+    what = f"{type(culprit).__module__}.{type(culprit).__qualname__}".removeprefix("builtins.")
+    return TransportError(
+        f"isolhub could not ship the result of {entry!r} back by value (mode='module'): "
+        f"the result{path} is a {what} that cannot be pickled ({type(cause).__name__}: {cause}). "
+        "Load its weights with mode='state_dict' (isolhub.load_state_dict), or keep the object "
+        "in the worker with mode='remote'.",
+        entry=entry,
+        path=path,
+        cause=f"{type(cause).__name__}: {cause}",
+    )
+
+
+_CULPRIT_DEPTH = 64
+
+
+def _culprit(obj: Any, error: Exception) -> tuple[str, Any, Exception]:
+    """`(attribute path, object, its error)` for the deepest part of `obj` that fails to pickle."""
+    path, seen = "", {id(obj)}
+    for _ in range(_CULPRIT_DEPTH):
+        for label, child in _parts(obj):
+            if id(child) in seen:
+                continue
+            seen.add(id(child))
+            child_error = _pickle_error(child)
+            if child_error is not None:
+                path, obj, error = path + label, child, child_error
+                break
+        else:
+            break
+    return path, obj, error
+
+
+def _pickle_error(obj: Any) -> Exception | None:
+    try:
+        _pickled(obj)
+    except Exception as e:  # noqa: BLE001 - what its own reduction raises is the finding
+        return e
+    return None
+
+
+def _parts(obj: Any) -> list[tuple[str, Any]]:
+    """What pickling `obj` pickles in turn, each with the path that reaches it."""
+    if isinstance(obj, dict):
+        return [(f"[{k!r}]", v) for k, v in obj.items()]
+    if isinstance(obj, (list, tuple)):
+        return [(f"[{i}]", v) for i, v in enumerate(obj)]
+    if isinstance(obj, types.FunctionType):
+        names = _code_names(obj.__code__)
+        found = [
+            (f".__globals__[{n!r}]", obj.__globals__[n]) for n in names if n in obj.__globals__
+        ]
+        cells = zip(obj.__code__.co_freevars, obj.__closure__ or (), strict=False)
+        return found + [(f" (closure variable {n!r})", _cell(c)) for n, c in cells]
+    attrs = getattr(obj, "__dict__", None)
+    if not isinstance(attrs, (dict, types.MappingProxyType)):
+        return []
+    parts = []
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(obj, torch.nn.Module):  # `.fc`, not `._modules['fc']`
+        for key in ("_modules", "_parameters", "_buffers"):
+            parts += [(f".{k}", v) for k, v in (attrs.get(key) or {}).items()]
+    return parts + [(f".{k}", v) for k, v in attrs.items()]
+
+
+def _code_names(code: types.CodeType) -> list[str]:
+    names = list(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names += _code_names(const)
+    return names
+
+
+def _cell(cell: Any) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # an empty cell
+        return None
 
 
 class _Unpickler(pickle.Unpickler):
@@ -245,4 +475,9 @@ def loads(data: bytes, fd: int | None, layout: Any) -> Any:
 
 def loads_with(data: bytes, arena: ArenaReader) -> Any:
     """Rebuild a pickle whose storages `arena` holds (`loads`, or storages read by `_pull`)."""
-    return _Unpickler(io.BytesIO(data), arena).load()
+    outer = getattr(_LOADING, "namespace", None)
+    _LOADING.namespace = _Namespace()
+    try:
+        return _Unpickler(io.BytesIO(data), arena).load()
+    finally:
+        _LOADING.namespace = outer

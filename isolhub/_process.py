@@ -45,6 +45,7 @@ from ._errors import (
     ProtocolError,
     RemoteError,
     SandboxError,
+    TransportError,
     UsageError,
     WorkerCrashedError,
     WorkerError,
@@ -627,6 +628,13 @@ class Worker:
             )
         rtype = escape_any(record.get("type", "Exception"), keep_lines=False)
         tb = escape_any(record.get("traceback", ""))
+        if kind == "transport":  # isolhub's own failure to ship a result, not the hubconf's
+            return TransportError(
+                f"{message} (worker for {self.label})",
+                spec=self.label,
+                pid=self.pid,
+                remote_traceback=tb,
+            )
         short = rtype.removeprefix("builtins.")
         return RemoteError(
             f"{short}: {message}\n(raised by hubconf code in the worker for {self.label}; "

@@ -36,8 +36,15 @@ from ._byvalue import (
     loads,
     mark_loaded_modules,
     register_snapshot_modules,
+    unshippable,
 )
-from ._errors import EntrypointError, MissingDependenciesError, ProtocolError, SandboxError
+from ._errors import (
+    EntrypointError,
+    MissingDependenciesError,
+    ProtocolError,
+    SandboxError,
+    TransportError,
+)
 from ._protocol import Spinner, encode, recv_frame, send_frame
 from ._values import bounded_text, encode_state_dict, encode_value
 
@@ -366,11 +373,14 @@ class _WorkerState:
         result = request.get("result", "module")
         if result == "module":
             register_snapshot_modules(self.snapshot)
-            if request.get("pull"):
-                data, addresses, self.pinned = dumps_pinned(obj)
-                reply = {"ok": True, "kind": "pickle", "data": data, "layout": addresses}
-                return encode(dict(reply, pull=True)), []
-            data, fd, layout = dumps(obj)
+            try:
+                if request.get("pull"):
+                    data, addresses, self.pinned = dumps_pinned(obj)
+                    reply = {"ok": True, "kind": "pickle", "data": data, "layout": addresses}
+                    return encode(dict(reply, pull=True)), []
+                data, fd, layout = dumps(obj)
+            except Exception as e:
+                raise unshippable(obj, request["entry"], e) from e
             reply = {"ok": True, "kind": "pickle", "data": data, "layout": layout}
             return encode(reply), [] if fd is None else [fd]
         if result == "state_dict":
@@ -516,6 +526,8 @@ def _error_record(e: BaseException) -> dict[str, Any]:
         kind = "dependencies"
     elif isinstance(e, SandboxError):
         kind = "sandbox"
+    elif isinstance(e, TransportError) and not isinstance(e, ProtocolError):
+        kind = "transport"  # a module-mode result isolhub could not pickle (`unshippable`)
     tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
     rtype = f"{type(e).__module__}.{type(e).__qualname__}"
     if isinstance(e, RuntimeError) and _TORCH_NO_MEMORY in str(e):

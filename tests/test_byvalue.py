@@ -5,6 +5,7 @@ from __future__ import annotations
 import fractions
 import importlib.util
 import inspect
+import pickle
 import sys
 import textwrap
 import traceback
@@ -135,3 +136,30 @@ def test_code_marshal_cannot_hold_still_keeps_its_file(by_value_module: types.Mo
     back = _round_trip(odd)
     assert back.co_filename == by_value_module.__file__
     assert back.co_consts[-1] == fractions.Fraction(1, 3)
+
+
+def test_a_torchscript_function_of_an_importable_module_arrives_as_that_same_function(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    name = f"isolhub_test_scripted_{uuid.uuid4().hex}"
+    (tmp_path / f"{name}.py").write_text(
+        "import torch\n\n\n@torch.jit.script\ndef plus_one(x: torch.Tensor) -> torch.Tensor:\n"
+        "    return x + 1\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module(name)
+    try:
+        assert _round_trip(module.plus_one) is module.plus_one
+        assert _round_trip(torch.ops) is torch.ops
+    finally:
+        sys.modules.pop(name, None)
+
+
+def test_a_torchscript_function_without_python_source_is_refused_when_pickled() -> None:
+    import torch
+
+    unit = torch.jit.CompilationUnit("def twice(x: int) -> int:\n    return 2 * x\n")
+    with pytest.raises(pickle.PicklingError, match="not compiled from a Python function"):
+        _byvalue.dumps(unit.twice)
