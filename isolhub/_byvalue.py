@@ -194,7 +194,11 @@ class _Pickler(cloudpickle.Pickler):
             # torch.ops, torch.classes, torch.backends.cudnn: ModuleType subclasses, which
             # cloudpickle would pickle as objects. Any importable module goes by name.
             name = getattr(obj, "__name__", None)
-            if name not in _SNAPSHOT_MODULES and sys.modules.get(name) is obj:
+            if (
+                isinstance(name, str)
+                and name not in _SNAPSHOT_MODULES
+                and sys.modules.get(name) is obj
+            ):
                 return importlib.import_module, (name,)
             return super().reducer_override(obj)
         torch = sys.modules.get("torch")
