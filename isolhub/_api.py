@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import builtins
 import os
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -196,8 +197,7 @@ def run_list(github: Any, o: HubOptions) -> builtins.list[str]:
     policy = policy_for(o.sandbox, "list")
     snap = _snapshot(github, o, "list", policy)
     with start_worker(snap, sandbox=policy) as w:
-        reply, _ = w.request({"op": "list", **rng_handoff(None)}, _watchdog(o.timeout, policy))
-    return reply["value"]
+        return list_entrypoints(w, _watchdog(o.timeout, policy), rng_handoff(None))
 
 
 def run_help(github: Any, model: Any, o: HubOptions) -> str | None:
@@ -206,9 +206,57 @@ def run_help(github: Any, model: Any, o: HubOptions) -> str | None:
     policy = policy_for(o.sandbox, "help")
     snap = _snapshot(github, o, "help", policy)
     with start_worker(snap, sandbox=policy) as w:
-        message = {"op": "help", "entry": model, **rng_handoff(None)}
-        reply, _ = w.request(message, _watchdog(o.timeout, policy))
-    return reply["value"]
+        return entrypoint_doc(w, model, _watchdog(o.timeout, policy), rng_handoff(None))
+
+
+def list_entrypoints(
+    worker: Worker,
+    timeout: float | None = None,
+    extra: dict[str, Any] | None = None,
+    *,
+    deadline: float | None = None,
+) -> builtins.list[str]:
+    """The worker's entrypoint names (what `list` returns), checked to be a list of str.
+
+    `extra`: more fields of the request (`rng_handoff`). The answer carries no fds.
+
+    Raises:
+        ProtocolError: the worker answered something else (it is killed).
+        and what `Worker.request` raises.
+    """
+    reply, _ = worker.request({"op": "list", **(extra or {})}, timeout, deadline=deadline)
+    return _checked_value(
+        worker, reply, lambda v: type(v) is builtins.list and all(type(n) is str for n in v)
+    )
+
+
+def entrypoint_doc(
+    worker: Worker,
+    entry: str,
+    timeout: float | None = None,
+    extra: dict[str, Any] | None = None,
+    *,
+    deadline: float | None = None,
+) -> str | None:
+    """The docstring of `entry` in the worker (what `help` returns), checked to be text.
+
+    Raises:
+        ProtocolError: the worker answered something else (it is killed).
+        and what `Worker.request` raises.
+    """
+    message = {"op": "help", "entry": entry, **(extra or {})}
+    reply, _ = worker.request(message, timeout, deadline=deadline)
+    return _checked_value(worker, reply, lambda v: v is None or type(v) is str)
+
+
+def _checked_value(worker: Worker, reply: dict[str, Any], ok: Any) -> Any:
+    value = reply.get("value")
+    if not ok(value):
+        worker.kill()
+        raise ProtocolError(
+            f"malformed {type(value).__name__} answer from the worker for {worker.label}"
+        )
+    return value
 
 
 def run_load(
@@ -401,6 +449,7 @@ def call(
     last: bool = False,
     rng: bool = False,
     rng_state: Any = None,
+    deadline: float | None = None,
 ) -> Any:
     """Call `entry` in a live worker and decode its result.
 
@@ -411,6 +460,8 @@ def call(
     (its exit then costs `close()` nothing). Unless `seed` is given, `rng=True` starts the
     worker from this process's random state and takes its end state back (`rng_handoff`);
     `rng_state` starts it from that captured state instead, and takes nothing back.
+    `timeout` bounds the whole call, every read of every request in it; `deadline` (a
+    `time.monotonic()` value) does instead, for a caller whose own deadline spans more.
     """
     message = _call_message(entry, args, kwargs, result, seed, then)
     if rng or rng_state is not None:
@@ -420,10 +471,12 @@ def call(
     pull = result == "module" and not _PULL_REFUSED
     if pull:
         message["pull"] = True  # the module's storages are read out of the worker (`_pull`)
-    reply, fds = worker.request(message, timeout)
+    if deadline is None and timeout is not None:
+        deadline = time.monotonic() + timeout  # one for the call, however many requests
+    reply, fds = worker.request(message, timeout, deadline=deadline, max_fds=1)
     try:
         if pull and reply.get("pull"):
-            return _pulled_module(worker, reply, fds, timeout, last)
+            return _pulled_module(worker, reply, fds, timeout, deadline, last)
         return decode_result(reply, fds, expect=result)
     except ProtocolError:
         worker.kill()  # it sent garbage: nothing more it says can be trusted
@@ -438,6 +491,7 @@ def _pulled_module(
     reply: dict[str, Any],
     fds: builtins.list[int],
     timeout: float | None,
+    deadline: float | None,
     last: bool,
 ) -> Any:
     """A module-mode result whose storages are read out of the (trusted) worker's memory."""
@@ -450,8 +504,8 @@ def _pulled_module(
         arena = ArenaReader.of_storages(read_storages(worker.pid, reply["layout"]))
     except PullError:
         _PULL_REFUSED = True
-        pushed, push_fds = worker.request({"op": "push"}, timeout)
-        if pushed.get("kind") != "arena" or len(push_fds) > 1:
+        pushed, push_fds = worker.request({"op": "push"}, timeout, deadline=deadline, max_fds=1)
+        if pushed.get("kind") != "arena":
             for fd in push_fds:
                 os.close(fd)
             raise ProtocolError("malformed arena from a worker") from None

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import cloudpickle
 
-from ._api import HubOptions, call, rng_handoff, start_worker
+from ._api import HubOptions, call, entrypoint_doc, list_entrypoints, rng_handoff, start_worker
 from ._errors import IsolhubError, WorkerCrashedError, WorkerError
 from ._process import Worker
 from ._sandbox import Sandbox
@@ -215,11 +215,9 @@ def execute(worker: Worker, job: _Job, timeout: float | None) -> Any:
     """
     handoff = rng_handoff(None) if job.rng else {}
     if job.op == "list":
-        reply, _ = worker.request({"op": "list", **handoff}, timeout)
-        return reply["value"]
+        return list_entrypoints(worker, timeout, handoff)
     if job.op == "help":
-        reply, _ = worker.request({"op": "help", "entry": job.entry, **handoff}, timeout)
-        return reply["value"]
+        return entrypoint_doc(worker, job.entry or "", timeout, handoff)
     then = None if job.then is None else _Shipped(job.then)
     return call(
         worker,

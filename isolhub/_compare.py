@@ -279,6 +279,7 @@ def _open_side(
     from ._source import fetch_snapshot
 
     began = time.monotonic()
+    timeout = _api._watchdog(job.timeout, job.sandbox)
     try:
         snap = fetch_snapshot(
             spec, force_reload=job.force_reload, verbose=job.verbose, calling_fn="compare",
@@ -294,18 +295,20 @@ def _open_side(
         message = _api._call_message(job.entry, call[0], call[1], "handle", job.seed, then)
         message.update(_api.rng_handoff(job.seed, back=False, state=job.rng_state))
         sent = time.monotonic()
+        # One deadline for the opening request and its list/help fallback together.
+        deadline = None if timeout is None else sent + timeout
         try:
-            reply, fds = worker.request(message, job.timeout)
+            reply, fds = worker.request(message, timeout, deadline=deadline)
         except (RemoteError, EntrypointError, MissingDependenciesError) as e:
             side.error = e
-            side.entrypoints = _entrypoints_by_help(worker, job.timeout)
+            side.entrypoints = _entrypoints_by_help(worker, deadline)
             return
         if reply.get("kind") != "handle" or not isinstance(reply.get("handle"), dict) or fds:
             for fd in fds:
                 os.close(fd)
             worker.kill()
             raise ProtocolError(f"the worker for {snap.label} sent no compare session")
-        session = open_handle(worker, reply["handle"], job.timeout)
+        session = open_handle(worker, reply["handle"], timeout)
         summary = session("summary")
         try:
             _check_summary(summary)
@@ -389,19 +392,21 @@ def _peak_memory(worker: Any) -> int | None:
     return None
 
 
-def _entrypoints_by_help(worker: Any, timeout: float | None) -> dict[str, dict[str, Any]] | None:
+def _entrypoints_by_help(worker: Any, deadline: float | None) -> dict[str, dict[str, Any]] | None:
     """Names and docstrings through the worker's list/help, after the entrypoint itself raised."""
+    from ._api import entrypoint_doc, list_entrypoints
+
     try:
-        reply, _ = worker.request({"op": "list"}, timeout)
-        names = [n for n in reply["value"] if isinstance(n, str)]
-    except (IsolhubError, KeyError, TypeError):
+        names = list_entrypoints(worker, deadline=deadline)
+    except IsolhubError:
         return None
     out: dict[str, dict[str, Any]] = {}
     for name in names:
         try:
-            reply, _ = worker.request({"op": "help", "entry": name}, timeout)
-            doc = reply.get("value")
+            doc = entrypoint_doc(worker, name, deadline=deadline)
         except IsolhubError:
+            if worker.closed:
+                break  # timed out, died or lied: the rest would not come either
             doc = None
         out[name] = {"kind": None, "signature": None, "doc": _clean_doc(doc)}
     return out

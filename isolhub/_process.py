@@ -441,7 +441,7 @@ class Worker:
         worker.confined = init.get("sandbox") is not None
         try:
             send_frame(parent, cloudpickle.dumps(dict(init, scratch=scratch, spin=worker._spin)))
-            worker._reply(time.monotonic() + _HANDSHAKE_TIMEOUT)
+            _close_fds(worker._reply(time.monotonic() + _HANDSHAKE_TIMEOUT)[1])
         except BaseException:
             worker.kill()
             raise
@@ -452,24 +452,45 @@ class Worker:
         message: dict[str, Any],
         timeout: float | None = None,
         fds: list[int] = (),  # type: ignore[assignment]
+        *,
+        deadline: float | None = None,
+        max_fds: int = 0,
     ) -> tuple[dict[str, Any], list[int]]:
         """Send one request and wait for its answer: `(reply, fds)`; errors are raised typed.
 
+        `timeout` (seconds from now) or `deadline` (a `time.monotonic()` value, for a call made
+        of several requests) bounds every read of the answer together, however the worker
+        spaces its bytes. The answer may carry up to `max_fds` fds, which the caller then owns;
+        one with more is a `ProtocolError` and its fds are closed here: the one place every fd
+        of every reply is either handed over or closed.
+
         Raises:
-            WorkerCrashedError: the worker died. WorkerTimeoutError: it overran `timeout`.
+            WorkerCrashedError: the worker died. WorkerTimeoutError: it overran the deadline.
             RemoteError, EntrypointError, MissingDependenciesError: hubconf code failed.
+            ProtocolError: a malformed answer (the worker is killed).
         """
         if self.closed:
             raise WorkerCrashedError(f"the worker for {self.label} is gone", spec=self.label)
         data = _pickled_request(message, self.label)
         with self._lock:
-            deadline = None if timeout is None else time.monotonic() + timeout
+            if deadline is None and timeout is not None:
+                deadline = time.monotonic() + timeout
+            elif deadline is not None and timeout is None:
+                timeout = max(0.0, deadline - time.monotonic())
             self._rng_back = bool(message.get("rng_back"))
             try:
                 send_frame(self.sock, data, fds)
             except OSError:
                 self._raise_death()
-            return self._reply(deadline, timeout)
+            reply, got = self._reply(deadline, timeout)
+            if len(got) > max_fds:
+                _close_fds(got)
+                self.kill()
+                raise ProtocolError(
+                    f"the worker for {self.label} sent {len(got)} fds with an answer that takes "
+                    f"at most {max_fds}; it was killed"
+                )
+            return reply, got
 
     def _reply(
         self, deadline: float | None, timeout: float | None = None
@@ -563,30 +584,18 @@ class Worker:
                     self._raise_death()
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
-                self.kill()
-                raise WorkerTimeoutError(
-                    (
-                        f"the worker for {self.label} (pid {self.pid}) did not answer within "
-                        f"{timeout or _HANDSHAKE_TIMEOUT:g} s and was killed; raise ",
-                        Option.of("timeout"),
-                        f" if the load is just slow{self._tail_text()}",
-                    ),
-                    spec=self.label,
-                    pid=self.pid,
-                )
+                self._raise_timeout(timeout)
             events = poll(None if remaining is None else remaining * 1e3)
-        if deadline is not None:  # a worker that sends half a frame and stops must not hang us
-            self.sock.settimeout(max(deadline - time.monotonic(), 1.0))
         try:
-            frame = recv_frame(self.sock)
-        except (TimeoutError, ProtocolError, OSError) as e:
+            # One deadline for the whole frame: a worker trickling its bytes cannot stretch it.
+            frame = recv_frame(self.sock, self.limits.frame_bytes, deadline)
+        except TimeoutError:
+            self._raise_timeout(timeout)
+        except (ProtocolError, OSError) as e:
             if self._dead_within(_GRACE):
                 self._raise_death()
             self.kill()
             raise ProtocolError(f"bad frame from the worker for {self.label}: {e}") from e
-        finally:
-            if deadline is not None and not self.closed:
-                self.sock.settimeout(None)
         if frame is None:
             self._dead_within(_GRACE)
             self._raise_death()
@@ -607,6 +616,19 @@ class Worker:
                 os.close(fd)
             raise self._remote_error(reply.get("error"))
         return reply, fds
+
+    def _raise_timeout(self, timeout: float | None) -> NoReturn:
+        self.kill()
+        raise WorkerTimeoutError(
+            (
+                f"the worker for {self.label} (pid {self.pid}) did not answer within "
+                f"{timeout or _HANDSHAKE_TIMEOUT:g} s and was killed; raise ",
+                Option.of("timeout"),
+                f" if the load is just slow{self._tail_text()}",
+            ),
+            spec=self.label,
+            pid=self.pid,
+        )
 
     def _remote_error(self, record: Any) -> Exception:
         if not isinstance(record, dict):
@@ -779,6 +801,12 @@ def _clean_up(pidfd: int, status: Callable[[], int], scratch: str, pid: int) -> 
     shutil.rmtree(scratch, ignore_errors=True)
     with contextlib.suppress(OSError):
         _caps.release(pid)
+
+
+def _close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _escaped_list(items: Any) -> list[str]:

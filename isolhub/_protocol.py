@@ -38,12 +38,15 @@ _MSG_CTRUNC = int(socket.MSG_CTRUNC)  # the enum's own `&` is a Python call
 class ReplyLimits:
     """What a worker may make the parent hold or print.
 
+    `frame_bytes`: the size of one frame (every worker; its header is only a claim, memory is
+    committed as the bytes arrive).
     `output_bytes`: bytes of its output forwarded to the parent's stderr in all (None: no
     total; the rate cap holds regardless); a sandbox policy sets it to `file_size_bytes`.
     `output_cr`: carriage returns in that output are forwarded as they are (a trusted worker's
     progress bars), not escaped as every other control character is.
     """
 
+    frame_bytes: int = MAX_FRAME
     output_bytes: int | None = None
     output_cr: bool = True
 
@@ -71,54 +74,73 @@ def send_frame(sock: socket.socket, payload: bytes, fds: Sequence[int] = ()) -> 
         sock.sendall(memoryview(payload)[sent - len(header) :])
 
 
-def recv_frame(sock: socket.socket, max_size: int = MAX_FRAME) -> tuple[bytes, list[int]] | None:
+def recv_frame(
+    sock: socket.socket, max_size: int = MAX_FRAME, deadline: float | None = None
+) -> tuple[bytes, list[int]] | None:
     """Receive one frame: `(payload, fds)`, or None on a clean end of stream before a header.
+
+    `deadline` (a `time.monotonic()` value) bounds the whole frame, however the peer spaces
+    its bytes. Memory is committed as the payload arrives (the buffer at most doubles what has
+    come), never on the header's word alone.
 
     Raises:
         ProtocolError: a truncated or oversize frame, or too many fds.
+        TimeoutError: the frame was not complete by `deadline`.
     """
     header = bytearray()
     fds: list[int] = []
-    while len(header) < _HEADER.size:
-        data, anc, flags, _addr = sock.recvmsg(_HEADER.size - len(header), _ANC_SPACE)
-        if anc:
-            fds.extend(_fds_from(anc))
-        if flags & _MSG_CTRUNC:
-            _close_all(fds)
-            raise ProtocolError("too many file descriptors in one frame")
-        if not data:
-            _close_all(fds)
-            if header:
-                raise ProtocolError("channel closed in the middle of a frame header")
-            return None
-        header += data
-    size, nfds = _HEADER.unpack(header)
-    if size > max_size or nfds != len(fds):
-        _close_all(fds)
-        raise ProtocolError(
-            f"bad frame header: {size} bytes (cap {max_size}), {nfds} fds announced, {len(fds)} received"
-        )
-    got = 0
-    if size <= _SMALL_FRAME:
+    try:
+        while len(header) < _HEADER.size:
+            _wait_budget(sock, deadline)
+            data, anc, flags, _addr = sock.recvmsg(_HEADER.size - len(header), _ANC_SPACE)
+            if anc:
+                fds.extend(_fds_from(anc))
+            if flags & _MSG_CTRUNC:
+                raise ProtocolError("too many file descriptors in one frame")
+            if not data:
+                if header:
+                    raise ProtocolError("channel closed in the middle of a frame header")
+                return None
+            header += data
+        size, nfds = _HEADER.unpack(header)
+        if size > max_size or nfds != len(fds):
+            raise ProtocolError(
+                f"bad frame header: {size} bytes (cap {max_size}), {nfds} fds announced, "
+                f"{len(fds)} received"
+            )
+        _wait_budget(sock, deadline)
         # Most frames are small and arrive whole: one call and no copy.
-        first = sock.recv(size)
+        first = sock.recv(min(size, _SMALL_FRAME))
         if len(first) == size:
-            return first, fds
-        got = len(first)
-        if got == 0 and size:
-            _close_all(fds)
+            done, fds = fds, []
+            return first, done
+        if not first and size:
             raise ProtocolError(f"channel closed after 0 of {size} frame bytes")
-    payload = bytearray(size)
-    if got:
-        payload[:got] = first
-    view = memoryview(payload)
-    while got < size:
-        n = sock.recv_into(view[got:], size - got)
-        if n == 0:
-            _close_all(fds)
-            raise ProtocolError(f"channel closed after {got} of {size} frame bytes")
-        got += n
-    return bytes(payload), fds
+        payload = bytearray(first)
+        got = len(payload)
+        while got < size:
+            if got == len(payload):
+                payload += bytes(min(max(got, _SMALL_FRAME), size - got))
+            _wait_budget(sock, deadline)
+            n = sock.recv_into(memoryview(payload)[got:], len(payload) - got)
+            if n == 0:
+                raise ProtocolError(f"channel closed after {got} of {size} frame bytes")
+            got += n
+        done, fds = fds, []
+        return bytes(payload), done
+    finally:
+        _close_all(fds)  # what was not handed over: a failed frame's fds
+        if deadline is not None:
+            sock.settimeout(None)
+
+
+def _wait_budget(sock: socket.socket, deadline: float | None) -> None:
+    """Give the next read what is left of `deadline` (TimeoutError once it has passed)."""
+    if deadline is not None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the frame did not arrive in time")
+        sock.settimeout(left)
 
 
 def spin_poll(
@@ -267,6 +289,8 @@ def decode(data: bytes, ext: ExtDecoder | None = None, *, max_items: int = 10_00
         ProtocolError: the bytes are malformed, truncated, too deep or too large.
     """
     if type(data) is not bytes:
+        if not isinstance(data, (bytearray, memoryview)):  # bytes(2**40) would allocate it
+            raise ProtocolError(f"expected encoded bytes, got a {type(data).__name__}")
         data = bytes(data)
     reader = _Reader(data, ext, max_items)
     value = reader.value(0)

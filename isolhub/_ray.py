@@ -189,7 +189,9 @@ class _RepoActor:
             return _failure(e, None)
         worker = self._worker
         try:
-            reply, fds = worker.request(_message(job), timeout)
+            reply, fds = worker.request(
+                _message(job), timeout, max_fds=0 if job.op in ("list", "help") else 1
+            )
         except IsolhubError as e:
             worker.close()  # as locally: a failed call never leaves its worker for the next
             return _failure(e, worker)
