@@ -31,7 +31,7 @@ from ._config import get_dir
 from ._errors import ProtocolError, SandboxError, UsageError
 from ._handle import open_handle
 from ._process import Worker, prestart_zygote
-from ._protocol import ReplyLimits
+from ._protocol import MAX_FRAME, ReplyLimits
 from ._pull import PullError, read_storages
 from ._sandbox import PRETEND_MISSING_ENV, Sandbox, SandboxReport, probe, resolve_policy
 from ._source import Snapshot, fetch_snapshot
@@ -94,8 +94,15 @@ def reply_limits(policy: Sandbox | None) -> ReplyLimits:
     """What one reply may make this process hold or print under `policy` (None: trusted)."""
     if policy is None:
         return ReplyLimits()
+    size = policy.max_reply_bytes
     # Printing is no way around the file cap; a hostile worker's \r could overwrite a line.
-    return ReplyLimits(output_bytes=policy.file_size_bytes, output_cr=False)
+    return ReplyLimits(
+        frame_bytes=MAX_FRAME if size is None else min(size, MAX_FRAME),
+        arena_bytes=size,
+        elements=policy.max_reply_elements,
+        output_bytes=policy.file_size_bytes,
+        output_cr=False,
+    )
 
 
 def policy_for(sandbox: Any, mode: str) -> Sandbox | None:
@@ -477,7 +484,7 @@ def call(
     try:
         if pull and reply.get("pull"):
             return _pulled_module(worker, reply, fds, timeout, deadline, last)
-        return decode_result(reply, fds, expect=result)
+        return decode_result(reply, fds, expect=result, limits=worker.limits)
     except ProtocolError:
         worker.kill()  # it sent garbage: nothing more it says can be trusted
         raise
@@ -543,39 +550,42 @@ def _call_message(
     }
 
 
-def decode_result(reply: dict[str, Any], fds: builtins.list[int], *, expect: str) -> Any:
+def decode_result(
+    reply: dict[str, Any],
+    fds: builtins.list[int],
+    *,
+    expect: str,
+    limits: ReplyLimits | None = None,
+) -> Any:
     """Rebuild a `call` reply of the `expect`ed kind in this process; consumes `fds`.
 
     Only a `module` request may be answered with a pickle: any other reply is decoded by the
     restricted codec, so a worker cannot make the parent unpickle by lying about the kind.
+    `limits` caps what the reply may make this process hold (`reply_limits`).
     """
     want = "pickle" if expect == "module" else expect
-    if reply.get("kind") != want or reply.get("pull"):
+    if reply.get("kind") != want or reply.get("pull") or len(fds) > 1:
         for fd in fds:
             os.close(fd)
-        raise ProtocolError(f"asked for a {want} result, got {reply.get('kind')!r}")
-    if len(fds) > 1:
-        for fd in fds:
-            os.close(fd)
-        raise ProtocolError(f"a result came with {len(fds)} fds; expected at most one")
+        raise ProtocolError(
+            f"asked for a {want} result with at most one fd, got {reply.get('kind')!r} with "
+            f"{len(fds)}"
+        )
     one = fds[0] if fds else None
+    # Each decoder takes the fd first, so a malformed field below can never leave it open.
+    layout = reply.get("layout")
     try:
-        return _decode_kind(reply, one)
+        if want == "pickle":
+            return _byvalue.loads(reply.get("data"), one, layout)
+        if want == "value":
+            return decode_value(reply.get("body"), one, layout, limits=limits)
+        if want == "state_dict":
+            return decode_state_dict(reply.get("body"), one, layout, limits)
     except (KeyError, TypeError) as e:
         raise ProtocolError(f"malformed result from a worker: {e!r}") from None
-
-
-def _decode_kind(reply: dict[str, Any], fd: int | None) -> Any:
-    kind = reply.get("kind")
-    if kind == "pickle":
-        return _byvalue.loads(reply["data"], fd, reply["layout"])
-    if kind == "value":
-        return decode_value(reply["body"], fd, reply["layout"])
-    if kind == "state_dict":
-        return decode_state_dict(reply["body"], fd, reply["layout"])
-    if fd is not None:
-        os.close(fd)
-    raise ProtocolError(f"unknown result kind {kind!r}")
+    if one is not None:
+        os.close(one)
+    raise ProtocolError(f"unknown result kind {want!r}")
 
 
 def _check_model_name(model: Any) -> None:

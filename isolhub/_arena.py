@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import itertools
+import math
 import mmap
 import os
 import struct
@@ -297,9 +298,17 @@ class ArenaReader:
     entries (bytes, for small transfers) are copied into private writable buffers.
     """
 
-    def __init__(self, fd: int | None, layout: Any) -> None:
+    def __init__(
+        self,
+        fd: int | None,
+        layout: Any,
+        max_bytes: int | None = None,
+        max_elements: int | None = None,
+    ) -> None:
         torch = _torch()
         self._storages: list[Any] = []
+        # Tensor elements the rest of this reply may describe (None: no cap).
+        self._elements_left = max_elements
         if fd is None:
             if type(layout) is bytes:
                 layout = _unpack_layout(layout)
@@ -318,6 +327,11 @@ class ArenaReader:
             if seals & _SEALS != _SEALS:
                 raise ProtocolError("the worker's arena is not sealed; refusing to map it")
             size = os.fstat(fd).st_size
+            if max_bytes is not None and size > max_bytes:
+                raise ProtocolError(
+                    f"the worker's arena is {size} bytes, over the {max_bytes}-byte cap on a "
+                    "reply (Sandbox.max_reply_bytes)"
+                )
             mm = _map_private(fd, size)
         except OSError as e:
             raise ProtocolError(f"cannot map the worker's arena: {e}") from e
@@ -402,9 +416,27 @@ class ArenaReader:
             extent += (n - 1) * s
         if 0 not in shape and extent * itemsize > storage.nbytes():
             raise ProtocolError("tensor description reaches past its storage")
-        t = _torch().empty(0, dtype=dtype).set_(storage, offset, shape, stride)
-        if grad:
-            t.requires_grad_(True)
+        return self._build(dtype, storage, offset, shape, stride, grad)
+
+    def _build(
+        self, dtype: Any, storage: Any, offset: int, shape: Any, stride: Any, grad: Any
+    ) -> Any:
+        """The tensor a checked description names; what torch refuses is a `ProtocolError`."""
+        if self._elements_left is not None:
+            self._elements_left -= math.prod(shape)
+            if self._elements_left < 0:
+                raise ProtocolError(
+                    "the reply describes more tensor elements than the cap on one reply "
+                    "(Sandbox.max_reply_elements); a stride-0 view counts at its full size"
+                )
+        if grad and not (dtype.is_floating_point or dtype.is_complex):
+            raise ProtocolError(f"a {dtype} tensor cannot require grad")
+        try:
+            t = _empty(0, dtype=dtype).set_(storage, offset, shape, stride)
+            if grad:
+                t.requires_grad_(True)
+        except (RuntimeError, TypeError, ValueError, OverflowError) as e:
+            raise ProtocolError(f"malformed tensor description: {e}") from None
         return t
 
     def tensor_packed(self, data: Any) -> Any:
@@ -432,13 +464,7 @@ class ArenaReader:
                 extent += (n - 1) * s
             if extent * itemsize > storage.nbytes():
                 raise ProtocolError("tensor description reaches past its storage")
-        try:
-            t = _empty(0, dtype=dtype).set_(storage, offset, shape, stride)
-        except (RuntimeError, TypeError, ValueError) as e:  # e.g. a size overflowing numel
-            raise ProtocolError(f"malformed tensor description: {e}") from None
-        if grad:
-            t.requires_grad_(True)
-        return t
+        return self._build(dtype, storage, offset, shape, stride, grad)
 
     def tensors_packed(self, run: Any) -> list[Any]:
         """The tensors of a run of `tensor_packed` descriptions laid end to end."""

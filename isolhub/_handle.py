@@ -104,9 +104,13 @@ class _Session:
                     os.close(fd)
                 error = self.raised(reply["error"])
             elif kind == "state_dict":
-                return decode_state_dict(reply["body"], fd, reply["layout"])
+                return decode_state_dict(
+                    reply.get("body"), fd, reply.get("layout"), self.worker.limits
+                )
             else:
-                return decode_value(reply["body"], fd, reply["layout"], self.proxy)
+                return decode_value(
+                    reply.get("body"), fd, reply.get("layout"), self.proxy, self.worker.limits
+                )
         except (KeyError, TypeError, ValueError, ProtocolError) as e:
             self.worker.kill()  # it sent garbage: nothing more it says can be trusted
             raise ProtocolError(f"bad reply from the worker for {self.worker.label}: {e}") from e

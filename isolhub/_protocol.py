@@ -39,7 +39,9 @@ class ReplyLimits:
     """What a worker may make the parent hold or print.
 
     `frame_bytes`: the size of one frame (every worker; its header is only a claim, memory is
-    committed as the bytes arrive).
+    committed as the bytes arrive). `arena_bytes` and `elements` (None: no cap): one reply's
+    tensor arena, and its tensors' elements counted as their shapes say (a stride-0 view of one
+    float counts in full); a sandbox policy sets them (`Sandbox.max_reply_*`).
     `output_bytes`: bytes of its output forwarded to the parent's stderr in all (None: no
     total; the rate cap holds regardless); a sandbox policy sets it to `file_size_bytes`.
     `output_cr`: carriage returns in that output are forwarded as they are (a trusted worker's
@@ -47,6 +49,8 @@ class ReplyLimits:
     """
 
     frame_bytes: int = MAX_FRAME
+    arena_bytes: int | None = None
+    elements: int | None = None
     output_bytes: int | None = None
     output_cr: bool = True
 

@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ._api import _call_message, decode_result, start_worker
+from ._api import _call_message, decode_result, reply_limits, start_worker
 from ._archive import extract_tar
 from ._backend import _Job, _Outcome, _Settings, _Shipped, is_infrastructure_failure
 from ._cache import STAGING_PREFIX, install_snapshot, snapshot_path
@@ -53,6 +53,7 @@ from ._errors import (
     WorkerTimeoutError,
 )
 from ._process import Worker, shutdown_zygote
+from ._protocol import ReplyLimits
 from ._source import Snapshot
 from ._spec import RepoSpec
 
@@ -277,11 +278,14 @@ def _arena_fd(data: bytes) -> int:
     return fd
 
 
-def _decode(job: _Job, reply: dict[str, Any], arena: bytes | None) -> Any:
+def _decode(
+    job: _Job, reply: dict[str, Any], arena: bytes | None, limits: ReplyLimits | None = None
+) -> Any:
     """Decode a relayed reply here in the driver, as `isolhub._api` does for a local worker."""
     if job.op in ("list", "help"):
         return reply["value"]
-    return decode_result(reply, [] if arena is None else [_arena_fd(arena)], expect=job.result)
+    fds = [] if arena is None else [_arena_fd(arena)]
+    return decode_result(reply, fds, expect=job.result, limits=limits)
 
 
 def _first_line(e: BaseException) -> str:
@@ -368,7 +372,7 @@ class RayBackend:
             outcome: _Outcome = ray.get(ref)
             if outcome.ok:
                 reply, arena = outcome.value
-                outcome.value = _decode(job, reply, arena)
+                outcome.value = _decode(job, reply, arena, reply_limits(self._settings.sandbox))
         except IsolhubError as e:  # a malformed reply: the actor's worker misbehaved
             self.kill(executor)
             return _Outcome(ok=False, error=e)

@@ -182,6 +182,11 @@ class Sandbox:
     weight_proxy: str | None = None  # the broker's only proxy (it reads none from the env)
     max_download_bytes: int | None = 8 * 1024**3
     wall_seconds: float | None = 600.0  # the parent's watchdog, per request, when no timeout=
+    # What one reply may make the parent hold: its tensor arena and frame (bytes; a frame is
+    # never over 1 GiB), and its tensors' elements as their shapes say (a stride-0 view counts
+    # in full). The defaults fit any reply a worker within `memory_bytes` could make honestly.
+    max_reply_bytes: int | None = 8 * 1024**3
+    max_reply_elements: int | None = 1 << 33
 
     def __post_init__(self) -> None:
         for name in ("read_paths", "write_paths", "env_allow", "allow_missing", "weight_hosts"):
@@ -200,6 +205,8 @@ class Sandbox:
             "open_files",
             "max_tasks",
             "max_download_bytes",
+            "max_reply_bytes",
+            "max_reply_elements",
         ):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 0):

@@ -19,7 +19,7 @@ from typing import Any
 
 from ._arena import ArenaReader, ArenaWriter
 from ._errors import ProtocolError
-from ._protocol import decode, encode
+from ._protocol import ReplyLimits, decode, encode
 
 
 def encode_value(
@@ -87,13 +87,15 @@ def encode_state_dict(items: Iterable[tuple[Any, Any]]) -> tuple[bytes, int | No
     return body, fd, layout
 
 
-def decode_state_dict(body: bytes, fd: int | None, layout: Any) -> OrderedDict[str, Any]:
+def decode_state_dict(
+    body: bytes, fd: int | None, layout: Any, limits: ReplyLimits | None = None
+) -> OrderedDict[str, Any]:
     """Rebuild what `encode_state_dict` produced; consumes `fd`.
 
     Raises:
-        ProtocolError: the reply is not a well-formed state dict.
+        ProtocolError: the reply is not a well-formed state dict, or is over `limits`.
     """
-    arena = _reader(fd, layout)
+    arena = _reader(fd, layout, limits)
     value = decode(body, _ext(arena, None))
     if type(value) is dict and value.keys() == {"names", "tensors"}:
         names, run = value["names"], value["tensors"]
@@ -115,22 +117,26 @@ def decode_value(
     fd: int | None,
     layout: Any,
     handle_factory: Callable[[Any], Any] | None = None,
+    limits: ReplyLimits | None = None,
 ) -> Any:
     """Rebuild what `encode_value` produced; consumes `fd`.
 
     Raises:
-        ProtocolError: the bytes, the arena or a tensor description is malformed.
+        ProtocolError: the bytes, the arena or a tensor description is malformed, or the
+            reply is over `limits` (its arena's bytes, its tensors' elements).
     """
-    arena = _reader(fd, layout)
+    arena = _reader(fd, layout, limits)
     return decode(body, _ext(arena, handle_factory))
 
 
-def _reader(fd: int | None, layout: Any) -> ArenaReader:
+def _reader(fd: int | None, layout: Any, limits: ReplyLimits | None) -> ArenaReader:
     if not isinstance(layout, (list, bytes)):
         if fd is not None:
             os.close(fd)
         raise ProtocolError("malformed arena layout")
-    return ArenaReader(fd, layout)
+    if limits is None:
+        return ArenaReader(fd, layout)
+    return ArenaReader(fd, layout, limits.arena_bytes, limits.elements)
 
 
 def _ext(arena: ArenaReader, handle_factory: Callable[[Any], Any] | None) -> Callable[[Any], Any]:

@@ -33,7 +33,7 @@ HOSTILE = """
 import torch
 import torch.nn as nn
 
-PAD = "x" * 150  # the frame is about 200 bytes: a trickle takes 200 * delay seconds
+PAD = "x" * 350  # the frame is about 400 bytes: a trickle takes 400 * delay seconds
 
 
 def _trickle(path, delay):
@@ -108,7 +108,7 @@ def test_a_trickled_reply_completes_without_a_deadline(hostile: str, tmp_path: P
     """The twin: the trickle is a valid reply, so only the deadline can stop it."""
     log = tmp_path / "sent"
     with hub.Hub(max_workers=1) as h:
-        [r] = h.map(None, [hostile], "trickle", kwargs={"path": str(log), "delay": 0.02})
+        [r] = h.map(None, [hostile], "trickle", kwargs={"path": str(log), "delay": 0.01})
     assert r.ok and r.value == 42
     sent, total = _sent(log)
     assert sent == total
@@ -120,7 +120,7 @@ def test_a_trickled_reply_cannot_outrun_the_deadline(
 ) -> None:
     log = tmp_path / "sent"
     kwargs = {"path": str(log)}
-    timeout = 3.0  # the trickle takes 20 s
+    timeout = 8.0  # the trickle takes 40 s; the load before it well under 8 s
     with pytest.raises(hub.WorkerTimeoutError):
         if where == "load_state_dict":
             hub.load_state_dict(hostile, "trickle", timeout=timeout, **kwargs)
@@ -139,11 +139,11 @@ def test_a_trickled_reply_cannot_outrun_the_deadline(
 
 def test_a_trickled_reply_cannot_outrun_a_sandboxed_call(hostile: str) -> None:
     with pytest.raises(hub.WorkerTimeoutError):
-        hub.load(hostile, "trickle", mode="remote", sandbox=hub.Sandbox(wall_seconds=3.0))
+        hub.load(hostile, "trickle", mode="remote", sandbox=hub.Sandbox(wall_seconds=8.0))
 
 
 def test_a_trickled_reply_cannot_outrun_compare(hostile: str) -> None:
-    report = hub.compare(hostile, hostile, "trickle", timeout=3.0, sandbox="strict")
+    report = hub.compare(hostile, hostile, "trickle", timeout=8.0, sandbox="strict")
     for side in (report.a, report.b):
         assert side.error is not None and side.error.startswith("WorkerTimeoutError")
 
@@ -191,6 +191,38 @@ def test_an_expanded_tensor_is_what_an_unconfined_state_dict_returns(hostile: st
     """The twin: a real, legal tensor of 2**50 elements on 4 bytes."""
     sd = hub.load_state_dict(hostile, "expanded")
     assert sd["w"].numel() == 2**50 and sd["w"].stride() == (0,)
+
+
+def test_a_sandboxed_reply_over_the_element_cap_is_refused(hostile: str) -> None:
+    with pytest.raises(hub.ProtocolError, match="max_reply_elements"):
+        hub.load_state_dict(hostile, "expanded", sandbox="strict")
+    with pytest.raises(hub.ProtocolError, match="max_reply_elements"):
+        hub.load_state_dict(hostile, "big", 100, sandbox=hub.Sandbox(max_reply_elements=99))
+    assert hub.load_state_dict(hostile, "big", 99, sandbox=hub.Sandbox(max_reply_elements=99))
+
+
+def test_compare_of_a_sandboxed_expanded_tensor_is_refused_not_diffed(hostile: str) -> None:
+    report = hub.compare(hostile, hostile, "expanded", sandbox="strict")
+    assert report.a.error is not None and report.a.error.startswith("ProtocolError")
+
+
+def test_a_sandboxed_reply_over_the_byte_cap_is_refused(hostile: str) -> None:
+    policy = hub.Sandbox(max_reply_bytes=1 << 20)
+    with pytest.raises(hub.ProtocolError, match="max_reply_bytes"):
+        hub.load_state_dict(hostile, "big", 1 << 20, sandbox=policy)  # a 4 MiB arena
+    with hub.Hub(max_workers=1, sandbox=policy) as h:
+        [r] = h.map(lambda sd: "x" * (2 << 20), [hostile], "big", args=(1,))
+    assert isinstance(r.error, hub.ProtocolError)  # a 2 MiB frame
+    assert hub.load_state_dict(hostile, "big", 1000, sandbox=policy)["w"].numel() == 1000
+
+
+def test_a_tensor_the_parent_cannot_build_is_a_protocol_error_that_kills_the_worker(
+    hostile: str,
+) -> None:
+    with hub.load(hostile, "grad_liar", mode="remote", timeout=30) as m:
+        with pytest.raises(hub.ProtocolError, match="cannot require grad"):
+            m.lie()
+        assert m.closed
 
 
 # ----------------------------------------------------------------------------- fds
@@ -308,3 +340,10 @@ def test_a_body_that_is_not_bytes_is_refused_not_allocated() -> None:
 
     with pytest.raises(hub.ProtocolError, match="got a int"):
         decode(2**40)  # type: ignore[arg-type]  # bytes(2**40) would allocate a TiB
+
+
+@pytest.mark.parametrize("field", ["max_reply_bytes", "max_reply_elements"])
+def test_the_reply_caps_are_checked_like_every_other_cap(field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        hub.Sandbox(**{field: -1})
+    assert getattr(hub.Sandbox(), field) is not None  # safe without configuration
