@@ -43,9 +43,10 @@ def _trickle(path, delay):
     frame = struct.pack("!II", len(msg), 0) + msg
     for i in range(len(frame)):
         sock.send(frame[i : i + 1])
-        if path:
-            with open(path, "w") as f:
+        if path:  # replaced whole, so a kill between two bytes never leaves it empty
+            with open(path + ".tmp", "w") as f:
                 f.write(f"{i + 1} {len(frame)}")
+            os.replace(path + ".tmp", path)
         time.sleep(delay)
     time.sleep(30)
 
