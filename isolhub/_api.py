@@ -574,13 +574,15 @@ def decode_result(
     one = fds[0] if fds else None
     # Each decoder takes the fd first, so a malformed field below can never leave it open.
     layout = reply.get("layout")
+    data: Any = reply.get("data")  # checked by the decoders, which take the fd whatever it is
+    body: Any = reply.get("body")
     try:
         if want == "pickle":
-            return _byvalue.loads(reply.get("data"), one, layout)
+            return _byvalue.loads(data, one, layout)
         if want == "value":
-            return decode_value(reply.get("body"), one, layout, limits=limits)
+            return decode_value(body, one, layout, limits=limits)
         if want == "state_dict":
-            return decode_state_dict(reply.get("body"), one, layout, limits)
+            return decode_state_dict(body, one, layout, limits)
     except (KeyError, TypeError) as e:
         raise ProtocolError(f"malformed result from a worker: {e!r}") from None
     if one is not None:

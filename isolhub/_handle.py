@@ -99,18 +99,15 @@ class _Session:
         try:
             fd = fds[0] if fds else None
             kind = reply.get("kind")
+            body: Any = reply.get("body")
             if kind == "raised":
                 if fd is not None:
                     os.close(fd)
                 error = self.raised(reply["error"])
             elif kind == "state_dict":
-                return decode_state_dict(
-                    reply.get("body"), fd, reply.get("layout"), self.worker.limits
-                )
+                return decode_state_dict(body, fd, reply.get("layout"), self.worker.limits)
             else:
-                return decode_value(
-                    reply.get("body"), fd, reply.get("layout"), self.proxy, self.worker.limits
-                )
+                return decode_value(body, fd, reply.get("layout"), self.proxy, self.worker.limits)
         except (KeyError, TypeError, ValueError, ProtocolError) as e:
             self.worker.kill()  # it sent garbage: nothing more it says can be trusted
             raise ProtocolError(f"bad reply from the worker for {self.worker.label}: {e}") from e
