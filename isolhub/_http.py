@@ -384,7 +384,7 @@ def _open(
         if guard is not None and checked is not None:
             # What is sent is what was checked: requests' own reading of the prepared URL.
             guard.same_target(checked, prep.url or "")
-        env = session.merge_environment_settings(prep.url, {}, True, None, None)
+        env = session.merge_environment_settings(prep.url or current, {}, True, None, None)
         env["stream"] = True
         resp = session.send(
             prep, timeout=(s.connect_timeout, s.read_timeout), allow_redirects=False, **env
