@@ -16,7 +16,7 @@ that module and every preloaded group that imported it from the worker's `sys.mo
 
 Example:
     >>> names = reported(before={"os", "sys"}, private=["/snap"])  # in a worker, after a call
-    >>> learn(names)                                             # in the parent
+    >>> allowed = learn(get_dir(), names)                        # in the parent
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ import time
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeGuard
 
 import cloudpickle
 
@@ -129,7 +129,7 @@ class _Zygote:
             z = cls._instance
             if z is not None and z.owner == os.getpid() and z.proc.poll() is not None:
                 z.control.close()  # now, not whenever the dead one is garbage-collected
-            if z is None or z.owner != os.getpid() or z.proc.poll() is not None:
+            if not cls._running(z):
                 for _ in range(_preload.MAX_MODULES):
                     try:
                         z = cls._instance = _Zygote()
@@ -140,14 +140,18 @@ class _Zygote:
                     raise WorkerError("the isolhub zygote could not start; set ISOLHUB_PRELOAD=0")
             return z
 
+    @staticmethod
+    def _running(z: _Zygote | None) -> TypeGuard[_Zygote]:
+        """Whether `z` is this process's zygote and alive."""
+        return z is not None and z.owner == os.getpid() and z.proc.poll() is None
+
     @classmethod
     def prestart(cls) -> None:
         """Start this process's zygote in the background, if it is not running (first use)."""
         if cls._starting == os.getpid():
             return  # (read without the lock: the starting thread holds it until the zygote is up)
         with cls._class_lock:
-            z = cls._instance
-            if z is not None and z.owner == os.getpid() and z.proc.poll() is None:
+            if cls._running(cls._instance):
                 return
             if cls._starting == os.getpid():
                 return

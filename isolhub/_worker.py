@@ -115,12 +115,14 @@ def _effects(request: dict[str, Any]) -> dict[str, Any]:
     if request.get("rng_back"):
         out["rng"] = _rng.capture()
     state = _STATE
-    if state is not None and state.learn:
+    # Nothing was imported since the last look (most remote calls): the scan is skipped.
+    if state is not None and state.learn and len(sys.modules) != state.modules_seen:
         # Installed packages the repo imported: the zygote imports them for the next workers.
         imported = _preload.reported(state.baseline, [state.snapshot])
         if imported:
             out["imported"] = imported
         state.baseline.update(n for n in sys.modules if "." not in n)
+        state.modules_seen = len(sys.modules)
     return out
 
 
@@ -158,6 +160,7 @@ class _WorkerState:
         _preload.evict_shadowed([init["snapshot"]])
         mark_loaded_modules()  # before a line of the repo is imported
         self.baseline = {n.partition(".")[0] for n in sys.modules}
+        self.modules_seen = len(sys.modules)
         self.learn = init.get("sandbox") is None and _preload.enabled()
         _worker_warnings.install()  # the parent re-issues them, through its own filters
         _rng.fresh_numpy()  # not the zygote's state, shared by every worker
