@@ -15,19 +15,13 @@ import torch
 
 import isolhub as hub
 
-from hubrepos import make_repo, spec_of
+from hubrepos import CHANNEL, make_repo, spec_of
 
-PRELUDE = """
+PRELUDE = (
+    CHANNEL
+    + """
 import fcntl, os, socket, struct, time
 from isolhub._protocol import encode
-
-def channel():
-    for fd in sorted(int(f) for f in os.listdir("/proc/self/fd")):
-        try:
-            if os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
-                return socket.socket(fileno=os.dup(fd))
-        except OSError:
-            pass
 
 def send_raw(payload, fds=(), announced=None):
     sock = channel()
@@ -56,6 +50,7 @@ class Evil:
     def __reduce__(self):
         return (open, (MARKER, "w"))
 """
+)
 
 CASES = {
     "pickle_reply": "import pickle; send_raw(pickle.dumps(Evil()))",

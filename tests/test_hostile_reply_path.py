@@ -27,7 +27,7 @@ from isolhub._protocol import MAX_FRAME, recv_frame
 from isolhub._source import fetch_snapshot
 from isolhub._spec import parse_spec
 
-from hubrepos import make_repo, spec_of
+from hubrepos import CHANNEL, make_repo, spec_of
 
 HOSTILE = """
 import torch
@@ -259,24 +259,18 @@ def net():
 
 # compare asks list and help only after the entrypoint raised: this one answers its own call
 # with an error, then (queued behind it) the next request with 16 fds.
-FLOOD_AFTER_ERROR = """
+FLOOD_AFTER_ERROR = (
+    CHANNEL
+    + """
 import array, os, socket, struct, time
 from isolhub._protocol import encode
-
-def _channel():
-    for fd in sorted(int(f) for f in os.listdir("/proc/self/fd")):
-        try:
-            if os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
-                return socket.socket(fileno=os.dup(fd))
-        except OSError:
-            pass
 
 def _frame(sock, msg, fds=()):
     anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
     sock.sendmsg([struct.pack("!II", len(msg), len(fds)), msg], anc)
 
 def net():
-    sock = _channel()
+    sock = channel()
     error = {"kind": "remote", "type": "builtins.ValueError", "message": "no", "traceback": ""}
     _frame(sock, encode({"ok": False, "error": error}))
     fds = []
@@ -287,6 +281,7 @@ def net():
     _frame(sock, encode({"ok": True, "value": ["net"]}), fds)
     time.sleep(30)
 """
+)
 
 
 def _open_fds() -> set[str]:

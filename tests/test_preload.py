@@ -19,6 +19,8 @@ import pytest
 
 import isolhub
 
+from hubrepos import CHANNEL
+
 ROOT = Path(isolhub.__file__).resolve().parent.parent
 
 PACKAGES = {
@@ -158,23 +160,17 @@ def test_preloading_is_off_with_isolhub_preload_0(python: Path, tmp_path: Path) 
     assert not (tmp_path / "hub" / "preload").exists()
 
 
-FORGE = """
-import os, socket
+FORGE = (
+    CHANNEL
+    + """
 from isolhub._protocol import encode, send_frame
-
-def channel():
-    for fd in sorted(int(f) for f in os.listdir("/proc/self/fd")):
-        try:
-            if os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
-                return socket.socket(fileno=os.dup(fd))
-        except OSError:
-            pass
 
 def forge(names):
     # A side-effects frame of its own, ahead of the worker's real reply.
     with channel() as s:
         send_frame(s, encode({"effects": {"imported": names}}))
 """
+)
 
 
 def forged(tmp_path: Path, names: list[str]) -> Path:

@@ -21,7 +21,7 @@ import torch.hub
 import isolhub as hub
 from isolhub._errors import ProtocolError, RemoteError
 
-from hubrepos import commit, make_repo, spec_of
+from hubrepos import CHANNEL, commit, make_repo, spec_of
 
 HUBCONF = """
 import random
@@ -184,23 +184,18 @@ def test_a_sandboxed_worker_hands_its_state_back_through_the_restricted_codec(re
     assert_same_states(states(), want_end)
 
 
-FORGE = """
-import os, socket, time
+FORGE = (
+    CHANNEL
+    + """
+import time
 from isolhub._protocol import encode, send_frame
-
-def channel():
-    for fd in sorted(int(f) for f in os.listdir("/proc/self/fd")):
-        try:
-            if os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
-                return socket.socket(fileno=os.dup(fd))
-        except OSError:
-            pass
 
 def forge(rng):
     send_frame(channel(), encode({"effects": {"rng": rng}}))
     send_frame(channel(), encode({"ok": True, "kind": "value", "body": encode(1), "layout": []}))
     time.sleep(30)
 """
+)
 
 FORGED = {
     "short_torch_state": "{'torch': b'x' * 10}",

@@ -20,7 +20,7 @@ import torch
 import isolhub as hub
 from isolhub._errors import ProtocolError
 
-from hubrepos import make_repo, spec_of
+from hubrepos import CHANNEL, make_repo, spec_of
 
 HUBCONF = '''
 import warnings
@@ -222,23 +222,18 @@ def test_a_flood_of_warnings_is_bounded_and_says_how_many_were_dropped(repo: Pat
     assert len(dropped) == 1 and "isolhub" in str(dropped[0].message)
 
 
-FORGE = """
-import os, socket, time
+FORGE = (
+    CHANNEL
+    + """
+import time
 from isolhub._protocol import encode, send_frame
-
-def channel():
-    for fd in sorted(int(f) for f in os.listdir("/proc/self/fd")):
-        try:
-            if os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
-                return socket.socket(fileno=os.dup(fd))
-        except OSError:
-            pass
 
 def forge(records):
     send_frame(channel(), encode({"effects": {"warnings": records}}))
     send_frame(channel(), encode({"ok": True, "kind": "value", "body": encode(1), "layout": []}))
     time.sleep(30)
 """
+)
 
 GOOD = "{'category': ['builtins.UserWarning'], 'message': 'm', 'filename': 'f.py', 'lineno': 1, 'module': 'f'}"
 FORGED = {
