@@ -35,7 +35,7 @@ def capture() -> dict[str, Any]:
 
     version, internal, gauss = random.getstate()
     state: dict[str, Any] = {
-        "torch": bytes(torch.get_rng_state().numpy()),
+        "torch": bytes(torch.get_rng_state().tolist()),  # no numpy: torch may run without it
         "random": [version, list(internal), gauss],
     }
     np = sys.modules.get("numpy")

@@ -9,6 +9,8 @@ against the installed torch.hub on the same local repo, or against the draws hub
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,8 @@ from hubrepos import CHANNEL, commit, make_repo, spec_of
 
 HUBCONF = """
 import random
+import subprocess
+import sys
 
 import numpy as np
 import torch
@@ -286,3 +290,18 @@ def test_compare_without_a_seed_starts_both_sides_from_the_callers_state(tmp_pat
     assert value.a == value.b == repr(expected)
     assert rep.equivalent
     assert any("same random state" in n for n in rep.notes), rep.notes
+
+
+def test_the_random_state_is_handed_over_where_torch_runs_without_numpy() -> None:
+    # isolhub alone does not install numpy (scripts/demo): the hand-off must not need it.
+    code = (
+        "import sys; sys.modules['numpy'] = None\n"
+        "import torch\n"
+        "from isolhub import _rng\n"
+        "torch.manual_seed(3); state = _rng.capture(); a = torch.rand(4)\n"
+        "_rng.restore(state); assert torch.equal(torch.rand(4), a)\n"
+        "print('numpy' in state, len(state['torch']))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", str(torch.get_rng_state().numel())]
