@@ -42,6 +42,7 @@ from ._cache import (
 )
 from ._cli_common import output_flags
 from ._errors import CacheError, DownloadError, UsageError
+from ._preload import TEMP_PREFIX as PRELOAD_TEMP_PREFIX
 
 _SHA = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 _STAGING_PID = re.compile(rf"{re.escape(STAGING_PREFIX)}[0-9a-f]+-(\d+)-")
@@ -667,6 +668,9 @@ def _leftovers(root: Path) -> Iterator[tuple[Path, str]]:
                 yield f, "incomplete file"
         if not files:
             yield key, "empty broker folder"
+    for f in _children(root / "preload"):
+        if f.name.startswith(PRELOAD_TEMP_PREFIX):
+            yield f, "temp file"
     for f in _children(root / _VERIFIED):
         if f.name.endswith(".tmp"):
             yield f, "temp file"

@@ -35,6 +35,7 @@ from typing import Any
 
 __all__ = [
     "MAX_MODULES",
+    "TEMP_PREFIX",
     "enabled",
     "evict_shadowed",
     "forbid",
@@ -45,6 +46,9 @@ __all__ = [
     "valid_names",
 ]
 
+TEMP_PREFIX = (
+    ".preload-"  # a record being written; `isolhub cache verify --fix` sweeps abandoned ones
+)
 MAX_MODULES = 64  # top-level names a zygote preloads; the most recently used are kept
 _MAX_NAME = 100
 
@@ -116,10 +120,14 @@ def _write(path: Path, used: dict[str, float], never: set[str]) -> None:
     keep = sorted(used, key=lambda n: -used[n])[:MAX_MODULES]
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".preload-")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"used": {n: used[n] for n in keep}, "never": sorted(never)}, f)
-        os.replace(tmp, path)  # a concurrent writer's names may be lost: they are relearned
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TEMP_PREFIX)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({"used": {n: used[n] for n in keep}, "never": sorted(never)}, f)
+            os.replace(tmp, path)  # a concurrent writer's names may be lost: they are relearned
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
 
 def learned(hub_dir: str | os.PathLike[str]) -> list[str]:

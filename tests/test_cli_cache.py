@@ -495,3 +495,26 @@ def test_ls_and_verify_never_delete_anything(
     cli("cache", "ls", "--json")
     cli("cache", "verify", "--json")
     assert file_digests(populated) == before
+
+
+def test_cache_verify_finds_an_abandoned_preload_temp_file_and_fix_removes_it(
+    populated: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = populated / "preload"
+    folder.mkdir()
+    record = folder / "0123456789abcdef.json"
+    record.write_text('{"used": {"yaml": 1.0}, "never": []}')
+    abandoned = folder / ".preload-abc123"
+    abandoned.write_text('{"used": {')
+    age(abandoned, 2)
+    fresh = folder / ".preload-def456"  # another process may be writing it right now
+    fresh.write_text("{")
+
+    code, report = cli_json(capsys, "cache", "verify")
+    assert code == 1
+    assert [p["id"] for p in report["problems"]] == ["preload/.preload-abc123"]
+    assert report["in_progress"] == [str(fresh)]
+
+    code, _ = cli_json(capsys, "cache", "verify", "--fix")
+    assert code == 0 and not abandoned.exists()
+    assert fresh.exists() and record.exists()
