@@ -80,6 +80,20 @@ def evil(tmp_path_factory: pytest.TempPathFactory) -> str:
     return spec_of(make_repo(tmp_path_factory.mktemp("evil") / "repo", {"hubconf.py": HUBCONF}))
 
 
+def test_unconfined_torch_hub_passes_the_sequences_to_the_terminal_raw(
+    evil: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The twin: without isolhub's escaping, the same repo writes its sequences as they are."""
+    import torch.hub
+
+    path = evil.removeprefix("git+file://")
+    with pytest.raises(ValueError, match="boom") as info:
+        torch.hub.load(path, "raises", source="local", trust_repo=True, verbose=False)
+    assert TITLE in str(info.value) and CLEAR in str(info.value)
+    torch.hub.load(path, "chatter", source="local", trust_repo=True, verbose=False)
+    assert f"hello {TITLE} {CLIPBOARD} {CLEAR}" in capfd.readouterr().out
+
+
 def test_a_remote_error_shows_the_workers_escape_sequences_escaped(evil: str) -> None:
     raw = f"boom {TITLE} {CLEAR}"
     with pytest.raises(hub.RemoteError) as info:
