@@ -15,13 +15,31 @@ from __future__ import annotations
 import difflib
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import final
 
-from ._compare_report import FileChange
+__all__ = ["FileChange", "diff_trees", "stat_text", "totals_text"]
 
 _SKIP_DIRS = frozenset({".git", "__pycache__", ".hg", ".svn"})
 _MAX_TEXT = 4 << 20  # bytes: a larger file is counted as changed, without a line diff
 _MAX_FILES = 20_000  # per tree: past this the walk stops (the report says it was cut short)
+
+
+@final
+@dataclass(frozen=True)
+class FileChange:
+    """One file that differs between the two snapshots: added, removed or modified.
+
+    `added`/`removed` count lines as `git diff --stat` does; `binary` files (or ones too large
+    or undecodable to diff as text) have no counts.
+    """
+
+    path: str
+    status: str
+    added: int = 0
+    removed: int = 0
+    binary: bool = False
 
 
 def diff_trees(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> tuple[FileChange, ...]:

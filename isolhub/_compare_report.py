@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, final
 
+from ._compare_code import FileChange
 from ._errors import SpecError
 
 
@@ -166,22 +167,6 @@ class LayerDiff:
 
 
 DEPARTED = ("changed", "reshaped", "retyped")  # a layer whose output departs from its partner's
-
-
-@final
-@dataclass(frozen=True)
-class FileChange:
-    """One file that differs between the two snapshots: added, removed or modified.
-
-    `added`/`removed` count lines as `git diff --stat` does; `binary` files (or ones too large
-    or undecodable to diff as text) have no counts.
-    """
-
-    path: str
-    status: str
-    added: int = 0
-    removed: int = 0
-    binary: bool = False
 
 
 @final

@@ -18,6 +18,8 @@ import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from ._report_table import table
+
 if TYPE_CHECKING:
     from ._compare_report import CompareReport, TensorDiff
 
@@ -188,15 +190,6 @@ def _counts(rows: Sequence[Any]) -> str:
 # ----------------------------------------------------------------------------- text
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], indent: str = "  ") -> list[str]:
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=True)]
-    lines = []
-    for row in (headers, *rows):
-        cells = [f"{str(x):<{w}}" for x, w in zip(row, widths, strict=True)]
-        lines.append((indent + "  ".join(cells)).rstrip())
-    return lines
-
-
 def render_text(rep: CompareReport, max_rows: int = 40) -> str:
     """The report as terminal tables; tables list what differs, unchanged rows are counted."""
     out = [
@@ -204,13 +197,13 @@ def render_text(rep: CompareReport, max_rows: int = 40) -> str:
         f"atol={rep.atol:g}  rtol={rep.rtol:g}",
         f"inputs: {', '.join(rep.inputs) or 'none'}",
         "",
-        *_table(("", "A", "B"), _side_rows(rep), indent=""),
+        *table(("", "A", "B"), _side_rows(rep), indent=""),
     ]
     entries = _entry_rows(rep)
     if rep.entrypoints:
         out += ["", f"Entrypoints: {_counts(rep.entrypoints)}"]
         if entries:
-            out += _table(("status", "name", "what", "signature A", "signature B"), entries)
+            out += table(("status", "name", "what", "signature A", "signature B"), entries)
     if rep.code:
         from ._compare_code import stat_text
 
@@ -227,7 +220,7 @@ def render_text(rep: CompareReport, max_rows: int = 40) -> str:
         shown = changed if len(items) > max_rows else list(items)
         rows = [_tensor_row(r, outputs) for r in shown[:max_rows]]
         if rows:
-            out += _table(("status", "name", "A", "B", "max|a-b|", "rel", "allclose"), rows)
+            out += table(("status", "name", "A", "B", "max|a-b|", "rel", "allclose"), rows)
         hidden = len(items) - len(rows)
         if hidden:
             out.append(f"  … {hidden} more rows (same or close, or past {max_rows}): see --json")
@@ -239,7 +232,7 @@ def render_text(rep: CompareReport, max_rows: int = 40) -> str:
     values = [v for v in rep.values if v.status not in ("same", "close")]
     if values:
         out += ["", f"Values: {_counts(rep.values)}"]
-        out += _table(
+        out += table(
             ("status", "name", "A", "B"),
             [(v.status, v.name, v.a or "-", v.b or "-") for v in values],
         )
@@ -287,7 +280,7 @@ def _e(x: Any) -> str:
     return html.escape(str(x), quote=True)
 
 
-def _html_table(
+def _htmltable(
     headers: Sequence[str], rows: Sequence[Sequence[Any]], cls: Sequence[str] = (), css_id: str = ""
 ) -> str:
     head = "".join(f"<th>{_e(h)}</th>" for h in headers)
@@ -338,7 +331,7 @@ def _body(rep: CompareReport) -> list[str]:
         f"rtol {rep.rtol:g} · inputs {_e(', '.join(rep.inputs) or 'none')}</div>",
         f'<div id="verdict" class="verdict {verdict_cls}">{_e(_verdict(rep))}</div>',
         "<h2>Refs</h2>",
-        _html_table(("", "A", "B"), _side_rows(rep), ("", "mono", "mono"), "sides"),
+        _htmltable(("", "A", "B"), _side_rows(rep), ("", "mono", "mono"), "sides"),
     ]
     for label, side in (("A", rep.a), ("B", rep.b)):
         if side.error_detail:
@@ -359,7 +352,7 @@ def _body(rep: CompareReport) -> list[str]:
         ]
         parts += [
             f"<h2>Entrypoints: {_e(_counts(rep.entrypoints))}</h2>",
-            _html_table(
+            _htmltable(
                 ("status", "name", "changed", "signature A", "signature B"),
                 rows,
                 ("status", "mono", "", "mono", "mono"),
@@ -375,18 +368,18 @@ def _body(rep: CompareReport) -> list[str]:
             f"<h2>Weights by layer ({len(layers)} layers, largest difference first)</h2>",
             render_svg(layers),
             f"<h2>Parameters: {_e(_counts(rep.parameters))}</h2>",
-            _tensor_table(rep.parameters, False, "parameters"),
+            _tensortable(rep.parameters, False, "parameters"),
         ]
     if rep.outputs:
         parts += [
             f"<h2>Outputs {_e(_outputs_where(rep))}: {_e(_counts(rep.outputs))}</h2>",
-            _tensor_table(rep.outputs, True, "outputs"),
+            _tensortable(rep.outputs, True, "outputs"),
         ]
     if rep.values:
         value_rows = [(v.status, v.name, v.a or "-", v.b or "-") for v in rep.values]
         parts += [
             f"<h2>Values: {_e(_counts(rep.values))}</h2>",
-            _html_table(
+            _htmltable(
                 ("status", "name", "A", "B"), value_rows, ("status", "mono", "mono", "mono")
             ),
         ]
@@ -418,7 +411,7 @@ def _deep_html(rep: CompareReport) -> list[str]:
         n = rep.batches
         parts += [
             f"<h2>Outputs over {n} batch{'es' if n != 1 else ''}</h2>",
-            _html_table(
+            _htmltable(
                 METRIC_HEADERS, metric_rows(rep.metrics),
                 ("mono", "num", "num", "num", "num", "num"), "metrics",
             ),
@@ -430,7 +423,7 @@ def _deep_html(rep: CompareReport) -> list[str]:
             f'<p id="divergence" class="{"first" if first else "meta"}">'
             f"{_e(divergence_text(rep))}</p>",
             depth_svg(rep.layers, first),
-            _html_table(
+            _htmltable(
                 LAYER_HEADERS, layer_rows(rep.layers),
                 ("num", "status", "mono", "mono", "mono", "mono", "num", "num", ""), "layers",
             ),
@@ -469,12 +462,12 @@ def _code_html(rep: CompareReport) -> str:
     )
 
 
-def _tensor_table(rows: Sequence[TensorDiff], outputs: bool, css_id: str) -> str:
+def _tensortable(rows: Sequence[TensorDiff], outputs: bool, css_id: str) -> str:
     order = sorted(
         rows,
         key=lambda r: (-_RANK.index(r.status), -(r.rel if r.rel is not None else math.inf)),
     )
-    return _html_table(
+    return _htmltable(
         ("status", "name", "A", "B", "max|a-b|", "rel", "allclose"),
         [_tensor_row(r, outputs) for r in order],
         ("status", "mono", "mono", "mono", "num", "num", ""),

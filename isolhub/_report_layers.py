@@ -16,6 +16,8 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from ._report_table import table
+
 if TYPE_CHECKING:
     from ._compare_report import CompareReport, LayerDiff, OutputMetrics
 
@@ -97,7 +99,6 @@ def layer_counts(layers: Sequence[LayerDiff]) -> str:
 
 def layer_text(rep: CompareReport, max_rows: int) -> list[str]:
     """The terminal's layer section (without the table helper, which the caller passes)."""
-    from ._report_html import _table
 
     out = [
         "",
@@ -108,7 +109,7 @@ def layer_text(rep: CompareReport, max_rows: int) -> list[str]:
     if len(rows) > max_rows:
         keep = [r for r, x in zip(rows, rep.layers, strict=True) if x.status not in ("same",)]
         rows = keep[:max_rows]
-    out += _table(LAYER_HEADERS, rows)
+    out += table(LAYER_HEADERS, rows)
     hidden = len(rep.layers) - len(rows)
     if hidden:
         out.append(f"  … {hidden} more layers (same, or past {max_rows}): see --json")
@@ -116,7 +117,6 @@ def layer_text(rep: CompareReport, max_rows: int) -> list[str]:
 
 
 def metrics_text(rep: CompareReport) -> list[str]:
-    from ._report_html import _table
 
     if not rep.metrics:
         return []
@@ -124,7 +124,7 @@ def metrics_text(rep: CompareReport) -> list[str]:
     return [
         "",
         f"Outputs over {n} batch{'es' if n != 1 else ''}:",
-        *_table(METRIC_HEADERS, metric_rows(rep.metrics)),
+        *table(METRIC_HEADERS, metric_rows(rep.metrics)),
     ]
 
 
