@@ -791,7 +791,8 @@ def _interpreter_paths() -> set[str]:
     paths |= set(site.getsitepackages())
     if site.ENABLE_USER_SITE and site.getusersitepackages() in sys.path:
         paths.add(site.getusersitepackages())
-    paths.add(os.path.dirname(os.path.abspath(__file__)))  # isolhub itself (editable installs)
+    package = sys.modules["isolhub"].__file__ or ""  # isolhub itself (editable installs too)
+    paths.add(os.path.dirname(os.path.abspath(package)))
     home = os.path.realpath(os.path.expanduser("~")) + os.sep
     with open("/proc/self/maps") as f:  # directories of every loaded shared object (libc, ...)
         for line in f:
