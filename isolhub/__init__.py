@@ -12,6 +12,8 @@ import builtins as _builtins
 import importlib as _importlib
 import typing as _typing
 
+from ._version import __version__ as __version__
+
 # Names are loaded on first use, so `import isolhub._worker` (in the zygote) and
 # `isolhub --help` stay cheap. The TYPE_CHECKING block mirrors the table for tools.
 _EXPORTS = {
@@ -61,7 +63,6 @@ _EXPORTS = {
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
-__version__ = "0.1.0"
 __all__ = sorted([*_WHERE, "__version__"], key=str.lower)
 
 if _typing.TYPE_CHECKING:

@@ -174,7 +174,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `isolhub` command."""
-    from . import __version__, _cli_cache, _cli_diff, _cli_run
+    from . import _cli_cache, _cli_diff, _cli_run
+    from ._version import __version__
 
     parser = argparse.ArgumentParser(
         prog="isolhub",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,8 @@ def test_version_prints_the_package_version() -> None:
     out = run("--version")
     assert out.returncode == 0
     assert out.stdout.strip() == f"isolhub {isolhub.__version__}"
+    pyproject = tomllib.loads((Path(isolhub.__file__).parents[1] / "pyproject.toml").read_text())
+    assert pyproject["project"]["version"] == isolhub.__version__
 
 
 def test_load_json_names_the_commit_that_was_loaded(repo: Path) -> None:
