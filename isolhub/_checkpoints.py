@@ -29,7 +29,7 @@ from urllib.parse import urlparse
 
 from ._cache import temp_dir
 from ._config import get_dir, is_offline
-from ._download import _download, fetch_broker, safe_url
+from ._download import _download, fetch_broker
 from ._errors import (
     ArchiveError,
     CacheCorruptedError,
@@ -39,9 +39,10 @@ from ._errors import (
     OfflineError,
     Option,
 )
+from ._http import safe_url
 from ._verified import recorded, remember, sha256_fd
 
-__all__ = ["HASH_REGEX", "load_state_dict_from_url", "load_url"]
+__all__ = ["HASH_REGEX", "checkpoint_name", "load_state_dict_from_url", "load_url"]
 
 # torch.hub's convention: `name-<sha256 prefix>.ext`; the first match wins, as in torch.
 HASH_REGEX = re.compile(r"-([a-f0-9]*)\.")

@@ -286,7 +286,8 @@ def cmd_download(args: argparse.Namespace) -> int:
         HashMismatchError: the bytes do not match `--sha256`.
     """
     from ._checkpoints import checkpoint_name
-    from ._download import _hash_matches, _sha256_file, download_url_to_file, safe_url
+    from ._download import download_url_to_file, hash_matches, sha256_file
+    from ._http import safe_url
 
     sha = args.sha256.strip().lower() if args.sha256 else None
     if sha is not None and not re.fullmatch(r"[0-9a-f]{1,64}", sha):
@@ -306,14 +307,14 @@ def cmd_download(args: argparse.Namespace) -> int:
                 f"cache not writable: {folder} ({e.strerror}); set ISOLHUB_HOME or pass DST"
             ) from e
         dst = str(folder / checkpoint_name(args.url, args.file_name))
-        cached = os.path.isfile(dst) and _hash_matches(dst, sha)
+        cached = os.path.isfile(dst) and hash_matches(dst, sha)
         if not cached:
             download_url_to_file(args.url, dst, sha, progress=not (args.no_progress or args.quiet))
     result = {
         "url": safe_url(args.url),
         "path": dst,
         "size": os.path.getsize(dst),
-        "sha256": _sha256_file(dst),
+        "sha256": sha256_file(dst),
         "cached": cached,
     }
     if args.json:
@@ -816,9 +817,9 @@ def _remove_entries(
 
 def _record_of(path: Path) -> Path:
     """The `.verified` record that `_verified` keeps for `path` (it may not exist)."""
-    from ._verified import _record_file
+    from ._verified import record_file
 
-    return Path(_record_file(str(path)))
+    return Path(record_file(str(path)))
 
 
 def _repo_of(path: Path, root: Path) -> Path | None:

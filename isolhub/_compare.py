@@ -53,7 +53,7 @@ from ._compare_report import (
     ValueDiff,
 )
 from ._compare_stream import Latency, Stream, describe_batch, difference, iter_batches
-from ._compare_worker import _clean_doc, _one_line, open_session
+from ._compare_worker import clean_doc, one_line, open_session
 from ._errors import (
     EntrypointError,
     IsolhubError,
@@ -408,7 +408,7 @@ def _entrypoints_by_help(worker: Any, deadline: float | None) -> dict[str, dict[
             if worker.closed:
                 break  # timed out, died or lied: the rest would not come either
             doc = None
-        out[name] = {"kind": None, "signature": None, "doc": _clean_doc(doc)}
+        out[name] = {"kind": None, "signature": None, "doc": clean_doc(doc)}
     return out
 
 
@@ -545,7 +545,7 @@ def _side_info(side: _Side) -> SideInfo:
     error = detail = None
     if side.error is not None:
         detail = str(side.error)
-        error = f"{type(side.error).__name__}: {_one_line(detail)}"
+        error = f"{type(side.error).__name__}: {one_line(detail)}"
     if s is None:
         return SideInfo(side.spec, side.sha, error, detail, start_s=side.start_s)
     tensors = s["tensors"]

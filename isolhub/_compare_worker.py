@@ -160,7 +160,7 @@ class CompareSession:
                 out["forward_s"][path] = time.monotonic() - began
                 _keep(y, f"{prefix}output", out["outputs"], out, 0)
             except Exception as e:  # noqa: BLE001 - repo code: record it, go on
-                out["errors"][path] = _one_line(e)
+                out["errors"][path] = one_line(e)
             finally:
                 for h in hooks:
                     h.remove()
@@ -264,7 +264,7 @@ def _summarise_module(
         for key, value in m.state_dict().items():
             _keep(value, f"{prefix}{key}", out["tensors"], out, _MAX_NESTING)
     except Exception as e:  # noqa: BLE001 - repo code: record it, describe the rest
-        out["uncompared"][path or "result"] = f"state_dict() raised {_one_line(e)}"
+        out["uncompared"][path or "result"] = f"state_dict() raised {one_line(e)}"
     if not remote and isinstance(m, torch.nn.Module):
         part["parameters"] = sum(p.numel() for p in m.parameters())
         part["training"] = m.training
@@ -279,7 +279,7 @@ def _summarise_module(
             part["forward_s"] = time.monotonic() - began
             _keep(y, f"{prefix}output", out["outputs"], out, 0)
         except Exception as e:  # noqa: BLE001 - repo code: record it, describe the rest
-            part["forward_error"] = _one_line(e)
+            part["forward_error"] = one_line(e)
     out["parts"].append(part)
 
 
@@ -351,7 +351,7 @@ def _describe_entrypoints(snapshot: str) -> dict[str, dict[str, Any]] | None:
             sig = None
         kind = "class" if isinstance(fn, type) else "function" if inspect.isroutine(fn) else None
         doc = fn.__doc__ if isinstance(getattr(fn, "__doc__", None), str) else None
-        out[name] = {"kind": kind, "signature": sig, "doc": _clean_doc(doc), "source": _source(fn)}
+        out[name] = {"kind": kind, "signature": sig, "doc": clean_doc(doc), "source": _source(fn)}
     return out
 
 
@@ -391,11 +391,11 @@ def _type_name(obj: Any) -> str:
     return type(obj).__qualname__
 
 
-def _one_line(e: Any) -> str:
+def one_line(e: Any) -> str:
     text = f"{type(e).__name__}: {e}" if isinstance(e, BaseException) else str(e)
     lines = text.strip().splitlines()
     return lines[0] if lines else ""
 
 
-def _clean_doc(doc: Any) -> str | None:
+def clean_doc(doc: Any) -> str | None:
     return inspect.cleandoc(doc) if isinstance(doc, str) else None

@@ -64,7 +64,14 @@ from ._verified import remember
 if TYPE_CHECKING:
     from ._broker import BrokerGuard
 
-__all__ = ["download_url_to_file", "set_fetch_broker"]
+__all__ = [
+    "download_url_to_file",
+    "fetch_broker",
+    "hash_matches",
+    "partial_is_live",
+    "set_fetch_broker",
+    "sha256_file",
+]
 
 log = logging.getLogger("isolhub.download")
 
@@ -169,7 +176,7 @@ def _download(
             url=surl,
         )
     if is_offline():
-        if os.path.isfile(dst) and _hash_matches(dst, hash_prefix):
+        if os.path.isfile(dst) and hash_matches(dst, hash_prefix):
             return
         raise OfflineError(
             f"offline (ISOLHUB_OFFLINE is set) and {surl} is not cached at {dst}; "
@@ -186,7 +193,7 @@ def _download(
     with _download_lock(dst, settings.lock_timeout):
         now = _identity(dst)
         # Another process installed the target while this one waited for the lock.
-        if now is not None and now != before and _hash_matches(dst, hash_prefix):
+        if now is not None and now != before and hash_matches(dst, hash_prefix):
             return
         adopted = _adopt_partial(dst, url)
         _sweep_partials(dst)
@@ -351,8 +358,8 @@ def _install_local(src: str, dst: str, hash_prefix: str | None, progress: bool, 
 
     surl = safe_url(url)
     if os.path.abspath(src) == os.path.abspath(dst):
-        if not _hash_matches(dst, hash_prefix):
-            digest = _sha256_file(dst)
+        if not hash_matches(dst, hash_prefix):
+            digest = sha256_file(dst)
             _check_hash(digest, hash_prefix or "", surl, dst)
         return
     try:
@@ -415,16 +422,16 @@ def _check_hash(digest: str, hash_prefix: str, surl: str, dst: str) -> None:
         )
 
 
-def _hash_matches(path: str, hash_prefix: str | None) -> bool:
+def hash_matches(path: str, hash_prefix: str | None) -> bool:
     if hash_prefix is None:
         return True
     try:
-        return _sha256_file(path).startswith(hash_prefix.lower())
+        return sha256_file(path).startswith(hash_prefix.lower())
     except OSError:
         return False
 
 
-def _sha256_file(path: str) -> str:
+def sha256_file(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):

@@ -40,7 +40,7 @@ from ._errors import (
 from ._escape import escape_any, escape_controls
 from ._process import Worker
 from ._values import bounded_text, decode_state_dict, decode_value
-from ._worker import REPR_LIMIT, _kept
+from ._worker import REPR_LIMIT, kept_object
 
 _RAISED: dict[str, type[RemoteOperationError]] = {
     "AttributeError": RemoteAttributeError,
@@ -270,7 +270,7 @@ class RemoteObject:
                 f"a remote handle ({self.remote_type}) can be passed only to calls on handles of "
                 "its own worker, not to another worker or pickled; pass a state_dict() instead"
             )
-        return (_kept, (self._info["id"],))
+        return (kept_object, (self._info["id"],))
 
 
 def _iterate(iterator: RemoteObject) -> Iterator[Any]:

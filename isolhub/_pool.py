@@ -48,7 +48,7 @@ from ._backend import (
     job_of,
 )
 from ._errors import IsolhubError, PoolClosedError
-from ._progress import _Progress
+from ._progress import PoolProgress
 from ._source import Snapshot
 from ._spec import parse_spec
 from ._trust import check_trust
@@ -398,7 +398,7 @@ class Hub:
         with self._cond:
             self._check_open()
             self._runs.add(run)
-        progress = _Progress(len(items), self._settings.progress)
+        progress = PoolProgress(len(items), self._settings.progress)
         buffered: dict[int, Result] = {}
         next_out = done = 0
         try:

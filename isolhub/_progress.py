@@ -26,7 +26,7 @@ import sys
 import time
 from typing import Any, Protocol, TextIO
 
-__all__ = ["bytes_bar", "is_quiet", "log", "notice"]
+__all__ = ["PoolProgress", "bytes_bar", "is_quiet", "log", "notice"]
 
 log = logging.getLogger("isolhub")
 
@@ -153,7 +153,7 @@ class _Finished(Protocol):
     def summary(self) -> str: ...
 
 
-class _Progress:
+class PoolProgress:
     """done / failed / starting / running and an ETA on stderr: a tqdm bar on a terminal, lines
     elsewhere.
 

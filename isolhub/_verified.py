@@ -51,7 +51,7 @@ class Record:
         )
 
 
-def _record_file(path: str) -> str:
+def record_file(path: str) -> str:
     key = hashlib.sha256(os.path.realpath(path).encode()).hexdigest()[:40]
     return os.path.join(get_dir(), ".verified", f"{key}.json")
 
@@ -59,7 +59,7 @@ def _record_file(path: str) -> str:
 def recorded(path: str) -> Record | None:
     """The record of `path`, whatever the file's identity is now; None if none or unreadable."""
     try:
-        with open(_record_file(path), encoding="utf-8") as f:
+        with open(record_file(path), encoding="utf-8") as f:
             data = json.load(f)
         rec = Record(**data)
     except (OSError, ValueError, TypeError):
@@ -86,7 +86,7 @@ def update(rec: Record, **changes: object) -> Record:
 
 
 def _write(rec: Record) -> Record:
-    target = _record_file(rec.path)
+    target = record_file(rec.path)
     tmp = f"{target}.{uuid.uuid4().hex}.tmp"
     try:
         os.makedirs(os.path.dirname(target), exist_ok=True)

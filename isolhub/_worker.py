@@ -413,7 +413,9 @@ _OPERATIONS: dict[str, Callable[..., Any]] = {
     "next": lambda t, _, n: _next_items(t, n),
 }
 _CALLER_ERRORS = (AttributeError, IndexError, KeyError, TypeError)
-_STATE: _WorkerState | None = None  # this process's one state, for handles sent back (`_kept`)
+_STATE: _WorkerState | None = (
+    None  # this process's one state, for handles sent back (`kept_object`)
+)
 
 
 def _next_items(iterator: Any, n: Any) -> dict[str, Any]:
@@ -441,7 +443,7 @@ def _raised_reply(e: BaseException, target: Any, name: str) -> bytes:
     return encode({"ok": True, "kind": "raised", "error": record})
 
 
-def _kept(handle_id: int) -> Any:
+def kept_object(handle_id: int) -> Any:
     """The object behind a handle the parent passed back as an argument (see `RemoteObject`)."""
     obj = None if _STATE is None else _STATE.handles.get(handle_id)
     if obj is None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from isolhub._progress import _Progress
+from isolhub._progress import PoolProgress
 
 from hubrepos import make_repo, net_files, spec_of
 
@@ -82,7 +82,7 @@ def test_the_bar_on_a_terminal_says_workers_are_starting(specs_file: Path) -> No
 
 def test_the_counts_follow_starting_running_and_done() -> None:
     stream = io.StringIO()
-    p = _Progress(3, True, stream)
+    p = PoolProgress(3, True, stream)
     p.started(0)
     p.started(1)
     p.launched(2)
