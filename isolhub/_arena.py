@@ -26,6 +26,7 @@ import weakref
 from typing import Any
 
 from ._errors import ProtocolError
+from ._libc import libc
 
 _ALIGN = 64
 # A transfer this small travels inline (no memfd); storages up to _GATHER_MAX are gathered into
@@ -232,17 +233,6 @@ def _write_storages(fd: int, storages: list[Any], layout: list[list[int]]) -> No
         _pwrite_all_bytes(fd, run, run_start)
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_long,
-]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
@@ -252,7 +242,7 @@ def map_raw(length: int, flags: int, fd: int = -1) -> int:
     Python's `mmap` keeps a duplicate of the fd open for the mapping's life; a raw mapping
     does not, so a transfer leaves the parent's fd count unchanged.
     """
-    addr = _libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, flags, fd, 0)
+    addr = libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, flags, fd, 0)
     if addr in (None, _MAP_FAILED):
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
@@ -265,7 +255,7 @@ def buffer_at(
     """`size` bytes at `addr` as a buffer; `mapping` (address, length; default the buffer's own
     bytes) is unmapped when the buffer, and so the last tensor on it, is gone."""
     buf = (ctypes.c_char * size).from_address(addr)
-    weakref.finalize(buf, _libc.munmap, *(mapping or (addr, size)))
+    weakref.finalize(buf, libc.munmap, *(mapping or (addr, size)))
     return buf
 
 

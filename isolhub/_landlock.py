@@ -38,6 +38,7 @@ import stat
 from collections.abc import Mapping
 
 from isolhub._errors import SandboxError
+from isolhub._libc import libc
 
 # These three syscalls were added after the tables were unified, so the numbers are the same on
 # every architecture (include/uapi/asm-generic/unistd.h, arch/x86/entry/syscalls/syscall_64.tbl).
@@ -103,9 +104,7 @@ class _PathBeneathAttr(ctypes.Structure):
     _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_syscall = _libc.syscall
-_syscall.restype = ctypes.c_long
+_syscall = libc.syscall
 
 
 def abi_version() -> int:

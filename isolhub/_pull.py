@@ -23,6 +23,7 @@ from typing import Any
 
 from ._arena import buffer_at, map_raw
 from ._errors import ProtocolError
+from ._libc import Iovec, libc
 
 _ALIGN = 64
 _HUGE = 2 << 20
@@ -35,23 +36,6 @@ _MAX_TOTAL = 1 << 44
 
 class PullError(OSError):
     """The kernel would not let this process read the worker's memory."""
-
-
-class _Iovec(ctypes.Structure):
-    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.process_vm_readv.restype = ctypes.c_ssize_t
-_libc.process_vm_readv.argtypes = [
-    ctypes.c_int,
-    ctypes.POINTER(_Iovec),
-    ctypes.c_ulong,
-    ctypes.POINTER(_Iovec),
-    ctypes.c_ulong,
-    ctypes.c_ulong,
-]
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 
 def pin(storages: list[Any]) -> tuple[bytes, list[Any]]:
@@ -107,10 +91,10 @@ def _readv(pid: int, local: list[tuple[int, int]], remote: list[tuple[int, int]]
     while local:
         n = len(local)
         # ctypes builds each structure from its (base, length) tuple; typeshed does not say so.
-        liov = (_Iovec * n)(*local)  # type: ignore[misc]
-        riov = (_Iovec * n)(*remote)  # type: ignore[misc]
+        liov = (Iovec * n)(*local)  # type: ignore[misc]
+        riov = (Iovec * n)(*remote)  # type: ignore[misc]
         want = sum(size for _, size in local)
-        got = _libc.process_vm_readv(pid, liov, n, riov, n, 0)
+        got = libc.process_vm_readv(pid, liov, n, riov, n, 0)
         if got < 0:
             err = ctypes.get_errno()
             if err in (1, 38):  # EPERM (ptrace restrictions), ENOSYS
@@ -141,5 +125,5 @@ def _huge_buffer(size: int) -> ctypes.Array[ctypes.c_char]:
             f"cannot allocate {size} bytes for the worker's storages: {e.strerror}"
         ) from None
     start = (raw + _HUGE - 1) & ~(_HUGE - 1)
-    _libc.madvise(start, size, _MADV_HUGEPAGE)  # advice: where refused, plain pages
+    libc.madvise(start, size, _MADV_HUGEPAGE)  # advice: where refused, plain pages
     return buffer_at(start, size, mapping=(raw, span))

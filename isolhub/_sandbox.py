@@ -87,6 +87,16 @@ from typing import Any, final
 
 from isolhub import _caps, _landlock, _seccomp
 from isolhub._errors import SandboxError
+from isolhub._libc import (
+    PR_CAP_AMBIENT,
+    PR_CAPBSET_DROP,
+    PR_GET_NO_NEW_PRIVS,
+    PR_SET_NO_NEW_PRIVS,
+    get_pdeathsig,
+    libc,
+    prctl,
+    set_pdeathsig,
+)
 
 PROTECTIONS = (
     "environment", "fds", "pdeathsig", "rlimits", "caps.memory", "caps.tasks", "userns", "netns",
@@ -128,9 +138,7 @@ _SYSTEM_READ += ("/proc/cpuinfo", "/sys/devices/system/cpu")  # torch cpuinfo, O
 _CLONE_NEWNS = 0x20000
 _CLONE_NEWIPC, _CLONE_NEWUSER, _CLONE_NEWNET = 0x08000000, 0x10000000, 0x40000000
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REC, _MS_PRIVATE = 1, 2, 4, 8, 0x4000, 0x40000
-_PR_SET_PDEATHSIG, _PR_GET_PDEATHSIG, _PR_CAPBSET_DROP = 1, 2, 24
-_PR_SET_NO_NEW_PRIVS, _PR_GET_NO_NEW_PRIVS, _PR_CAP_AMBIENT, _CAP_AMBIENT_CLEAR_ALL = 38, 39, 47, 4
-_libc = ctypes.CDLL(None, use_errno=True)
+_CAP_AMBIENT_CLEAR_ALL = 4
 
 
 @final
@@ -368,7 +376,7 @@ def probe() -> SandboxReport:
         Nothing: a feature that cannot be checked is reported unavailable, with the reason.
     """
     abi = _landlock.abi_version()
-    nnp = _prctl(_PR_GET_NO_NEW_PRIVS)
+    nnp = prctl(PR_GET_NO_NEW_PRIVS)
     root_note = " (NPROC is not enforced for uid 0)" if os.geteuid() == 0 else ""
     namespaces = _probe_namespaces()
     found = {
@@ -572,7 +580,7 @@ def apply(
     step("capabilities", _drop_capabilities)
     step("no_new_privs", _set_no_new_privs)
     step("landlock", lambda: _apply_landlock(policy, gaps, applied, readable, writable))
-    if "pdeathsig" in applied and _get_pdeathsig() != signal.SIGKILL:
+    if "pdeathsig" in applied and get_pdeathsig() != signal.SIGKILL:
         raise SandboxError("sandbox protection 'pdeathsig' was cleared by a credential change")
     step("seccomp", lambda: _apply_seccomp(policy))  # last: it denies prctl(PDEATHSIG), unshare
     landlocked = "landlock" in applied
@@ -659,8 +667,10 @@ def _close_fds(keep_fds: Sequence[int]) -> str:
 
 
 def _set_pdeathsig(ppid: int) -> str:
-    if _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
-        raise SandboxError(f"prctl(PR_SET_PDEATHSIG): {os.strerror(ctypes.get_errno())}")
+    try:
+        set_pdeathsig(signal.SIGKILL)
+    except OSError as e:
+        raise SandboxError(str(e.strerror)) from None
     if os.getppid() != ppid:
         raise SandboxError("the parent exited before the worker was confined")
     return f"SIGKILL when parent {ppid} exits"
@@ -733,14 +743,14 @@ def _mount(
         return None if text is None else os.fsencode(text)
 
     ctypes.set_errno(0)
-    if _libc.mount(arg(source), arg(target), arg(fstype), ctypes.c_ulong(flags), arg(data)) != 0:
+    if libc.mount(arg(source), arg(target), arg(fstype), ctypes.c_ulong(flags), arg(data)) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"mount {fstype or '--make-rprivate'} on {target}: {os.strerror(err)}")
 
 
 def _unshare(flags: int, detail: str) -> str:
     ctypes.set_errno(0)
-    if _libc.unshare(ctypes.c_int(flags)) != 0:
+    if libc.unshare(ctypes.c_int(flags)) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"unshare({flags:#x}): {os.strerror(err)}")
     return f"new network namespace {detail}"
@@ -764,13 +774,13 @@ def _drop_capabilities() -> str:
             last = int(f.read())
     except (OSError, ValueError):
         last = 63  # PR_CAPBSET_DROP of an unknown cap is EINVAL, which `all` reports as kept
-    bounding = all(_prctl(_PR_CAPBSET_DROP, cap) == 0 for cap in range(last + 1))  # CAP_SETPCAP
-    _prctl(_PR_CAP_AMBIENT, _CAP_AMBIENT_CLEAR_ALL)
+    bounding = all(prctl(PR_CAPBSET_DROP, cap) == 0 for cap in range(last + 1))  # CAP_SETPCAP
+    prctl(PR_CAP_AMBIENT, _CAP_AMBIENT_CLEAR_ALL)
     header = _CapHeader(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3: two 32-bit words
-    if _libc.capset(ctypes.byref(header), (_CapData * 2)()) != 0:
+    if libc.capset(ctypes.byref(header), (_CapData * 2)()) != 0:
         raise SandboxError(f"capset: {os.strerror(ctypes.get_errno())}")
     check = (_CapData * 2)()
-    if _libc.capget(ctypes.byref(header), check) != 0 or any(
+    if libc.capget(ctypes.byref(header), check) != 0 or any(
         c.effective or c.permitted or c.inheritable for c in check
     ):
         raise SandboxError("capabilities still present after capset")
@@ -779,7 +789,7 @@ def _drop_capabilities() -> str:
 
 
 def _set_no_new_privs() -> str:
-    if _prctl(_PR_SET_NO_NEW_PRIVS, 1) != 0 or _prctl(_PR_GET_NO_NEW_PRIVS) != 1:
+    if prctl(PR_SET_NO_NEW_PRIVS, 1) != 0 or prctl(PR_GET_NO_NEW_PRIVS) != 1:
         raise SandboxError(f"prctl(PR_SET_NO_NEW_PRIVS): {os.strerror(ctypes.get_errno())}")
     return "set"
 
@@ -860,17 +870,3 @@ def _apply_seccomp(policy: Sandbox) -> str:
     _seccomp.install(program)
     extra = ("" if policy.network else ", socket()") + ("" if policy.allow_fork else ", fork")
     return f"{len(program)} BPF instructions ({arch}): EPERM for the deny list{extra}"
-
-
-def _prctl(option: int, arg2: int = 0) -> int:
-    # prctl(2) reads its variadic arguments as unsigned long: pass full-width values.
-    ctypes.set_errno(0)
-    zero = ctypes.c_ulong(0)
-    return int(_libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg2), zero, zero, zero))
-
-
-def _get_pdeathsig() -> int:
-    out = ctypes.c_int(-1)
-    zero = ctypes.c_ulong(0)
-    _libc.prctl(ctypes.c_int(_PR_GET_PDEATHSIG), ctypes.byref(out), zero, zero, zero)
-    return out.value

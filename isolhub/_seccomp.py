@@ -27,6 +27,7 @@ import struct
 from typing import Any
 
 from isolhub._errors import SandboxError
+from isolhub._libc import PR_GET_SECCOMP, PR_SET_PDEATHSIG, PR_SET_SECCOMP, prctl
 
 AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}  # include/uapi/linux/audit.h
 
@@ -87,7 +88,6 @@ CLONE_THREAD = 0x00010000
 CLONE_NEW_ANY = 0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000 | 0x20000000
 CLONE_NEW_ANY |= 0x40000000 | 0x00000080
 TIOCSTI, TIOCLINUX = 0x5412, 0x541C  # terminal input injection (asm-generic/ioctls.h)
-PR_SET_PDEATHSIG = 1
 EPERM, ENOSYS = 1, 38
 
 _RET_ALLOW = 0x7FFF0000
@@ -195,22 +195,7 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
 
 
-_PR_GET_SECCOMP, _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 21, 22, 2
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _prctl(option: int, arg2: int = 0, arg3: int = 0) -> int:
-    # prctl(2) reads its variadic arguments as unsigned long: pass full-width values.
-    ctypes.set_errno(0)
-    return int(
-        _libc.prctl(
-            ctypes.c_int(option),
-            ctypes.c_ulong(arg2),
-            ctypes.c_ulong(arg3),
-            ctypes.c_ulong(0),
-            ctypes.c_ulong(0),
-        )
-    )
+_SECCOMP_MODE_FILTER = 2
 
 
 def available() -> tuple[bool, str]:
@@ -224,7 +209,7 @@ def available() -> tuple[bool, str]:
         arch = native_arch()
     except SandboxError as e:
         return False, str(e)
-    mode = _prctl(_PR_GET_SECCOMP)
+    mode = prctl(PR_GET_SECCOMP)
     if mode < 0:
         return False, f"prctl(PR_GET_SECCOMP): {os.strerror(ctypes.get_errno())}"
     return True, f"filter mode, {arch}" + (" (a filter is already installed)" if mode else "")
@@ -238,7 +223,7 @@ def install(program: list[tuple[int, int, int, int]]) -> None:
     """
     insns = (_SockFilter * len(program))(*[_SockFilter(*insn) for insn in program])
     fprog = _SockFprog(len(program), insns)
-    if _prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.addressof(fprog)) != 0:
+    if prctl(PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.addressof(fprog)) != 0:
         raise SandboxError(
             f"seccomp: prctl(PR_SET_SECCOMP) failed: {os.strerror(ctypes.get_errno())}"
         )

@@ -24,7 +24,6 @@ Example:
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import os
 import signal
@@ -32,7 +31,7 @@ import socket
 import sys
 from typing import Any
 
-_PR_SET_PDEATHSIG = 1
+from ._libc import set_pdeathsig
 
 
 def _preload() -> None:
@@ -53,11 +52,6 @@ def _threads() -> int:
     return len(os.listdir("/proc/self/task"))
 
 
-def _set_pdeathsig() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-
 def _fork_spare(control: socket.socket) -> tuple[int, socket.socket]:
     """Fork a child that waits for a worker's fds, then serves as that worker: (pid, its socket)."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -66,7 +60,7 @@ def _fork_spare(control: socket.socket) -> tuple[int, socket.socket]:
     if pid == 0:
         try:
             # The worker dies with the zygote, which dies with the parent.
-            _set_pdeathsig()
+            set_pdeathsig(signal.SIGKILL)
             if os.getppid() != zygote_pid:
                 os._exit(1)
             control.close()
@@ -204,7 +198,7 @@ def main(control_fd: int, names: list[str] | None = None) -> None:
 
 def die_with_parent(parent_pid: int) -> None:
     """SIGKILL when the parent dies; exit now if it already has (we were reparented)."""
-    _set_pdeathsig()
+    set_pdeathsig(signal.SIGKILL)
     if os.getppid() != parent_pid:
         os._exit(0)
 
