@@ -16,7 +16,6 @@ Example (worker side, then parent side):
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import itertools
 import math
 import mmap
@@ -27,6 +26,7 @@ from typing import Any
 
 from ._errors import ProtocolError
 from ._libc import libc
+from ._memfd import is_sealed, pwrite_all, pwrite_from, sealed
 
 _ALIGN = 64
 # A transfer this small travels inline (no memfd); storages up to _GATHER_MAX are gathered into
@@ -34,7 +34,6 @@ _ALIGN = 64
 _INLINE_MAX = 256 << 10
 _GATHER_MAX = 64 << 10
 _RUN_MAX = 4 << 20
-_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
 _DTYPES = (
     "float64 float32 float16 bfloat16 int64 int32 int16 int8 uint8 bool complex64 complex128 "
     "uint16 uint32 uint64 float8_e4m3fn float8_e5m2"
@@ -197,14 +196,8 @@ class ArenaWriter:
                 for st, item in zip(self._storages, layout, strict=True)
                 for n in (item[1],)
             ]
-        fd = os.memfd_create("isolhub-arena", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        try:
-            os.ftruncate(fd, size)
-            _write_storages(fd, self._storages, layout)
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
-        except BaseException:
-            os.close(fd)
-            raise
+        storages = self._storages
+        fd = sealed(size, lambda fd: _write_storages(fd, storages, layout))
         return fd, struct.pack(f"<{2 * len(layout)}Q", *itertools.chain.from_iterable(layout))
 
 
@@ -217,9 +210,9 @@ def _write_storages(fd: int, storages: list[Any], layout: list[list[int]]) -> No
             continue
         if nbytes > _GATHER_MAX:
             if run:
-                _pwrite_all_bytes(fd, run, run_start)
+                pwrite_all(fd, run, run_start)
                 run = bytearray()
-            _pwrite_all(fd, st.data_ptr(), nbytes, offset)
+            pwrite_from(fd, st.data_ptr(), nbytes, offset)
             continue
         if not run:
             run_start = offset
@@ -227,10 +220,10 @@ def _write_storages(fd: int, storages: list[Any], layout: list[list[int]]) -> No
             run += bytes(offset - run_start - len(run))  # the alignment gap (zeros already)
         run += ctypes.string_at(st.data_ptr(), nbytes)
         if len(run) >= _RUN_MAX:
-            _pwrite_all_bytes(fd, run, run_start)
+            pwrite_all(fd, run, run_start)
             run = bytearray()
     if run:
-        _pwrite_all_bytes(fd, run, run_start)
+        pwrite_all(fd, run, run_start)
 
 
 _MAP_FAILED = ctypes.c_void_p(-1).value
@@ -262,22 +255,6 @@ def buffer_at(
 def _map_private(fd: int, size: int) -> ctypes.Array[ctypes.c_char]:
     """Map `fd` copy-on-write; unmapped when the last tensor on it is gone."""
     return buffer_at(map_raw(size, mmap.MAP_PRIVATE, fd), size)
-
-
-def _pwrite_all_bytes(fd: int, data: bytearray, offset: int) -> None:
-    view = memoryview(data)
-    done = 0
-    while done < len(data):
-        done += os.pwrite(fd, view[done:], offset + done)
-
-
-def _pwrite_all(fd: int, address: int, nbytes: int, offset: int) -> None:
-    if nbytes == 0:
-        return
-    view = memoryview((ctypes.c_char * nbytes).from_address(address)).cast("B")
-    done = 0
-    while done < nbytes:
-        done += os.pwrite(fd, view[done : done + (1 << 30)], offset + done)
 
 
 class ArenaReader:
@@ -313,8 +290,7 @@ class ArenaReader:
                     raise ProtocolError("malformed arena layout")
             return
         try:
-            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
-            if seals & _SEALS != _SEALS:
+            if not is_sealed(fd):
                 raise ProtocolError("the worker's arena is not sealed; refusing to map it")
             size = os.fstat(fd).st_size
             if max_bytes is not None and size > max_bytes:

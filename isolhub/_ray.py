@@ -30,7 +30,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import io
 import os
@@ -52,6 +51,7 @@ from ._errors import (
     WorkerError,
     WorkerTimeoutError,
 )
+from ._memfd import sealed_bytes
 from ._process import Worker, shutdown_zygote
 from ._protocol import ReplyLimits
 from ._source import Snapshot
@@ -60,7 +60,6 @@ from ._spec import RepoSpec
 # The driver's watchdog allows this much beyond `timeout` for the actor's own start (a Ray
 # worker process, the snapshot install, a zygote importing torch) before it kills the actor.
 _ACTOR_GRACE = 120.0
-_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
 _SKIP_DIRS = (".git", "__pycache__")
 
 
@@ -264,27 +263,13 @@ def _read_arena(fds: list[int]) -> bytes | None:
     return b"".join(chunks)
 
 
-def _arena_fd(data: bytes) -> int:
-    """A sealed memfd holding `data`, as a worker would have passed it."""
-    fd = os.memfd_create("isolhub-arena", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    try:
-        view, done = memoryview(data), 0
-        while done < len(data):
-            done += os.write(fd, view[done : done + (1 << 30)])
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
 def _decode(
     job: _Job, reply: dict[str, Any], arena: bytes | None, limits: ReplyLimits | None = None
 ) -> Any:
     """Decode a relayed reply here in the driver, as `isolhub._api` does for a local worker."""
     if job.op in ("list", "help"):
         return reply["value"]
-    fds = [] if arena is None else [_arena_fd(arena)]
+    fds = [] if arena is None else [sealed_bytes(arena)]  # as a worker would have passed it
     return decode_result(reply, fds, expect=job.result, limits=limits)
 
 
