@@ -281,14 +281,26 @@ class RemoteTypeError(RemoteOperationError, TypeError):
     """Raised when the object behind a handle does not support the operation (`len`, `iter`…)."""
 
 
+def signal_name(status: int | None) -> str | None:
+    """The signal a decoded return code (`Popen.returncode`, negative for a signal) names:
+    `SIGSEGV` for -11, `signal 99` for an unknown one; None for an exit code or None."""
+    if status is None or status >= 0:
+        return None
+    try:
+        return signal.Signals(-status).name
+    except ValueError:
+        return f"signal {-status}"
+
+
 def describe_exit(status: int | None) -> str:
-    """Describe a `waitpid`-style decoded return code: `exit code 3` or `signal SIGSEGV (-11)`."""
+    """Describe a decoded return code: `exit code 3`, or `killed by SIGSEGV (-11)`.
+
+    Example:
+        >>> describe_exit(-11), describe_exit(3), describe_exit(None)
+        ('killed by SIGSEGV (-11)', 'exit code 3', 'unknown exit status')
+    """
     if status is None:
         return "unknown exit status"
     if status < 0:
-        try:
-            name = signal.Signals(-status).name
-        except ValueError:
-            name = f"signal {-status}"
-        return f"killed by {name} ({status})"
+        return f"killed by {signal_name(status)} ({status})"
     return f"exit code {status}"

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from ._archive import extract_tar
 from ._cache import remove_tree, temp_dir
-from ._errors import FetchError, RefNotFoundError, ResolveError
+from ._errors import FetchError, RefNotFoundError, ResolveError, describe_exit
 
 _SHA = re.compile(r"[0-9a-f]{40}")
 _HEX = re.compile(r"[0-9a-f]{4,40}")
@@ -62,7 +62,7 @@ def _git(
         said = _said(e.stderr or "")
         cause = _cause(said, url or "", cwd)
         raise FetchError(
-            f"`git {args[0]}` failed ({_exit(e.returncode)}){cause}; git said: {said or '-'}",
+            f"`git {args[0]}` failed ({describe_exit(e.returncode)}){cause}; git said: {said or '-'}",
             stderr=said,
         ) from e
     return out.stdout
@@ -76,10 +76,6 @@ def _said(stderr: str) -> str:
         half = _STDERR_CHARS // 2
         text = f"{text[:half]} […] {text[-half:]}"
     return text
-
-
-def _exit(code: int) -> str:
-    return f"signal {-code}" if code < 0 else f"exit code {code}"
 
 
 def _cause(said: str, url: str, cwd: str | None) -> str:

@@ -26,7 +26,6 @@ import builtins
 import contextlib
 import dataclasses
 import queue
-import signal
 import threading
 import time
 from collections import OrderedDict
@@ -47,7 +46,7 @@ from ._backend import (
     is_infrastructure_failure,
     job_of,
 )
-from ._errors import IsolhubError, PoolClosedError
+from ._errors import IsolhubError, PoolClosedError, signal_name
 from ._progress import PoolProgress
 from ._source import Snapshot
 from ._spec import parse_spec
@@ -478,7 +477,7 @@ class Hub:
             error=outcome.error,
             elapsed=time.monotonic() - start,
             returncode=code,
-            signal=_signal_name(code),
+            signal=signal_name(code),
             stderr_tail=outcome.stderr_tail,
             attempts=attempts,
             index=index,
@@ -636,15 +635,6 @@ class Hub:
     def _close_quietly(self, slot: _Slot) -> None:
         with contextlib.suppress(Exception):
             self._backend.close(slot.executor)
-
-
-def _signal_name(code: int | None) -> str | None:
-    if code is None or code >= 0:
-        return None
-    try:
-        return signal.Signals(-code).name
-    except ValueError:
-        return f"signal {-code}"
 
 
 def _wrap_unexpected(e: BaseException) -> IsolhubError:
