@@ -2,7 +2,7 @@
 
 `compare` passes `partial(summarise, inputs=..., seed=..., remote=..., snapshot=...)` as the
 `then=` of its call. It is pickled by reference, so the worker imports this module (which
-imports nothing else of isolhub, and torch only when it runs) and calls it on the entrypoint's
+imports only `_rng` of isolhub, and torch only when it runs) and calls it on the entrypoint's
 result. The answer holds only what the restricted codec and the tensor arena carry back:
 
     {"t0": monotonic time at the start, "result_type": "Net",
@@ -40,6 +40,8 @@ import os
 import sys
 import time
 from typing import Any
+
+from ._rng import seed_all
 
 _MAX_NESTING = 3
 
@@ -152,7 +154,7 @@ class CompareSession:
             if self.layers and isinstance(m, torch.nn.Module):
                 hooks = _hook_layers(m, prefix, out, budget)
             if self.seed is not None:
-                _reseed(self.seed)
+                seed_all(self.seed)
             began = time.monotonic()
             try:
                 with torch.no_grad():
@@ -271,7 +273,7 @@ def _summarise_module(
         m.eval()
     if inputs:
         if seed is not None:
-            _reseed(seed)
+            seed_all(seed)
         began = time.monotonic()
         try:
             with torch.no_grad():
@@ -314,15 +316,6 @@ def _crossable(t: Any) -> Any:
     if t.layout != torch.strided:
         t = t.to_dense()
     return t.cpu()
-
-
-def _reseed(seed: int) -> None:
-    import random
-
-    import torch
-
-    random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def _describe_entrypoints(snapshot: str) -> dict[str, dict[str, Any]] | None:

@@ -69,6 +69,23 @@ def restore(state: Any) -> None:
         sys.modules["numpy"].random.set_state(numpy_state)
 
 
+def seed_all(seed: int) -> None:
+    """Seed torch (`torch.manual_seed`), `random` and, if imported, numpy's global state: what
+    a `seed=` asks of a worker, whichever call (load, pool, compare) it came with.
+
+    Example:
+        >>> seed_all(0); a = torch.rand(1); seed_all(0); torch.equal(a, torch.rand(1))
+        True
+    """
+    import torch
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+    np = sys.modules.get("numpy")
+    if np is not None:
+        np.random.seed(seed % (1 << 32))
+
+
 def fresh_numpy() -> None:
     """Reseed numpy's global state from the OS (a worker must not share the zygote's)."""
     np = sys.modules.get("numpy")

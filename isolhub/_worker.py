@@ -234,7 +234,7 @@ class _WorkerState:
             if request.get("rng") is not None:  # the caller's generators, as torch.hub uses them
                 _rng.restore(request["rng"])
             elif request.get("seed") is not None:  # what importing hubconf draws is seeded too
-                _seed_everything(int(request["seed"]))
+                _rng.seed_all(int(request["seed"]))
             for handle_id in request.get("release", ()):
                 self.release(handle_id)
             if "payload" in request:
@@ -368,7 +368,7 @@ class _WorkerState:
         fn = self.entrypoint(request["entry"])
         args, kwargs = request.get("args", ()), request.get("kwargs", {})
         if request.get("seed") is not None:
-            _seed_everything(int(request["seed"]))
+            _rng.seed_all(int(request["seed"]))
         obj = fn(*args, **kwargs)
         then = request.get("then")
         if then is not None:
@@ -475,18 +475,6 @@ def _state_dict_of(obj: Any) -> Any:
     raise TypeError(
         f"the entrypoint returned a {type(obj).__qualname__}, which has no state_dict()"
     )
-
-
-def _seed_everything(seed: int) -> None:
-    import random
-
-    import torch
-
-    random.seed(seed)
-    torch.manual_seed(seed)
-    np = sys.modules.get("numpy")
-    if np is not None:
-        np.random.seed(seed % (1 << 32))
 
 
 def _route_torch_hub(hub_dir: str | None) -> None:

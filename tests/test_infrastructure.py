@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import ast
+import fcntl
 import os
+import random
 import signal
 from pathlib import Path
 
+import pytest
+import torch
+
 import isolhub as hub
-from isolhub import _libc
+from isolhub import _arena, _git, _libc, _memfd, _rng
+from isolhub._compare_worker import summarise
+from isolhub._errors import describe_exit, signal_name
 
 from hubrepos import make_repo, spec_of
 
@@ -63,3 +70,75 @@ def pdeathsig():
 def test_an_unsandboxed_worker_dies_with_its_zygote(tmp_path: Path) -> None:
     repo = make_repo(tmp_path / "r", {"hubconf.py": _PDEATHSIG_HUBCONF})
     assert hub.load(spec_of(repo), "pdeathsig", trust_repo=True) == signal.SIGKILL
+
+
+def test_arenas_are_made_and_sealed_in_one_place() -> None:
+    assert _calls("memfd_create") == {"_memfd.py": 1}
+    assert _calls("fcntl") == {"_memfd.py": 2}  # F_ADD_SEALS, F_GET_SEALS
+
+
+def test_a_sealed_memfd_refuses_writes_growth_and_shrinking() -> None:
+    fd = _memfd.sealed_bytes(b"x" * 4096)
+    try:
+        assert _memfd.is_sealed(fd)
+        assert os.pread(fd, 4096, 0) == b"x" * 4096
+        for attempt in (
+            lambda: os.pwrite(fd, b"y", 0),
+            lambda: os.ftruncate(fd, 8192),
+            lambda: os.ftruncate(fd, 0),
+        ):
+            with pytest.raises(PermissionError):
+                attempt()
+    finally:
+        os.close(fd)
+
+
+def test_a_worker_arena_and_a_relayed_one_carry_the_same_seals() -> None:
+    writer = _arena.ArenaWriter()
+    meta = writer.tensor_meta(torch.arange(100_000, dtype=torch.float32))
+    fd, layout = writer.seal()
+    assert fd is not None
+    try:
+        ours = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        data = os.pread(fd, os.fstat(fd).st_size, 0)
+    finally:
+        os.close(fd)
+    relayed = _memfd.sealed_bytes(data)  # what the Ray driver builds from a relayed reply
+    assert fcntl.fcntl(relayed, fcntl.F_GET_SEALS) == ours
+    t = _arena.ArenaReader(relayed, layout).tensor(meta)
+    assert torch.equal(t, torch.arange(100_000, dtype=torch.float32))
+
+
+def test_a_git_killed_by_a_signal_is_named_as_a_worker_would_be() -> None:
+    # A real git whose alias shell sends git itself SIGSEGV; it used to read "signal 11".
+    with pytest.raises(hub.FetchError) as info:
+        _git._git("-c", "alias.boom=!kill -SEGV $PPID", "boom")
+    assert f"({describe_exit(-signal.SIGSEGV)})" in str(info.value)
+    assert describe_exit(-signal.SIGSEGV) == "killed by SIGSEGV (-11)"
+    assert signal_name(-signal.SIGKILL) == "SIGKILL" and signal_name(0) is None
+
+
+def test_signals_are_named_in_one_place() -> None:
+    assert _calls("Signals") == {"_errors.py": 1}
+
+
+class _NumpyNoise(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import numpy as np
+
+        return x + float(np.random.rand()) + float(torch.rand(1)) + random.random()
+
+
+def test_a_compare_seed_seeds_numpy_as_a_load_seed_does() -> None:
+    # compare's worker reseeded torch and random only; a forward drawing from numpy differed.
+    pytest.importorskip("numpy")
+    x = (torch.zeros(1),)
+    outputs = [summarise(_NumpyNoise(), x, seed=7)["outputs"]["output"] for _ in range(2)]
+    _rng.seed_all(7)
+    expected = _NumpyNoise()(x[0])
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], expected)
+
+
+def test_seeding_is_done_in_one_place() -> None:
+    assert set(_calls("manual_seed")) <= {"_rng.py", "_cli_diff.py"}  # diff: its input generator
+    assert _calls("seed") == {"_rng.py": 3}  # random.seed, numpy seeded, numpy reseeded fresh
