@@ -43,11 +43,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import quote
 
-import filelock
-
 from . import _manifest
 from ._config import get_dir
 from ._errors import CacheError
+from ._locks import held
 from ._spec import RepoSpec
 
 STAGING_PREFIX = ".staging-"
@@ -152,20 +151,10 @@ def write_text_atomic(path: Path, text: str) -> None:
 def lock(name: str, timeout: float = 600) -> Iterator[None]:
     """Hold the cross-process lock `<hub>/.locks/<name>.lock`; it only avoids duplicate work.
 
-    Where the lock file cannot be created (read-only cache) the body still runs unlocked.
+    Where it cannot be had the body still runs, unlocked (`_locks.held`'s policy).
     """
-    locks = hub_dir() / ".locks"
-    try:
-        locks.mkdir(parents=True, exist_ok=True)
-        fl = filelock.FileLock(str(locks / f"{_SAFE.sub('_', name)}.lock"), timeout=timeout)
-        fl.acquire()
-    except (OSError, filelock.Timeout):
+    with held(hub_dir() / ".locks" / f"{_SAFE.sub('_', name)}.lock", timeout):
         yield
-        return
-    try:
-        yield
-    finally:
-        fl.release()
 
 
 def install_snapshot(

@@ -51,7 +51,7 @@ import socket
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
@@ -571,32 +571,8 @@ def _lock_path(dst: str) -> str:
     return os.path.join(hub_dir(), ".locks", f"download-{digest}.lock")
 
 
-@contextlib.contextmanager
-def _download_lock(dst: str, timeout: float) -> Iterator[None]:
+def _download_lock(dst: str, timeout: float) -> contextlib.AbstractContextManager[None]:
     """Hold the download lock of `dst` if possible; it only avoids duplicate downloads."""
-    import filelock
+    from ._locks import held
 
-    path = _lock_path(dst)
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fl = filelock.FileLock(path, timeout=timeout)
-        fl.acquire()
-    except filelock.Timeout:
-        log.warning(
-            "waited %g s for the download lock %s, held by another process; downloading anyway. "
-            "If no download is running, the lock is stale and can be deleted: rm %s",
-            timeout,
-            path,
-            path,
-        )
-        yield
-        return
-    except (OSError, NotImplementedError) as e:
-        log.debug("downloading %s without a lock (%s)", dst, e)
-        yield
-        return
-    try:
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            fl.release()
+    return held(_lock_path(dst), timeout, log=log)

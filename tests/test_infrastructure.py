@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import ast
 import fcntl
+import logging
 import os
 import random
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import isolhub as hub
-from isolhub import _arena, _git, _libc, _memfd, _rng
+from isolhub import _arena, _cache, _git, _libc, _memfd, _rng
 from isolhub._compare_worker import summarise
 from isolhub._errors import describe_exit, signal_name
 
@@ -142,3 +145,49 @@ def test_a_compare_seed_seeds_numpy_as_a_load_seed_does() -> None:
 def test_seeding_is_done_in_one_place() -> None:
     assert set(_calls("manual_seed")) <= {"_rng.py", "_cli_diff.py"}  # diff: its input generator
     assert _calls("seed") == {"_rng.py": 3}  # random.seed, numpy seeded, numpy reseeded fresh
+
+
+_HOLD_LOCK = """
+import sys, time, filelock
+lock = filelock.FileLock(sys.argv[1])
+lock.acquire()
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_cache_lock_held_elsewhere_is_waited_for_boundedly_and_named_as_a_download_lock_is(
+    hub_home: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The snapshot lock used to give up in silence where the download lock warned.
+    path = hub_home / ".locks" / "some-snapshot.lock"
+    path.parent.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, str(path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        ran = []
+        with caplog.at_level(logging.WARNING), _cache.lock("some-snapshot", timeout=0.2):
+            ran.append(True)
+        assert ran == [True]
+        warning = " ".join(r.getMessage() for r in caplog.records)
+        assert str(path) in warning and f"rm {path}" in warning
+    finally:
+        holder.kill()
+        holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
+
+
+def test_an_unwritable_lock_folder_runs_the_body_unlocked(hub_home: Path) -> None:
+    hub_home.mkdir(parents=True, exist_ok=True)
+    (hub_home / ".locks").write_text("a file where the lock folder should be\n")
+    ran = []
+    with _cache.lock("x", timeout=1):
+        ran.append(True)
+    assert ran == [True]
+
+
+def test_file_locks_are_taken_in_one_place() -> None:
+    assert _calls("FileLock") == {"_locks.py": 1}
