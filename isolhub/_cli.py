@@ -24,11 +24,13 @@ from ._cli_common import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    add_flags,
     cli_message,
     output_flags,
     parse_kw,
-    seconds,
+    sandbox_of,
     spec_source,
+    trust_of,
 )
 from ._errors import IsolhubError, UsageError
 from ._escape import escape_controls
@@ -41,23 +43,8 @@ def _source_args(p: argparse.ArgumentParser) -> None:
         "spec",
         help="owner/name[:ref], git+<url>[@ref], or a directory (./dir, or any with --local)",
     )
-    p.add_argument("--local", action="store_true", help="SPEC is a local directory")
-    p.add_argument("--force-reload", action="store_true", help="fetch the snapshot again")
-    p.add_argument(
-        "--skip-validation",
-        action="store_true",
-        help="do not check that a GitHub ref is a branch or tag (an older commit, say)",
-    )
-    p.add_argument(
-        "--trust", action="store_true", help="trust the repository (adds it to trusted_list)"
-    )
-    p.add_argument("--timeout", type=seconds, default=None, help="kill the worker after N seconds")
-    p.add_argument(
-        "--sandbox",
-        choices=("none", "strict"),
-        default="none",
-        help="confine the worker (no network, no secrets, writes to scratch only); see doctor",
-    )
+    add_flags(p, "--local", "--force-reload", "--skip-validation", "--trust", "--timeout")
+    add_flags(p, "--sandbox")
 
 
 def _hub_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -65,10 +52,10 @@ def _hub_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "source": spec_source(args.spec, args.local),
         "force_reload": args.force_reload,
         "skip_validation": args.skip_validation,
-        "trust_repo": True if args.trust else "check",
+        "trust_repo": trust_of(args),
         "timeout": args.timeout,
         "verbose": not (args.json or args.quiet),
-        "sandbox": None if args.sandbox == "none" else args.sandbox,
+        "sandbox": sandbox_of(args),
     }
 
 
@@ -199,14 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("load", help="load an entrypoint's weights in a worker; summarise or save")
     _source_args(p)
     p.add_argument("entry", help="entrypoint name")
-    p.add_argument(
-        "--kw",
-        action="append",
-        default=[],
-        metavar="K=V",
-        help="keyword for the entrypoint (true/false/yes/no are booleans)",
-    )
-    p.add_argument("--seed", type=int, default=None, help="seed torch before the entrypoint runs")
+    add_flags(p, "--kw", "--seed")
     p.add_argument("--save", metavar="FILE", help="save the state dict (.safetensors, .pt, .pth)")
     output_flags(p)
     p.set_defaults(func=cmd_load)

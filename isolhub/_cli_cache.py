@@ -36,7 +36,7 @@ from ._cache_inventory import (
     resolve_target,
     scan,
 )
-from ._cli_common import output_flags
+from ._cli_common import add_flags, output_flags
 from ._errors import CacheError, DownloadError, UsageError
 
 
@@ -62,7 +62,7 @@ def add_commands(subparsers: Any) -> None:
         metavar="NAME",
         help="name in the checkpoint cache (default: the URL's last path part)",
     )
-    dl.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_flags(dl, "--no-progress")
     _json_flag(dl)
     dl.set_defaults(func=cmd_download)
 

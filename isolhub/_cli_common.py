@@ -1,4 +1,4 @@
-"""What every `isolhub` sub-command shares: exit codes, `--kw` values and the output flags.
+"""What every `isolhub` sub-command shares: exit codes, its flags (declared once), `--kw` values.
 
 Sub-command modules import this, never `_cli` itself, so the command line has no import cycle.
 
@@ -23,16 +23,20 @@ from typing import Any
 from ._errors import IsolhubError, Option, SpecError, UsageError
 
 __all__ = [
+    "FLAGS",
     "EXIT_DIFFERENT",
     "EXIT_ERROR",
     "EXIT_INTERRUPTED",
     "EXIT_OK",
     "cli_message",
     "cli_words",
+    "add_flags",
     "output_flags",
     "parse_kw",
+    "sandbox_of",
     "seconds",
     "spec_source",
+    "trust_of",
 ]
 
 EXIT_OK, EXIT_DIFFERENT, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -125,13 +129,101 @@ def parse_kw(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def output_flags(p: argparse.ArgumentParser, json_help: str = "print JSON on stdout") -> None:
+# Every flag more than one command takes, declared once: the same spelling, type, default and
+# help wherever it appears (tests/test_cli.py compares every command's help).
+FLAGS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
+    "--local": (
+        ("--local",),
+        {"action": "store_true", "help": "the specs are local directories"},
+    ),
+    "--force-reload": (
+        ("--force-reload",),
+        {"action": "store_true", "help": "fetch the snapshots again, even when cached"},
+    ),
+    "--skip-validation": (
+        ("--skip-validation",),
+        {
+            "action": "store_true",
+            "help": "do not check that a GitHub ref is a branch or tag (an older commit, say)",
+        },
+    ),
+    "--trust": (
+        ("--trust",),
+        {"action": "store_true", "help": "trust the repositories (adds them to trusted_list)"},
+    ),
+    "--timeout": (
+        ("--timeout",),
+        {
+            "type": seconds,
+            "default": None,
+            "metavar": "SECONDS",
+            "help": "kill a worker whose call takes longer than this",
+        },
+    ),
+    "--sandbox": (
+        ("--sandbox",),
+        {
+            "choices": ("none", "strict"),
+            "default": "none",
+            "help": "confine the workers (no network, no secrets, writes to scratch only); "
+            "see `isolhub doctor`",
+        },
+    ),
+    "--kw": (
+        ("--kw",),
+        {
+            "action": "append",
+            "default": [],
+            "metavar": "K=V",
+            "help": "a keyword for the entrypoint, repeatable; V is a Python literal, "
+            "true/false/yes/no (booleans), none, or else a string",
+        },
+    ),
+    "--seed": (
+        ("--seed",),
+        {
+            "type": int,
+            "default": None,
+            "metavar": "N",
+            "help": "seed torch, random and numpy in each worker before the entrypoint runs",
+        },
+    ),
+    "--no-progress": (
+        ("--no-progress",),
+        {"action": "store_true", "help": "no progress bar or progress lines on stderr"},
+    ),
+    "--json": (("--json",), {"action": "store_true", "help": "print JSON on stdout, not text"}),
+    "--quiet": (
+        ("--quiet", "-q"),
+        {
+            "action": "store_true",
+            "help": "no progress bars or notices on stderr (as ISOLHUB_QUIET=1); errors still print",
+        },
+    ),
+    "--verbose": (
+        ("--verbose",),
+        {"action": "store_true", "help": "show tracebacks on errors"},
+    ),
+}
+
+
+def add_flags(p: argparse.ArgumentParser, *flags: str) -> None:
+    """Add the shared `flags` (keys of `FLAGS`, e.g. `"--trust"`) to `p`, as declared there."""
+    for flag in flags:
+        names, options = FLAGS[flag]
+        p.add_argument(*names, **options)
+
+
+def output_flags(p: argparse.ArgumentParser) -> None:
     """Add `--json`, `--quiet` and `--verbose`, the same on every sub-command."""
-    p.add_argument("--json", action="store_true", help=json_help)
-    p.add_argument(
-        "--quiet",
-        "-q",
-        action="store_true",
-        help="no progress bars or notices on stderr (as ISOLHUB_QUIET=1); errors still print",
-    )
-    p.add_argument("--verbose", action="store_true", help="show tracebacks on errors")
+    add_flags(p, "--json", "--quiet", "--verbose")
+
+
+def sandbox_of(args: argparse.Namespace) -> str | None:
+    """The `sandbox=` of `--sandbox`: None for `none`."""
+    return None if args.sandbox == "none" else str(args.sandbox)
+
+
+def trust_of(args: argparse.Namespace) -> bool | str:
+    """The `trust_repo=` of `--trust`: True, else torch.hub's "check"."""
+    return True if args.trust else "check"

@@ -20,10 +20,12 @@ from ._cli_common import (
     EXIT_DIFFERENT,
     EXIT_ERROR,
     EXIT_OK,
+    add_flags,
     output_flags,
     parse_kw,
-    seconds,
+    sandbox_of,
     spec_source,
+    trust_of,
 )
 from ._errors import UsageError
 from ._escape import escape_controls
@@ -35,15 +37,14 @@ def add_commands(subparsers: Any) -> None:
         "diff",
         help="compare an entrypoint at two refs (exit 0 same, 1 different, 2 error)",
         description="Load ENTRY at SPEC_A and at SPEC_B, each in its own worker, at once, and "
-        "compare entrypoints, weights and outputs on the same inputs.",
+        "compare entrypoints, weights and outputs on the same inputs. --json prints the "
+        "report as JSON (CompareReport.to_json).",
         epilog="Exit codes: 0 equivalent within --atol/--rtol, 1 different, 2 error.",
     )
     p.add_argument("spec_a", metavar="SPEC_A", help="first ref: owner/name[:ref], git+<url>[@ref]")
     p.add_argument("spec_b", metavar="SPEC_B", help="second ref, same forms")
     p.add_argument("entry", metavar="ENTRY", help="entrypoint name")
-    p.add_argument(
-        "--kw", action="append", default=[], metavar="K=V", help="keyword for the entrypoint"
-    )
+    add_flags(p, "--kw")
     p.add_argument(
         "--kw-a", action="append", default=[], metavar="K=V",
         help="keyword for SPEC_A's entrypoint only (over --kw)",
@@ -70,7 +71,7 @@ def add_commands(subparsers: Any) -> None:
         help="per side and batch, layer outputs kept whole up to N bytes (default 64 MiB); "
         "past it layers are compared on summary statistics",
     )  # fmt: skip
-    p.add_argument("--seed", type=int, default=None, help="seed each worker before the entrypoint")
+    add_flags(p, "--seed")
     p.add_argument("--atol", type=float, default=1e-6, help="absolute tolerance (default 1e-6)")
     p.add_argument("--rtol", type=float, default=1e-5, help="relative tolerance (default 1e-5)")
     p.add_argument(
@@ -83,17 +84,8 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument(
         "--max-rows", type=int, default=40, metavar="N", help="rows per table in the terminal"
     )
-    p.add_argument("--local", action="store_true", help="SPEC_A and SPEC_B are local directories")
-    p.add_argument("--force-reload", action="store_true", help="fetch the snapshots again")
-    p.add_argument("--trust", action="store_true", help="trust both repositories")
-    p.add_argument("--timeout", type=seconds, default=None, help="kill a worker after N seconds")
-    p.add_argument(
-        "--sandbox",
-        choices=("none", "strict"),
-        default="none",
-        help="confine both workers (no network, no secrets, writes to scratch only)",
-    )
-    output_flags(p, json_help="print the report as JSON on stdout")
+    add_flags(p, "--local", "--force-reload", "--trust", "--timeout", "--sandbox")
+    output_flags(p)
     p.set_defaults(func=cmd_diff)
 
 
@@ -156,11 +148,11 @@ def cmd_diff(args: argparse.Namespace) -> int:
         atol=args.atol,
         rtol=args.rtol,
         source="local" if local else "github",
-        trust_repo=True if args.trust else "check",
+        trust_repo=trust_of(args),
         force_reload=args.force_reload,
         verbose=not (args.json or args.quiet),
         timeout=args.timeout,
-        sandbox=None if args.sandbox == "none" else args.sandbox,
+        sandbox=sandbox_of(args),
         **kwargs,
     )
     if args.html:

@@ -30,7 +30,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from ._cli_common import EXIT_DIFFERENT, EXIT_OK, cli_message, output_flags, parse_kw, seconds
+from ._cli_common import (
+    EXIT_DIFFERENT,
+    EXIT_OK,
+    add_flags,
+    cli_message,
+    output_flags,
+    parse_kw,
+    sandbox_of,
+    trust_of,
+)
 from ._errors import IsolhubError, UsageError
 from ._escape import escape_controls
 
@@ -230,7 +239,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             retries=args.retries,
             backend=args.backend,
             source="local" if args.local else "github",
-            trust_repo=True if args.trust else "check",
+            trust_repo=trust_of(args),
+            sandbox=sandbox_of(args),
             progress=not (args.no_progress or args.quiet),
             seed=args.seed,
         ) as h:
@@ -272,8 +282,9 @@ def add_commands(subparsers: Any) -> None:
         help="run a function on an entrypoint of many repos, each in its own worker",
         description=(
             "Load ENTRY from every repo in SPECS_FILE, each repo@sha in its own worker, apply "
-            "--fn to it there, and stream one result per spec. Exit 0 if all succeeded, 1 if "
-            "some failed, 2 on error."
+            "--fn to it there, and stream one result per spec (with --json, one JSON document "
+            "at the end: totals and every result). Exit 0 if all succeeded, 1 if some failed, "
+            "2 on error."
         ),
     )
     p.add_argument("specs_file", help="one spec per line ('#' comments); '-' reads stdin")
@@ -285,21 +296,16 @@ def add_commands(subparsers: Any) -> None:
         "or path/to/file.py:function); it must return plain values and tensors. Default: "
         "ENTRY's result itself",
     )
-    p.add_argument("--kw", action="append", default=[], metavar="K=V", help="keyword for ENTRY")
+    add_flags(p, "--kw")
     p.add_argument(
         "--workers", type=_positive, default=None, help="workers at once (default: CPUs)"
     )
-    p.add_argument("--timeout", type=seconds, default=None, help="seconds per repo before a kill")
+    add_flags(p, "--timeout")
     p.add_argument("--memory", type=parse_size, default=None, help="memory cap per worker: 4G")
     p.add_argument("--retries", type=_count, default=0, help="retries for infrastructure failures")
     p.add_argument("--jsonl", metavar="FILE", help="also write one JSON record per spec ('-')")
     p.add_argument("--ordered", action="store_true", help="report in the file's order")
     p.add_argument("--backend", choices=("local", "ray"), default="local")
-    p.add_argument("--local", action="store_true", help="the specs are local directories")
-    p.add_argument("--trust", action="store_true", help="trust every repository in the file")
-    p.add_argument("--seed", type=int, default=None, help="seed torch before each entrypoint")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
-    output_flags(
-        p, json_help="print one JSON document on stdout at the end: totals and every result"
-    )
+    add_flags(p, "--local", "--trust", "--sandbox", "--seed", "--no-progress")
+    output_flags(p)
     p.set_defaults(func=cmd_run)

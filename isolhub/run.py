@@ -7,8 +7,10 @@ The script runs as `__main__` (as `python script.py` would run it: `sys.argv` is
 
     --mode {module,state_dict,remote}   what torch.hub.load returns (default: module)
     --sandbox strict                    confine the workers (needs --mode remote or state_dict)
-    --timeout SECONDS                   kill a worker that takes longer per call
-    --seed N                            seed torch and random in each worker before the entrypoint
+    --timeout SECONDS                   kill a worker whose call takes longer than this
+    --seed N                            seed torch, random and numpy in each worker first
+
+The shared flags are declared once, in `isolhub._cli_common.FLAGS`, as for `isolhub`.
 
 Example:
     $ python -m isolhub.run --mode remote --sandbox strict eval.py --batch 8
@@ -25,6 +27,7 @@ import runpy
 import sys
 
 from ._api import MODES
+from ._cli_common import add_flags, sandbox_of
 from ._errors import IsolhubError
 from ._patch import patched_torch_hub
 
@@ -38,9 +41,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Run a Python script with torch.hub routed to isolhub.",
     )
     p.add_argument("--mode", choices=MODES, default="module", help="what torch.hub.load returns")
-    p.add_argument("--sandbox", choices=("strict",), help="confine the workers")
-    p.add_argument("--timeout", type=float, help="seconds a worker may take per call")
-    p.add_argument("--seed", type=int, help="seed each worker before the entrypoint runs")
+    add_flags(p, "--sandbox", "--timeout", "--seed")
     p.add_argument("-m", dest="module", metavar="module", help="run a module, as python -m does")
     return p
 
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             stack.enter_context(
                 patched_torch_hub(
-                    mode=opts.mode, sandbox=opts.sandbox, timeout=opts.timeout, seed=opts.seed
+                    mode=opts.mode, sandbox=sandbox_of(opts), timeout=opts.timeout, seed=opts.seed
                 )
             )
         except IsolhubError as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -10,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from isolhub._cli import main, parse_kw
+from isolhub import run as isolhub_run
+from isolhub._cli import build_parser, main, parse_kw
+from isolhub._cli_common import FLAGS, add_flags
 
 from hubrepos import make_repo, net_files, spec_of
 
@@ -174,3 +177,66 @@ def test_doctor_reports_what_the_kernel_can_enforce() -> None:
     assert out.returncode in (0, 1)
     report = json.loads(out.stdout)
     assert "landlock" in report["protections"]
+
+
+def _parsers() -> dict[str, argparse.ArgumentParser]:
+    """Every command's parser: `isolhub`'s sub-commands (cache's too) and `python -m isolhub.run`."""
+    found = {"python -m isolhub.run": isolhub_run._parser()}
+    todo = [("isolhub", build_parser())]
+    while todo:
+        name, parser = todo.pop()
+        found[name] = parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                todo += [(f"{name} {sub}", p) for sub, p in action.choices.items()]
+    return found
+
+
+def test_a_flag_shared_by_commands_shows_the_same_help_in_every_command() -> None:
+    parsers = _parsers()
+    reference = argparse.ArgumentParser()
+    add_flags(reference, *FLAGS)
+    declared = {a.option_strings[0]: a for a in reference._actions if a.option_strings}
+    seen: dict[str, set[str]] = {}
+    for command, parser in parsers.items():
+        text = " ".join(parser.format_help().split())
+        for action in parser._actions:
+            for flag in action.option_strings:
+                if flag not in FLAGS:
+                    continue
+                seen.setdefault(flag, set()).add(command)
+                names, options = FLAGS[flag]
+                assert tuple(action.option_strings) == names, (command, flag)
+                for key in ("help", "default", "const", "nargs", "choices", "type", "metavar"):
+                    assert getattr(action, key) == getattr(declared[flag], key), (command, flag)
+                assert type(action) is type(declared[flag]), (command, flag)
+                assert " ".join(str(options["help"]).split()) in text, (command, flag)
+    # Each shared flag is shared: the commands that load code all take the same ones.
+    loaders = {"isolhub list", "isolhub help", "isolhub load", "isolhub diff", "isolhub run"}
+    for flag in ("--trust", "--timeout", "--sandbox", "--local"):
+        assert loaders <= seen[flag], flag
+    assert "python -m isolhub.run" in seen["--sandbox"] & seen["--timeout"] & seen["--seed"]
+    assert {"isolhub load", "isolhub diff", "isolhub run"} <= seen["--kw"] & seen["--seed"]
+    assert all(len(commands) > 1 for commands in seen.values()), seen
+
+
+def test_run_takes_sandbox_strict_as_every_other_loading_command_does(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "r", {"hubconf.py": _NETWORK_PROBE})
+    specs = tmp_path / "specs.txt"
+    specs.write_text(spec_of(repo) + "\n")
+    for extra, network in (([], True), (["--sandbox", "strict"], False)):
+        out = run("run", str(specs), "--entry", "probe", "--json", "-q", *extra)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["results"][0]["value"] == {"network": network}
+
+
+_NETWORK_PROBE = """
+import socket
+
+def probe():
+    try:
+        socket.socket().close()
+    except OSError:
+        return {"network": False}
+    return {"network": True}
+"""
