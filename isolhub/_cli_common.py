@@ -18,7 +18,7 @@ import ast
 import math
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 from ._errors import IsolhubError, Option, SpecError, UsageError
 
@@ -219,11 +219,11 @@ def output_flags(p: argparse.ArgumentParser) -> None:
     add_flags(p, "--json", "--quiet", "--verbose")
 
 
-def sandbox_of(args: argparse.Namespace) -> str | None:
-    """The `sandbox=` of `--sandbox`: None for `none`."""
-    return None if args.sandbox == "none" else str(args.sandbox)
+def sandbox_of(args: argparse.Namespace) -> Literal["strict"] | None:
+    """The `sandbox=` of `--sandbox` (its choices are none and strict): None for `none`."""
+    return "strict" if args.sandbox == "strict" else None
 
 
-def trust_of(args: argparse.Namespace) -> bool | str:
+def trust_of(args: argparse.Namespace) -> Literal[True, "check"]:
     """The `trust_repo=` of `--trust`: True, else torch.hub's "check"."""
     return True if args.trust else "check"

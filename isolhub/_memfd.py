@@ -60,4 +60,4 @@ def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> No
 def pwrite_from(fd: int, address: int, nbytes: int, offset: int) -> None:
     """Write the `nbytes` bytes of memory at `address` (a storage's data) at `offset`."""
     if nbytes:
-        pwrite_all(fd, (ctypes.c_char * nbytes).from_address(address), offset)
+        pwrite_all(fd, memoryview((ctypes.c_char * nbytes).from_address(address)), offset)
