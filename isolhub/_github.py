@@ -13,18 +13,18 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import email.utils
 import os
 import re
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import quote, urljoin, urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import requests
 
 from . import _config
+from ._errormap import foreign_errors
 from ._errors import (
     DownloadError,
     Option,
@@ -32,12 +32,12 @@ from ._errors import (
     RefValidationError,
     ResolveError,
 )
+from ._http import follow, new_session, retry_after, safe_url
 
 TIMEOUT = (10, 60)  # (connect, read) seconds, per request
 RETRIES = 3  # extra attempts after a 5xx or a 429 without a rate-limit reset
 BACKOFF_S = 0.5  # first retry delay, doubled each time; tests lower it
 MAX_RETRY_AFTER_S = 30  # a longer Retry-After is refused rather than slept through
-MAX_REDIRECTS = 5
 MAX_VALIDATION_PAGES = 1000  # per listing, 100 refs a page: a server cannot page us forever
 _SHA = re.compile(r"^[0-9a-f]{40}$")
 _SHA_MEDIA = "application/vnd.github.sha"
@@ -52,10 +52,9 @@ def api_session() -> requests.Session:
         >>> with api_session() as s:
         ...     resolve_ref("pytorch", "vision", None, session=s)
     """
-    session = requests.Session()
-    session.headers["User-Agent"] = "isolhub"
-    session.headers["Accept"] = "application/vnd.github.v3+json"
-    return session
+    return new_session(
+        headers={"User-Agent": "isolhub", "Accept": "application/vnd.github.v3+json"}
+    )
 
 
 def resolve_ref(
@@ -84,7 +83,7 @@ def resolve_ref(
             try:
                 ref = str(resp.json()["default_branch"])
             except (ValueError, KeyError, TypeError) as e:
-                raise ResolveError(f"{_redact(repo_url)} gave no default branch ({e})") from e
+                raise ResolveError(f"{safe_url(repo_url)} gave no default branch ({e})") from e
         url = f"{repo_url}/commits/{quote(ref, safe='')}"
         resp = _get(s, url, ResolveError, accept=_SHA_MEDIA)
         if resp.status_code in (404, 422):
@@ -99,7 +98,7 @@ def resolve_ref(
         _raise_for_status(resp, ResolveError)
         sha = resp.text.strip()
         if not _SHA.match(sha):
-            raise ResolveError(f"{_redact(url)} answered {sha[:80]!r}, not a commit SHA")
+            raise ResolveError(f"{safe_url(url)} answered {sha[:80]!r}, not a commit SHA")
         return ref, sha
 
 
@@ -126,14 +125,18 @@ def download_tarball(
         with resp:
             _raise_for_status(resp, DownloadError)
             flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
-            try:
-                with os.fdopen(os.open(dest_file, flags, 0o644), "wb") as out:
-                    for chunk in resp.iter_content(1 << 20):
-                        out.write(chunk)
-            except requests.RequestException as e:
-                raise DownloadError(
-                    f"download of {_redact(resp.url)} broke off: {e}", url=_redact(resp.url)
-                ) from e
+            shown = safe_url(resp.url)
+            with (
+                foreign_errors(
+                    lambda reason, _: DownloadError(
+                        f"download of {shown} broke off: {reason}", url=shown
+                    ),
+                    TIMEOUT,
+                ),
+                os.fdopen(os.open(dest_file, flags, 0o644), "wb") as out,
+            ):
+                for chunk in resp.iter_content(1 << 20):
+                    out.write(chunk)
 
 
 def validate_ref(
@@ -166,7 +169,7 @@ def validate_ref(
             else:
                 raise ResolveError(
                     (
-                        f"{_redact(repo_url)}/{kind} has more than {MAX_VALIDATION_PAGES} pages; "
+                        f"{safe_url(repo_url)}/{kind} has more than {MAX_VALIDATION_PAGES} pages; "
                         "pass ",
                         Option.of(skip_validation=True),
                     )
@@ -194,7 +197,7 @@ def web_url(api: str) -> str:
         return "https://github.com"
     path = split.path.rstrip("/")
     path = path[: -len("/api/v3")] if path.endswith("/api/v3") else path
-    return _redact(urlunsplit((split.scheme, split.netloc, path, "", "")))
+    return safe_url(urlunsplit((split.scheme, split.netloc, path, "", "")))
 
 
 def torch_not_found(owner: str, name: str, ref: str, api: str) -> str:
@@ -216,7 +219,7 @@ def _validation_page(s: requests.Session, url: str) -> list[tuple[str, str]]:
         return [(str(i["name"]), str(i["commit"]["sha"])) for i in resp.json()]
     except (ValueError, KeyError, TypeError) as e:
         raise ResolveError(
-            f"{_redact(url)} answered malformed JSON ({e!r})", url=_redact(url)
+            f"{safe_url(url)} answered malformed JSON ({e!r})", url=safe_url(url)
         ) from e
 
 
@@ -250,16 +253,16 @@ def _get(
         retryable = resp.status_code >= 500 or (resp.status_code == 429 and not limited)
         if limited and not retryable:
             resp.close()
-            raise error(limited, url=_redact(url), status=resp.status_code)
+            raise error(limited, url=safe_url(url), status=resp.status_code)
         if not retryable:
             return resp
         resp.close()
-        delay = max(BACKOFF_S * 2**attempt, _retry_after(resp))
+        delay = max(BACKOFF_S * 2**attempt, retry_after(resp.headers.get("Retry-After")) or 0.0)
         if attempt == RETRIES or delay > MAX_RETRY_AFTER_S:
             detail = limited or f"HTTP {resp.status_code} {resp.reason}"
             raise error(
-                f"{_redact(resp.url)} failed after {attempt + 1} attempts: {detail}",
-                url=_redact(resp.url),
+                f"{safe_url(resp.url)} failed after {attempt + 1} attempts: {detail}",
+                url=safe_url(resp.url),
                 status=resp.status_code,
             )
         time.sleep(delay)
@@ -277,24 +280,26 @@ def _follow(
 ) -> requests.Response:
     api = _origin(_config.github_api())
     secret = _config.github_token() if token else None
-    for _hop in range(MAX_REDIRECTS + 1):
-        headers = {"Accept": accept} if accept else {}
-        if secret and _origin(url) == api:
-            headers["Authorization"] = f"token {secret}"
-        try:
-            resp = s.get(
-                url, headers=headers, timeout=TIMEOUT, stream=stream, allow_redirects=False
-            )
-        except requests.RequestException as e:
-            raise error(f"could not reach {_redact(url)}: {e}", url=_redact(url)) from e
-        location = resp.headers.get("location")
-        if not resp.is_redirect or not location:
-            return resp
-        resp.close()
-        url = urljoin(url, location)
-        if urlsplit(url).scheme not in ("http", "https"):
-            raise error(f"{_redact(resp.url)} redirected to a non-HTTP URL: {_redact(url)}")
-    raise error(f"too many redirects (more than {MAX_REDIRECTS}) from {_redact(url)}")
+
+    def credentials(hop: str) -> dict[str, str]:
+        return {"Authorization": f"token {secret}"} if secret and _origin(hop) == api else {}
+
+    def refused(detail: str) -> Exception:
+        return error(f"{safe_url(url)}: {detail}", url=safe_url(url))
+
+    def unreachable(reason: str, _retryable: bool) -> Exception:
+        return error(f"could not reach {safe_url(url)}: {reason}", url=safe_url(url))
+
+    with foreign_errors(unreachable, TIMEOUT):
+        return follow(
+            s,
+            url,
+            {"Accept": accept} if accept else {},
+            timeout=TIMEOUT,
+            fail=refused,
+            per_hop=credentials,
+            stream=stream,
+        )
 
 
 def _origin(url: str) -> tuple[str, int | None]:
@@ -302,14 +307,6 @@ def _origin(url: str) -> tuple[str, int | None]:
     parts = urlsplit(url)
     default = {"http": 80, "https": 443}.get(parts.scheme)
     return (parts.hostname or "").lower(), parts.port or default
-
-
-def _redact(url: str) -> str:
-    """`url` without any user:password part."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
 def _rate_limit_message(resp: requests.Response) -> str | None:
@@ -325,17 +322,7 @@ def _rate_limit_message(resp: requests.Response) -> str | None:
         if _config.github_token()
         else "set GITHUB_TOKEN to a GitHub token for a higher limit"
     )
-    return f"GitHub API rate limit exceeded ({_redact(resp.url)}); it resets at {when}; {hint}"
-
-
-def _retry_after(resp: requests.Response) -> float:
-    value = resp.headers.get("retry-after", "").strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return 0.0
+    return f"GitHub API rate limit exceeded ({safe_url(resp.url)}); it resets at {when}; {hint}"
 
 
 def _raise_for_status(
@@ -346,15 +333,15 @@ def _raise_for_status(
     hint = " (check GITHUB_TOKEN)" if resp.status_code in (401, 403) else ""
     resp.close()
     raise error(
-        f"{_redact(resp.url)} answered HTTP {resp.status_code} {resp.reason}{hint}",
-        url=_redact(resp.url),
+        f"{safe_url(resp.url)} answered HTTP {resp.status_code} {resp.reason}{hint}",
+        url=safe_url(resp.url),
         status=resp.status_code,
     )
 
 
 def _repo_not_found(owner: str, name: str, api: str) -> RefNotFoundError:
     return RefNotFoundError(
-        f"GitHub repository {owner}/{name} not found at {_redact(api)} "
+        f"GitHub repository {owner}/{name} not found at {safe_url(api)} "
         "(if it is private, set GITHUB_TOKEN)",
         repo=f"{owner}/{name}",
     )

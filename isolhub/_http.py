@@ -1,14 +1,21 @@
-"""Talk HTTP for `download_url_to_file`: one URL streamed into an open temp file, with retries.
+"""isolhub's one HTTP stack, and `download_url_to_file`'s transfer: one URL streamed into an
+open temp file, with retries.
 
-This module only talks to the server; what `_download` does around it (the lock, the temp file,
+What every request isolhub makes shares (the GitHub API's in `_github` too): sessions
+(`new_session`, confined under the weights broker's guard), redirects followed by hand
+(`follow`: at most `MAX_REDIRECTS` hops, http(s) only, loops named, `Authorization` and
+`Cookie` dropped when the host changes), `Retry-After` (`retry_after`), URLs redacted for
+messages (`safe_url`), and requests'/urllib3's exceptions mapped into isolhub's errors
+(`_errormap.foreign_errors`).
+
+The transfer only talks to the server; what `_download` does around it (the lock, the temp file,
 the hash check, fsync and the atomic rename, offline mode, the broker) is not its business.
 In the order a transfer meets it:
 
-* one `requests.Session` per download, `GET` with `Accept-Encoding: identity`, a connect and a
+* one session per download, `GET` with `Accept-Encoding: identity`, a connect and a
   read timeout, and a stall window: each `ISOLHUB_HTTP_TIMEOUT` seconds must average
   `ISOLHUB_HTTP_MIN_RATE` bytes/s;
-* redirects followed by hand (`_open`): at most `MAX_REDIRECTS` hops, http(s) only, loops named,
-  `Authorization` and `Cookie` dropped when the host changes;
+* redirects through `follow`;
 * status codes: 429 and 5xx are retried (`Retry-After` honoured up to a cap), other 4xx become a
   `DownloadError` with advice; an HTML page served with 200 is refused;
 * retries with exponential backoff and jitter, a fresh budget after progress (not after a
@@ -42,6 +49,7 @@ from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 
+from ._errormap import foreign_errors
 from ._errors import DownloadError
 
 if TYPE_CHECKING:
@@ -65,7 +73,7 @@ log = logging.getLogger("isolhub.download")
 
 READ_CHUNK = 128 * 1024
 USER_AGENT = "isolhub (torch.hub compatible)"
-MAX_REDIRECTS = 10
+MAX_REDIRECTS = 10  # for every request isolhub makes; urllib's limit, so torch.hub's
 # A hard cap on attempts, even when each one makes progress (a server that cuts every response).
 _MAX_ATTEMPTS = 100
 _SENSITIVE_QUERY = re.compile(r"token|sig|key|secret|pass|auth|cred", re.IGNORECASE)
@@ -90,6 +98,87 @@ def safe_url(url: str) -> str:
         pairs = parse_qsl(query, keep_blank_values=True)
         query = urlencode([(k, "***" if _SENSITIVE_QUERY.search(k) else v) for k, v in pairs])
     return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+# -- the one HTTP stack: sessions and redirects (the GitHub API's too) --------------------------
+
+
+def new_session(
+    guard: Guard | None = None, headers: dict[str, str] | None = None
+) -> requests.Session:
+    """A `requests.Session` with `headers` as its defaults; every isolhub request is made on one.
+
+    With a `guard` (the weights broker's) it is confined: it reads nothing from the environment
+    (`trust_env=False`: no `.netrc`, proxy variables or credentials; only a CA bundle variable is
+    kept) and uses only the guard's proxy.
+    """
+    import requests
+
+    session = requests.Session()
+    session.headers.update(headers or {})
+    if guard is not None:
+        session.trust_env = False
+        session.proxies = {"http": guard.proxy, "https": guard.proxy} if guard.proxy else {}
+        ca_bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+        if ca_bundle:
+            session.verify = ca_bundle
+    return session
+
+
+def follow(
+    session: requests.Session,
+    url: str,
+    headers: dict[str, str],
+    *,
+    timeout: tuple[float, float],
+    fail: Callable[[str], Exception],
+    guard: Guard | None = None,
+    per_hop: Callable[[str], dict[str, str]] | None = None,
+    stream: bool = True,
+) -> requests.Response:
+    """GET `url`, following at most `MAX_REDIRECTS` redirects by hand, each hop checked.
+
+    Only http(s) targets are followed, a loop is named, and `Authorization` and `Cookie` are
+    dropped from `headers` once the host changes; `per_hop(url)` adds headers for one hop only
+    (GitHub's token, for the API's own host). With a `guard`, every URL requested, the first and
+    each hop, is the one `guard.check` rebuilt. A refused redirect raises `fail(detail)`.
+    """
+    import requests
+
+    checked = guard.check(url) if guard is not None else None
+    current = checked.url if checked is not None else url
+    chain = [current]
+    hdrs = dict(headers)
+    for _hop in range(MAX_REDIRECTS + 1):
+        sent = {**hdrs, **per_hop(current)} if per_hop is not None else hdrs
+        prep = session.prepare_request(requests.Request("GET", current, headers=sent))
+        if guard is not None and checked is not None:
+            # What is sent is what was checked: requests' own reading of the prepared URL.
+            guard.same_target(checked, prep.url or "")
+        env = session.merge_environment_settings(prep.url or current, {}, stream, None, None)
+        env["stream"] = stream
+        resp = session.send(prep, timeout=timeout, allow_redirects=False, **env)
+        target = session.get_redirect_target(resp)
+        if target is None:
+            return resp
+        resp.close()
+        nxt = urljoin(current, target)
+        if guard is not None:
+            checked = guard.check(nxt, after=checked)
+            nxt = checked.url
+        shown = " -> ".join(safe_url(u) for u in [*chain, nxt])
+        if urlsplit(nxt).scheme.lower() not in ("http", "https"):
+            raise fail(f"redirected to a non-http(s) URL ({shown}); refusing to follow it")
+        if nxt in chain:
+            raise fail(f"redirect loop ({shown}); report it to the server's owner")
+        if session.should_strip_auth(current, nxt):
+            hdrs = {k: v for k, v in hdrs.items() if k.lower() not in ("authorization", "cookie")}
+        chain.append(nxt)
+        current = nxt
+    raise fail(
+        f"more than {MAX_REDIRECTS} redirects ({' -> '.join(safe_url(u) for u in chain)}); "
+        "report it to the server's owner"
+    )
 
 
 # -- settings ----------------------------------------------------------------------------------
@@ -236,54 +325,22 @@ def _fetch(
             cap, or the retries ran out.
         _DiskError: writing the temp file failed (the caller names the path and the fix).
     """
-    import requests
-    import urllib3
-
     from ._progress import bytes_bar
 
     failures = 0
     attempts = 0
     with (
-        requests.Session() as session,
+        new_session(guard) as session,
         bytes_bar(progress, os.path.basename(dst)) as pbar,
     ):
-        if guard is not None:
-            _confine(session, guard)
         while True:
             attempts += 1
             try:
-                _attempt(session, url, state, s, headers, pbar, dst, surl, guard)
+                with foreign_errors(_failure(surl), (s.connect_timeout, s.read_timeout)):
+                    _attempt(session, url, state, s, headers, pbar, dst, surl, guard)
                 return
             except _Retryable as e:
                 problem = e
-            except requests.exceptions.SSLError as e:
-                raise DownloadError(
-                    f"cannot download {surl}: TLS error ({_short(e)}); check the system clock "
-                    "and certificates (REQUESTS_CA_BUNDLE)",
-                    url=surl,
-                ) from e
-            except (
-                requests.exceptions.InvalidURL,
-                requests.exceptions.InvalidSchema,
-                requests.exceptions.MissingSchema,
-                requests.exceptions.InvalidHeader,
-            ) as e:
-                raise DownloadError(
-                    f"cannot download {surl}: invalid request ({_short(e)}); check the URL and "
-                    "headers",
-                    url=surl,
-                ) from e
-            except requests.exceptions.ProxyError as e:
-                problem = _Retryable(f"proxy error ({_short(e)}); check HTTP(S)_PROXY and NO_PROXY")
-            except requests.exceptions.ConnectTimeout as e:
-                problem = _Retryable(f"connect timeout after {s.connect_timeout:g} s ({_short(e)})")
-            except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as e:
-                problem = _Retryable(_describe_network_error(e, s))
-            except requests.exceptions.RequestException as e:
-                problem = _Retryable(_short(e))
-            except urllib3.exceptions.HTTPError as e:
-                # Raised while reading the body: a cut, a reset, a read timeout.
-                problem = _Retryable(_describe_network_error(e, s))
             if state.written > state.high_water:
                 state.high_water = state.written
                 # Progress earns a fresh retry budget, but a trickle does not.
@@ -307,12 +364,15 @@ def _fetch(
             time.sleep(delay)
 
 
-def _confine(session: requests.Session, guard: Guard) -> None:
-    session.trust_env = False
-    session.proxies = {"http": guard.proxy, "https": guard.proxy} if guard.proxy else {}
-    ca_bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
-    if ca_bundle:
-        session.verify = ca_bundle
+def _failure(surl: str) -> Callable[[str, bool], Exception]:
+    """How a download reports a foreign error: a retry, or a `DownloadError` naming `surl`."""
+
+    def fail(reason: str, retryable: bool) -> Exception:
+        if retryable:
+            return _Retryable(reason)
+        return DownloadError(f"cannot download {surl}: {reason}", url=surl)
+
+    return fail
 
 
 def _attempt(
@@ -372,51 +432,13 @@ def _open(
     surl: str,
     guard: Guard | None = None,
 ) -> requests.Response:
-    """GET `url`, following redirects by hand so that each hop is checked."""
-    import requests
+    """GET `url` for a download, following redirects by hand so that each hop is checked."""
 
-    checked = guard.check(url) if guard is not None else None
-    current = checked.url if checked is not None else url
-    chain = [current]
-    hdrs = dict(headers)
-    for _hop in range(MAX_REDIRECTS + 1):
-        prep = session.prepare_request(requests.Request("GET", current, headers=hdrs))
-        if guard is not None and checked is not None:
-            # What is sent is what was checked: requests' own reading of the prepared URL.
-            guard.same_target(checked, prep.url or "")
-        env = session.merge_environment_settings(prep.url or current, {}, True, None, None)
-        env["stream"] = True
-        resp = session.send(
-            prep, timeout=(s.connect_timeout, s.read_timeout), allow_redirects=False, **env
-        )
-        target = session.get_redirect_target(resp)
-        if target is None:
-            return resp
-        resp.close()
-        nxt = urljoin(current, target)
-        if guard is not None:
-            checked = guard.check(nxt, after=checked)
-            nxt = checked.url
-        shown = " -> ".join(safe_url(u) for u in [*chain, nxt])
-        if urlsplit(nxt).scheme.lower() not in ("http", "https"):
-            raise DownloadError(
-                f"cannot download {surl}: redirected to a non-http(s) URL ({shown}); "
-                "refusing to follow it",
-                url=surl,
-            )
-        if nxt in chain:
-            raise DownloadError(
-                f"cannot download {surl}: redirect loop ({shown}); report it to the server's owner",
-                url=surl,
-            )
-        if session.should_strip_auth(current, nxt):
-            hdrs = {k: v for k, v in hdrs.items() if k.lower() not in ("authorization", "cookie")}
-        chain.append(nxt)
-        current = nxt
-    raise DownloadError(
-        f"cannot download {surl}: more than {MAX_REDIRECTS} redirects "
-        f"({' -> '.join(safe_url(u) for u in chain)}); report it to the server's owner",
-        url=surl,
+    def fail(detail: str) -> DownloadError:
+        return DownloadError(f"cannot download {surl}: {detail}", url=surl)
+
+    return follow(
+        session, url, headers, timeout=(s.connect_timeout, s.read_timeout), fail=fail, guard=guard
     )
 
 
@@ -542,7 +564,7 @@ def _status_problem(resp: requests.Response, s: _Settings, surl: str) -> Excepti
     code = resp.status_code
     what = f"HTTP {code} {resp.reason or ''}".strip()
     if code == 429 or 500 <= code <= 599:
-        wait = _retry_after(resp.headers.get("Retry-After"))
+        wait = retry_after(resp.headers.get("Retry-After"))
         if wait is not None and wait > s.retry_after_max:
             return DownloadError(
                 f"cannot download {surl}: {what}; the server asks to retry after {wait:.0f} s, "
@@ -567,7 +589,9 @@ def _status_problem(resp: requests.Response, s: _Settings, surl: str) -> Excepti
     return DownloadError(f"cannot download {surl}: {what}; {advice}", url=surl, status=code)
 
 
-def _retry_after(value: str | None) -> float | None:
+def retry_after(value: str | None) -> float | None:
+    """Seconds a `Retry-After` header asks to wait (delta-seconds or an HTTP date; a date in the
+    past is 0); None when it is missing or unreadable."""
     if not value:
         return None
     value = value.strip()
@@ -591,31 +615,9 @@ def _content_encoding(resp: requests.Response) -> str:
     return resp.headers.get("Content-Encoding", "").strip().lower()
 
 
-def _describe_network_error(e: BaseException, s: _Settings) -> str:
-    text = _short(e)
-    low = text.lower()
-    if "read timed out" in low or "timed out" in low:
-        return f"no data for {s.read_timeout:g} s (read timeout)"
-    if "incompleteread" in low or "incomplete" in low:
-        return "connection closed before the end of the body"
-    if "refused" in low:
-        return "connection refused (the host is unreachable)"
-    if "name or service not known" in low or "name resolution" in low:
-        return "the host name could not be resolved"
-    if "reset" in low:
-        return "connection reset by the server"
-    return text
-
-
 def _advice(reason: str) -> str:
     if "unreachable" in reason or "resolved" in reason or "connect timeout" in reason:
         return "check the URL and the network, or set ISOLHUB_OFFLINE=1 to use only cached files"
     if "stalled" in reason or "timeout" in reason:
         return "check the network, or raise ISOLHUB_HTTP_TIMEOUT / ISOLHUB_HTTP_RETRIES"
     return "try again later, or raise ISOLHUB_HTTP_RETRIES"
-
-
-def _short(e: BaseException) -> str:
-    text = str(e) or type(e).__name__
-    # requests nests urllib3 reasons; the tail is the useful part.
-    return text if len(text) <= 300 else text[:300] + "..."
