@@ -17,19 +17,21 @@ from ._version import __version__ as __version__
 # Names are loaded on first use, so `import isolhub._worker` (in the zygote) and
 # `isolhub --help` stay cheap. The TYPE_CHECKING block mirrors the table for tools.
 _EXPORTS = {
-    "_api": ("fetch", "help", "list", "load", "load_state_dict", "sandbox_report"),
+    "_api": ("fetch", "help", "list", "load", "load_state_dict", "prepare_env", "sandbox_report"),
     "_checkpoints": ("load_state_dict_from_url",),
     "_compare": ("CompareReport", "compare"),
     "_pool": ("Hub", "Result"),
     "_patch": ("patch_torch_hub", "patched_torch_hub", "unpatch_torch_hub"),
     "_config": ("get_dir", "set_dir"),
     "_download": ("download_url_to_file",),
+    "_env": ("Env",),
     "_errors": (
         "ArchiveError",
         "CacheCorruptedError",
         "CacheError",
         "DownloadError",
         "EntrypointError",
+        "EnvError",
         "FetchError",
         "HandleClosedError",
         "HashMismatchError",
@@ -66,11 +68,20 @@ _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted([*_WHERE, "__version__"], key=str.lower)
 
 if _typing.TYPE_CHECKING:
-    from ._api import fetch, help, list, load, load_state_dict, sandbox_report  # noqa: F401
+    from ._api import (  # noqa: F401
+        fetch,
+        help,
+        list,
+        load,
+        load_state_dict,
+        prepare_env,
+        sandbox_report,
+    )
     from ._checkpoints import load_state_dict_from_url  # noqa: F401
     from ._compare import CompareReport, compare  # noqa: F401
     from ._config import get_dir, set_dir  # noqa: F401
     from ._download import download_url_to_file  # noqa: F401
+    from ._env import Env  # noqa: F401
     from ._errors import *  # noqa: F403
     from ._handle import RemoteModule, RemoteObject  # noqa: F401
     from ._patch import patch_torch_hub, patched_torch_hub, unpatch_torch_hub  # noqa: F401

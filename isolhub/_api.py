@@ -21,8 +21,9 @@ import builtins
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _byvalue, _rng
 from ._arena import ArenaReader
@@ -36,9 +37,12 @@ from ._pull import PullError, read_storages
 from ._sandbox import PRETEND_MISSING_ENV, Sandbox, SandboxReport, probe, resolve_policy
 from ._source import Snapshot, fetch_snapshot
 from ._spec import RepoSpec, parse_spec
-from ._types import Mode, SandboxArg, Source, TrustRepo
+from ._types import EnvArg, Mode, SandboxArg, Source, TrustRepo
 from ._usage import check_choice, check_timeout
 from ._values import decode_state_dict, decode_value
+
+if TYPE_CHECKING:
+    from ._env import Env
 
 MODES = ("module", "state_dict", "remote")
 
@@ -50,8 +54,12 @@ def start_worker(
     memory_bytes: int | None = None,
     sandbox: Sandbox | None = None,
     limits: ReplyLimits | None = None,
+    env: Env | None = None,
 ) -> Worker:
     """Start a worker serving `snapshot` (the caller closes it).
+
+    `env` (an `_env.Env`) puts the repo's installed requirements on its `sys.path`; one of
+    its own runs in a worker forked from that environment's own zygote.
 
     `memory_bytes` caps the worker's address space (RLIMIT_AS): past it, allocations fail with
     MemoryError in the worker instead of the machine swapping or the OOM killer striking.
@@ -69,11 +77,15 @@ def start_worker(
         "hub_dir": get_dir(),
         "env": dict(os.environ),
         "memory_bytes": memory_bytes,
+        "overlay": None if env is None else str(env.site),
     }
     if limits is None:
         limits = reply_limits(sandbox)
+    own = str(env.site) if env is not None and env.kind == "own" else None
     if sandbox is None:
-        return Worker.start(snapshot.label, init, start_method=start_method, limits=limits)
+        return Worker.start(
+            snapshot.label, init, start_method=start_method, limits=limits, own_overlay=own
+        )
     if start_method != "zygote":
         raise SandboxError("the sandbox is applied in a worker forked from the zygote; use it")
     # The confined worker keeps the zygote's secret-free environment and never sees the hub dir.
@@ -87,6 +99,7 @@ def start_worker(
         start_method=start_method,
         on_request=weights_broker(sandbox),
         limits=limits,
+        own_overlay=own,
     )
 
 
@@ -145,6 +158,42 @@ def fetch(
     return _snapshot(repo_or_dir, o, "fetch", None)
 
 
+def prepare_env(
+    repo_or_dir: str,
+    *,
+    requirements: builtins.list[str] | None = None,
+    source: Source = "github",
+    trust_repo: TrustRepo = "check",
+    force_reload: bool = False,
+    sandbox: SandboxArg = None,
+    verbose: bool = True,
+) -> Env | None:
+    """Install (or find) the environment `env="auto"` gives the repo; None if it requires nothing.
+
+    Returns the `Env`: which packages at which versions, shared or of its own, and why. It is
+    what `load(..., env="auto")` runs with (the same cache entry), so it is that load's
+    dependency provenance.
+
+    Example:
+        >>> hub.prepare_env("git+file:///srv/net.git@v1").packages
+        ('tinypkg==2.0',)
+
+    Raises:
+        EnvError, OfflineError, and what `fetch` raises.
+    """
+    o = HubOptions(
+        source=source,
+        trust_repo=trust_repo,
+        force_reload=force_reload,
+        verbose=verbose,
+        sandbox=sandbox,
+        env="auto",
+        requirements=requirements,
+    )
+    policy = policy_for(sandbox, "prepare_env")
+    return environment_for(_snapshot(repo_or_dir, o, "load", policy), o, policy)
+
+
 @dataclass(frozen=True)
 class HubOptions:
     """How a hub call runs: torch.hub's options plus isolhub's, carried as one frozen object."""
@@ -158,10 +207,39 @@ class HubOptions:
     timeout: float | None = None
     seed: int | None = None
     sandbox: SandboxArg = None
+    env: EnvArg = None
+    requirements: Sequence[str] | None = None
 
     def __post_init__(self) -> None:
         check_choice(self.mode, "mode", MODES)
         check_timeout(self.timeout)
+
+
+def environment_for(snap: Snapshot, o: HubOptions, policy: Sandbox | None) -> Env | None:
+    """The `_env.Env` that `o.env` asks for `snap` (None for `env=None` or no requirements).
+
+    Installed by this process, before any worker starts; a sandboxed repo's from wheels only.
+
+    Raises:
+        UsageError: an unknown `env=` value, or `requirements=` without `env="auto"`.
+        EnvError, OfflineError: as `_env.prepare`.
+    """
+    if o.env is None:
+        if o.requirements is not None:
+            raise UsageError("requirements= needs env='auto' (it installs them)")
+        return None
+    if o.env != "auto":
+        raise UsageError(f"env={o.env!r}: use env=None (the default) or env='auto'")
+    from . import _env
+    from ._process import zygote_packages
+
+    return _env.prepare(
+        snap,
+        o.requirements,
+        provided=zygote_packages(),
+        wheels_only=policy is not None,
+        verbose=o.verbose,
+    )
 
 
 def _snapshot(repo_or_dir: Any, o: HubOptions, fn: str, policy: Sandbox | None) -> Snapshot:
@@ -203,7 +281,8 @@ def run_list(github: Any, o: HubOptions) -> builtins.list[str]:
     """`list` with its options in one object (shared by the public API and the torch.hub patch)."""
     policy = policy_for(o.sandbox, "list")
     snap = _snapshot(github, o, "list", policy)
-    with start_worker(snap, sandbox=policy) as w:
+    env = environment_for(snap, o, policy)
+    with start_worker(snap, sandbox=policy, env=env) as w:
         return list_entrypoints(w, _watchdog(o.timeout, policy), rng_handoff(None))
 
 
@@ -212,7 +291,8 @@ def run_help(github: Any, model: Any, o: HubOptions) -> str | None:
     _check_model_name(model)
     policy = policy_for(o.sandbox, "help")
     snap = _snapshot(github, o, "help", policy)
-    with start_worker(snap, sandbox=policy) as w:
+    env = environment_for(snap, o, policy)
+    with start_worker(snap, sandbox=policy, env=env) as w:
         return entrypoint_doc(w, model, _watchdog(o.timeout, policy), rng_handoff(None))
 
 
@@ -274,16 +354,17 @@ def run_load(
     policy = policy_for(o.sandbox, o.mode)
     timeout = _watchdog(o.timeout, policy)
     snap = _snapshot(repo_or_dir, o, "load", policy)
+    env = environment_for(snap, o, policy)
     if o.mode != "remote":
         # The result holds tensors: import torch here while the zygote imports its own.
         import torch  # noqa: F401
 
-        with start_worker(snap, sandbox=policy) as w:
+        with start_worker(snap, sandbox=policy, env=env) as w:
             return call(
                 w, model, args, kwargs, result=o.mode, timeout=timeout, seed=o.seed, rng=True,
                 last=True,
             )  # fmt: skip
-    w = start_worker(snap, sandbox=policy)
+    w = start_worker(snap, sandbox=policy, env=env)
     try:
         # The random state goes in with the entrypoint call and comes back with its result;
         # later calls on the handle draw from the worker's own generators.
@@ -312,6 +393,8 @@ def list(  # noqa: A001 - torch.hub's name
     source: Source = "github",
     timeout: float | None = None,
     sandbox: SandboxArg = None,
+    env: EnvArg = None,
+    requirements: builtins.list[str] | None = None,
 ) -> builtins.list[str]:
     """The entrypoints of a repo's hubconf: its public callables, imported ones included.
 
@@ -329,6 +412,8 @@ def list(  # noqa: A001 - torch.hub's name
         skip_validation=skip_validation,
         timeout=timeout,
         sandbox=sandbox,
+        env=env,
+        requirements=requirements,
     )
     return run_list(github, o)
 
@@ -344,6 +429,8 @@ def help(  # noqa: A001 - torch.hub's name
     verbose: bool = True,
     timeout: float | None = None,
     sandbox: SandboxArg = None,
+    env: EnvArg = None,
+    requirements: builtins.list[str] | None = None,
 ) -> str | None:
     """The docstring of entrypoint `model` (None if it has none).
 
@@ -359,6 +446,8 @@ def help(  # noqa: A001 - torch.hub's name
         skip_validation=skip_validation,
         timeout=timeout,
         sandbox=sandbox,
+        env=env,
+        requirements=requirements,
     )
     return run_help(github, model, o)
 
@@ -376,6 +465,8 @@ def load(
     timeout: float | None = None,
     seed: int | None = None,
     sandbox: SandboxArg = None,
+    env: EnvArg = None,
+    requirements: builtins.list[str] | None = None,
     **kwargs: Any,
 ) -> Any:
     """Call entrypoint `model(*args, **kwargs)` of the repo in a worker and return its result.
@@ -388,6 +479,9 @@ def load(
     leaves the generators where torch.hub would; `seed` seeds the worker's torch, random and
     numpy instead, right before the entrypoint, and leaves this process's state untouched.
     Warnings the repo raises are re-issued here, through this process's filters.
+    `env="auto"` installs what the repo requires (its requirements.txt, pyproject
+    dependencies, or `requirements=[...]`) into a cached environment, sharing the packages
+    the zygote has imported (see docs/environments.md).
 
     Raises:
         EntrypointError, MissingDependenciesError, RemoteError: as torch.hub, but typed.
@@ -404,6 +498,8 @@ def load(
         timeout=timeout,
         seed=seed,
         sandbox=sandbox,
+        env=env,
+        requirements=requirements,
     )
     return run_load(repo_or_dir, model, args, kwargs, o)
 
@@ -420,6 +516,8 @@ def load_state_dict(
     timeout: float | None = None,
     seed: int | None = None,
     sandbox: SandboxArg = None,
+    env: EnvArg = None,
+    requirements: builtins.list[str] | None = None,
     **kwargs: Any,
 ) -> OrderedDict[str, Any]:
     """The `state_dict()` of what entrypoint `model` returns, through shared memory, no pickle.
@@ -439,6 +537,8 @@ def load_state_dict(
         timeout=timeout,
         seed=seed,
         sandbox=sandbox,
+        env=env,
+        requirements=requirements,
         **kwargs,
     )
 

@@ -31,11 +31,20 @@ from typing import Any, Protocol
 
 import cloudpickle
 
-from ._api import HubOptions, call, entrypoint_doc, list_entrypoints, rng_handoff, start_worker
+from ._api import (
+    HubOptions,
+    call,
+    entrypoint_doc,
+    environment_for,
+    list_entrypoints,
+    rng_handoff,
+    start_worker,
+)
 from ._errors import IsolhubError, WorkerCrashedError, WorkerError
 from ._process import Worker
 from ._sandbox import Sandbox
 from ._source import Snapshot
+from ._types import EnvArg
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,8 @@ class _Settings:
     ray_address: str | None
     ray_actor_options: dict[str, Any] | None
     sandbox: Sandbox | None = None
+    env: EnvArg = None
+    requirements: list[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -149,6 +160,7 @@ class _Backend(Protocol):
     """Starts, drives and stops the executors (local workers or Ray actors) of a Hub."""
 
     def default_workers(self) -> int: ...
+    def environment(self, snapshot: Snapshot) -> Any: ...
     def start(self, snapshot: Snapshot) -> Any: ...
     def run(self, executor: Any, job: _Job, timeout: float | None) -> _Outcome: ...
     def kill(self, executor: Any) -> None: ...
@@ -291,12 +303,19 @@ class _LocalBackend:
     def default_workers(self) -> int:
         return max(1, len(os.sched_getaffinity(0)))
 
+    def environment(self, snapshot: Snapshot) -> Any:
+        """The `_env.Env` for `snapshot` (installed on first use), or None."""
+        s = self._settings
+        o = HubOptions(verbose=s.verbose, env=s.env, requirements=s.requirements)
+        return environment_for(snapshot, o, s.sandbox)
+
     def start(self, snapshot: Snapshot) -> Worker:
         return start_worker(
             snapshot,
             start_method=self._settings.start_method,
             memory_bytes=self._settings.memory_bytes,
             sandbox=self._settings.sandbox,
+            env=self.environment(snapshot),
         )
 
     def run(self, executor: Worker, job: _Job, timeout: float | None) -> _Outcome:

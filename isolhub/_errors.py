@@ -17,6 +17,7 @@
     * `CacheCorruptedError` — a cached entry failed verification.
   * `EntrypointError(IsolhubError, RuntimeError)` — the hubconf has no such callable.
   * `MissingDependenciesError(IsolhubError, RuntimeError)` — `dependencies` names absent modules.
+  * `EnvError` — a repo's requirements could not be read or installed (`env="auto"`).
   * `WorkerError` — something went wrong in or with a worker process.
     * `WorkerCrashedError` — the worker died (exit code, signal name, stderr tail).
     * `WorkerTimeoutError` — the worker overran its timeout and was killed.
@@ -214,6 +215,14 @@ class EntrypointError(IsolhubError, RuntimeError):
 
 class MissingDependenciesError(IsolhubError, RuntimeError):
     """Raised when modules named in the hubconf's `dependencies` list cannot be found."""
+
+
+class EnvError(IsolhubError):
+    """Raised when a repo's requirements could not be read or installed (`env="auto"`).
+
+    The message names the requirement and carries the installer's last lines; `packages` lists
+    what was asked for. Offline with no environment installed yet is an `OfflineError`.
+    """
 
 
 class WorkerError(IsolhubError):

@@ -46,12 +46,12 @@ from ._backend import (
     is_infrastructure_failure,
     job_of,
 )
-from ._errors import IsolhubError, PoolClosedError, signal_name
+from ._errors import IsolhubError, Option, PoolClosedError, UsageError, signal_name
 from ._progress import PoolProgress
 from ._source import Snapshot
 from ._spec import parse_spec
 from ._trust import check_trust
-from ._types import Backend, SandboxArg, Source, StartMethod, TrustRepo
+from ._types import Backend, EnvArg, SandboxArg, Source, StartMethod, TrustRepo
 from ._usage import check_choice, check_count, check_timeout
 
 BACKENDS = ("local", "ray")
@@ -78,6 +78,8 @@ class Result:
         stderr_tail: the last few KiB the worker wrote (stdout and stderr together).
         attempts: how many times it ran (more than one only after infrastructure failures).
         index: the spec's position in the input.
+        env: with `env="auto"`, the environment it ran in (`Env.provenance()`: the resolved
+            versions, shared or of its own, and why); None without one.
     """
 
     spec: Any
@@ -91,6 +93,7 @@ class Result:
     stderr_tail: str = ""
     attempts: int = 1
     index: int = 0
+    env: dict[str, Any] | None = None
 
     def summary(self) -> str:
         """One line: `ok <spec> (0.12 s)` or `FAILED <spec>: WorkerCrashedError: ...`.
@@ -163,6 +166,8 @@ class Hub:
             process's torch generator and seeds task i with it plus i, so every task draws
             its own weights, the same ones again after the same `torch.manual_seed`, whatever
             the scheduling. With `backend="ray"` single calls are seeded that way too.
+        env: `"auto"`: each repo's requirements installed into a cached environment (as
+            `isolhub.load`); `requirements` overrides what every repo declares.
         sandbox: None, "strict" or an `isolhub.Sandbox`: every worker confines itself before
             importing its repo (then untrusted repos need no trust prompt, `load` in module mode
             is refused, and `timeout` defaults to the policy's `wall_seconds`).
@@ -200,6 +205,8 @@ class Hub:
         ray_address: str | None = None,
         ray_actor_options: dict[str, Any] | None = None,
         sandbox: SandboxArg = None,
+        env: EnvArg = None,
+        requirements: list[str] | None = None,
     ) -> None:
         check_count(max_workers, "max_workers")
         timeout = check_timeout(timeout)
@@ -208,6 +215,12 @@ class Hub:
         check_choice(backend, "backend", BACKENDS)
         check_choice(start_method, "start_method", ("zygote", "spawn"))
         policy = policy_for(sandbox, "value")
+        if env is not None:
+            check_choice(env, "env", ("auto",))
+            if backend == "ray":
+                raise UsageError(
+                    (Option.of("env"), "='auto' works with backend='local' only (for now)")
+                )
         if policy is not None and timeout is None:
             timeout = policy.wall_seconds
         self._settings = _Settings(
@@ -226,6 +239,8 @@ class Hub:
             ray_address=ray_address,
             ray_actor_options=dict(ray_actor_options or {}),
             sandbox=policy,
+            env=env,
+            requirements=requirements,
         )
         self._options = HubOptions(
             source=source,
@@ -236,6 +251,8 @@ class Hub:
             timeout=timeout,
             seed=seed,
             sandbox=sandbox,
+            env=env,
+            requirements=requirements,
         )
         self._backend: _Backend
         if backend == "ray":
@@ -467,6 +484,12 @@ class Hub:
             if run.cancelled.is_set():
                 raise _Cancelled from None
             return Result(spec, None, False, error=e, elapsed=time.monotonic() - start, index=index)
+        try:
+            env = self._backend.environment(snap) if self._settings.env else None
+        except IsolhubError as e:
+            return Result(
+                spec, snap.sha, False, error=e, elapsed=time.monotonic() - start, index=index
+            )
         outcome, attempts = self._perform(run, snap, for_task(job, index), index)
         code = outcome.returncode
         return Result(
@@ -481,6 +504,7 @@ class Hub:
             stderr_tail=outcome.stderr_tail,
             attempts=attempts,
             index=index,
+            env=None if env is None else env.provenance(),
         )
 
     def _perform(

@@ -42,6 +42,7 @@ __all__ = [
     "learn",
     "learned",
     "preload",
+    "preloaded_modules",
     "reported",
     "valid_names",
 ]
@@ -175,6 +176,11 @@ def preload(names: Iterable[str], threads: Any) -> tuple[list[str], str | None]:
             return done, name
         done.append(name)
     return done, None
+
+
+def preloaded_modules() -> set[str]:
+    """In the zygote: the top-level names that `preload` added (what workers may evict)."""
+    return set().union(*_GROUPS.values())
 
 
 def evict_shadowed(private: Iterable[str]) -> list[str]:

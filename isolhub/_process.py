@@ -62,9 +62,11 @@ _HANDSHAKE_TIMEOUT = 60.0
 _GRACE = 2.0
 
 
-def _isolhub_pythonpath() -> str:
+def _isolhub_pythonpath(overlay: str | None = None) -> str:
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     rest = os.environ.get("PYTHONPATH")
+    if overlay:  # an environment of its own: its packages ahead of site-packages from the start
+        here += os.pathsep + overlay
     return here + (os.pathsep + rest if rest else "")
 
 
@@ -72,10 +74,11 @@ class _Zygote:
     """The per-parent zygote process (started lazily, restarted after a fork or a death)."""
 
     _instance: _Zygote | None = None
+    _own: dict[str, _Zygote] = {}  # per environment of its own (`_env`), by overlay folder
     _class_lock = threading.Lock()
     _starting = 0  # the pid of the process whose zygote is being started in the background
 
-    def __init__(self) -> None:
+    def __init__(self, overlay: str | None = None) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         # numpy's OpenBLAS starts a thread pool at import (torch imports numpy), and a
         # process with threads must not fork; workers keep single-threaded BLAS for numpy only.
@@ -83,14 +86,18 @@ class _Zygote:
         # workers get the parent's current environment in their init message instead.
         env = dict(
             without_secrets(os.environ),
-            PYTHONPATH=_isolhub_pythonpath(),
+            PYTHONPATH=_isolhub_pythonpath(overlay),
             OPENBLAS_NUM_THREADS="1",
         )
+        self.overlay = overlay
+        self.provided: dict[str, str] | None = None
         self.owner = os.getpid()
         self.lock = threading.Lock()
         self.control = parent
         self.hub_dir = _config.get_dir()
-        names = _preload.learned(self.hub_dir) if _preload.enabled() else []
+        # An environment of its own preloads nothing learned: those names came from the shared one.
+        learning = _preload.enabled() and overlay is None
+        names = _preload.learned(self.hub_dir) if learning else []
         self.preloaded: set[str] = set(names)
         argv = [sys.executable, "-m", "isolhub._zygote", str(child.fileno()), str(self.owner)]
         # Its parent-death signal fires when the *thread* that forked it ends, so it is forked
@@ -124,20 +131,25 @@ class _Zygote:
         weakref.finalize(self, _close_zygote, self.control, self.proc)
 
     @classmethod
-    def get(cls) -> _Zygote:
+    def get(cls, overlay: str | None = None) -> _Zygote:
+        """The zygote (for the environment of its own at `overlay`, if given), started if needed."""
         with cls._class_lock:
-            z = cls._instance
+            z = cls._instance if overlay is None else cls._own.get(overlay)
             if z is not None and z.owner == os.getpid() and z.proc.poll() is not None:
                 z.control.close()  # now, not whenever the dead one is garbage-collected
             if not cls._running(z):
                 for _ in range(_preload.MAX_MODULES):
                     try:
-                        z = cls._instance = _Zygote()
+                        z = _Zygote(overlay)
                         break
                     except _PreloadUnsafe:
                         continue  # forbidden now: the next one starts without it
                 else:
                     raise WorkerError("the isolhub zygote could not start; set ISOLHUB_PRELOAD=0")
+                if overlay is None:
+                    cls._instance = z
+                else:
+                    cls._own[overlay] = z
             return z
 
     @staticmethod
@@ -188,6 +200,8 @@ class _Zygote:
         with cls._class_lock:
             if cls._instance is z:
                 cls._instance = None
+            if z.overlay is not None and cls._own.get(z.overlay) is z:
+                del cls._own[z.overlay]
         with contextlib.suppress(OSError):
             z.control.close()
 
@@ -222,6 +236,15 @@ class _Zygote:
             raise WorkerError(f"the isolhub zygote refused: {reply['error']}")
         return reply
 
+    def provided_packages(self) -> dict[str, str]:
+        """The distributions this zygote has imported, with versions (asked once, then kept)."""
+        if self.provided is None:
+            got = self._ask({"op": "provided"}).get("provided")
+            if not isinstance(got, dict):
+                raise WorkerError("the isolhub zygote sent no package list")
+            self.provided = {str(k): str(v) for k, v in got.items()}
+        return self.provided
+
     def fork(self, channel: int, output: int) -> int:
         return int(self._ask({"op": "fork"}, [channel, output])["pid"])
 
@@ -251,17 +274,22 @@ class _ZygoteLost(WorkerError):
     """The control socket to the zygote broke (it died)."""
 
 
-def _zygote_fork(channel: int, output: int) -> tuple[int, _Zygote]:
+def _zygote_fork(channel: int, output: int, overlay: str | None = None) -> tuple[int, _Zygote]:
     """Fork a worker from the zygote; a zygote found dead (killed while idle) is replaced once."""
-    zygote = _Zygote.get()
+    zygote = _Zygote.get(overlay)
     try:
         return zygote.fork(channel, output), zygote
     except _ZygoteLost:
         if not zygote.died():
             raise
     _Zygote.forget(zygote)
-    zygote = _Zygote.get()
+    zygote = _Zygote.get(overlay)
     return zygote.fork(channel, output), zygote
+
+
+def zygote_packages() -> dict[str, str]:
+    """The distributions (and versions) the common zygote has imported: what workers share."""
+    return _Zygote.get().provided_packages()
 
 
 _spawn_jobs: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
@@ -301,11 +329,13 @@ def _close_zygote(control: socket.socket, proc: subprocess.Popen[bytes]) -> None
 
 
 def shutdown_zygote() -> None:
-    """Stop this process's zygote (it also stops by itself when the parent exits)."""
+    """Stop this process's zygotes (they also stop by themselves when the parent exits)."""
     with _Zygote._class_lock:
         z, _Zygote._instance = _Zygote._instance, None
-    if z is not None and z.owner == os.getpid():
-        _close_zygote(z.control, z.proc)
+        own, _Zygote._own = list(_Zygote._own.values()), {}
+    for one in [z, *own]:
+        if one is not None and one.owner == os.getpid():
+            _close_zygote(one.control, one.proc)
 
 
 def _pickled_request(message: dict[str, Any], label: str) -> bytes:
@@ -402,10 +432,12 @@ class Worker:
         start_method: str = "zygote",
         on_request: Callable[[dict[str, Any]], tuple[dict[str, Any], list[int]]] | None = None,
         limits: ReplyLimits | None = None,
+        own_overlay: str | None = None,
     ) -> Worker:
         """Start a worker for `label` and hand it `init` (snapshot, module name, hub dir...).
 
         `limits` caps what it may make this process hold or print (`ReplyLimits`).
+        `own_overlay`: fork it from the zygote of that environment of its own (`_env`).
 
         Raises:
             WorkerError: the worker could not be started.
@@ -417,7 +449,7 @@ class Worker:
         try:
             zygote = None
             if start_method == "zygote":
-                pid, zygote = _zygote_fork(child.fileno(), out_w)
+                pid, zygote = _zygote_fork(child.fileno(), out_w, own_overlay)
                 status: Callable[[], int] = lambda: zygote.wait(pid)  # noqa: E731
             elif start_method == "spawn":
                 proc = subprocess.Popen(
@@ -426,7 +458,7 @@ class Worker:
                     stdin=subprocess.DEVNULL,
                     stdout=out_w,
                     stderr=out_w,
-                    env=dict(os.environ, PYTHONPATH=_isolhub_pythonpath()),
+                    env=dict(os.environ, PYTHONPATH=_isolhub_pythonpath(own_overlay)),
                 )
                 pid, status = proc.pid, proc.wait
             else:

@@ -324,6 +324,10 @@ class RayBackend:
         with self._lock:
             return self._archives.setdefault(str(snap.path), entry)
 
+    def environment(self, snapshot: Snapshot) -> None:
+        """No per-repo environments on Ray yet: `Hub` refuses `env=` with this backend."""
+        return None
+
     def start(self, snapshot: Snapshot) -> _ActorSlot:
         key, ref = self._archive(snapshot)
         s = self._settings

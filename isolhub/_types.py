@@ -12,7 +12,16 @@ from typing import TYPE_CHECKING, Literal, TypeAlias, Union
 if TYPE_CHECKING:
     from ._sandbox import Sandbox
 
-__all__ = ["Backend", "CompareMode", "Mode", "SandboxArg", "Source", "StartMethod", "TrustRepo"]
+__all__ = [
+    "Backend",
+    "CompareMode",
+    "EnvArg",
+    "Mode",
+    "SandboxArg",
+    "Source",
+    "StartMethod",
+    "TrustRepo",
+]
 
 Source: TypeAlias = Literal["github", "local"]
 """torch.hub's `source`: a GitHub (or git+) spec, or a local directory."""
@@ -34,3 +43,6 @@ Backend: TypeAlias = Literal["local", "ray"]
 
 StartMethod: TypeAlias = Literal["zygote", "spawn"]
 """How a local worker starts: forked from the zygote, or a fresh interpreter."""
+
+EnvArg: TypeAlias = Union[Literal["auto"], None]  # noqa: UP007 - a runtime alias
+"""No environment of the repo's own (None), or its requirements installed for it ("auto")."""

@@ -157,7 +157,8 @@ class _WorkerState:
         global _STATE
         _STATE = self
         # What the zygote preloaded but the snapshot ships under the same name: the repo's own.
-        _preload.evict_shadowed([init["snapshot"]])
+        # So is what the repo's environment (`_env`) installs in another version.
+        _preload.evict_shadowed([init["snapshot"], *filter(None, [init.get("overlay")])])
         mark_loaded_modules()  # before a line of the repo is imported
         self.baseline = {n.partition(".")[0] for n in sys.modules}
         self.modules_seen = len(sys.modules)
@@ -188,6 +189,10 @@ class _WorkerState:
             resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
         os.chdir(self.scratch)
         sys.path.insert(0, self.snapshot)
+        # The repo's environment (`_env`): after the snapshot, before site-packages.
+        overlay: str | None = init.get("overlay")
+        if overlay and overlay not in sys.path:
+            sys.path.insert(1, overlay)
         sys.dont_write_bytecode = True  # the snapshot is immutable and may be read-only
         policy = init.get("sandbox")
         if policy is not None:
@@ -195,7 +200,10 @@ class _WorkerState:
             from . import _download, _sandbox
 
             _sandbox.apply(
-                policy, scratch=self.scratch, read_paths=[self.snapshot], keep_fds=[sock.fileno()]
+                policy,
+                scratch=self.scratch,
+                read_paths=[self.snapshot, *([overlay] if overlay else [])],
+                keep_fds=[sock.fileno()],
             )
             _download.set_fetch_broker(self.fetch_through_parent)
             _route_torch_hub(None)

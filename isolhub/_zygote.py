@@ -9,6 +9,7 @@ control socket:
     {"op": "fork"} + fds [channel, output]  →  {"pid": N}
     {"op": "wait", "pid": N}                 →  {"status": returncode}   (after N has exited)
     {"op": "preload", "names": [...]}        →  {"preloaded": [...], "unsafe": name | None}
+    {"op": "provided"}                       →  {"provided": {distribution: version}}
 
 Before it says it is ready it imports the installed packages that workers were seen to import
 (`_preload`), and it imports more when asked; then the spare is forked again, so that it has them.
@@ -35,7 +36,15 @@ from ._libc import set_pdeathsig
 
 
 def _preload() -> None:
+    import importlib
+
     import torch  # noqa: F401
+
+    # What every worker shares, fixed, besides torch (`ISOLHUB_ZYGOTE_IMPORTS=numpy,timm`):
+    # imported once here and never replaced by a repo's environment (`_env`).
+    for name in os.environ.get("ISOLHUB_ZYGOTE_IMPORTS", "").replace(" ", "").split(","):
+        if name:
+            importlib.import_module(name)
 
     from . import _checkpoints, _download, _sandbox, _worker  # noqa: F401
     from ._byvalue import prime_module_paths
@@ -46,6 +55,29 @@ def _preload() -> None:
     prime_module_paths()
     gc.collect()
     gc.freeze()
+
+
+def _provided() -> dict[str, str]:
+    """The distributions whose modules this process imported at start, with their versions.
+
+    Every worker inherits them, so a per-repo environment must never replace them (`_env`).
+    Learned preloads (`_preload`) are left out: a worker whose environment ships another
+    version evicts them, as it does for a snapshot's own module of the same name.
+    """
+    import importlib.metadata as md
+
+    from ._preload import preloaded_modules
+
+    learned = preloaded_modules()
+    owners = md.packages_distributions()
+    found: dict[str, str] = {}
+    for top in {name.partition(".")[0] for name in list(sys.modules)} - learned:
+        for dist in owners.get(top, ()):
+            try:
+                found[dist] = md.version(dist)
+            except md.PackageNotFoundError:
+                pass
+    return found
 
 
 def _threads() -> int:
@@ -176,6 +208,8 @@ def main(control_fd: int, names: list[str] | None = None) -> None:
             _, status = os.waitpid(pid, 0)
             children.discard(pid)
             reply = {"status": os.waitstatus_to_exitcode(status)}
+        elif request.get("op") == "provided":
+            reply = {"provided": _provided()}
         else:
             reply = {"error": f"bad zygote request {request!r}"}
         for fd in fds:
