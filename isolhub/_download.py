@@ -47,7 +47,6 @@ import logging
 import os
 import re
 import shutil
-import socket
 import tempfile
 import time
 import uuid
@@ -55,7 +54,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
-from ._cache import hub_dir, pid_alive
+from ._cache import host_tag, hub_dir, pid_alive
 from ._config import is_offline
 from ._errors import CacheError, DownloadError, HashMismatchError, IsolhubError, OfflineError
 from ._http import READ_CHUNK, _DiskError, _fetch, _Settings, _State, _write_all, safe_url
@@ -312,7 +311,7 @@ def _adopt_partial(dst: str, url: str) -> tuple[str, int, dict[str, object]] | N
         ):
             found.append((size, path, record))
     for _size, path, record in sorted(found, reverse=True):
-        tag = f"{_host_tag()}-{os.getpid()}"
+        tag = f"{host_tag()}-{os.getpid()}"
         tmp = f"{dst}.{uuid.uuid4().hex}.{tag}.partial"
         try:
             os.rename(path, tmp)
@@ -447,14 +446,10 @@ def _identity(path: str) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino)
 
 
-def _host_tag() -> str:
-    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
-
-
 def _create_temp(dst: str, surl: str) -> tuple[str, int]:
     """Create `<dst>.<uuid>.<host>-<pid>.partial` exclusively, never through a symlink."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    tag = f"{_host_tag()}-{os.getpid()}"
+    tag = f"{host_tag()}-{os.getpid()}"
     for _ in range(tempfile.TMP_MAX):
         tmp = f"{dst}.{uuid.uuid4().hex}.{tag}.partial"
         try:
@@ -481,7 +476,7 @@ def partial_is_live(path: str) -> bool:
     if m.group("pid") is None:
         # torch.hub's own temp files carry no pid: only their age tells.
         return age < 3600
-    if m.group("host") != _host_tag():
+    if m.group("host") != host_tag():
         return True
     if int(m.group("pid")) == os.getpid():
         data = path.removesuffix(".meta.partial") + ".partial" if m.group("meta") else path

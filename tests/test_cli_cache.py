@@ -323,9 +323,9 @@ def test_cache_verify_finds_broken_entries_and_fix_removes_only_those(
 
 
 def _host() -> str:
-    from isolhub._download import _host_tag
+    from isolhub._cache import host_tag
 
-    return _host_tag()
+    return host_tag()
 
 
 # -- rm ----------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import filelock
 import pytest
 
 from isolhub import _download
+from isolhub._cache import host_tag
 from isolhub._download import download_url_to_file, set_fetch_broker
 from isolhub._errors import DownloadError, HashMismatchError, OfflineError
 
@@ -892,7 +893,7 @@ def test_a_symlink_planted_at_the_temp_name_is_never_followed(
     victim = tmp_path / "victim"
     victim.write_bytes(b"precious")
     fixed = uuid.UUID(int=7)
-    planted = out / f"w.pt.{fixed.hex}.{_download._host_tag()}-{os.getpid()}.partial"
+    planted = out / f"w.pt.{fixed.hex}.{host_tag()}-{os.getpid()}.partial"
     planted.symlink_to(victim)
     names = iter([fixed])
     real_uuid4 = uuid.uuid4

@@ -191,3 +191,8 @@ def test_an_unwritable_lock_folder_runs_the_body_unlocked(hub_home: Path) -> Non
 
 def test_file_locks_are_taken_in_one_place() -> None:
     assert _calls("FileLock") == {"_locks.py": 1}
+
+
+def test_temp_names_tag_this_host_in_one_way() -> None:
+    # Downloads and the cache's temp folders both judge "is its process alive" by this tag.
+    assert _calls("gethostname") == {"_cache.py": 1, "_ray.py": 1}  # Ray: the node it names
