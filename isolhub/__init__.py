@@ -40,6 +40,7 @@ _EXPORTS = {
         "OfflineError",
         "PoolClosedError",
         "ProtocolError",
+        "ProtocolVersionError",
         "RefNotFoundError",
         "RefValidationError",
         "RemoteAttributeError",

@@ -25,6 +25,7 @@
     * `RemoteError` — the hubconf code raised; carries the remote type, message, traceback.
   * `TransportError` — a result could not be moved between processes.
     * `ProtocolError` — a malformed, oversize or unexpected frame.
+      * `ProtocolVersionError` — the worker runs an isolhub speaking another protocol version.
   * `HandleClosedError` — a remote handle was used after its worker went away.
   * `RemoteOperationError` — an attribute read, index, `len`, `in` or iteration on a handle
     failed as it would on the object itself; each subclass is also the built-in error:
@@ -255,6 +256,14 @@ class TransportError(IsolhubError):
 
 class ProtocolError(TransportError):
     """Raised on a malformed, oversize or unexpected frame from a worker."""
+
+
+class ProtocolVersionError(ProtocolError):
+    """Raised when a worker speaks another version of isolhub's protocol (another isolhub).
+
+    Attributes: `worker_protocol`, `parent_protocol` (the two versions), `worker_version`
+    (the worker's isolhub version, as it says).
+    """
 
 
 class PoolClosedError(IsolhubError):

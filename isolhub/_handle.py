@@ -27,27 +27,14 @@ from collections.abc import Iterator
 from typing import Any
 
 from ._byvalue import dumps
-from ._errors import (
-    HandleClosedError,
-    IsolhubError,
-    ProtocolError,
-    RemoteAttributeError,
-    RemoteIndexError,
-    RemoteKeyError,
-    RemoteOperationError,
-    RemoteTypeError,
-)
+from ._errors import HandleClosedError, IsolhubError, ProtocolError, RemoteOperationError
 from ._escape import escape_any, escape_controls
+from ._messages import CALLER_ERRORS
 from ._process import Worker
 from ._values import bounded_text, decode_state_dict, decode_value
 from ._worker import REPR_LIMIT, kept_object
 
-_RAISED: dict[str, type[RemoteOperationError]] = {
-    "AttributeError": RemoteAttributeError,
-    "IndexError": RemoteIndexError,
-    "KeyError": RemoteKeyError,
-    "TypeError": RemoteTypeError,
-}
+_RAISED = {builtin.__name__: cls for builtin, cls in CALLER_ERRORS.items()}
 _TEXT_LIMIT = 2000  # characters of a worker's error message kept in ours
 _MAX_BATCH = 256  # items an iteration asks for at once (it starts at 1 and doubles)
 _sending = threading.local()  # the session whose request is being pickled (`__reduce__`)

@@ -39,20 +39,16 @@ import cloudpickle
 from . import _caps, _config, _preload, _rng, _worker_warnings
 from ._cache import temp_dir
 from ._errors import (
-    EntrypointError,
-    MissingDependenciesError,
     Option,
     ProtocolError,
-    RemoteError,
-    SandboxError,
-    TransportError,
     UsageError,
     WorkerCrashedError,
     WorkerError,
     WorkerTimeoutError,
     describe_exit,
 )
-from ._escape import escape_any, escape_controls
+from ._escape import escape_controls
+from ._messages import ErrorRecord, Hello
 from ._protocol import ReplyLimits, Spinner, decode, encode, recv_frame, send_frame
 from ._sandbox import without_secrets
 
@@ -477,7 +473,9 @@ class Worker:
         worker.confined = init.get("sandbox") is not None
         try:
             send_frame(parent, cloudpickle.dumps(dict(init, scratch=scratch, spin=worker._spin)))
-            _close_fds(worker._reply(time.monotonic() + _HANDSHAKE_TIMEOUT)[1])
+            reply, fds = worker._reply(time.monotonic() + _HANDSHAKE_TIMEOUT)
+            _close_fds(fds)
+            Hello.decode(reply, label)
         except BaseException:
             worker.kill()
             raise
@@ -650,7 +648,12 @@ class Worker:
         if reply.get("ok") is False:
             for fd in fds:
                 os.close(fd)
-            raise self._remote_error(reply.get("error"))
+            try:
+                record = ErrorRecord.decode(reply.get("error"))
+            except ProtocolError as e:
+                self.kill()
+                raise ProtocolError(f"bad reply from the worker for {self.label}: {e}") from None
+            raise record.to_exception(self.label, self.pid)
         return reply, fds
 
     def _raise_timeout(self, timeout: float | None) -> NoReturn:
@@ -664,44 +667,6 @@ class Worker:
             ),
             spec=self.label,
             pid=self.pid,
-        )
-
-    def _remote_error(self, record: Any) -> Exception:
-        if not isinstance(record, dict):
-            return ProtocolError(f"malformed error from the worker for {self.label}")
-        # Everything in the record is the worker's text: escaped before it reaches an error,
-        # whose message ends up on a terminal.
-        kind, message = record.get("kind"), escape_any(record.get("message", ""))
-        if kind == "entrypoint":
-            return EntrypointError(message, spec=self.label)
-        if kind == "sandbox":
-            return SandboxError(
-                f"{message} (worker for {self.label})",
-                spec=self.label,
-                missing=_escaped_list(record.get("missing")),
-            )
-        if kind == "dependencies":
-            return MissingDependenciesError(
-                message, spec=self.label, missing=_escaped_list(record.get("missing"))
-            )
-        rtype = escape_any(record.get("type", "Exception"), keep_lines=False)
-        tb = escape_any(record.get("traceback", ""))
-        if kind == "transport":  # isolhub's own failure to ship a result, not the hubconf's
-            return TransportError(
-                f"{message} (worker for {self.label})",
-                spec=self.label,
-                pid=self.pid,
-                remote_traceback=tb,
-            )
-        short = rtype.removeprefix("builtins.")
-        return RemoteError(
-            f"{short}: {message}\n(raised by hubconf code in the worker for {self.label}; "
-            f"remote traceback follows)\n{tb.rstrip()}",
-            spec=self.label,
-            pid=self.pid,
-            remote_type=rtype,
-            remote_message=message,
-            remote_traceback=tb,
         )
 
     def _dead_within(self, seconds: float) -> bool:
@@ -843,10 +808,6 @@ def _close_fds(fds: list[int]) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)
-
-
-def _escaped_list(items: Any) -> list[str]:
-    return [escape_any(i, keep_lines=False) for i in items] if isinstance(items, list) else []
 
 
 class _OutputCap:

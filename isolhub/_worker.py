@@ -38,13 +38,8 @@ from ._byvalue import (
     register_snapshot_modules,
     unshippable,
 )
-from ._errors import (
-    EntrypointError,
-    MissingDependenciesError,
-    ProtocolError,
-    SandboxError,
-    TransportError,
-)
+from ._errors import EntrypointError, MissingDependenciesError, ProtocolError
+from ._messages import CALLER_ERRORS, error_record, hello
 from ._protocol import Spinner, encode, recv_frame, send_frame
 from ._values import bounded_text, encode_state_dict, encode_value
 
@@ -62,9 +57,9 @@ def serve(fd: int) -> NoReturn:
             state = _WorkerState(pickle.loads(frame[0]), sock)
         except Exception as e:
             # Set-up failed (e.g. the sandbox could not be applied): say why, then exit.
-            send_frame(sock, encode({"ok": False, "error": _error_record(e)}))
+            send_frame(sock, encode({"ok": False, "error": error_record(e)}))
             raise SystemExit(78) from e
-        send_frame(sock, encode({"ok": True, "pid": os.getpid()}))
+        send_frame(sock, encode(hello()))
         wait = _spin_waiter(sock, state.spin)
         while True:
             wait()
@@ -79,7 +74,7 @@ def serve(fd: int) -> NoReturn:
                 # error, reported as such, and the worker stays usable.
                 for f in in_fds:
                     os.close(f)
-                send_frame(sock, encode({"ok": False, "error": _error_record(e)}))
+                send_frame(sock, encode({"ok": False, "error": error_record(e)}))
                 continue
             if request.get("op") == "close":
                 break
@@ -264,7 +259,7 @@ class _WorkerState:
         except SystemExit:
             raise
         except BaseException as e:
-            return encode({"ok": False, "error": _error_record(e)}), []
+            return encode({"ok": False, "error": error_record(e)}), []
         finally:
             for fd in in_fds:
                 os.close(fd)
@@ -420,7 +415,7 @@ _OPERATIONS: dict[str, Callable[..., Any]] = {
     "iter": lambda t, _: iter(t),
     "next": lambda t, _, n: _next_items(t, n),
 }
-_CALLER_ERRORS = (AttributeError, IndexError, KeyError, TypeError)
+_CALLER_ERRORS = tuple(CALLER_ERRORS)
 _STATE: _WorkerState | None = (
     None  # this process's one state, for handles sent back (`kept_object`)
 )
@@ -441,7 +436,7 @@ def _raised_reply(e: BaseException, target: Any, name: str) -> bytes:
             suggestions = difflib.get_close_matches(name, [str(n) for n in dir(target)], n=3)
         except Exception:
             pass
-    record = _error_record(e)
+    record = error_record(e)
     record.update(
         builtin=next(c.__name__ for c in _CALLER_ERRORS if isinstance(e, c)),
         target=f"{type(target).__module__}.{type(target).__qualname__}",
@@ -513,33 +508,6 @@ def _suggest(name: str, names: list[str]) -> str:
 
 
 _SHOWN_NAMES = 30
-
-
-# What torch's CPU allocator raises (as a RuntimeError) where Python would raise MemoryError.
-_TORCH_NO_MEMORY = "DefaultCPUAllocator: can't allocate memory"
-
-
-def _error_record(e: BaseException) -> dict[str, Any]:
-    kind = "remote"
-    if isinstance(e, EntrypointError):
-        kind = "entrypoint"
-    elif isinstance(e, MissingDependenciesError):
-        kind = "dependencies"
-    elif isinstance(e, SandboxError):
-        kind = "sandbox"
-    elif isinstance(e, TransportError) and not isinstance(e, ProtocolError):
-        kind = "transport"  # a module-mode result isolhub could not pickle (`unshippable`)
-    tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
-    rtype = f"{type(e).__module__}.{type(e).__qualname__}"
-    if isinstance(e, RuntimeError) and _TORCH_NO_MEMORY in str(e):
-        rtype = "builtins.MemoryError"  # torch's allocator says it with a RuntimeError
-    return {
-        "kind": kind,
-        "type": rtype,
-        "message": str(e),
-        "traceback": tb,
-        "missing": list(getattr(e, "missing", []) or []),
-    }
 
 
 if __name__ == "__main__":
