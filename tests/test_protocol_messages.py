@@ -58,7 +58,7 @@ def test_every_isolhub_error_raised_in_a_worker_comes_back_as_its_table_class(cl
     assert "it broke" in str(back)
     assert back.spec == "net@v1"
     if expected is _errors.RemoteError:
-        assert back.remote_type == f"isolhub._errors.{cls.__qualname__}"
+        assert back.remote_type == f"{cls.__module__}.{cls.__qualname__}"
     if expected in (_errors.MissingDependenciesError, _errors.SandboxError):
         assert back.missing == ["numpy"]
 
