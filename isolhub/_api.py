@@ -21,30 +21,26 @@ import builtins
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import _byvalue, _rng
+from . import _byvalue, _rng, _trust
 from ._arena import ArenaReader
 from ._broker import weights_broker
 from ._config import get_dir
 from ._errors import ProtocolError, SandboxError, UsageError
 from ._handle import open_handle
+from ._options import HubOptions, sandbox_policy
 from ._process import Worker, prestart_zygote
 from ._protocol import MAX_FRAME, ReplyLimits
 from ._pull import PullError, read_storages
-from ._sandbox import PRETEND_MISSING_ENV, Sandbox, SandboxReport, probe, resolve_policy
+from ._sandbox import PRETEND_MISSING_ENV, Sandbox, SandboxReport, probe
 from ._source import Snapshot, fetch_snapshot
 from ._spec import RepoSpec, parse_spec
 from ._types import EnvArg, Mode, SandboxArg, Source, TrustRepo
-from ._usage import check_choice, check_timeout
 from ._values import decode_state_dict, decode_value
 
 if TYPE_CHECKING:
     from ._env import Env
-
-MODES = ("module", "state_dict", "remote")
 
 
 def start_worker(
@@ -124,10 +120,7 @@ def policy_for(sandbox: Any, mode: str) -> Sandbox | None:
     Raises:
         SandboxError: an unknown sandbox value, or `mode="module"` with a sandbox.
     """
-    try:
-        policy = resolve_policy(sandbox)
-    except (TypeError, ValueError) as e:
-        raise SandboxError(f"{e}; use sandbox=None, 'strict' or an isolhub.Sandbox(...)") from e
+    policy = sandbox_policy(sandbox)
     if policy is not None and mode == "module":
         raise SandboxError(
             "mode='module' cannot be sandboxed: it ships the repo's classes and functions into "
@@ -155,7 +148,7 @@ def fetch(
         SpecError, ResolveError, UntrustedRepoError, FetchError, ArchiveError, CacheError.
     """
     o = HubOptions(source=source, trust_repo=trust_repo, force_reload=force_reload, verbose=verbose)
-    return _snapshot(repo_or_dir, o, "fetch", None)
+    return _snapshot(repo_or_dir, o, "fetch")
 
 
 def prepare_env(
@@ -191,28 +184,7 @@ def prepare_env(
         requirements=requirements,
     )
     policy = policy_for(sandbox, "prepare_env")
-    return environment_for(_snapshot(repo_or_dir, o, "load", policy), o, policy)
-
-
-@dataclass(frozen=True)
-class HubOptions:
-    """How a hub call runs: torch.hub's options plus isolhub's, carried as one frozen object."""
-
-    source: Source = "github"
-    trust_repo: TrustRepo = "check"
-    force_reload: bool = False
-    verbose: bool = True
-    skip_validation: bool = False
-    mode: Mode = "module"
-    timeout: float | None = None
-    seed: int | None = None
-    sandbox: SandboxArg = None
-    env: EnvArg = None
-    requirements: Sequence[str] | None = None
-
-    def __post_init__(self) -> None:
-        check_choice(self.mode, "mode", MODES)
-        check_timeout(self.timeout)
+    return environment_for(_snapshot(repo_or_dir, o, "load"), o, policy)
 
 
 def environment_for(snap: Snapshot, o: HubOptions, policy: Sandbox | None) -> Env | None:
@@ -242,25 +214,23 @@ def environment_for(snap: Snapshot, o: HubOptions, policy: Sandbox | None) -> En
     )
 
 
-def _snapshot(repo_or_dir: Any, o: HubOptions, fn: str, policy: Sandbox | None) -> Snapshot:
-    # Code that will only ever run confined needs no trust: that is the point of the sandbox.
-    return snapshot_of(parse_spec(repo_or_dir, o.source), o, fn, trusted=policy is not None)
+def _snapshot(repo_or_dir: Any, o: HubOptions, fn: str) -> Snapshot:
+    spec = parse_spec(repo_or_dir, o.source)
+    _trust.admit(spec, o, fn)
+    return snapshot_of(spec, o)
 
 
-def snapshot_of(spec: RepoSpec, o: HubOptions, fn: str, *, trusted: bool) -> Snapshot:
+def snapshot_of(spec: RepoSpec, o: HubOptions) -> Snapshot:
     """`fetch_snapshot` with the options of `o`: the one place options become a fetch.
 
-    `trusted=True` when the trust check is done (a `Hub` asks it itself) or not needed.
-    The zygote starts meanwhile: a worker will be wanted next.
+    Trust is the caller's to decide first (`_trust.admit`). The zygote starts meanwhile: a
+    worker will be wanted next.
     """
     prestart_zygote()
     return fetch_snapshot(
         spec,
-        trust_repo=o.trust_repo,
         force_reload=o.force_reload,
         verbose=o.verbose,
-        calling_fn=fn,
-        trusted=trusted,
         skip_validation=o.skip_validation,
     )
 
@@ -280,7 +250,7 @@ def rng_handoff(seed: int | None, *, back: bool = True, state: Any = None) -> di
 def run_list(github: Any, o: HubOptions) -> builtins.list[str]:
     """`list` with its options in one object (shared by the public API and the torch.hub patch)."""
     policy = policy_for(o.sandbox, "list")
-    snap = _snapshot(github, o, "list", policy)
+    snap = _snapshot(github, o, "list")
     env = environment_for(snap, o, policy)
     with start_worker(snap, sandbox=policy, env=env) as w:
         return list_entrypoints(w, _watchdog(o.timeout, policy), rng_handoff(None))
@@ -290,7 +260,7 @@ def run_help(github: Any, model: Any, o: HubOptions) -> str | None:
     """`help` with its options in one object."""
     _check_model_name(model)
     policy = policy_for(o.sandbox, "help")
-    snap = _snapshot(github, o, "help", policy)
+    snap = _snapshot(github, o, "help")
     env = environment_for(snap, o, policy)
     with start_worker(snap, sandbox=policy, env=env) as w:
         return entrypoint_doc(w, model, _watchdog(o.timeout, policy), rng_handoff(None))
@@ -353,7 +323,7 @@ def run_load(
     _check_model_name(model)
     policy = policy_for(o.sandbox, o.mode)
     timeout = _watchdog(o.timeout, policy)
-    snap = _snapshot(repo_or_dir, o, "load", policy)
+    snap = _snapshot(repo_or_dir, o, "load")
     env = environment_for(snap, o, policy)
     if o.mode != "remote":
         # The result holds tensors: import torch here while the zygote imports its own.

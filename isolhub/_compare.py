@@ -137,6 +137,7 @@ def compare(
             per-side arguments of the wrong type.
     """
     from . import _api, _rng, _trust
+    from ._options import HubOptions
     from ._spec import parse_spec
 
     if not isinstance(entrypoint, str):
@@ -147,24 +148,32 @@ def compare(
     check_timeout(timeout)
     calls = [_side_call(args, kwargs, args_a, kwargs_a), _side_call(args, kwargs, args_b, kwargs_b)]
     check_count(layer_bytes, "layer_bytes", minimum=0, none=False)
-    policy = _api.policy_for(sandbox, "value")
+    _api.policy_for(sandbox, "value")
+    # compare has no skip_validation: it never made torch.hub's ref check, and still does not.
+    o = HubOptions(
+        source=source,
+        trust_repo=trust_repo,
+        force_reload=force_reload,
+        verbose=verbose,
+        skip_validation=True,
+        mode=mode,
+        timeout=timeout,
+        seed=seed,
+        sandbox=sandbox,
+    )
     batches = iter_batches(inputs) if inputs is not None else iter(())
     first = next(batches, None)
     shown = describe_batch(first) if first is not None else ()
     specs = [parse_spec(spec_a, source), parse_spec(spec_b, source)]
     sides = [_Side(str(spec)) for spec in (spec_a, spec_b)]
-    # Trust is asked here, one side after the other, never from two threads at once.
+    # Trust is asked here, one side after the other, before either side's thread starts.
     for side, spec in zip(sides, specs, strict=True):
-        if policy is not None:
-            break  # confined code needs no trust
         try:
-            _trust.check_trust(spec, trust_repo, "compare")
+            _trust.admit(spec, o, "compare")
         except IsolhubError as e:
             side.error = e
     start = None if seed is not None else _rng.capture()  # one state, the same for both sides
-    job = _Job(
-        entrypoint, seed, mode, force_reload, verbose, timeout, policy, start, layers, layer_bytes
-    )
+    job = _Job(entrypoint, o, start, layers, layer_bytes)
     stream = Stream(atol, rtol, partial(diff_tensors, atol=atol, rtol=rtol, renames=False))
     try:
         with ThreadPoolExecutor(2, thread_name_prefix="isolhub-compare") as pool:
@@ -178,7 +187,7 @@ def compare(
             if first is not None:
                 batches = itertools.chain([first], batches)
                 del first  # the stream holds one batch at a time, this one included
-                _run_batches(pool, sides, batches, stream, job.timeout)
+                _run_batches(pool, sides, batches, stream, o.timeout)
         for side in sides:
             side.peak_memory = _peak_memory(side.worker)
     finally:
@@ -225,15 +234,13 @@ def compare(
 
 @dataclass(frozen=True)
 class _Job:
-    """What each side does (the same on both; the entrypoint's arguments are per side)."""
+    """What each side does (the same on both; the entrypoint's arguments are per side).
+
+    How it is fetched and run is the call's one `HubOptions`; the rest is compare's own.
+    """
 
     entry: str
-    seed: int | None
-    mode: str
-    force_reload: bool
-    verbose: bool
-    timeout: float | None
-    sandbox: Any = None
+    options: Any  # HubOptions
     rng_state: Any = None  # unseeded: the caller's random state, where both sides start
     layers: bool = False
     layer_bytes: int = 0
@@ -276,24 +283,21 @@ def _open_side(
     """Fetch, start the worker, call the entrypoint and keep its result there as a session."""
     from . import _api
     from ._handle import open_handle
-    from ._source import fetch_snapshot
 
+    o = job.options
     began = time.monotonic()
-    timeout = _api._watchdog(job.timeout, job.sandbox)
+    timeout = o.watchdog
     try:
-        snap = fetch_snapshot(
-            spec, force_reload=job.force_reload, verbose=job.verbose, calling_fn="compare",
-            trusted=True,  # checked by compare() already
-        )  # fmt: skip
+        snap = _api.snapshot_of(spec, o)  # admitted by compare() already
         side.sha, side.path = snap.sha, str(snap.path)
-        side.worker = worker = _api.start_worker(snap, sandbox=job.sandbox)
+        side.worker = worker = _api.start_worker(snap, sandbox=o.policy)
         side.start_s = time.monotonic() - began
         then = partial(
-            open_session, seed=job.seed, remote=job.mode == "remote", snapshot=str(snap.path),
+            open_session, seed=o.seed, remote=o.mode == "remote", snapshot=str(snap.path),
             layers=job.layers, layer_bytes=job.layer_bytes,
         )  # fmt: skip
-        message = _api._call_message(job.entry, call[0], call[1], "handle", job.seed, then)
-        message.update(_api.rng_handoff(job.seed, back=False, state=job.rng_state))
+        message = _api._call_message(job.entry, call[0], call[1], "handle", o.seed, then)
+        message.update(_api.rng_handoff(o.seed, back=False, state=job.rng_state))
         sent = time.monotonic()
         # One deadline for the opening request and its list/help fallback together.
         deadline = None if timeout is None else sent + timeout

@@ -48,6 +48,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from . import _api, _checkpoints, _config, _download
+from ._options import MODES
 from ._types import Mode, SandboxArg, Source
 from ._usage import check_choice, check_timeout
 
@@ -186,7 +187,7 @@ def _active() -> _Options | None:
 
 
 def _check(opts: _Options) -> _Options:
-    check_choice(opts.mode, "mode", _api.MODES)
+    check_choice(opts.mode, "mode", MODES)
     check_timeout(opts.timeout)
     _api.policy_for(opts.sandbox, opts.mode)
     return opts

@@ -34,6 +34,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, final
 
+from . import _trust
 from ._api import HubOptions, policy_for, snapshot_of
 from ._backend import (
     _Backend,
@@ -50,7 +51,6 @@ from ._errors import IsolhubError, Option, PoolClosedError, UsageError, signal_n
 from ._progress import PoolProgress
 from ._source import Snapshot
 from ._spec import parse_spec
-from ._trust import check_trust
 from ._types import Backend, EnvArg, SandboxArg, Source, StartMethod, TrustRepo
 from ._usage import check_choice, check_count, check_timeout
 
@@ -263,7 +263,6 @@ class Hub:
             self._backend = _LocalBackend(self._settings)
         self.max_workers = max_workers or self._backend.default_workers()
         self._cond = threading.Condition()
-        self._trust_lock = threading.Lock()
         self._snapshots: dict[tuple[str, str], Future[Snapshot]] = {}
         self._idle: OrderedDict[str, list[_Slot]] = OrderedDict()
         self._live = 0
@@ -576,10 +575,8 @@ class Hub:
         if not owner:
             return future.result()
         try:
-            if s.sandbox is None:  # confined code needs no trust
-                with self._trust_lock:  # one prompt at a time, never two threads on one terminal
-                    check_trust(parsed, s.trust_repo, "load")
-            snap = snapshot_of(parsed, self._options, "load", trusted=True)
+            _trust.admit(parsed, self._options, "load")
+            snap = snapshot_of(parsed, self._options)
         except BaseException as e:
             with self._cond:  # a failure is shared by those waiting now, not cached for later
                 self._snapshots.pop(key, None)

@@ -49,7 +49,6 @@ from ._errors import (
 from ._manifest import Damage
 from ._progress import notice
 from ._spec import RepoSpec
-from ._trust import check_trust
 
 _SHA = re.compile(r"[0-9a-f]{40}")
 log = logging.getLogger("isolhub.cache")
@@ -72,16 +71,13 @@ class Snapshot:
 def fetch_snapshot(
     spec: RepoSpec,
     *,
-    trust_repo: object = "check",
     force_reload: bool = False,
     verbose: bool = True,
-    calling_fn: str = "load",
-    trusted: bool = False,
     skip_validation: bool = True,
 ) -> Snapshot:
     """Resolve `spec` to a commit and make sure its snapshot is in the cache.
 
-    `trusted=True` skips the trust prompt (used when the code will run confined).
+    Trust is not decided here: the caller has asked `_trust.admit` first.
     `skip_validation=False` adds torch.hub's check that a GitHub ref is a branch or tag (or a
     prefix of one's head commit), made only when the snapshot is actually downloaded, as torch.hub
     does; a spec without a ref (the default branch) needs no check.
@@ -89,7 +85,7 @@ def fetch_snapshot(
     Raises:
         ResolveError, RefNotFoundError, OfflineError: the ref cannot be resolved.
         RefValidationError: `skip_validation=False` and the ref is no branch or tag (a ValueError).
-        UntrustedRepoError: the trust check refused. FetchError, ArchiveError, CacheError.
+        FetchError, ArchiveError, CacheError.
         CacheCorruptedError: the cached snapshot is damaged and cannot be fetched again here.
     """
     if spec.kind == "local":
@@ -99,8 +95,6 @@ def fetch_snapshot(
                 (f"{path} has no hubconf.py; ", Option.of(source="local"), " needs a hub repo dir")
             )
         return Snapshot(spec, None, path)
-    if not trusted:
-        check_trust(spec, trust_repo, calling_fn)
     ref_name, sha = _resolve(spec)
     path = snapshot_path(spec, sha)
     damage = None

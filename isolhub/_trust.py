@@ -13,22 +13,51 @@ GitHub repositories are keyed `owner_name` (as torch.hub, so one file serves bot
 repositories by URL. Local directories and `git+file://` repositories need no trust, as
 `source='local'` in torch.hub.
 
+`admit` is the one trust decision of every entry point (`isolhub.load`, `Hub`, `compare`, the
+torch.hub patch): code that will only ever run confined needs no trust (that is the point of the
+sandbox); anything else is asked about with `check_trust`, one prompt at a time in this process.
+Fetching (`_source.fetch_snapshot`) decides nothing about trust.
+
 Example:
-    >>> check_trust(parse_spec("someone/net"), trust_repo=True)   # appends someone_net
+    >>> admit(parse_spec("someone/net"), HubOptions(trust_repo=True))   # appends someone_net
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from typing import Any
 
 from ._cache import hub_dir
 from ._errors import Option, TrustResponseError, UntrustedRepoError
+from ._options import HubOptions
 from ._spec import RepoSpec
+
+__all__ = ["TRUSTED_OWNERS", "TRUST_VALUES", "admit", "check_trust", "is_trusted", "trust_key"]
 
 TRUSTED_OWNERS = ("pytorch", "facebookresearch", "facebookincubator", "fairinternal")
 TRUST_VALUES = (None, "check", True, False)
+
+
+# One prompt at a time, never two threads (a Hub's tasks, compare's sides) on one terminal.
+_PROMPT_LOCK = threading.Lock()
+
+
+def admit(spec: RepoSpec, o: HubOptions, calling_fn: str = "load") -> None:
+    """Decide whether `spec` may be fetched and run with options `o`: the one trust decision.
+
+    Confined code (`o.sandbox` names a policy) needs no trust; otherwise torch.hub's
+    `trust_repo` rules apply (`check_trust`). `calling_fn` names the public function in messages.
+
+    Raises:
+        UntrustedRepoError, TrustResponseError: as `check_trust`.
+        SandboxError: `o.sandbox` is no sandbox value.
+    """
+    if o.policy is not None:
+        return
+    with _PROMPT_LOCK:
+        check_trust(spec, o.trust_repo, calling_fn)
 
 
 def trust_key(spec: RepoSpec) -> str | None:

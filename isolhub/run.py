@@ -26,9 +26,9 @@ import os
 import runpy
 import sys
 
-from ._api import MODES
 from ._cli_common import add_flags, sandbox_of
 from ._errors import IsolhubError
+from ._options import MODES
 from ._patch import patched_torch_hub
 
 _TAKES_VALUE = ("--mode", "--sandbox", "--timeout", "--seed")

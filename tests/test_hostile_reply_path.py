@@ -295,7 +295,7 @@ def flood(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def test_fds_sent_with_a_reply_do_arrive(flood: str) -> None:
     """The twin: a caller that takes fds gets all 16 (what a list reply used to drop)."""
-    snap = fetch_snapshot(parse_spec(flood, "github"), trusted=True, verbose=False)
+    snap = fetch_snapshot(parse_spec(flood, "github"), verbose=False)
     _Zygote.get()
     before = _open_fds()
     with start_worker(snap) as w:

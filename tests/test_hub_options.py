@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import isolhub as hub
-from isolhub._api import HubOptions
 from isolhub._errors import RefValidationError
+from isolhub._options import HubOptions
 
 from github_server import FakeGitHub, git
 from hubrepos import commit, make_repo
