@@ -70,7 +70,7 @@ def pdeathsig():
 """
 
 
-def test_an_unsandboxed_worker_dies_with_its_zygote(tmp_path: Path) -> None:
+def test_an_unsandboxed_worker_is_set_to_get_sigkill_when_its_zygote_dies(tmp_path: Path) -> None:
     repo = make_repo(tmp_path / "r", {"hubconf.py": _PDEATHSIG_HUBCONF})
     assert hub.load(spec_of(repo), "pdeathsig", trust_repo=True) == signal.SIGKILL
 
