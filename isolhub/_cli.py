@@ -26,6 +26,7 @@ from ._cli_common import (
     EXIT_OK,
     add_flags,
     cli_message,
+    env_of,
     output_flags,
     parse_kw,
     sandbox_of,
@@ -44,7 +45,7 @@ def _source_args(p: argparse.ArgumentParser) -> None:
         help="owner/name[:ref], git+<url>[@ref], or a directory (./dir, or any with --local)",
     )
     add_flags(p, "--local", "--force-reload", "--skip-validation", "--trust", "--timeout")
-    add_flags(p, "--sandbox")
+    add_flags(p, "--sandbox", "--env")
 
 
 def _hub_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -56,6 +57,7 @@ def _hub_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "timeout": args.timeout,
         "verbose": not (args.json or args.quiet),
         "sandbox": sandbox_of(args),
+        "env": env_of(args),
     }
 
 
@@ -106,6 +108,15 @@ def cmd_load(args: argparse.Namespace) -> int:
     if snap.sha is not None:
         spec = str(dataclasses.replace(snap.spec, ref=snap.sha))
         hub_kwargs.update(force_reload=False, trust_repo=True)
+    env = None
+    if hub_kwargs["env"] is not None:  # installed (or found) first: it is the load's provenance
+        env = _api.prepare_env(
+            spec,
+            source=hub_kwargs["source"],
+            trust_repo=hub_kwargs["trust_repo"],
+            sandbox=hub_kwargs["sandbox"],
+            verbose=hub_kwargs["verbose"],
+        )
     sd = _api.load_state_dict(spec, args.entry, seed=args.seed, **hub_kwargs, **kwargs)
     tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
     info = {
@@ -116,6 +127,7 @@ def cmd_load(args: argparse.Namespace) -> int:
         "parameters": sum(t.numel() for t in tensors.values()),
         "bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
         "saved": args.save,
+        "env": None if env is None else env.provenance(),
     }
     if args.save:
         _save(sd, tensors, args.save)
@@ -123,6 +135,7 @@ def cmd_load(args: argparse.Namespace) -> int:
     human = (
         f"{args.spec}{commit} {args.entry}: {info['tensors']} tensors, "
         f"{info['parameters']:,} values, {info['bytes']:,} bytes"
+        + (f"; {env.kind} environment {env.key[:12]}: {', '.join(env.packages)}" if env else "")
         + (f"; saved to {args.save}" if args.save else "")
     )
     _print(args, info, human)
@@ -161,7 +174,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `isolhub` command."""
-    from . import _cli_cache, _cli_diff, _cli_run
+    from . import _cli_cache, _cli_diff, _cli_env, _cli_run
     from ._version import __version__
 
     parser = argparse.ArgumentParser(
@@ -195,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     output_flags(p)
     p.set_defaults(func=cmd_doctor)
 
-    for module in (_cli_cache, _cli_diff, _cli_run):
+    for module in (_cli_cache, _cli_diff, _cli_env, _cli_run):
         module.add_commands(sub)
     return parser
 

@@ -33,6 +33,7 @@ __all__ = [
     "add_flags",
     "output_flags",
     "parse_kw",
+    "env_of",
     "sandbox_of",
     "seconds",
     "spec_source",
@@ -169,6 +170,15 @@ FLAGS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
             "see `isolhub doctor`",
         },
     ),
+    "--env": (
+        ("--env",),
+        {
+            "choices": ("none", "auto"),
+            "default": "none",
+            "help": "auto: install what each repo requires (its requirements.txt or pyproject "
+            "dependencies) into a cached environment of its own; see docs/environments.md",
+        },
+    ),
     "--kw": (
         ("--kw",),
         {
@@ -217,6 +227,11 @@ def add_flags(p: argparse.ArgumentParser, *flags: str) -> None:
 def output_flags(p: argparse.ArgumentParser) -> None:
     """Add `--json`, `--quiet` and `--verbose`, the same on every sub-command."""
     add_flags(p, "--json", "--quiet", "--verbose")
+
+
+def env_of(args: argparse.Namespace) -> Literal["auto"] | None:
+    """The `env=` of `--env` (its choices are none and auto): None for `none`."""
+    return "auto" if args.env == "auto" else None
 
 
 def sandbox_of(args: argparse.Namespace) -> Literal["strict"] | None:

@@ -21,6 +21,7 @@ from ._cli_common import (
     EXIT_ERROR,
     EXIT_OK,
     add_flags,
+    env_of,
     output_flags,
     parse_kw,
     sandbox_of,
@@ -84,7 +85,7 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument(
         "--max-rows", type=int, default=40, metavar="N", help="rows per table in the terminal"
     )
-    add_flags(p, "--local", "--force-reload", "--trust", "--timeout", "--sandbox")
+    add_flags(p, "--local", "--force-reload", "--trust", "--timeout", "--sandbox", "--env")
     output_flags(p)
     p.set_defaults(func=cmd_diff)
 
@@ -153,6 +154,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
         verbose=not (args.json or args.quiet),
         timeout=args.timeout,
         sandbox=sandbox_of(args),
+        env=env_of(args),
         **kwargs,
     )
     if args.html:

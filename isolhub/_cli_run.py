@@ -35,6 +35,7 @@ from ._cli_common import (
     EXIT_OK,
     add_flags,
     cli_message,
+    env_of,
     output_flags,
     parse_kw,
     sandbox_of,
@@ -177,6 +178,7 @@ def result_record(r: Any) -> dict[str, Any]:
         "signal": r.signal,
         "attempts": r.attempts,
         "stderr_tail": r.stderr_tail,
+        "env": r.env,
     }
 
 
@@ -241,6 +243,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             source="local" if args.local else "github",
             trust_repo=trust_of(args),
             sandbox=sandbox_of(args),
+            env=env_of(args),
             progress=not (args.no_progress or args.quiet),
             seed=args.seed,
         ) as h:
@@ -306,6 +309,6 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--jsonl", metavar="FILE", help="also write one JSON record per spec ('-')")
     p.add_argument("--ordered", action="store_true", help="report in the file's order")
     p.add_argument("--backend", choices=("local", "ray"), default="local")
-    add_flags(p, "--local", "--trust", "--sandbox", "--seed", "--no-progress")
+    add_flags(p, "--local", "--trust", "--sandbox", "--env", "--seed", "--no-progress")
     output_flags(p)
     p.set_defaults(func=cmd_run)

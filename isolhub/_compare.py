@@ -62,7 +62,7 @@ from ._errors import (
     RemoteError,
     UsageError,
 )
-from ._types import CompareMode, SandboxArg, Source, TrustRepo
+from ._types import CompareMode, EnvArg, SandboxArg, Source, TrustRepo
 from ._usage import check_choice, check_count, check_timeout, check_tolerance
 
 MODES = ("module", "remote")
@@ -99,6 +99,7 @@ def compare(
     verbose: bool = True,
     timeout: float | None = None,
     sandbox: SandboxArg = None,
+    env: EnvArg = None,
     **kwargs: Any,
 ) -> CompareReport:
     """Load `entrypoint(*args, **kwargs)` at two refs, each in its own worker, and compare them.
@@ -120,7 +121,9 @@ def compare(
     generators are left as they were. Tuples and non-module results
     are compared on what can be compared; the report says what could not. `timeout` bounds each
     worker's call (it is killed past it); `sandbox` ("strict" or a `Sandbox`) confines both
-    workers, and untrusted repos then need no trust prompt; the other arguments are as for `load`.
+    workers, and untrusted repos then need no trust prompt; `env="auto"` gives each side the
+    environment its requirements ask for (the notes name them); the other arguments are as for
+    `load`.
 
     A side that fails (bad ref, entrypoint raised, worker died) does not raise: the report holds
     its error (`error_a`/`error_b`) and still describes the other side.
@@ -149,6 +152,8 @@ def compare(
     calls = [_side_call(args, kwargs, args_a, kwargs_a), _side_call(args, kwargs, args_b, kwargs_b)]
     check_count(layer_bytes, "layer_bytes", minimum=0, none=False)
     _api.policy_for(sandbox, "value")
+    if env is not None:
+        check_choice(env, "env", ("auto",))
     # compare has no skip_validation: it never made torch.hub's ref check, and still does not.
     o = HubOptions(
         source=source,
@@ -160,6 +165,7 @@ def compare(
         timeout=timeout,
         seed=seed,
         sandbox=sandbox,
+        env=env,
     )
     batches = iter_batches(inputs) if inputs is not None else iter(())
     first = next(batches, None)
@@ -199,6 +205,9 @@ def compare(
         notes.append("no inputs given: outputs were not compared")
     elif stream.batches > 1:
         notes.append(f"outputs compared over {stream.batches} batches; inputs shows the first")
+    for label, side in (("A", sides[0]), ("B", sides[1])):
+        if side.env is not None:
+            notes.append(f"{label} ran in {side.env}")
     if mode == "remote":
         notes.append("remote mode: modules ran as the entrypoint returned them (no eval())")
     if seed is None:
@@ -262,6 +271,7 @@ class _Side:
     session: Any = None  # the worker's CompareSession, through its handle
     latency: Latency = field(default_factory=Latency)
     peak_memory: int | None = None
+    env: str | None = None  # the environment it ran in (`Env.describe()`), with env="auto"
 
 
 def _side_call(
@@ -290,7 +300,9 @@ def _open_side(
     try:
         snap = _api.snapshot_of(spec, o)  # admitted by compare() already
         side.sha, side.path = snap.sha, str(snap.path)
-        side.worker = worker = _api.start_worker(snap, sandbox=o.policy)
+        env = _api.environment_for(snap, o, o.policy)
+        side.env = None if env is None else env.describe()
+        side.worker = worker = _api.start_worker(snap, sandbox=o.policy, env=env)
         side.start_s = time.monotonic() - began
         then = partial(
             open_session, seed=o.seed, remote=o.mode == "remote", snapshot=str(snap.path),

@@ -34,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import importlib.metadata as md
@@ -44,6 +45,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -115,7 +117,12 @@ class Env:
         """One line for people: which environment, what is in it, and why."""
         what = ", ".join(self.packages) or "nothing beyond the shared packages"
         how = "reused" if self.reused else f"installed by {self.installer} in {self.seconds:.1f} s"
-        return f"environment {self.key[:12]} ({self.kind}; {how}): {what}; {self.reason}"
+        why = self.reason
+        if self.kind == "shared":
+            torch = [p.replace("==", " ") for p in self.shared if p.startswith("torch==")]
+            others = len(self.shared) - len(torch)
+            why = f"shares {', '.join(torch) or 'nothing'} and {others} more with the zygote"
+        return f"environment {self.key[:12]} ({self.kind}; {how}): {what}; {why}"
 
     def provenance(self) -> dict[str, Any]:
         """The resolved versions and the choice, as plain data (JSON, `Result.env`)."""
@@ -410,7 +417,7 @@ def _run_installer(
             cmd += ["--link-mode", "copy", "--excludes", str(names), "-r", str(req_file)]
             if wheels_only:
                 cmd.append("--no-build")
-            _check(_run(cmd), reqs, wheels_only)
+            _check(_run(cmd, "uv"), reqs, wheels_only)
             return
         _pip_install(site, reqs, shared, wheels_only, req_file, names)
 
@@ -429,27 +436,65 @@ def _pip_install(
     report = pins.with_name("report.json")
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
     binary = ["--only-binary", ":all:"] if wheels_only else []
-    cmd = [*pip, "install", "--dry-run", "--quiet", "--report", str(report)]
-    _check(_run([*cmd, *binary, "-c", str(pins), "-r", str(req_file)]), reqs, wheels_only)
+    cmd = [*pip, "install", "--dry-run", "--report", str(report)]
+    _check(_run([*cmd, *binary, "-c", str(pins), "-r", str(req_file)], "pip"), reqs, wheels_only)
     plan = json.loads(report.read_text()).get("install", [])
     pinned = [f"{i['metadata']['name']}=={i['metadata']['version']}" for i in plan]
     site.mkdir(parents=True, exist_ok=True)
     if pinned:
-        cmd = [*pip, "install", "--quiet", "--no-deps", "--target", str(site), *binary, *pinned]
-        _check(_run(cmd), reqs, wheels_only)
+        cmd = [*pip, "install", "--no-deps", "--target", str(site), *binary, *pinned]
+        _check(_run(cmd, "pip"), reqs, wheels_only)
 
 
-def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
+def _run(cmd: list[str], who: str) -> subprocess.CompletedProcess[str]:
+    """Run an installer command, passing its output on line by line as progress (`who: ...`).
+
+    Raises:
+        EnvError: it could not be started, or ran past `_INSTALL_TIMEOUT_S` (it is killed).
+    """
     try:
-        return subprocess.run(
+        proc = subprocess.Popen(
             cmd,
-            capture_output=True,
-            text=True,
-            timeout=_INSTALL_TIMEOUT_S,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            text=True,
+            errors="replace",
         )
-    except (OSError, subprocess.TimeoutExpired) as e:
+    except OSError as e:
         raise EnvError(f"the installer could not run: {e}") from e
+    with proc:
+        return _follow(proc, cmd, who)
+
+
+def _follow(
+    proc: subprocess.Popen[str], cmd: list[str], who: str
+) -> subprocess.CompletedProcess[str]:
+    late = threading.Event()
+
+    def stop() -> None:
+        late.set()
+        proc.kill()
+
+    timer = threading.Timer(_INSTALL_TIMEOUT_S, stop)
+    timer.start()
+    lines: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES * 8)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip()
+            if line:
+                lines.append(line)
+                notice(f"{who}: {line}")
+        code = proc.wait()
+    finally:
+        timer.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if late.is_set():
+        raise EnvError(f"the installer ran past {_INSTALL_TIMEOUT_S} s and was stopped")
+    return subprocess.CompletedProcess(cmd, code, "\n".join(lines), "")
 
 
 def _check(done: subprocess.CompletedProcess[str], reqs: Requirements, wheels_only: bool) -> None:
@@ -532,8 +577,12 @@ def list_envs() -> list[EnvEntry]:
     return out
 
 
-def remove_env(key: str) -> list[Path]:
-    """Remove the environment `key` (a full key or a unique prefix) and the records naming it."""
+def remove_env(key: str, *, dry_run: bool = False) -> list[Path]:
+    """Remove the environment `key` (a full key or a unique prefix) and the records naming it.
+
+    Raises:
+        EnvError: no environment, or more than one, has that key.
+    """
     matches = [e for e in list_envs() if e.key.startswith(key)] if key else []
     if len(matches) != 1:
         raise EnvError(
@@ -541,32 +590,39 @@ def remove_env(key: str) -> list[Path]:
             if not matches
             else f"{key!r} names {len(matches)} environments"
         )
-    return _remove(matches[0].key)
+    return _remove(matches[0].key, dry_run)
 
 
-def prune_envs() -> list[Path]:
+def prune_envs(*, dry_run: bool = False) -> list[Path]:
     """Remove the environments no cached snapshot uses any more, and records of removed ones."""
     removed: list[Path] = []
+    gone: set[str] = set()
     for entry in list_envs():
         if not entry.in_use:
-            removed += _remove(entry.key)
+            removed += _remove(entry.key, dry_run)
+            gone.add(entry.key)
     root = envs_dir()
     for record in (root / "requests").glob("*.json") if root.is_dir() else ():
         key = str((_read_json(record) or {}).get("env"))
-        if not (root / key / "env.json").is_file():
-            record.unlink(missing_ok=True)
+        if key not in gone and not (root / key / "env.json").is_file():
+            if not dry_run:
+                record.unlink(missing_ok=True)
             removed.append(record)
-    sweep_staging(root) if root.is_dir() else None
+    if root.is_dir() and not dry_run:
+        sweep_staging(root)
     return removed
 
 
-def _remove(key: str) -> list[Path]:
+def _remove(key: str, dry_run: bool = False) -> list[Path]:
     root = envs_dir()
     removed = []
     for record in (root / "requests").glob("*.json"):
         if (_read_json(record) or {}).get("env") == key:
-            record.unlink(missing_ok=True)
+            if not dry_run:
+                record.unlink(missing_ok=True)
             removed.append(record)
+    if dry_run:
+        return [*removed, root / key]
     with lock(f"env-rm-{key}"):
         trash = root / f"{STAGING_PREFIX}00-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         with contextlib.suppress(FileNotFoundError):

@@ -325,3 +325,186 @@ def test_a_sandboxed_repo_whose_requirement_is_only_an_sdist_is_refused(
         hub.load(spec, "version", env="auto", sandbox="strict", mode="remote")
     assert "onlysrc" in str(e.value)
     assert _env.list_envs() == []
+
+
+WRITER = '''
+    dependencies = ["torch"]
+    import os
+    import torch
+    import tinypkg
+
+
+    def writer():
+        """Try to write into the environment's tinypkg; the result says whether it could."""
+        try:
+            with open(os.path.join(os.path.dirname(tinypkg.__file__), "planted.py"), "w") as f:
+                f.write("x = 1\\n")
+            wrote = 1
+        except OSError:
+            wrote = 0
+        net = torch.nn.Module()
+        net.register_buffer("wrote", torch.tensor(wrote))
+        net.register_buffer("factor", torch.tensor(tinypkg.FACTOR))
+        return net
+'''
+
+
+@pytest.mark.sandbox
+def test_a_sandboxed_worker_reads_its_environment_but_cannot_write_into_it(
+    tmp_path: Path, index: PackageIndex
+) -> None:
+    _sandboxed()
+    spec = _repo(tmp_path, "w", "tinypkg==2.0\n", {"hubconf.py": WRITER})
+    sd = hub.load_state_dict(spec, "writer", env="auto", sandbox="strict")
+    assert int(sd["factor"]) == 2 and int(sd["wrote"]) == 0
+    env = hub.prepare_env(spec, sandbox="strict", verbose=False)
+    assert env.reused and not (env.site / "tinypkg" / "planted.py").exists()
+
+
+def _config_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No index in the environment: the installers must find it in their config files."""
+    for name in ("UV_DEFAULT_INDEX", "UV_NO_CONFIG", "PIP_INDEX_URL", "PIP_CONFIG_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    config = tmp_path / "xdg-config"
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(config))
+    return config
+
+
+def test_the_index_comes_from_uv_toml(
+    tmp_path: Path, index: PackageIndex, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = _config_only(monkeypatch, tmp_path)
+    (config / "uv").mkdir(parents=True)
+    (config / "uv" / "uv.toml").write_text(f'[[index]]\nurl = "{index.url}"\ndefault = true\n')
+    env = hub.prepare_env(_repo(tmp_path, "a", "tinypkg==1.0\n"), trust_repo=True)
+    assert env.installer == "uv" and env.packages == ("tinypkg==1.0",)
+    assert index.count("/simple/tinypkg/") >= 1  # asked of the index uv.toml names
+
+
+def test_the_index_comes_from_pip_conf(
+    tmp_path: Path, index: PackageIndex, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = _config_only(monkeypatch, tmp_path)
+    monkeypatch.setenv("ISOLHUB_INSTALLER", "pip")
+    (config / "pip").mkdir(parents=True)
+    (config / "pip" / "pip.conf").write_text(f"[global]\nindex-url = {index.url}\n")
+    env = hub.prepare_env(_repo(tmp_path, "a", "tinypkg==2.0\n"), trust_repo=True)
+    assert env.installer == "pip" and env.packages == ("tinypkg==2.0",)
+    assert index.count("/simple/tinypkg/") >= 1
+
+
+def test_installing_shows_progress_lines_and_reuse_says_so(
+    tmp_path: Path, index: PackageIndex, capfd: pytest.CaptureFixture[str]
+) -> None:
+    spec = _repo(tmp_path, "a", "tinypkg==1.0\n")
+    hub.fetch(spec, trust_repo=True, verbose=False)
+    capfd.readouterr()
+    env = hub.prepare_env(spec, trust_repo=True)
+    err = capfd.readouterr().err
+    assert "installing the requirements of" in err and "tinypkg==1.0" in err
+    assert "uv: " in err  # the installer's own progress, line by line
+    assert f"environment {env.key[:12]} (shared; installed by uv in" in err
+    hub.prepare_env(spec, trust_repo=True)
+    err = capfd.readouterr().err
+    assert "(shared; reused)" in err and "installing the requirements" not in err
+    os.environ["ISOLHUB_QUIET"] = "1"
+    try:
+        hub.prepare_env(spec, trust_repo=True)
+    finally:
+        del os.environ["ISOLHUB_QUIET"]
+    assert capfd.readouterr().err == ""
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    from isolhub._cli import main
+
+    code = main(list(argv))
+    return code, capsys.readouterr().out
+
+
+def test_cli_env_auto_on_list_help_and_load_reports_the_environment(
+    tmp_path: Path, index: PackageIndex, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = _repo(tmp_path, "a", "tinypkg==2.0\n")
+    code, out = _cli(capsys, "list", spec, "--env", "auto", "--trust", "--json")
+    assert code == 0 and json.loads(out) == ["scaler", "version"]
+    code, out = _cli(capsys, "help", spec, "version", "--env", "auto", "--trust", "--json")
+    assert code == 0 and "tinypkg's version" in json.loads(out)["doc"]
+    code, out = _cli(capsys, "load", spec, "scaler", "--env", "auto", "--trust", "--json")
+    info = json.loads(out)
+    assert code == 0 and info["env"]["packages"] == ["tinypkg==2.0"]
+    assert info["env"]["kind"] == "shared" and info["env"]["reused"] is True
+    plain = _repo(
+        tmp_path,
+        "p",
+        "",
+        {"hubconf.py": "import torch\n\ndef net():\n    return torch.nn.Linear(1, 1)\n"},
+    )
+    code, out = _cli(capsys, "load", plain, "net", "--trust", "--json")
+    assert code == 0 and json.loads(out)["env"] is None
+
+
+def test_cli_load_without_env_auto_fails_as_torch_hub_would(
+    tmp_path: Path, index: PackageIndex, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = _repo(tmp_path, "a", "tinypkg==2.0\n")
+    from isolhub._cli import main
+
+    assert main(["list", spec, "--trust"]) == 2
+    assert "tinypkg" in capsys.readouterr().err
+
+
+def test_cli_diff_and_run_with_env_auto_give_each_repo_its_version(
+    tmp_path: Path, index: PackageIndex, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a = _repo(tmp_path, "a", "tinypkg==1.0\n")
+    b = _repo(tmp_path, "b", "tinypkg==2.0\n")
+    code, out = _cli(
+        capsys, "diff", a, b, "scaler", "--env", "auto", "--trust", "--input-shape", "3", "--json"
+    )
+    report = json.loads(out)
+    assert code == 1, out  # factor 1 against factor 2: the outputs differ
+    assert any("tinypkg==1.0" in n for n in report["notes"])
+    assert any("tinypkg==2.0" in n for n in report["notes"])
+    specs = tmp_path / "specs.txt"
+    specs.write_text(f"{a}\n{b}\n")
+    code, out = _cli(
+        capsys, "run", str(specs), "--entry", "version", "--env", "auto", "--trust", "--ordered",
+        "--json",
+    )  # fmt: skip
+    results = json.loads(out)["results"]
+    assert code == 0 and [r["value"] for r in results] == ["1.0", "2.0"]
+    assert [r["env"]["packages"] for r in results] == [["tinypkg==1.0"], ["tinypkg==2.0"]]
+
+
+def test_cli_env_ls_rm_and_prune(
+    tmp_path: Path, index: PackageIndex, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    a = _repo(tmp_path, "a", "tinypkg==1.0\n")
+    b = _repo(tmp_path, "b", "tinypkg==2.0\n")
+    ea = hub.prepare_env(a, trust_repo=True, verbose=False)
+    eb = hub.prepare_env(b, trust_repo=True, verbose=False)
+    code, out = _cli(capsys, "env", "ls", "--json")
+    listed = {e["key"]: e for e in json.loads(out)}
+    assert code == 0 and set(listed) == {ea.key, eb.key}
+    assert listed[ea.key]["packages"] == ["tinypkg==1.0"] and listed[ea.key]["in_use"]
+    assert listed[ea.key]["size"] > 0
+    code, out = _cli(capsys, "env", "ls")
+    assert code == 0 and ea.key[:12] in out and "tinypkg==2.0" in out
+    code, out = _cli(capsys, "env", "rm", ea.key[:12], "--json")
+    assert code == 0 and not ea.path.exists() and eb.path.exists()
+    from isolhub._cli import main
+
+    assert main(["env", "rm", "nosuchkey"]) == 2
+    assert "no environment 'nosuchkey'" in capsys.readouterr().err
+    # b's snapshot leaves the cache: its environment is unused, and prune removes it.
+    shutil.rmtree(hub.fetch(b, trust_repo=True, verbose=False).path)
+    code, out = _cli(capsys, "env", "prune", "--dry-run", "--json")
+    assert code == 0 and eb.path.exists() and any(eb.key in p for p in json.loads(out)["removed"])
+    code, out = _cli(capsys, "env", "prune", "--json")
+    assert code == 0 and not eb.path.exists() and _env.list_envs() == []
