@@ -292,6 +292,10 @@ def test_a_repo_needing_another_version_of_a_zygote_package_gets_its_own_environ
     assert kind == "own" and packages == ["zygpkg==2.0"]
     assert "zygpkg==2.0 conflicts with zygpkg 1.0, which the zygote has imported" in reason
     assert out["shared_env"][0] == "shared" and out["shared_env"][2] == ["tinypkg==2.0"]
+    # env="auto" says which it chose and why, as it installs.
+    said = [line for line in done.stderr.splitlines() if line.startswith("environment ")]
+    assert any("(own; installed by uv" in line and "zygpkg==2.0 conflicts" in line for line in said)
+    assert any("(shared; installed by uv" in line for line in said)
 
 
 def _sandboxed() -> None:
