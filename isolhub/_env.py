@@ -414,7 +414,10 @@ def _run_installer(
             # --excludes: the shared packages are left out of the resolution altogether (so
             # nothing ever downloads another torch); their versions are checked by `conflicts`.
             cmd = [binary, "pip", "install", "--python", sys.executable, "--target", str(site)]
-            cmd += ["--link-mode", "copy", "--excludes", str(names), "-r", str(req_file)]
+            # --compile-bytecode: the folder is read-only and workers write no bytecode, so it
+            # is compiled once here (as pip does by default) rather than at every import.
+            cmd += ["--link-mode", "copy", "--compile-bytecode"]
+            cmd += ["--excludes", str(names), "-r", str(req_file)]
             if wheels_only:
                 cmd.append("--no-build")
             _check(_run(cmd, "uv"), reqs, wheels_only)
