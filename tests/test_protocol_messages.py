@@ -134,7 +134,7 @@ def liar(tmp_path: Path) -> str:
 def test_an_error_record_of_the_wrong_shape_is_a_protocol_error_that_kills_the_worker(
     liar: str, entry: str
 ) -> None:
-    snap = fetch_snapshot(parse_spec(liar, "github"), trusted=True, verbose=False)
+    snap = fetch_snapshot(parse_spec(liar, "github"), verbose=False)
     with start_worker(snap) as w:
         with pytest.raises(isolhub.ProtocolError, match="error record"):
             w.request({"op": "call", "entry": entry, "result": "value"}, timeout=20)
@@ -165,7 +165,7 @@ def test_a_worker_of_another_protocol_version_is_refused_naming_both(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     repo = make_repo(tmp_path / "r", {"hubconf.py": "def net():\n    return 1\n"})
-    snap = fetch_snapshot(parse_spec(spec_of(repo), "github"), trusted=True, verbose=False)
+    snap = fetch_snapshot(parse_spec(spec_of(repo), "github"), verbose=False)
     other = PROTOCOL_VERSION + 1
     _other_isolhub(tmp_path / "elsewhere", other)
     # `python -m isolhub._worker` imports the isolhub of its current directory first: a real
@@ -186,7 +186,7 @@ def test_a_worker_of_an_isolhub_before_versions_is_refused_as_version_0(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     repo = make_repo(tmp_path / "r", {"hubconf.py": "def net():\n    return 1\n"})
-    snap = fetch_snapshot(parse_spec(spec_of(repo), "github"), trusted=True, verbose=False)
+    snap = fetch_snapshot(parse_spec(spec_of(repo), "github"), verbose=False)
     _other_isolhub(tmp_path / "old", PROTOCOL_VERSION)
     worker = tmp_path / "old" / "isolhub" / "_worker.py"
     # Its hello as isolhub sent it before the handshake had a version.
@@ -204,7 +204,7 @@ def test_a_worker_of_an_isolhub_before_versions_is_refused_as_version_0(
 
 def test_the_same_version_shakes_hands(tmp_path: Path) -> None:
     repo = make_repo(tmp_path / "r", {"hubconf.py": textwrap.dedent("def net():\n    return 1\n")})
-    snap = fetch_snapshot(parse_spec(spec_of(repo), "github"), trusted=True, verbose=False)
+    snap = fetch_snapshot(parse_spec(spec_of(repo), "github"), verbose=False)
     for method in ("spawn", "zygote"):
         with start_worker(snap, start_method=method) as w:
             reply, _ = w.request({"op": "list"}, timeout=60)
