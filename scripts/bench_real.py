@@ -42,7 +42,8 @@ OWN_YAML = '"""This repo\'s own yaml (shadows the installed one)."""\nOWN = True
 
 
 def _heavy(bench: Any, name: str, tag: int, extra: dict[str, str] | None = None) -> Path:
-    from bench import RESNET, write_repo
+    from bench_common import write_repo
+    from bench_repos import RESNET
 
     return write_repo(
         bench.tmp / "real" / name,
@@ -56,7 +57,7 @@ def _heavy(bench: Any, name: str, tag: int, extra: dict[str, str] | None = None)
 
 
 def _many_modules(bench: Any, count: int = 200) -> Path:
-    from bench import write_repo
+    from bench_common import write_repo
 
     files = {f"parts/m{i:03d}.py": f"import torch\nK{i} = {i}\n" for i in range(count)}
     files["parts/__init__.py"] = "".join(f"from .m{i:03d} import *\n" for i in range(count))
@@ -73,7 +74,7 @@ def _fresh_process(code: str, env: dict[str, str]) -> float:
 
 
 def row_heavy_first(bench: Any) -> Any:
-    from bench import Row, fmt_time, median
+    from bench_common import Row, fmt_time, median
 
     repo = str(_heavy(bench, "heavy_first", 0))
     env = dict(os.environ)
@@ -105,7 +106,7 @@ def row_heavy_first(bench: Any) -> Any:
 
 def _repeat_row(bench: Any, key: str, title: str, repos: list[Path], note: str) -> Any:
     import torch.hub
-    from bench import Row, fmt_time, forget_modules, side_by_side
+    from bench_common import Row, fmt_time, forget_modules, side_by_side
 
     import isolhub
 
@@ -176,7 +177,7 @@ def row_many_modules(bench: Any) -> Any:
 
 def row_tiny(bench: Any) -> Any:
     import torch.hub
-    from bench import Row, fmt_time, forget_modules, side_by_side, write_repo
+    from bench_common import Row, fmt_time, forget_modules, side_by_side, write_repo
 
     import isolhub
 
