@@ -31,8 +31,7 @@ from typing import Any, Protocol
 
 import cloudpickle
 
-from ._api import (
-    HubOptions,
+from ._engine import (
     call,
     entrypoint_doc,
     environment_for,
@@ -41,6 +40,7 @@ from ._api import (
     start_worker,
 )
 from ._errors import IsolhubError, WorkerCrashedError, WorkerError
+from ._options import HubOptions
 from ._process import Worker
 from ._sandbox import Sandbox
 from ._source import Snapshot
@@ -223,7 +223,7 @@ def execute(worker: Worker, job: _Job, timeout: float | None) -> Any:
 
     Raises:
         RemoteError, EntrypointError, MissingDependenciesError, WorkerCrashedError,
-        WorkerTimeoutError, ProtocolError: as `isolhub._api.call`.
+        WorkerTimeoutError, ProtocolError: as `isolhub._engine.call`.
     """
     handoff = rng_handoff(None) if job.rng else {}
     if job.op == "list":

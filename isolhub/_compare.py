@@ -139,7 +139,7 @@ def compare(
         UsageError: an unknown `mode`, a negative tolerance, a bad `timeout` or `layer_bytes`,
             per-side arguments of the wrong type.
     """
-    from . import _api, _rng, _trust
+    from . import _engine, _rng, _trust
     from ._options import HubOptions
     from ._spec import parse_spec
 
@@ -151,7 +151,7 @@ def compare(
     check_timeout(timeout)
     calls = [_side_call(args, kwargs, args_a, kwargs_a), _side_call(args, kwargs, args_b, kwargs_b)]
     check_count(layer_bytes, "layer_bytes", minimum=0, none=False)
-    _api.policy_for(sandbox, "value")
+    _engine.policy_for(sandbox, "value")
     if env is not None:
         check_choice(env, "env", ("auto",))
     # compare has no skip_validation: it never made torch.hub's ref check, and still does not.
@@ -291,25 +291,25 @@ def _open_side(
     side: _Side, spec: Any, job: _Job, call: tuple[tuple[Any, ...], dict[str, Any]]
 ) -> None:
     """Fetch, start the worker, call the entrypoint and keep its result there as a session."""
-    from . import _api
+    from . import _engine
     from ._handle import open_handle
 
     o = job.options
     began = time.monotonic()
     timeout = o.watchdog
     try:
-        snap = _api.snapshot_of(spec, o)  # admitted by compare() already
+        snap = _engine.snapshot_of(spec, o)  # admitted by compare() already
         side.sha, side.path = snap.sha, str(snap.path)
-        env = _api.environment_for(snap, o, o.policy)
+        env = _engine.environment_for(snap, o, o.policy)
         side.env = None if env is None else env.describe()
-        side.worker = worker = _api.start_worker(snap, sandbox=o.policy, env=env)
+        side.worker = worker = _engine.start_worker(snap, sandbox=o.policy, env=env)
         side.start_s = time.monotonic() - began
         then = partial(
             open_session, seed=o.seed, remote=o.mode == "remote", snapshot=str(snap.path),
             layers=job.layers, layer_bytes=job.layer_bytes,
         )  # fmt: skip
-        message = _api._call_message(job.entry, call[0], call[1], "handle", o.seed, then)
-        message.update(_api.rng_handoff(o.seed, back=False, state=job.rng_state))
+        message = _engine.call_message(job.entry, call[0], call[1], "handle", o.seed, then)
+        message.update(_engine.rng_handoff(o.seed, back=False, state=job.rng_state))
         sent = time.monotonic()
         # One deadline for the opening request and its list/help fallback together.
         deadline = None if timeout is None else sent + timeout
@@ -410,7 +410,7 @@ def _peak_memory(worker: Any) -> int | None:
 
 def _entrypoints_by_help(worker: Any, deadline: float | None) -> dict[str, dict[str, Any]] | None:
     """Names and docstrings through the worker's list/help, after the entrypoint itself raised."""
-    from ._api import entrypoint_doc, list_entrypoints
+    from ._engine import entrypoint_doc, list_entrypoints
 
     try:
         names = list_entrypoints(worker, deadline=deadline)

@@ -47,8 +47,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
-from . import _api, _checkpoints, _config, _download
-from ._options import MODES
+from . import _checkpoints, _config, _download, _engine
+from ._options import MODES, HubOptions
 from ._types import Mode, SandboxArg, Source
 from ._usage import check_choice, check_timeout
 
@@ -189,7 +189,7 @@ def _active() -> _Options | None:
 def _check(opts: _Options) -> _Options:
     check_choice(opts.mode, "mode", MODES)
     check_timeout(opts.timeout)
-    _api.policy_for(opts.sandbox, opts.mode)
+    _engine.policy_for(opts.sandbox, opts.mode)
     return opts
 
 
@@ -258,7 +258,9 @@ def _hub_list(
     opts = _active()
     if opts is None:
         return _fallthrough["list"](github, force_reload, skip_validation, trust_repo, verbose)
-    return _api.run_list(github, _options(opts, force_reload, skip_validation, trust_repo, verbose))
+    return _engine.run_list(
+        github, _options(opts, force_reload, skip_validation, trust_repo, verbose)
+    )
 
 
 def _hub_help(
@@ -273,7 +275,7 @@ def _hub_help(
     if opts is None:
         return _fallthrough["help"](github, model, force_reload, skip_validation, trust_repo)
     o = _options(opts, force_reload, skip_validation, trust_repo, True)
-    return _api.run_help(github, model, o)
+    return _engine.run_help(github, model, o)
 
 
 def _hub_load(
@@ -302,7 +304,7 @@ def _hub_load(
             **kwargs,
         )
     o = _options(opts, force_reload, skip_validation, trust_repo, verbose, source)
-    return _api.run_load(repo_or_dir, model, args, kwargs, o)
+    return _engine.run_load(repo_or_dir, model, args, kwargs, o)
 
 
 def _hub_load_state_dict_from_url(
@@ -371,9 +373,9 @@ def _options(
     trust_repo: Any,
     verbose: bool,
     source: Source = "github",
-) -> _api.HubOptions:
+) -> HubOptions:
     """torch.hub's per-call options joined with the patch's isolhub options."""
-    return _api.HubOptions(
+    return HubOptions(
         source=source,
         trust_repo=trust_repo,
         force_reload=force_reload,

@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from typing import Any, final
 
 from . import _trust
-from ._api import HubOptions, policy_for, snapshot_of
 from ._backend import (
     _Backend,
     _Job,
@@ -47,7 +46,9 @@ from ._backend import (
     is_infrastructure_failure,
     job_of,
 )
+from ._engine import policy_for, snapshot_of
 from ._errors import IsolhubError, Option, PoolClosedError, UsageError, signal_name
+from ._options import HubOptions
 from ._progress import PoolProgress
 from ._source import Snapshot
 from ._spec import parse_spec

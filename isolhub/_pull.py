@@ -25,6 +25,8 @@ from ._arena import buffer_at, map_raw
 from ._errors import ProtocolError
 from ._libc import Iovec, libc
 
+__all__ = ["PullError", "mark_refused", "pin", "read_storages", "refused"]
+
 _ALIGN = 64
 _HUGE = 2 << 20
 _MADV_HUGEPAGE = 14
@@ -36,6 +38,21 @@ _MAX_TOTAL = 1 << 44
 
 class PullError(OSError):
     """The kernel would not let this process read the worker's memory."""
+
+
+_refused = False
+
+
+def refused() -> bool:
+    """Whether the kernel refused `read_storages` in this process already (then, for the rest of
+    its life, module results come through the worker's sealed arena without trying again)."""
+    return _refused
+
+
+def mark_refused() -> None:
+    """Remember that the kernel refused `read_storages` here (see `refused`)."""
+    global _refused
+    _refused = True
 
 
 def pin(storages: list[Any]) -> tuple[bytes, list[Any]]:

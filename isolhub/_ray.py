@@ -14,7 +14,7 @@ snapshot, and extracted by isolhub's checked tar extractor into the same cache l
 fetch uses. Inside the actor the repo runs in a forked isolhub worker, exactly as locally. The
 actor is a relay: it neither imports the repo nor decodes its replies (it never even imports
 torch); the reply frame and its tensor arena travel back as bytes and are decoded in the driver
-by `isolhub._api.decode_result` (the restricted codec for values), as for a local worker. `fn`
+by `isolhub._engine.decode_result` (the restricted codec for values), as for a local worker. `fn`
 travels as bytes pickled by value in the driver and is unpickled only in the worker.
 
 isolhub must be importable on every node (install it in the cluster's image, or ship it with
@@ -40,10 +40,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ._api import _call_message, decode_result, reply_limits, start_worker
 from ._archive import extract_tar
 from ._backend import _Job, _Outcome, _Settings, _Shipped, is_infrastructure_failure
 from ._cache import STAGING_PREFIX, install_snapshot, snapshot_path
+from ._engine import call_message, decode_result, reply_limits, start_worker
 from ._errors import (
     IsolhubError,
     ProtocolError,
@@ -225,11 +225,11 @@ class _RepoActor:
 
 
 def _message(job: _Job) -> dict[str, Any]:
-    """The worker request for `job`: the messages `isolhub._api.call/list/help` send."""
+    """The worker request for `job`: the messages `isolhub._engine.call/list_entrypoints/entrypoint_doc` send."""
     if job.op in ("list", "help"):
         return {"op": job.op, "entry": job.entry}
     then = None if job.then is None else _Shipped(job.then)
-    return _call_message(job.entry or "", job.args, job.kwargs, job.result, job.seed, then)
+    return call_message(job.entry or "", job.args, job.kwargs, job.result, job.seed, then)
 
 
 def _failure(e: IsolhubError, worker: Worker | None) -> _Outcome:
@@ -266,7 +266,7 @@ def _read_arena(fds: list[int]) -> bytes | None:
 def _decode(
     job: _Job, reply: dict[str, Any], arena: bytes | None, limits: ReplyLimits | None = None
 ) -> Any:
-    """Decode a relayed reply here in the driver, as `isolhub._api` does for a local worker."""
+    """Decode a relayed reply here in the driver, as `isolhub._engine` does for a local worker."""
     if job.op in ("list", "help"):
         return reply["value"]
     fds = [] if arena is None else [sealed_bytes(arena)]  # as a worker would have passed it

@@ -52,7 +52,7 @@ def row_load(bench: Any) -> Row:
 # -- 2. a new worker vs a cold interpreter importing torch ---------------------------------
 def row_worker_ready(bench: Any) -> Row:
     import isolhub
-    from isolhub._api import start_worker
+    from isolhub._engine import start_worker
 
     snap = isolhub.fetch(str(bench.repo), source="local")
 
@@ -81,7 +81,7 @@ def row_worker_ready(bench: Any) -> Row:
         f"{speedup:.0f}× faster",
         "≤ 25 ms, ≥ 40× faster",
         a <= 0.025 and speedup >= 40,
-        "time of isolhub._api.start_worker (socketpair, request to the zygote, which hands "
+        "time of isolhub._engine.start_worker (socketpair, request to the zygote, which hands "
         "the fds to the child it forked ahead and forks the next one after replying; init "
         "message, the worker's ready reply); starts follow each other after a close; "
         "closing is not counted",
@@ -92,7 +92,7 @@ def row_worker_ready(bench: Any) -> Row:
 # -- 10. sandboxed worker set-up ------------------------------------------------------------
 def row_sandbox(bench: Any) -> Row:
     import isolhub
-    from isolhub import _api
+    from isolhub import _engine
 
     title = "sandboxed worker set-up vs unsandboxed"
     from isolhub._sandbox import resolve_policy
@@ -101,7 +101,7 @@ def row_sandbox(bench: Any) -> Row:
     snap = isolhub.fetch(str(bench.repo), source="local")
 
     def start(**kw: Any) -> Any:
-        return _api.start_worker(snap, **kw)
+        return _engine.start_worker(snap, **kw)
 
     try:
         start(sandbox=policy).close()  # the first confined worker loads the sandbox code

@@ -32,14 +32,14 @@ def row_state_dict_big(bench: Any) -> list[Row]:
     import torch
 
     import isolhub
-    from isolhub import _api
-    from isolhub._api import call, start_worker
+    from isolhub import _engine
+    from isolhub._engine import call, start_worker
 
     count, nbytes = 512, 2 * MiB
     total = count * nbytes
     snap = isolhub.fetch(str(bench.repo), source="local")
     decode_times: list[float] = []
-    real_decode = _api.decode_result
+    real_decode = _engine.decode_result
 
     def timed_decode(*args: Any, **kwargs: Any) -> Any:
         dt, out = timed(lambda: real_decode(*args, **kwargs))
@@ -61,11 +61,11 @@ def row_state_dict_big(bench: Any) -> list[Row]:
         call(w, "tensors", (count, nbytes), result="state_dict")  # build it in the worker
 
         def ours() -> Any:
-            _api.decode_result = timed_decode
+            _engine.decode_result = timed_decode
             try:
                 sd = call(w, "tensors", (count, nbytes), result="state_dict")
             finally:
-                _api.decode_result = real_decode
+                _engine.decode_result = real_decode
             assert len(sd) == count
             return sd
 
@@ -129,7 +129,7 @@ def row_state_dict_small(bench: Any) -> Row:
     import torch.multiprocessing as tmp
 
     import isolhub
-    from isolhub._api import start_worker
+    from isolhub._engine import start_worker
 
     count, nbytes = 500, 4096
     snap = isolhub.fetch(str(bench.repo), source="local")
@@ -143,7 +143,7 @@ def row_state_dict_small(bench: Any) -> Row:
     try:
         with start_worker(snap) as w:
             from isolhub import _process
-            from isolhub._api import call
+            from isolhub._engine import call
 
             real_recv = _process.recv_frame
 
@@ -204,7 +204,7 @@ def row_module(bench: Any) -> Row:
     import torch.hub
 
     import isolhub
-    from isolhub._api import call, start_worker
+    from isolhub._engine import call, start_worker
 
     mib = 256
     snap = isolhub.fetch(str(bench.repo), source="local")

@@ -20,9 +20,9 @@ import torch
 from urllib3.util import parse_url
 
 import isolhub as hub
-from isolhub._api import call, policy_for, start_worker
 from isolhub._broker import check_url, weights_broker
 from isolhub._download import download_url_to_file
+from isolhub._engine import call, policy_for, start_worker
 from isolhub._errors import DownloadError
 from isolhub._sandbox import probe
 

@@ -20,8 +20,8 @@ import pytest
 
 import isolhub as hub
 from isolhub import _caps
-from isolhub._api import call, policy_for, start_worker
 from isolhub._cli import main as cli_main
+from isolhub._engine import call, policy_for, start_worker
 from isolhub._sandbox import PRETEND_MISSING_ENV, probe
 
 from hubrepos import make_repo, spec_of

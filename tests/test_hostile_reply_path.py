@@ -21,7 +21,7 @@ import pytest
 from test_hostile_replies import PRELUDE
 
 import isolhub as hub
-from isolhub._api import start_worker
+from isolhub._engine import start_worker
 from isolhub._process import _Zygote
 from isolhub._protocol import MAX_FRAME, recv_frame
 from isolhub._source import fetch_snapshot

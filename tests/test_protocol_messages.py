@@ -12,7 +12,7 @@ import pytest
 
 import isolhub
 from isolhub import _errors
-from isolhub._api import start_worker
+from isolhub._engine import start_worker
 from isolhub._messages import (
     CALLER_ERRORS,
     ERROR_KINDS,

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import isolhub as hub
-from isolhub import _api
+from isolhub import _engine, _pull
 
 from hubrepos import make_repo, net_files, spec_of
 
@@ -20,11 +20,11 @@ REFUSED = """
 import ctypes, os, sys
 import torch
 import isolhub
-from isolhub import _api, _seccomp
+from isolhub import _pull, _seccomp
 
 repo = sys.argv[1]
 first = isolhub.load(repo, "net", source="local")  # starts the zygote (its exec comes first)
-assert not _api._PULL_REFUSED
+assert not _pull.refused()
 ctypes.CDLL(None, use_errno=True).prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
 # The sandbox's deny list refuses process_vm_readv with EPERM, as a hardened kernel would.
 _seccomp.install(_seccomp.build(arch=_seccomp.native_arch(), deny_sockets=False,
@@ -32,7 +32,7 @@ _seccomp.install(_seccomp.build(arch=_seccomp.native_arch(), deny_sockets=False,
 second = isolhub.load(repo, "net", source="local")
 third = isolhub.load(repo, "net", source="local")
 x = torch.randn(2, 4)
-assert _api._PULL_REFUSED
+assert _pull.refused()
 assert all(torch.equal(first(x), m(x)) for m in (second, third))
 print("same results through the arena")
 """
@@ -54,7 +54,7 @@ def test_a_module_comes_through_the_arena_where_the_kernel_refuses_to_pull(
 def test_a_module_result_is_pulled_out_of_the_worker(tmp_path: Path) -> None:
     repo = make_repo(tmp_path / "r", net_files("v1", width=3))
     m = hub.load(spec_of(repo), "net")
-    assert not _api._PULL_REFUSED
+    assert not _pull.refused()
     w = m.fc.weight
     assert w.untyped_storage().data_ptr() % 64 == 0
     w.data.add_(1)  # private and writable
@@ -90,9 +90,9 @@ def _rss_mib(pid: int) -> float:
 def test_a_worker_that_stays_up_frees_what_it_pinned_once_it_is_read(tmp_path: Path) -> None:
     hubconf = "import torch\n\ndef big():\n    return torch.nn.Linear(4096, 4096, bias=False)\n"
     snap = hub.fetch(spec_of(make_repo(tmp_path / "r", {"hubconf.py": hubconf})))
-    with _api.start_worker(snap) as w:
+    with _engine.start_worker(snap) as w:
         before = _rss_mib(w.pid)
-        m = _api.call(w, "big", result="module")  # 64 MiB, built, pinned, read, then dropped
+        m = _engine.call(w, "big", result="module")  # 64 MiB, built, pinned, read, then dropped
         deadline = time.monotonic() + 10
         while _rss_mib(w.pid) > before + 32 and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -143,7 +143,7 @@ def _markers_ok(t: torch.Tensor, tag: int) -> bool:
 def test_module_storages_past_2_gib_are_pulled_whole(tmp_path: Path, sizes: list[int]) -> None:
     repo = make_repo(tmp_path / "r", {"hubconf.py": BIG})
     m = hub.load(spec_of(repo), "big", sizes)
-    assert not _api._PULL_REFUSED
+    assert not _pull.refused()
     buffers = [getattr(m, f"b{i}") for i in range(len(sizes))]
     assert [b.numel() for b in buffers] == sizes
     assert all(_markers_ok(b, 10 * i + 1) for i, b in enumerate(buffers))

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import isolhub as hub
-from isolhub._api import call, start_worker
+from isolhub._engine import call, start_worker
 from isolhub._sandbox import probe
 
 from github_server import FakeGitHub
@@ -179,7 +179,7 @@ def run_case(
 ) -> object:
     sb = hub.Sandbox(**policy) if policy else sandbox
     snap = hub.fetch(spec_of(repo))
-    from isolhub._api import policy_for
+    from isolhub._engine import policy_for
 
     with start_worker(snap, sandbox=policy_for(sb, "value")) as w:
         return call(w, entry, args, result="value", timeout=60)

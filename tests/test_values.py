@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import isolhub as hub
-from isolhub._api import call, start_worker
+from isolhub._engine import call, start_worker
 
 from hubrepos import make_repo, net_files, spec_of
 

@@ -1,0 +1,458 @@
+"""The engine under every public call: options → snapshot → worker → request → result.
+
+`isolhub._api` (the torch.hub surface), `_patch`, `_pool`, `_compare` and `_ray` all reach a
+repo's code through these functions, so a load follows one path whoever asks:
+
+    HubOptions ──admitted_snapshot──▶ Snapshot ──start_worker──▶ Worker
+        ──call / list_entrypoints / entrypoint_doc──▶ reply ──decode_result──▶ object
+
+`run_load`, `run_list` and `run_help` are that path whole (every load ends in `run_load`, as
+every torch.hub load ends in `_load_local`); the pieces are public here for the callers that
+keep a worker for more than one request (the pool, compare, remote handles).
+
+Example:
+    >>> from isolhub._options import HubOptions
+    >>> from isolhub._engine import run_list
+    >>> run_list(str(tinynet), HubOptions(source="local"))
+    ['tinynet']
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+from . import _byvalue, _pull, _rng, _trust
+from ._arena import ArenaReader
+from ._broker import weights_broker
+from ._config import get_dir
+from ._errors import ProtocolError, SandboxError, UsageError
+from ._handle import open_handle
+from ._options import HubOptions, sandbox_policy
+from ._process import Worker, prestart_zygote
+from ._protocol import MAX_FRAME, ReplyLimits
+from ._pull import PullError, read_storages
+from ._sandbox import PRETEND_MISSING_ENV, Sandbox
+from ._source import Snapshot, fetch_snapshot
+from ._spec import RepoSpec, parse_spec
+from ._values import decode_state_dict, decode_value
+
+if TYPE_CHECKING:
+    from ._env import Env
+
+__all__ = [
+    "admitted_snapshot",
+    "call",
+    "call_message",
+    "check_model_name",
+    "decode_result",
+    "entrypoint_doc",
+    "environment_for",
+    "list_entrypoints",
+    "policy_for",
+    "reply_limits",
+    "rng_handoff",
+    "run_help",
+    "run_list",
+    "run_load",
+    "snapshot_of",
+    "start_worker",
+    "watchdog",
+]
+
+
+def start_worker(
+    snapshot: Snapshot,
+    *,
+    start_method: str = "zygote",
+    memory_bytes: int | None = None,
+    sandbox: Sandbox | None = None,
+    limits: ReplyLimits | None = None,
+    env: Env | None = None,
+) -> Worker:
+    """Start a worker serving `snapshot` (the caller closes it).
+
+    `env` (an `_env.Env`) puts the repo's installed requirements on its `sys.path`; one of
+    its own runs in a worker forked from that environment's own zygote.
+
+    `memory_bytes` caps the worker's address space (RLIMIT_AS): past it, allocations fail with
+    MemoryError in the worker instead of the machine swapping or the OOM killer striking.
+    With a `sandbox` policy the worker confines itself before importing the repo, and its
+    downloads are served by this process (`_broker`). `limits` caps what one reply may make
+    this process hold or print (default: `reply_limits(sandbox)`).
+
+    Raises:
+        SandboxError: a sandbox with another start method than the zygote.
+    """
+    tag = (snapshot.sha or str(abs(hash(str(snapshot.path)))))[:12]
+    init: dict[str, Any] = {
+        "snapshot": str(snapshot.path),
+        "module_name": f"isolhub_hubconf_{tag}",
+        "hub_dir": get_dir(),
+        "env": dict(os.environ),
+        "memory_bytes": memory_bytes,
+        "overlay": None if env is None else str(env.site),
+    }
+    if limits is None:
+        limits = reply_limits(sandbox)
+    own = str(env.site) if env is not None and env.kind == "own" else None
+    if sandbox is None:
+        return Worker.start(
+            snapshot.label, init, start_method=start_method, limits=limits, own_overlay=own
+        )
+    if start_method != "zygote":
+        raise SandboxError("the sandbox is applied in a worker forked from the zygote; use it")
+    # The confined worker keeps the zygote's secret-free environment and never sees the hub dir.
+    init.update(env=None, hub_dir=None, sandbox=sandbox)
+    pretend = os.environ.get(PRETEND_MISSING_ENV)
+    if pretend:  # the test knob simulating an older kernel must reach the worker
+        init["env_overrides"] = {PRETEND_MISSING_ENV: pretend}
+    return Worker.start(
+        snapshot.label,
+        init,
+        start_method=start_method,
+        on_request=weights_broker(sandbox),
+        limits=limits,
+        own_overlay=own,
+    )
+
+
+def reply_limits(policy: Sandbox | None) -> ReplyLimits:
+    """What one reply may make this process hold or print under `policy` (None: trusted)."""
+    if policy is None:
+        return ReplyLimits()
+    size = policy.max_reply_bytes
+    # Printing is no way around the file cap; a hostile worker's \r could overwrite a line.
+    return ReplyLimits(
+        frame_bytes=MAX_FRAME if size is None else min(size, MAX_FRAME),
+        arena_bytes=size,
+        elements=policy.max_reply_elements,
+        output_bytes=policy.file_size_bytes,
+        output_cr=False,
+    )
+
+
+def policy_for(sandbox: Any, mode: str) -> Sandbox | None:
+    """The sandbox policy for a `sandbox=` argument, refusing combinations that defeat it.
+
+    Raises:
+        SandboxError: an unknown sandbox value, or `mode="module"` with a sandbox.
+    """
+    policy = sandbox_policy(sandbox)
+    if policy is not None and mode == "module":
+        raise SandboxError(
+            "mode='module' cannot be sandboxed: it ships the repo's classes and functions into "
+            "this process, where they would run unconfined; use mode='remote' (or "
+            "load_state_dict) with a sandbox"
+        )
+    return policy
+
+
+def environment_for(snap: Snapshot, o: HubOptions, policy: Sandbox | None) -> Env | None:
+    """The `_env.Env` that `o.env` asks for `snap` (None for `env=None` or no requirements).
+
+    Installed by this process, before any worker starts; a sandboxed repo's from wheels only.
+
+    Raises:
+        UsageError: an unknown `env=` value, or `requirements=` without `env="auto"`.
+        EnvError, OfflineError: as `_env.prepare`.
+    """
+    if o.env is None:
+        if o.requirements is not None:
+            raise UsageError("requirements= needs env='auto' (it installs them)")
+        return None
+    if o.env != "auto":
+        raise UsageError(f"env={o.env!r}: use env=None (the default) or env='auto'")
+    from . import _env
+    from ._process import zygote_packages
+
+    return _env.prepare(
+        snap,
+        o.requirements,
+        provided=zygote_packages(),
+        wheels_only=policy is not None,
+        verbose=o.verbose,
+    )
+
+
+def admitted_snapshot(repo_or_dir: Any, o: HubOptions, fn: str) -> Snapshot:
+    """The snapshot of `repo_or_dir` once `_trust.admit` let `fn` (the public name) run it."""
+    spec = parse_spec(repo_or_dir, o.source)
+    _trust.admit(spec, o, fn)
+    return snapshot_of(spec, o)
+
+
+def snapshot_of(spec: RepoSpec, o: HubOptions) -> Snapshot:
+    """`fetch_snapshot` with the options of `o`: the one place options become a fetch.
+
+    Trust is the caller's to decide first (`_trust.admit`). The zygote starts meanwhile: a
+    worker will be wanted next.
+    """
+    prestart_zygote()
+    return fetch_snapshot(
+        spec,
+        force_reload=o.force_reload,
+        verbose=o.verbose,
+        skip_validation=o.skip_validation,
+    )
+
+
+def rng_handoff(seed: int | None, *, back: bool = True, state: Any = None) -> dict[str, Any]:
+    """The request fields that start a worker from this process's random state (`_rng`).
+
+    With `back`, the worker's end state is applied here when it answers, as if the repo had run
+    in this process (torch.hub's behaviour). `state`: a state captured earlier, sent instead of
+    the current one. A `seed` overrides: the worker is seeded and this process's state untouched.
+    """
+    if seed is not None:
+        return {}
+    return {"rng": _rng.capture() if state is None else state, "rng_back": back}
+
+
+def run_list(github: Any, o: HubOptions) -> builtins.list[str]:
+    """`list` with its options in one object (shared by the public API and the torch.hub patch)."""
+    policy = policy_for(o.sandbox, "list")
+    snap = admitted_snapshot(github, o, "list")
+    env = environment_for(snap, o, policy)
+    with start_worker(snap, sandbox=policy, env=env) as w:
+        return list_entrypoints(w, watchdog(o.timeout, policy), rng_handoff(None))
+
+
+def run_help(github: Any, model: Any, o: HubOptions) -> str | None:
+    """`help` with its options in one object."""
+    check_model_name(model)
+    policy = policy_for(o.sandbox, "help")
+    snap = admitted_snapshot(github, o, "help")
+    env = environment_for(snap, o, policy)
+    with start_worker(snap, sandbox=policy, env=env) as w:
+        return entrypoint_doc(w, model, watchdog(o.timeout, policy), rng_handoff(None))
+
+
+def list_entrypoints(
+    worker: Worker,
+    timeout: float | None = None,
+    extra: dict[str, Any] | None = None,
+    *,
+    deadline: float | None = None,
+) -> builtins.list[str]:
+    """The worker's entrypoint names (what `list` returns), checked to be a list of str.
+
+    `extra`: more fields of the request (`rng_handoff`). The answer carries no fds.
+
+    Raises:
+        ProtocolError: the worker answered something else (it is killed).
+        and what `Worker.request` raises.
+    """
+    reply, _ = worker.request({"op": "list", **(extra or {})}, timeout, deadline=deadline)
+    return _checked_value(
+        worker, reply, lambda v: type(v) is builtins.list and all(type(n) is str for n in v)
+    )
+
+
+def entrypoint_doc(
+    worker: Worker,
+    entry: str,
+    timeout: float | None = None,
+    extra: dict[str, Any] | None = None,
+    *,
+    deadline: float | None = None,
+) -> str | None:
+    """The docstring of `entry` in the worker (what `help` returns), checked to be text.
+
+    Raises:
+        ProtocolError: the worker answered something else (it is killed).
+        and what `Worker.request` raises.
+    """
+    message = {"op": "help", "entry": entry, **(extra or {})}
+    reply, _ = worker.request(message, timeout, deadline=deadline)
+    return _checked_value(worker, reply, lambda v: v is None or type(v) is str)
+
+
+def _checked_value(worker: Worker, reply: dict[str, Any], ok: Any) -> Any:
+    value = reply.get("value")
+    if not ok(value):
+        worker.kill()
+        raise ProtocolError(
+            f"malformed {type(value).__name__} answer from the worker for {worker.label}"
+        )
+    return value
+
+
+def run_load(
+    repo_or_dir: Any, model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], o: HubOptions
+) -> Any:
+    """`load` with the entrypoint's arguments and the hub's options kept apart."""
+    check_model_name(model)
+    policy = policy_for(o.sandbox, o.mode)
+    timeout = watchdog(o.timeout, policy)
+    snap = admitted_snapshot(repo_or_dir, o, "load")
+    env = environment_for(snap, o, policy)
+    if o.mode != "remote":
+        # The result holds tensors: import torch here while the zygote imports its own.
+        import torch  # noqa: F401
+
+        with start_worker(snap, sandbox=policy, env=env) as w:
+            return call(
+                w, model, args, kwargs, result=o.mode, timeout=timeout, seed=o.seed, rng=True,
+                last=True,
+            )  # fmt: skip
+    w = start_worker(snap, sandbox=policy, env=env)
+    try:
+        # The random state goes in with the entrypoint call and comes back with its result;
+        # later calls on the handle draw from the worker's own generators.
+        message = call_message(model, args, kwargs, "handle", o.seed, None)
+        reply, fds = w.request({**message, **rng_handoff(o.seed)}, timeout)
+        if reply.get("kind") != "handle" or not isinstance(reply.get("handle"), dict) or fds:
+            for fd in fds:
+                os.close(fd)
+            raise ProtocolError(f"the worker for {snap.label} sent no handle")
+    except ProtocolError:
+        w.kill()
+        raise
+    except BaseException:
+        w.close()
+        raise
+    return open_handle(w, reply["handle"], timeout)
+
+
+def call(
+    worker: Worker,
+    entry: str,
+    args: tuple[Any, ...] = (),
+    kwargs: dict[str, Any] | None = None,
+    *,
+    result: str = "module",
+    timeout: float | None = None,
+    seed: int | None = None,
+    then: Any = None,
+    last: bool = False,
+    rng: bool = False,
+    rng_state: Any = None,
+    deadline: float | None = None,
+) -> Any:
+    """Call `entry` in a live worker and decode its result.
+
+    `result` is `module` (by value), `state_dict` or `value` (restricted codec + tensors);
+    `then(obj)`, if given, runs in the worker on the entrypoint's result first (closures and
+    lambdas work: it travels by cloudpickle, from this trusted process to the worker).
+    `last=True`: the worker exits right after replying, while this process decodes the reply
+    (its exit then costs `close()` nothing). Unless `seed` is given, `rng=True` starts the
+    worker from this process's random state and takes its end state back (`rng_handoff`);
+    `rng_state` starts it from that captured state instead, and takes nothing back.
+    `timeout` bounds the whole call, every read of every request in it; `deadline` (a
+    `time.monotonic()` value) does instead, for a caller whose own deadline spans more.
+    """
+    message = call_message(entry, args, kwargs, result, seed, then)
+    if rng or rng_state is not None:
+        message.update(rng_handoff(seed, back=rng_state is None, state=rng_state))
+    if last:
+        message["last"] = True
+    pull = result == "module" and not _pull.refused()
+    if pull:
+        message["pull"] = True  # the module's storages are read out of the worker (`_pull`)
+    if deadline is None and timeout is not None:
+        deadline = time.monotonic() + timeout  # one for the call, however many requests
+    reply, fds = worker.request(message, timeout, deadline=deadline, max_fds=1)
+    try:
+        if pull and reply.get("pull"):
+            return _pulled_module(worker, reply, fds, timeout, deadline, last)
+        return decode_result(reply, fds, expect=result, limits=worker.limits)
+    except ProtocolError:
+        worker.kill()  # it sent garbage: nothing more it says can be trusted
+        raise
+
+
+def _pulled_module(
+    worker: Worker,
+    reply: dict[str, Any],
+    fds: builtins.list[int],
+    timeout: float | None,
+    deadline: float | None,
+    last: bool,
+) -> Any:
+    """A module-mode result whose storages are read out of the (trusted) worker's memory."""
+    for fd in fds:
+        os.close(fd)
+    if fds or reply.get("kind") != "pickle" or type(reply.get("data")) is not bytes:
+        raise ProtocolError("malformed module result from a worker")
+    try:
+        arena = ArenaReader.of_storages(read_storages(worker.pid, reply["layout"]))
+    except PullError:
+        _pull.mark_refused()
+        pushed, push_fds = worker.request({"op": "push"}, timeout, deadline=deadline, max_fds=1)
+        if pushed.get("kind") != "arena":
+            for fd in push_fds:
+                os.close(fd)
+            raise ProtocolError("malformed arena from a worker") from None
+        arena = ArenaReader(push_fds[0] if push_fds else None, pushed.get("layout"))
+    # Read: it may exit now (or drop the pinned storages), while this process unpickles.
+    worker.notify("close" if last else "unpin")
+    return _byvalue.loads_with(reply["data"], arena)
+
+
+def watchdog(timeout: float | None, policy: Sandbox | None) -> float | None:
+    """The parent's wall-clock limit: `timeout=`, else the sandbox's `wall_seconds`."""
+    return timeout if timeout is not None or policy is None else policy.wall_seconds
+
+
+def call_message(
+    entry: str, args: Any, kwargs: Any, result: str, seed: int | None, then: Any
+) -> dict[str, Any]:
+    """The request that calls `entry(*args, **kwargs)` in a worker and answers as `result`."""
+    return {
+        "op": "call",
+        "entry": entry,
+        "args": tuple(args),
+        "kwargs": dict(kwargs or {}),
+        "result": result,
+        "seed": seed,
+        "then": then,
+    }
+
+
+def decode_result(
+    reply: dict[str, Any],
+    fds: builtins.list[int],
+    *,
+    expect: str,
+    limits: ReplyLimits | None = None,
+) -> Any:
+    """Rebuild a `call` reply of the `expect`ed kind in this process; consumes `fds`.
+
+    Only a `module` request may be answered with a pickle: any other reply is decoded by the
+    restricted codec, so a worker cannot make the parent unpickle by lying about the kind.
+    `limits` caps what the reply may make this process hold (`reply_limits`).
+    """
+    want = "pickle" if expect == "module" else expect
+    if reply.get("kind") != want or reply.get("pull") or len(fds) > 1:
+        for fd in fds:
+            os.close(fd)
+        raise ProtocolError(
+            f"asked for a {want} result with at most one fd, got {reply.get('kind')!r} with "
+            f"{len(fds)}"
+        )
+    one = fds[0] if fds else None
+    # Each decoder takes the fd first, so a malformed field below can never leave it open.
+    layout = reply.get("layout")
+    data: Any = reply.get("data")  # checked by the decoders, which take the fd whatever it is
+    body: Any = reply.get("body")
+    try:
+        if want == "pickle":
+            return _byvalue.loads(data, one, layout)
+        if want == "value":
+            return decode_value(body, one, layout, limits=limits)
+        if want == "state_dict":
+            return decode_state_dict(body, one, layout, limits)
+    except (KeyError, TypeError) as e:
+        raise ProtocolError(f"malformed result from a worker: {e!r}") from None
+    if one is not None:
+        os.close(one)
+    raise ProtocolError(f"unknown result kind {want!r}")
+
+
+def check_model_name(model: Any) -> None:
+    """torch.hub's check (and message) that an entrypoint name is a string."""
+    if not isinstance(model, str):
+        raise UsageError("Invalid input: model should be a string of function name")
