@@ -101,6 +101,9 @@ def _fork_spare(control: socket.socket) -> tuple[int, socket.socket]:
             from ._protocol import recv_frame
 
             prepare()  # a sandbox's cgroups, entered while it waits (moving in is slow)
+            from ._worker import prepare as prepare_worker
+
+            prepare_worker()  # and what the worker sets up before it knows its repo
 
             frame = recv_frame(theirs)
             if frame is None or len(frame[1]) != 2:
