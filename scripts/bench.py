@@ -33,7 +33,7 @@ sys.path.insert(0, _HERE)  # the row modules beside it
 # Workers import them too (a `then=` function travels by reference from bench_children).
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (_HERE, os.environ.get("PYTHONPATH"))))
 
-from bench_children import _rss_child  # noqa: E402
+from bench_children import rss_child  # noqa: E402
 from bench_common import (  # noqa: E402
     FRESH_MEMORY_ENV,
     FRESH_MEMORY_VALUE,
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--_rss", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._rss:
-        _rss_child(args._rss[0], int(args._rss[1]))
+        rss_child(args._rss[0], int(args._rss[1]))
         return 0
     only = set(args.only.split(",")) if args.only else set(ROWS)
     unknown = only - set(ROWS)

@@ -7,7 +7,7 @@ import multiprocessing
 import os
 from typing import Any
 
-from bench_children import _pipe_child
+from bench_children import pipe_child
 from bench_common import (
     MiB,
     Row,
@@ -25,7 +25,7 @@ def row_call_small(bench: Any) -> Row:
 
     ctx = multiprocessing.get_context("spawn")
     parent_end, child_end = ctx.Pipe()
-    child = ctx.Process(target=_pipe_child, args=(child_end,), daemon=True)
+    child = ctx.Process(target=pipe_child, args=(child_end,), daemon=True)
     child.start()
     child_end.close()
     x = torch.randn(3072)  # 12 KiB

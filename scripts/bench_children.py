@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 
-def _evaluate(model: Any) -> float:
+def evaluate(model: Any) -> float:
     """What a harness does with each model (runs in the pool's worker, or in-process)."""
     import torch
 
@@ -25,7 +25,7 @@ def _evaluate(model: Any) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def _tmp_child(qin: Any, qout: Any, count: int, nbytes: int) -> None:
+def tmp_child(qin: Any, qout: Any, count: int, nbytes: int) -> None:
     import torch
 
     sd = {f"layer{i}.weight": torch.full((nbytes // 4,), float(i)) for i in range(count)}
@@ -33,7 +33,7 @@ def _tmp_child(qin: Any, qout: Any, count: int, nbytes: int) -> None:
         qout.put({k: v.clone() for k, v in sd.items()})
 
 
-def _memfd_write(state_dict: Any) -> float:
+def memfd_write(state_dict: Any) -> float:
     """Runs in the worker: the bare floor, a pwrite of each tensor into a fresh memfd."""
     import ctypes
 
@@ -53,7 +53,7 @@ def _memfd_write(state_dict: Any) -> float:
         os.close(fd)
 
 
-def _pipe_child(conn: Any) -> None:
+def pipe_child(conn: Any) -> None:
     while True:
         data = conn.recv_bytes()
         if not data:
@@ -61,7 +61,7 @@ def _pipe_child(conn: Any) -> None:
         conn.send_bytes(data[:64])
 
 
-def _rss_child(repo: str, mib: int) -> None:
+def rss_child(repo: str, mib: int) -> None:
     """In a fresh interpreter: peak RSS of loading a `mib` MiB model in module mode."""
     import torch
 

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from typing import Any
 
-from bench_children import _evaluate
+from bench_children import evaluate
 from bench_common import (
     Row,
     fmt_time,
@@ -95,9 +95,7 @@ def row_sandbox(bench: Any) -> Row:
     from isolhub import _engine
 
     title = "sandboxed worker set-up vs unsandboxed"
-    from isolhub._sandbox import resolve_policy
-
-    policy = resolve_policy("strict")
+    policy = _engine.policy_for("strict", "remote")
     snap = isolhub.fetch(str(bench.repo), source="local")
 
     def start(**kw: Any) -> Any:
@@ -160,7 +158,7 @@ def row_pool(bench: Any) -> Row:
 def pool_row(bench: Any, title: str) -> Row:
     import torch.hub
 
-    from isolhub._pool import Hub
+    from isolhub import Hub
 
     repos = [str(r) for r in bench.small_repos]
 
@@ -168,13 +166,13 @@ def pool_row(bench: Any, title: str) -> Row:
         out = []
         for r in bench.small_repos:
             forget_modules(r)
-            out.append(_evaluate(torch.hub.load(str(r), "net", source="local", verbose=False)))
+            out.append(evaluate(torch.hub.load(str(r), "net", source="local", verbose=False)))
             forget_modules(r)
         return out
 
     def ours() -> list[float]:
         with Hub(max_workers=2, source="local") as pool:
-            results = list(pool.map(_evaluate, repos, "net"))
+            results = list(pool.map(evaluate, repos, "net"))
         bad = [r for r in results if not r.ok]
         if bad:
             raise RuntimeError(bad[0].summary())

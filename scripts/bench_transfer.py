@@ -9,7 +9,7 @@ import subprocess
 import sys
 from typing import Any
 
-from bench_children import _memfd_write, _tmp_child
+from bench_children import memfd_write, tmp_child
 from bench_common import (
     RUNS,
     Fd,
@@ -27,24 +27,31 @@ from bench_common import (
 )
 
 
+def state_dict_call(worker: Any, args: tuple[Any, ...]) -> tuple[Any, int, float]:
+    """`call(worker, "tensors", args, result="state_dict")` through the engine's two steps:
+    (the state dict, how many fds its reply passed, the parent-side decode time)."""
+    from isolhub._engine import call_message, decode_result
+
+    message = call_message("tensors", args, None, "state_dict", None, None)
+    reply, fds = worker.request(message, max_fds=1)
+    passed = len(fds)
+    decode_s, sd = timed(
+        lambda: decode_result(reply, fds, expect="state_dict", limits=worker.limits)
+    )
+    return sd, passed, decode_s
+
+
 # -- 3, 4. state dict, 1 GiB in 512 tensors --------------------------------------------------
 def row_state_dict_big(bench: Any) -> list[Row]:
     import torch
 
     import isolhub
-    from isolhub import _engine
     from isolhub._engine import call, start_worker
 
     count, nbytes = 512, 2 * MiB
     total = count * nbytes
     snap = isolhub.fetch(str(bench.repo), source="local")
     decode_times: list[float] = []
-    real_decode = _engine.decode_result
-
-    def timed_decode(*args: Any, **kwargs: Any) -> Any:
-        dt, out = timed(lambda: real_decode(*args, **kwargs))
-        decode_times.append(dt)
-        return out
 
     src = torch.ones(total // 4)
     view = memoryview(src.numpy()).cast("B")
@@ -61,16 +68,13 @@ def row_state_dict_big(bench: Any) -> list[Row]:
         call(w, "tensors", (count, nbytes), result="state_dict")  # build it in the worker
 
         def ours() -> Any:
-            _engine.decode_result = timed_decode
-            try:
-                sd = call(w, "tensors", (count, nbytes), result="state_dict")
-            finally:
-                _engine.decode_result = real_decode
+            sd, _, decode_s = state_dict_call(w, (count, nbytes))
+            decode_times.append(decode_s)
             assert len(sd) == count
             return sd
 
         def worker_floor() -> float:
-            return call(w, "tensors", (count, nbytes), result="value", then=_memfd_write)
+            return call(w, "tensors", (count, nbytes), result="value", then=memfd_write)
 
         # Three in turn: ours, the floor in the worker (the same tensors, the same process
         # that our transport writes from), and the floor in this process.
@@ -135,31 +139,18 @@ def row_state_dict_small(bench: Any) -> Row:
     snap = isolhub.fetch(str(bench.repo), source="local")
     ctx = tmp.get_context("spawn")
     qin, qout = ctx.Queue(), ctx.Queue()
-    child = ctx.Process(target=_tmp_child, args=(qin, qout, count, nbytes), daemon=True)
+    child = ctx.Process(target=tmp_child, args=(qin, qout, count, nbytes), daemon=True)
     child.start()
     held: dict[str, int] = {}
     passed: list[int] = []
 
     try:
         with start_worker(snap) as w:
-            from isolhub import _process
-            from isolhub._engine import call
-
-            real_recv = _process.recv_frame
-
-            def counting_recv(*args: Any, **kwargs: Any) -> Any:
-                frame = real_recv(*args, **kwargs)
-                if frame is not None:
-                    passed.append(len(frame[1]))
-                return frame
 
             def ours() -> Any:
                 before = fd_count()
-                _process.recv_frame = counting_recv
-                try:
-                    sd = call(w, "tensors", (count, nbytes, True), result="state_dict")
-                finally:
-                    _process.recv_frame = real_recv
+                sd, fds, _ = state_dict_call(w, (count, nbytes, True))
+                passed.append(fds)
                 held["ours"] = fd_count() - before
                 assert len(sd) == count
                 return sd
