@@ -44,30 +44,32 @@ from ._options import HubOptions
 from ._process import Worker
 from ._sandbox import Sandbox
 from ._source import Snapshot
-from ._types import EnvArg
 
 
 @dataclass(frozen=True)
-class _Settings:
-    """What a Hub was made with; handed to its backend as one object."""
+class PoolSettings:
+    """What a Hub was made with, handed to its backend as one object: the `HubOptions` every
+    call of the Hub runs with, and the pool's own settings."""
 
-    max_workers: int | None
-    timeout: float | None
-    memory_bytes: int | None
-    retries: int
-    backend: str
-    start_method: str
-    source: str
-    trust_repo: Any
-    force_reload: bool
-    verbose: bool
-    progress: bool
-    seed: int | None
-    ray_address: str | None
-    ray_actor_options: dict[str, Any] | None
-    sandbox: Sandbox | None = None
-    env: EnvArg = None
-    requirements: list[str] | None = None
+    options: HubOptions
+    max_workers: int | None = None
+    memory_bytes: int | None = None
+    retries: int = 1
+    backend: str = "local"
+    start_method: str = "zygote"
+    progress: bool = False
+    ray_address: str | None = None
+    ray_actor_options: dict[str, Any] | None = None
+
+    @property
+    def policy(self) -> Sandbox | None:
+        """The sandbox policy of the options (None: unconfined)."""
+        return self.options.policy
+
+    @property
+    def timeout(self) -> float | None:
+        """Seconds each call may take: `timeout=`, else the sandbox's `wall_seconds`."""
+        return self.options.watchdog
 
 
 @dataclass(frozen=True)
@@ -297,7 +299,7 @@ def is_infrastructure_failure(e: BaseException) -> bool:
 class _LocalBackend:
     """Workers forked from this process's zygote (or spawned), one per repo@sha."""
 
-    def __init__(self, settings: _Settings) -> None:
+    def __init__(self, settings: PoolSettings) -> None:
         self._settings = settings
 
     def default_workers(self) -> int:
@@ -306,15 +308,14 @@ class _LocalBackend:
     def environment(self, snapshot: Snapshot) -> Any:
         """The `_env.Env` for `snapshot` (installed on first use), or None."""
         s = self._settings
-        o = HubOptions(verbose=s.verbose, env=s.env, requirements=s.requirements)
-        return environment_for(snapshot, o, s.sandbox)
+        return environment_for(snapshot, s.options, s.policy)
 
     def start(self, snapshot: Snapshot) -> Worker:
         return start_worker(
             snapshot,
             start_method=self._settings.start_method,
             memory_bytes=self._settings.memory_bytes,
-            sandbox=self._settings.sandbox,
+            sandbox=self._settings.policy,
             env=self.environment(snapshot),
         )
 

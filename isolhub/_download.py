@@ -57,7 +57,7 @@ from urllib.parse import unquote, urlsplit
 from ._cache import host_tag, hub_dir, pid_alive
 from ._config import is_offline
 from ._errors import CacheError, DownloadError, HashMismatchError, IsolhubError, OfflineError
-from ._http import READ_CHUNK, _DiskError, _fetch, _Settings, _State, _write_all, safe_url
+from ._http import READ_CHUNK, TransferSettings, _DiskError, _fetch, _State, _write_all, safe_url
 from ._verified import remember
 
 if TYPE_CHECKING:
@@ -182,7 +182,7 @@ def _download(
             "unset ISOLHUB_OFFLINE to download it",
             url=surl,
         )
-    settings = _Settings.from_env()
+    settings = TransferSettings.from_env()
     cap = guard.max_bytes if guard is not None else None
     if cap is not None and (settings.max_bytes is None or cap < settings.max_bytes):
         settings = dataclasses.replace(

@@ -23,11 +23,11 @@ In the order a transfer meets it:
 * a cut body resumes with `Range` + `If-Range` and a checked `Content-Range`, or restarts from
   byte 0 (`_State.restart`): two versions of a file are never joined.
 
-`_Settings.from_env()` reads the tuning variables (listed in `_download`) at call time. A failed
+`TransferSettings.from_env()` reads the tuning variables (listed in `_download`) at call time. A failed
 write to the temp file surfaces as `_DiskError`, never retried, for the caller to name.
 
 Example:
-    >>> s = _Settings.from_env()
+    >>> s = TransferSettings.from_env()
     >>> with open("/tmp/w.pt.partial", "wb", buffering=0) as f:
     ...     state = _State(f, hashing=True)
     ...     _fetch(url, state, s, {}, False, "/tmp/w.pt", safe_url(url))
@@ -185,7 +185,9 @@ def follow(
 
 
 @dataclass(frozen=True)
-class _Settings:
+class TransferSettings:
+    """A download's tuning (timeouts, retries, size cap), read from `ISOLHUB_HTTP_*` at call time."""
+
     connect_timeout: float
     read_timeout: float
     min_rate: float
@@ -198,7 +200,7 @@ class _Settings:
     max_bytes_name: str = "ISOLHUB_HTTP_MAX_BYTES"  # where the cap comes from, for messages
 
     @classmethod
-    def from_env(cls) -> _Settings:
+    def from_env(cls) -> TransferSettings:
         max_bytes = _env_number("ISOLHUB_HTTP_MAX_BYTES", 0)
         return cls(
             connect_timeout=_env_number("ISOLHUB_HTTP_CONNECT_TIMEOUT", 10.0),
@@ -306,7 +308,7 @@ def _write_all(f: IO[bytes], data: bytes) -> None:
 def _fetch(
     url: str,
     state: _State,
-    s: _Settings,
+    s: TransferSettings,
     headers: dict[str, str],
     progress: bool,
     dst: str,
@@ -379,7 +381,7 @@ def _attempt(
     session: requests.Session,
     url: str,
     state: _State,
-    s: _Settings,
+    s: TransferSettings,
     headers: dict[str, str],
     pbar: tqdm,
     dst: str,
@@ -428,7 +430,7 @@ def _open(
     session: requests.Session,
     url: str,
     headers: dict[str, str],
-    s: _Settings,
+    s: TransferSettings,
     surl: str,
     guard: Guard | None = None,
 ) -> requests.Response:
@@ -442,7 +444,7 @@ def _open(
     )
 
 
-def _start_entity(resp: requests.Response, state: _State, s: _Settings, surl: str) -> None:
+def _start_entity(resp: requests.Response, state: _State, s: TransferSettings, surl: str) -> None:
     """Record what a 200 says about the file: its size and a validator for a later resume."""
     encoded = _content_encoding(resp) not in ("", "identity")
     length = _content_length(resp)
@@ -499,7 +501,7 @@ def _finish_unsatisfiable_resume(resp: requests.Response, state: _State) -> None
 
 
 def _stream_body(
-    resp: requests.Response, state: _State, s: _Settings, pbar: tqdm, dst: str, surl: str
+    resp: requests.Response, state: _State, s: TransferSettings, pbar: tqdm, dst: str, surl: str
 ) -> None:
     raw = resp.raw
     content_type = resp.headers.get("Content-Type", "")
@@ -560,7 +562,7 @@ def _refuse_html(head: bytes, content_type: str, dst: str, surl: str) -> None:
         )
 
 
-def _status_problem(resp: requests.Response, s: _Settings, surl: str) -> Exception:
+def _status_problem(resp: requests.Response, s: TransferSettings, surl: str) -> Exception:
     code = resp.status_code
     what = f"HTTP {code} {resp.reason or ''}".strip()
     if code == 429 or 500 <= code <= 599:

@@ -44,13 +44,12 @@ import threading
 import types
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from . import _checkpoints, _config, _download, _engine
-from ._options import MODES, HubOptions
+from ._options import HubOptions
 from ._types import Mode, SandboxArg, Source
-from ._usage import check_choice, check_timeout
 
 __all__ = ["patch_torch_hub", "patched_torch_hub", "unpatch_torch_hub"]
 
@@ -66,17 +65,11 @@ HUB_NAMES = (
 _UNSET: Any = object()
 
 
-@dataclass(frozen=True)
-class _Options:
-    mode: Mode = "module"
-    sandbox: SandboxArg = None
-    timeout: float | None = None
-    seed: int | None = None
-
-
 _lock = threading.RLock()
-_base: _Options | None = None  # set by patch_torch_hub()
-_frames: list[_Options] = []  # one per active patched_torch_hub() block, innermost last
+# The isolhub half of a patch's options (mode, sandbox, timeout, seed); each torch.hub call
+# fills in its own half (`_options`).
+_base: HubOptions | None = None  # set by patch_torch_hub()
+_frames: list[HubOptions] = []  # one per active patched_torch_hub() block, innermost last
 _installed: list[tuple[types.ModuleType, str, Any, Any]] = []  # (module, name, before, wrapper)
 _fallthrough: dict[str, Any] = {}  # torch.hub's functions, called when no patch is on
 
@@ -108,7 +101,7 @@ def patch_torch_hub(
         SandboxError: an unknown sandbox, or a sandbox with mode="module".
     """
     global _base
-    opts = _check(_Options(mode, sandbox, timeout, seed))
+    opts = _check(HubOptions(mode=mode, sandbox=sandbox, timeout=timeout, seed=seed))
     with _lock:
         _base = opts
         _install()
@@ -157,7 +150,9 @@ def patched_torch_hub(
     given: dict[str, Any] = {"mode": mode, "sandbox": sandbox, "timeout": timeout, "seed": seed}
     with _lock:
         frame = _check(
-            replace(_active() or _Options(), **{k: v for k, v in given.items() if v is not _UNSET})
+            replace(
+                _active() or HubOptions(), **{k: v for k, v in given.items() if v is not _UNSET}
+            )
         )
         _frames.append(frame)
         try:
@@ -172,7 +167,7 @@ def patched_torch_hub(
             _pop(frame)
 
 
-def _pop(frame: _Options) -> None:
+def _pop(frame: HubOptions) -> None:
     for i in range(len(_frames) - 1, -1, -1):
         if _frames[i] is frame:
             del _frames[i]
@@ -181,14 +176,12 @@ def _pop(frame: _Options) -> None:
         _restore()
 
 
-def _active() -> _Options | None:
+def _active() -> HubOptions | None:
     with _lock:
         return _frames[-1] if _frames else _base
 
 
-def _check(opts: _Options) -> _Options:
-    check_choice(opts.mode, "mode", MODES)
-    check_timeout(opts.timeout)
+def _check(opts: HubOptions) -> HubOptions:
     _engine.policy_for(opts.sandbox, opts.mode)
     return opts
 
@@ -367,7 +360,7 @@ del _name, _fn
 
 
 def _options(
-    opts: _Options,
+    opts: HubOptions,
     force_reload: bool,
     skip_validation: bool,
     trust_repo: Any,
@@ -375,14 +368,11 @@ def _options(
     source: Source = "github",
 ) -> HubOptions:
     """torch.hub's per-call options joined with the patch's isolhub options."""
-    return HubOptions(
+    return replace(
+        opts,
         source=source,
         trust_repo=trust_repo,
         force_reload=force_reload,
         verbose=verbose,
         skip_validation=skip_validation,
-        mode=opts.mode,
-        timeout=opts.timeout,
-        seed=opts.seed,
-        sandbox=opts.sandbox,
     )

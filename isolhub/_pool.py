@@ -36,11 +36,11 @@ from typing import Any, final
 
 from . import _trust
 from ._backend import (
+    PoolSettings,
     _Backend,
     _Job,
     _LocalBackend,
     _Outcome,
-    _Settings,
     _ship_by_value,
     for_task,
     is_infrastructure_failure,
@@ -224,25 +224,6 @@ class Hub:
                 )
         if policy is not None and timeout is None:
             timeout = policy.wall_seconds
-        self._settings = _Settings(
-            max_workers=max_workers,
-            timeout=timeout,
-            memory_bytes=memory_bytes,
-            retries=retries,
-            backend=backend,
-            start_method=start_method,
-            source=source,
-            trust_repo=trust_repo,
-            force_reload=force_reload,
-            verbose=verbose,
-            progress=progress,
-            seed=seed,
-            ray_address=ray_address,
-            ray_actor_options=dict(ray_actor_options or {}),
-            sandbox=policy,
-            env=env,
-            requirements=requirements,
-        )
         self._options = HubOptions(
             source=source,
             trust_repo=trust_repo,
@@ -254,6 +235,17 @@ class Hub:
             sandbox=sandbox,
             env=env,
             requirements=requirements,
+        )
+        self._settings = PoolSettings(
+            self._options,
+            max_workers=max_workers,
+            memory_bytes=memory_bytes,
+            retries=retries,
+            backend=backend,
+            start_method=start_method,
+            progress=progress,
+            ray_address=ray_address,
+            ray_actor_options=dict(ray_actor_options or {}),
         )
         self._backend: _Backend
         if backend == "ray":
@@ -327,7 +319,7 @@ class Hub:
             EntrypointError, MissingDependenciesError, RemoteError, WorkerCrashedError,
             WorkerTimeoutError, and what `fetch` raises; IsolhubError if the Hub was closed.
         """
-        policy_for(self._settings.sandbox, "module")  # refuses module mode under a sandbox
+        policy_for(self._options.sandbox, "module")  # refuses module mode under a sandbox
         job = job_of(self._options, "call", model, args, kwargs, result="module")
         return self._sync(repo_or_dir, job)
 
@@ -485,7 +477,7 @@ class Hub:
                 raise _Cancelled from None
             return Result(spec, None, False, error=e, elapsed=time.monotonic() - start, index=index)
         try:
-            env = self._backend.environment(snap) if self._settings.env else None
+            env = self._backend.environment(snap) if self._options.env else None
         except IsolhubError as e:
             return Result(
                 spec, snap.sha, False, error=e, elapsed=time.monotonic() - start, index=index
@@ -565,9 +557,9 @@ class Hub:
 
     def _snapshot(self, spec: Any) -> Snapshot:
         """Fetch `spec` once per Hub; concurrent tasks for one spec wait for one download."""
-        s = self._settings
-        parsed = parse_spec(spec, s.source)
-        key = (s.source, str(parsed))
+        source = self._options.source
+        parsed = parse_spec(spec, source)
+        key = (source, str(parsed))
         with self._cond:
             future = self._snapshots.get(key)
             owner = future is None

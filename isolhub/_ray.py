@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from ._archive import extract_tar
-from ._backend import _Job, _Outcome, _Settings, _Shipped, is_infrastructure_failure
+from ._backend import PoolSettings, _Job, _Outcome, _Shipped, is_infrastructure_failure
 from ._cache import STAGING_PREFIX, install_snapshot, snapshot_path
 from ._engine import call_message, decode_result, reply_limits, start_worker
 from ._errors import (
@@ -293,7 +293,7 @@ class RayBackend:
         IsolhubError: Ray is not installed or `ray.init` failed.
     """
 
-    def __init__(self, settings: _Settings) -> None:
+    def __init__(self, settings: PoolSettings) -> None:
         ray = self._ray = require_ray()
         self._settings = settings
         self._owns_ray = False
@@ -332,7 +332,7 @@ class RayBackend:
         key, ref = self._archive(snapshot)
         s = self._settings
         actor = self._actor_class.remote(
-            snapshot.spec, snapshot.sha, key, [ref], s.start_method, s.memory_bytes, s.sandbox
+            snapshot.spec, snapshot.sha, key, [ref], s.start_method, s.memory_bytes, s.policy
         )
         return _ActorSlot(actor, snapshot.label)
 
@@ -361,7 +361,7 @@ class RayBackend:
             outcome: _Outcome = ray.get(ref)
             if outcome.ok:
                 reply, arena = outcome.value
-                outcome.value = _decode(job, reply, arena, reply_limits(self._settings.sandbox))
+                outcome.value = _decode(job, reply, arena, reply_limits(self._settings.policy))
         except IsolhubError as e:  # a malformed reply: the actor's worker misbehaved
             self.kill(executor)
             return _Outcome(ok=False, error=e)

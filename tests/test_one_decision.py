@@ -184,3 +184,19 @@ def test_only_admit_decides_trust() -> None:
 def test_fetching_decides_nothing_about_trust() -> None:
     params = inspect.signature(fetch_snapshot).parameters
     assert not {"trusted", "trust_repo", "calling_fn"} & set(params)
+
+
+def test_hub_options_is_the_one_carrier_of_a_calls_options() -> None:
+    carried = {"trust_repo", "force_reload", "skip_validation", "sandbox"}
+    carriers = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                fields = {
+                    s.target.id
+                    for s in node.body
+                    if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name)
+                }
+                if fields & carried:
+                    carriers.append(f"{path.relative_to(PACKAGE).as_posix()}:{node.name}")
+    assert carriers == ["_options.py:HubOptions"]

@@ -55,6 +55,7 @@ from isolhub._errors import (
     UntrustedRepoError,
     UsageError,
 )
+from isolhub._options import HubOptions
 from isolhub._patch import patch_torch_hub, patched_torch_hub, unpatch_torch_hub
 from isolhub._spec import RepoSpec, parse_spec
 
@@ -332,7 +333,7 @@ def test_patch_torch_hub_is_idempotent_and_unpatch_restores_and_may_repeat() -> 
     patch_torch_hub()
     wrapper = torch.hub.load
     patch_torch_hub(mode="state_dict")  # replaces the options, installs nothing twice
-    assert torch.hub.load is wrapper and _patch._active() == _patch._Options(mode="state_dict")
+    assert torch.hub.load is wrapper and _patch._active() == HubOptions(mode="state_dict")
     unpatch_torch_hub()
     unpatch_torch_hub()
     assert torch.hub.load is ORIGINAL["load"]
@@ -341,10 +342,10 @@ def test_patch_torch_hub_is_idempotent_and_unpatch_restores_and_may_repeat() -> 
 def test_blocks_nest_inherit_unset_options_and_may_end_in_any_order() -> None:
     patch_torch_hub(mode="state_dict", seed=1)
     with patched_torch_hub(timeout=5):
-        assert _patch._active() == _patch._Options(mode="state_dict", timeout=5, seed=1)
+        assert _patch._active() == HubOptions(mode="state_dict", timeout=5, seed=1)
         with patched_torch_hub(mode="module", seed=None):
-            assert _patch._active() == _patch._Options(mode="module", timeout=5)
-        assert _patch._active() == _patch._Options(mode="state_dict", timeout=5, seed=1)
+            assert _patch._active() == HubOptions(mode="module", timeout=5)
+        assert _patch._active() == HubOptions(mode="state_dict", timeout=5, seed=1)
     unpatch_torch_hub()
     assert torch.hub.load is ORIGINAL["load"]
 
@@ -352,7 +353,7 @@ def test_blocks_nest_inherit_unset_options_and_may_end_in_any_order() -> None:
     outer.__enter__()
     inner.__enter__()
     outer.__exit__(None, None, None)  # ends first: the inner block's options stay in force
-    assert _patch._active() == _patch._Options(seed=2) and torch.hub.load is not ORIGINAL["load"]
+    assert _patch._active() == HubOptions(seed=2) and torch.hub.load is not ORIGINAL["load"]
     inner.__exit__(None, None, None)
     assert torch.hub.load is ORIGINAL["load"]
 
