@@ -36,7 +36,7 @@ from typing import Any
 import cloudpickle
 
 from ._arena import ArenaReader, ArenaWriter
-from ._errors import TransportError
+from ._errors import IsolhubError, TransportError
 from ._pull import pin
 
 # The worker's snapshot modules: name -> (name inside a load's namespace, file); and its tag.
@@ -478,10 +478,23 @@ def loads(data: bytes, fd: int | None, layout: Any) -> Any:
 
 
 def loads_with(data: bytes, arena: ArenaReader) -> Any:
-    """Rebuild a pickle whose storages `arena` holds (`loads`, or storages read by `_pull`)."""
+    """Rebuild a pickle whose storages `arena` holds (`loads`, or storages read by `_pull`).
+
+    What the repo's code raises while it is rebuilt here (a `__reduce__` that returns a failing
+    callable, `sys.exit` included) is a `TransportError` naming the stage, its cause chained:
+    a load never exits this process nor raises an error of the repo's own type here.
+    """
     outer = getattr(_LOADING, "namespace", None)
     _LOADING.namespace = _Namespace()
     try:
         return _Unpickler(io.BytesIO(data), arena).load()
+    except (IsolhubError, KeyboardInterrupt):
+        raise
+    except (Exception, SystemExit) as e:
+        raise TransportError(
+            f"unpickling failed in this process: {type(e).__name__}: {e} (raised by code that "
+            "came with the pickle: mode='module' runs the repo's code in the process that loads "
+            "it; mode='remote' keeps it in its worker)"
+        ) from e
     finally:
         _LOADING.namespace = outer

@@ -25,6 +25,7 @@ __all__ = [
     "PR_GET_PDEATHSIG",
     "PR_GET_SECCOMP",
     "PR_SET_NO_NEW_PRIVS",
+    "PR_SET_NAME",
     "PR_SET_PDEATHSIG",
     "PR_SET_SECCOMP",
     "Iovec",
@@ -32,10 +33,12 @@ __all__ = [
     "libc",
     "prctl",
     "set_pdeathsig",
+    "set_thread_name",
 ]
 
 # prctl options (linux/prctl.h).
 PR_SET_PDEATHSIG, PR_GET_PDEATHSIG = 1, 2
+PR_SET_NAME = 15
 PR_GET_SECCOMP, PR_SET_SECCOMP = 21, 22
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS, PR_GET_NO_NEW_PRIVS = 38, 39
@@ -106,3 +109,26 @@ def get_pdeathsig() -> int:
     zero = ctypes.c_ulong(0)
     libc.prctl(ctypes.c_int(PR_GET_PDEATHSIG), ctypes.byref(out), zero, zero, zero)
     return out.value
+
+
+_NAMES: dict[bytes, ctypes.Array[ctypes.c_char]] = {}  # kept alive: the kernel copies, but once
+
+
+def set_thread_name(name: bytes) -> None:
+    """Name the calling thread (`/proc/self/task/TID/comm`; the kernel keeps 15 bytes).
+
+    One `prctl` (the buffer of each name is made once); a refusal is ignored.
+
+    Example:
+        >>> import pathlib, threading
+        >>> def named():
+        ...     set_thread_name(b"isolhub:doc")
+        ...     comm = pathlib.Path(f"/proc/self/task/{threading.get_native_id()}/comm")
+        ...     print(comm.read_text().strip())
+        >>> t = threading.Thread(target=named); t.start(); t.join()
+        isolhub:doc
+    """
+    buf = _NAMES.get(name)
+    if buf is None:
+        buf = _NAMES[name] = ctypes.create_string_buffer(name[:15])
+    prctl(PR_SET_NAME, ctypes.addressof(buf))

@@ -51,6 +51,15 @@ from ._escape import escape_controls
 from ._messages import ErrorRecord, Hello
 from ._protocol import ReplyLimits, Spinner, decode, encode, recv_frame, send_frame
 from ._sandbox import without_secrets
+from ._worker import STAGES
+
+# How a remote handle's request reads in a message (`_worker._OPERATIONS`, `invoke`).
+_INVOKE_WORDS = {
+    "call": "calling the object",
+    "getattr": "reading attribute",
+    "setattr": "setting attribute",
+    "state_dict": "taking the state_dict()",
+}
 
 _TAIL_BYTES = 8192
 _ZYGOTE_START_TIMEOUT = 180.0
@@ -401,6 +410,7 @@ class Worker:
         self.on_request: Callable[[dict[str, Any]], tuple[dict[str, Any], list[int]]] | None = None
         self._lock = threading.RLock()  # one request at a time on the channel
         self._rng_back = False  # the request in flight asked for the worker's random state
+        self._request: dict[str, Any] | None = None  # the last request sent, to name its stage
         self._tail = bytearray()
         self._reader = threading.Thread(
             target=_drain,
@@ -512,6 +522,7 @@ class Worker:
             elif deadline is not None and timeout is None:
                 timeout = max(0.0, deadline - time.monotonic())
             self._rng_back = bool(message.get("rng_back"))
+            self._request = message
             try:
                 send_frame(self.sock, data, fds)
             except OSError:
@@ -656,12 +667,27 @@ class Worker:
             raise record.to_exception(self.label, self.pid)
         return reply, fds
 
+    def _stage(self) -> str:
+        """` while <what the worker was doing>`, read before it is reaped; "" when unknown."""
+        request = self._request or {}
+        if request.get("op") == "invoke":
+            action, name = request.get("action"), request.get("name")
+            doing = _INVOKE_WORDS.get(str(action), f"serving {action!r}")
+            return f" while {doing}{f' {name!r}' if name else ''} on the remote handle"
+        try:
+            with open(f"/proc/{self.pid}/comm", "rb") as f:
+                stage = STAGES.get(f.read().rstrip(b"\n"))
+        except OSError:
+            stage = None
+        return f" while {stage}" if stage else ""
+
     def _raise_timeout(self, timeout: float | None) -> NoReturn:
+        stage = self._stage()
         self.kill()
         raise WorkerTimeoutError(
             (
                 f"the worker for {self.label} (pid {self.pid}) did not answer within "
-                f"{timeout or _HANDSHAKE_TIMEOUT:g} s and was killed; raise ",
+                f"{timeout or _HANDSHAKE_TIMEOUT:g} s{stage} and was killed; raise ",
                 Option.of("timeout"),
                 f" if the load is just slow{self._tail_text()}",
             ),
@@ -676,13 +702,15 @@ class Worker:
 
     def _raise_death(self) -> NoReturn:
         self._dead_within(_GRACE)
+        stage = self._stage()
         code = self._collect()
         cause = describe_exit(code)
         if code is None and self.zygote is not None:
             cause = self.zygote.death_note() or cause
         why = f" ({self.cap_note})" if self.cap_note else ""
         raise WorkerCrashedError(
-            f"the worker for {self.label} (pid {self.pid}) died: {cause}{why}{self._tail_text()}",
+            f"the worker for {self.label} (pid {self.pid}) died{stage}: {cause}{why}"
+            f"{self._tail_text()}",
             spec=self.label,
             pid=self.pid,
             returncode=code,

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any, NoReturn
 
-from . import _config, _preload, _rng, _worker_warnings
+from . import _config, _libc, _preload, _rng, _worker_warnings
 from ._arena import ArenaWriter
 from ._byvalue import (
     dumps,
@@ -42,6 +42,25 @@ from ._errors import EntrypointError, MissingDependenciesError, ProtocolError
 from ._messages import CALLER_ERRORS, error_record, hello
 from ._protocol import Spinner, encode, recv_frame, send_frame
 from ._values import bounded_text, encode_state_dict, encode_value
+
+# What the worker is doing, as its thread name (`/proc/PID/comm`, 15 bytes): the parent reads it
+# when the worker dies or hangs (a zombie keeps its name until the zygote reaps it, on the
+# parent's request), so `os._exit`, a signal or a hang are reported with the stage they hit.
+STAGES = {
+    b"isolhub:import": "importing hubconf",
+    b"isolhub:list": "listing the entrypoints",
+    b"isolhub:help": "reading the entrypoint's docstring",
+    b"isolhub:entry": "calling the entrypoint",
+    b"isolhub:then": "running then= on the entrypoint's result",
+    b"isolhub:pickle": "pickling the result",
+    b"isolhub:value": "encoding the result",
+    b"isolhub:sdict": "taking the result's state_dict()",
+}
+
+
+def _stage(name: bytes) -> None:
+    """Name the stage this worker enters (one of `STAGES`)."""
+    _libc.set_thread_name(name)
 
 
 def serve(fd: int) -> NoReturn:
@@ -270,7 +289,9 @@ class _WorkerState:
             if op == "list":
                 return encode({"ok": True, "value": self.entrypoints()}), []
             if op == "help":
-                doc = self.entrypoint(request["entry"]).__doc__
+                fn = self.entrypoint(request["entry"])
+                _stage(b"isolhub:help")
+                doc = fn.__doc__
                 return encode({"ok": True, "value": doc}), []
             if op == "call":
                 return self.call(request)
@@ -356,6 +377,7 @@ class _WorkerState:
                 raise ImportError(f"cannot import {path}")
             module = importlib.util.module_from_spec(spec)
             sys.modules[self.module_name] = module
+            _stage(b"isolhub:import")
             try:
                 spec.loader.exec_module(module)
             except BaseException as e:
@@ -367,6 +389,7 @@ class _WorkerState:
 
     def entrypoints(self) -> list[str]:
         m = self.module()
+        _stage(b"isolhub:list")
         return [f for f in dir(m) if callable(getattr(m, f)) and not f.startswith("_")]
 
     def entrypoint(self, name: Any) -> Any:
@@ -393,12 +416,15 @@ class _WorkerState:
         args, kwargs = request.get("args", ()), request.get("kwargs", {})
         if request.get("seed") is not None:
             _rng.seed_all(int(request["seed"]))
+        _stage(b"isolhub:entry")
         obj = fn(*args, **kwargs)
         then = request.get("then")
         if then is not None:
+            _stage(b"isolhub:then")
             obj = then(obj)
         result = request.get("result", "module")
         if result == "module":
+            _stage(b"isolhub:pickle")
             register_snapshot_modules(self.snapshot)
             try:
                 if request.get("pull"):
@@ -411,8 +437,10 @@ class _WorkerState:
             reply = {"ok": True, "kind": "pickle", "data": data, "layout": layout}
             return encode(reply), [] if fd is None else [fd]
         if result == "state_dict":
+            _stage(b"isolhub:sdict")
             return _state_dict_reply(_state_dict_of(obj))
         if result == "value":
+            _stage(b"isolhub:value")
             return _value_reply("value", obj)
         if result == "handle":
             return encode({"ok": True, "kind": "handle", "handle": self.new_handle(obj)}), []
