@@ -129,7 +129,10 @@ def test_retry_after_reads_seconds_and_dates() -> None:
 
 
 def _modules() -> dict[str, ast.Module]:
-    return {p.name: ast.parse(p.read_text()) for p in sorted(PACKAGE.glob("*.py"))}
+    return {
+        p.relative_to(PACKAGE).as_posix(): ast.parse(p.read_text())
+        for p in sorted(PACKAGE.rglob("*.py"))
+    }
 
 
 def test_requests_sessions_and_requests_errors_are_handled_in_one_place_each() -> None:

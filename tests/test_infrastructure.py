@@ -28,7 +28,7 @@ PACKAGE = Path(hub.__file__).parent
 def _calls(attr: str) -> dict[str, int]:
     """How many calls of `<something>.attr(...)` each isolhub module makes (code, not strings)."""
     found: dict[str, int] = {}
-    for path in sorted(PACKAGE.glob("*.py")):
+    for path in sorted(PACKAGE.rglob("*.py")):
         tree = ast.parse(path.read_text())
         n = sum(
             isinstance(node, ast.Call)
@@ -37,7 +37,7 @@ def _calls(attr: str) -> dict[str, int]:
             for node in ast.walk(tree)
         )
         if n:
-            found[path.name] = n
+            found[path.relative_to(PACKAGE).as_posix()] = n
     return found
 
 
