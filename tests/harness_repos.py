@@ -131,7 +131,7 @@ def check_harness_results(results: list[Any], specs: dict[str, str]) -> None:
     assert (seg.returncode, seg.signal) == (-11, "SIGSEGV")
     assert "segfault: about to crash" in seg.stderr_tail
     assert isinstance(failed("hang").error, hub.WorkerTimeoutError)
-    assert failed("hang").elapsed < HANG_TIMEOUT + 20
+    assert f"did not answer within {HANG_TIMEOUT:g} s" in str(failed("hang").error)
     ex = failed("exits")
     assert isinstance(ex.error, hub.WorkerCrashedError)
     assert (ex.returncode, ex.signal) == (3, None)

@@ -252,34 +252,31 @@ def test_a_file_changed_mid_download_is_restarted_not_joined(
 # -- cases 3, 4, 5: stalls and slow servers ----------------------------------------------------
 
 
+@pytest.mark.timeout(60)  # a hang (or a long sleep) where none belongs fails here
 def test_a_stall_after_headers_times_out_after_the_retries_within_budget(
     server: WeightsServer, out: Path, guard: Guard, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("ISOLHUB_HTTP_RETRIES", "2")
     url = server.add("/w.pt", body=DATA, stall_after=0, fault_times=None)
-    start = time.monotonic()
     with pytest.raises(DownloadError) as info:
         download_url_to_file(url, str(out / "w.pt"), progress=False)
-    elapsed = time.monotonic() - start
     message = str(info.value)
     assert "read timeout" in message and url in message
     assert f"received 0 of {len(DATA)} bytes" in message
     assert "gave up after 3 attempts" in message
     assert server.count("/w.pt") == 3
-    assert elapsed < 10
     guard.check(out)
 
 
+@pytest.mark.timeout(60)  # a hang (or a long sleep) where none belongs fails here
 def test_a_trickle_trips_the_stall_detector(
     server: WeightsServer, out: Path, guard: Guard, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("ISOLHUB_HTTP_RETRIES", "1")
     url = server.add("/w.pt", body=DATA, throttle=20, fault_times=None)
-    start = time.monotonic()
     with pytest.raises(DownloadError, match="stalled") as info:
         download_url_to_file(url, str(out / "w.pt"), progress=False)
     assert url in str(info.value) and "ISOLHUB_HTTP_MIN_RATE" in str(info.value)
-    assert time.monotonic() - start < 10
     guard.check(out)
 
 
@@ -374,22 +371,19 @@ def test_500_three_times_then_200_succeeds(server: WeightsServer, out: Path, gua
 def test_a_429_retry_after_is_waited_out(server: WeightsServer, out: Path, form: str) -> None:
     value = "1" if form == "seconds" else formatdate(time.time() + 2, usegmt=True)
     url = server.add("/w.pt", body=DATA, status=[429], retry_after=value)
-    start = time.monotonic()
     download_url_to_file(url, str(out / "w.pt"), progress=False)
     waited = server.log("/w.pt")[1].at - server.log("/w.pt")[0].at
     assert waited >= 0.9
-    assert time.monotonic() - start < 5
     assert server.statuses("/w.pt") == [429, 200]
 
 
+@pytest.mark.timeout(60)  # a hang (or a long sleep) where none belongs fails here
 def test_a_huge_retry_after_is_refused_without_sleeping(
     server: WeightsServer, out: Path, guard: Guard
 ) -> None:
     url = server.add("/w.pt", body=DATA, status=[503] * 3, retry_after="86400")
-    start = time.monotonic()
     with pytest.raises(DownloadError) as info:
-        download_url_to_file(url, str(out / "w.pt"), progress=False)
-    assert time.monotonic() - start < 2
+        download_url_to_file(url, str(out / "w.pt"), progress=False)  # no sleep: one request
     assert "86400 s" in str(info.value) and "try again later" in str(info.value)
     assert server.count("/w.pt") == 1
     guard.check(out)
@@ -705,6 +699,7 @@ time.sleep(60)
 """
 
 
+@pytest.mark.timeout(60)  # the lock's 0.5 s, then on with a warning; never a wait for it
 def test_a_soft_lock_held_elsewhere_delays_the_download_only_boundedly(
     server: WeightsServer,
     out: Path,
@@ -722,10 +717,8 @@ def test_a_soft_lock_held_elsewhere_delays_the_download_only_boundedly(
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         url = server.add("/w.pt", body=DATA)
-        start = time.monotonic()
         with caplog.at_level(logging.WARNING, logger="isolhub.download"):
             download_url_to_file(url, str(dst), progress=False)
-        assert 0.4 < time.monotonic() - start < 5
         assert dst.read_bytes() == DATA
         warning = " ".join(r.getMessage() for r in caplog.records)
         assert lock_path in warning and f"rm {lock_path}" in warning
@@ -737,7 +730,10 @@ def test_a_soft_lock_held_elsewhere_delays_the_download_only_boundedly(
 
 
 def test_a_stale_soft_lock_of_a_dead_process_is_broken_at_once(
-    server: WeightsServer, out: Path, monkeypatch: pytest.MonkeyPatch
+    server: WeightsServer,
+    out: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     monkeypatch.setattr(filelock, "FileLock", filelock.SoftFileLock)
     monkeypatch.setenv("ISOLHUB_LOCK_TIMEOUT", "20")
@@ -752,10 +748,10 @@ def test_a_stale_soft_lock_of_a_dead_process_is_broken_at_once(
     holder.wait()
     holder.stdout.close()
     assert os.path.exists(lock_path)
-    start = time.monotonic()
-    download_url_to_file(server.add("/w.pt", body=DATA), str(dst), progress=False)
-    assert time.monotonic() - start < 5
+    with caplog.at_level(logging.WARNING, logger="isolhub.download"):
+        download_url_to_file(server.add("/w.pt", body=DATA), str(dst), progress=False)
     assert dst.read_bytes() == DATA
+    assert not caplog.records  # broken at once, not waited out (which warns, naming the lock)
 
 
 # -- case 21: full disk ------------------------------------------------------------------------
@@ -814,15 +810,14 @@ def test_offline_mode_serves_an_existing_file_with_zero_requests_and_a_miss_is_a
     assert sorted(p.name for p in out.iterdir()) == ["w.pt"]
 
 
+@pytest.mark.timeout(60)  # a hang (or a long sleep) where none belongs fails here
 def test_an_unreachable_host_fails_quickly_with_a_clear_error(out: Path, guard: Guard) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}/w.pt"
-    start = time.monotonic()
     with pytest.raises(DownloadError) as info:
         download_url_to_file(url, str(out / "w.pt"), progress=False)
-    assert time.monotonic() - start < 5
     assert "unreachable" in str(info.value) and "ISOLHUB_OFFLINE" in str(info.value)
     assert url in str(info.value)
     guard.check(out)

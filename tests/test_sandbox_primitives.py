@@ -592,7 +592,7 @@ def test_without_seccomp_landlock_alone_still_refuses_exec(zygote, kernel, dirs)
 def test_a_fork_bomb_stops_at_the_first_fork(zygote, kernel, dirs):
     out = zygote.run(FORK_BOMB, dirs, strict(kernel, "seccomp"), args={"forks": 50})
     assert error_of(out, "fork") == ("PermissionError", 1)
-    assert out.result["forked"] == 0 and out.wall < 10
+    assert out.result["forked"] == 0 and not out.timed_out
 
 
 def test_with_fork_allowed_max_tasks_bounds_a_fork_bomb(zygote, kernel, dirs):
@@ -635,7 +635,7 @@ def test_a_memory_bomb_raises_memoryerror(zygote, kernel, dirs):
 def test_a_cpu_spin_is_killed_at_the_cpu_limit(zygote, kernel, dirs):
     out = zygote.run(CPU_SPIN, dirs, strict(kernel, cpu_seconds=1), args={"seconds": 30})
     assert out.result is None and out.status in (-signal.SIGXCPU, -signal.SIGKILL)
-    assert out.wall < 15
+    assert not out.timed_out  # killed by its CPU limit, not by the harness's deadline
 
 
 def test_a_huge_file_stops_at_the_file_size_limit(zygote, kernel, dirs):
@@ -653,7 +653,6 @@ def test_torch_and_imports_from_the_read_paths_still_work(zygote, kernel, dirs):
     assert out.result["thread"] == [3.0] and out.result["load"] == [1.0, 1.0]
     assert out.result["tempfile"].startswith(str(dirs["scratch"]) + "/")
     assert out.result["renamed"] is True
-    assert out.report["seconds"] < 1
 
 
 def test_the_worker_holds_no_privileges_and_cannot_loosen_its_limits(zygote, kernel, dirs):
