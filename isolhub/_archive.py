@@ -20,6 +20,8 @@ from typing import BinaryIO
 
 from ._errors import ArchiveError
 
+__all__ = ["extract_tar"]
+
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _READ_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError)
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

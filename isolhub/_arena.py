@@ -28,6 +28,8 @@ from ._errors import ProtocolError
 from ._libc import libc
 from ._memfd import is_sealed, pwrite_all, pwrite_from, sealed
 
+__all__ = ["ArenaReader", "ArenaWriter", "buffer_at", "map_raw"]
+
 _ALIGN = 64
 # A transfer this small travels inline (no memfd); storages up to _GATHER_MAX are gathered into
 # writes of about _RUN_MAX bytes instead of one pwrite each.

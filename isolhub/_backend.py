@@ -1,17 +1,17 @@
 """What a `Hub` hands its backend: the job, the outcome that comes back, and the local backend.
 
-    Hub ──_Job──▶ backend.run(executor, job, timeout) ──▶ _Outcome(ok, value | error, ...)
-                  _LocalBackend: a worker forked on this machine, driven by `run_job`
+    Hub ──Job──▶ backend.run(executor, job, timeout) ──▶ Outcome(ok, value | error, ...)
+                  LocalBackend: a worker forked on this machine, driven by `run_job`
                   RayBackend (in `_ray`): a worker that a Ray actor forks on its node
 
 A backend starts, drives, kills and closes executors (local workers or Ray actors); the `Hub`
-above it only schedules. `fn` is pickled by value once (`_ship_by_value`) and unpickled only in
-the worker (`_Shipped`). `is_infrastructure_failure` says which failures a `Hub` may retry.
+above it only schedules. `fn` is pickled by value once (`ship_by_value`) and unpickled only in
+the worker (`Shipped`). `is_infrastructure_failure` says which failures a `Hub` may retry.
 
 Example:
-    >>> backend = _LocalBackend(settings)
+    >>> backend = LocalBackend(settings)
     >>> worker = backend.start(snapshot)
-    >>> backend.run(worker, _Job("call", "net", then=_ship_by_value(fn)), timeout=60).ok
+    >>> backend.run(worker, Job("call", "net", then=ship_by_value(fn)), timeout=60).ok
     True
 """
 
@@ -45,6 +45,21 @@ from ._process import Worker
 from ._sandbox import Sandbox
 from ._source import Snapshot
 
+__all__ = [
+    "Job",
+    "JobBackend",
+    "LocalBackend",
+    "Outcome",
+    "PoolSettings",
+    "Shipped",
+    "execute",
+    "for_task",
+    "is_infrastructure_failure",
+    "job_of",
+    "run_job",
+    "ship_by_value",
+]
+
 
 @dataclass(frozen=True)
 class PoolSettings:
@@ -73,7 +88,7 @@ class PoolSettings:
 
 
 @dataclass(frozen=True)
-class _Job:
+class Job:
     """One request for a worker: `call` an entrypoint (then `fn`), or `list` / `help`."""
 
     op: str
@@ -100,7 +115,7 @@ def job_of(
     result: str = "value",
     then: bytes | None = None,
     per_task: bool = False,
-) -> _Job:
+) -> Job:
     """The job for one `Hub` call, its seeding from `o` (as `isolhub.load` does it).
 
     A seed seeds every call. Without one, a single call starts from the caller's random state
@@ -113,7 +128,7 @@ def job_of(
         import torch
 
         base = int(torch.randint(0, _SEED_SPAN, (), dtype=torch.int64))
-    return _Job(
+    return Job(
         op,
         entry,
         tuple(args),
@@ -126,7 +141,7 @@ def job_of(
     )
 
 
-def for_task(job: _Job, index: int) -> _Job:
+def for_task(job: Job, index: int) -> Job:
     """`job` as task `index` of a `map` runs it (its own seed when the map has none)."""
     if job.seed_base is None:
         return job
@@ -134,8 +149,8 @@ def for_task(job: _Job, index: int) -> _Job:
 
 
 @dataclass
-class _Outcome:
-    """What running a `_Job` gave; built where the worker lives (here or in a Ray actor)."""
+class Outcome:
+    """What running a `Job` gave; built where the worker lives (here or in a Ray actor)."""
 
     ok: bool
     value: Any = None
@@ -146,7 +161,7 @@ class _Outcome:
     infrastructure: bool = False  # not the repo's doing: worth a retry
 
 
-class _Shipped:
+class Shipped:
     """A function pickled once, by value, that only the worker unpickles."""
 
     __slots__ = ("payload",)
@@ -158,13 +173,13 @@ class _Shipped:
         return (pickle.loads, (self.payload,))
 
 
-class _Backend(Protocol):
+class JobBackend(Protocol):
     """Starts, drives and stops the executors (local workers or Ray actors) of a Hub."""
 
     def default_workers(self) -> int: ...
     def environment(self, snapshot: Snapshot) -> Any: ...
     def start(self, snapshot: Snapshot) -> Any: ...
-    def run(self, executor: Any, job: _Job, timeout: float | None) -> _Outcome: ...
+    def run(self, executor: Any, job: Job, timeout: float | None) -> Outcome: ...
     def kill(self, executor: Any) -> None: ...
     def close(self, executor: Any) -> None: ...
     def shutdown(self) -> None: ...
@@ -176,7 +191,7 @@ def _installed_roots() -> tuple[str, ...]:
     return tuple(os.path.realpath(r) + os.sep for r in roots)
 
 
-def _ship_by_value(fn: Callable[..., Any] | None) -> bytes | None:
+def ship_by_value(fn: Callable[..., Any] | None) -> bytes | None:
     """Pickle `fn` so a worker can run it without importing the caller's own modules.
 
     Functions from `__main__`, lambdas and closures are pickled by value anyway; a function
@@ -216,11 +231,11 @@ def _ship_by_value(fn: Callable[..., Any] | None) -> bytes | None:
 _BY_VALUE_LOCK = threading.Lock()
 
 
-def execute(worker: Worker, job: _Job, timeout: float | None) -> Any:
+def execute(worker: Worker, job: Job, timeout: float | None) -> Any:
     """Run `job` in a live local worker and return its decoded value.
 
     Example:
-        >>> execute(worker, _Job("list"), timeout=30)
+        >>> execute(worker, Job("list"), timeout=30)
         ['net']
 
     Raises:
@@ -232,7 +247,7 @@ def execute(worker: Worker, job: _Job, timeout: float | None) -> Any:
         return list_entrypoints(worker, timeout, handoff)
     if job.op == "help":
         return entrypoint_doc(worker, job.entry or "", timeout, handoff)
-    then = None if job.then is None else _Shipped(job.then)
+    then = None if job.then is None else Shipped(job.then)
     return call(
         worker,
         job.entry or "",
@@ -246,11 +261,11 @@ def execute(worker: Worker, job: _Job, timeout: float | None) -> Any:
     )
 
 
-def run_job(worker: Worker, job: _Job, timeout: float | None) -> _Outcome:
-    """Run `job` in `worker`; every isolhub failure becomes a failed `_Outcome`.
+def run_job(worker: Worker, job: Job, timeout: float | None) -> Outcome:
+    """Run `job` in `worker`; every isolhub failure becomes a failed `Outcome`.
 
     Example:
-        >>> run_job(worker, _Job("call", "net", then=payload), timeout=60).ok
+        >>> run_job(worker, Job("call", "net", then=payload), timeout=60).ok
         True
 
     Raises:
@@ -261,14 +276,14 @@ def run_job(worker: Worker, job: _Job, timeout: float | None) -> _Outcome:
     except IsolhubError as e:
         tail = getattr(e, "output_tail", None) or worker.output_tail()
         code = getattr(e, "returncode", None) if worker.returncode is None else worker.returncode
-        return _Outcome(
+        return Outcome(
             ok=False,
             error=e,
             returncode=code if worker.closed else None,
             stderr_tail=tail,
             infrastructure=is_infrastructure_failure(e),
         )
-    return _Outcome(ok=True, value=value, reusable=not worker.closed)
+    return Outcome(ok=True, value=value, reusable=not worker.closed)
 
 
 def is_infrastructure_failure(e: BaseException) -> bool:
@@ -296,7 +311,7 @@ def is_infrastructure_failure(e: BaseException) -> bool:
     return False
 
 
-class _LocalBackend:
+class LocalBackend:
     """Workers forked from this process's zygote (or spawned), one per repo@sha."""
 
     def __init__(self, settings: PoolSettings) -> None:
@@ -319,7 +334,7 @@ class _LocalBackend:
             env=self.environment(snapshot),
         )
 
-    def run(self, executor: Worker, job: _Job, timeout: float | None) -> _Outcome:
+    def run(self, executor: Worker, job: Job, timeout: float | None) -> Outcome:
         return run_job(executor, job, timeout)
 
     def kill(self, executor: Worker) -> None:

@@ -39,6 +39,16 @@ from ._config import get_dir
 from ._errors import DownloadError, IsolhubError
 from ._sandbox import Sandbox
 
+__all__ = [
+    "Broker",
+    "BrokerGuard",
+    "CheckedURL",
+    "check_url",
+    "same_target",
+    "store_path",
+    "weights_broker",
+]
+
 Broker = Callable[[dict[str, Any]], tuple[dict[str, Any], list[int]]]
 
 _MAX_URL = 4096
@@ -228,7 +238,7 @@ def weights_broker(policy: Sandbox) -> Broker:
 
 
 def _fetch(policy: Sandbox, url: str, hash_prefix: str | None) -> tuple[dict[str, Any], list[int]]:
-    from ._download import _download
+    from ._download import download
     from ._verified import fd_digest
 
     guard = BrokerGuard(policy.weight_hosts, policy.weight_proxy, policy.max_download_bytes)
@@ -238,7 +248,7 @@ def _fetch(policy: Sandbox, url: str, hash_prefix: str | None) -> tuple[dict[str
     for attempt in range(2):
         if attempt or not os.path.isfile(dest):
             os.makedirs(os.path.dirname(dest), exist_ok=True)
-            _download(checked.url, dest, hash_prefix, True, guard=guard)
+            download(checked.url, dest, hash_prefix, True, guard=guard)
         fd = os.open(dest, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             size = os.fstat(fd).st_size

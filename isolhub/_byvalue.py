@@ -39,6 +39,17 @@ from ._arena import ArenaReader, ArenaWriter
 from ._errors import IsolhubError, TransportError
 from ._pull import pin
 
+__all__ = [
+    "dumps",
+    "dumps_pinned",
+    "loads",
+    "loads_with",
+    "mark_loaded_modules",
+    "prime_module_paths",
+    "register_snapshot_modules",
+    "unshippable",
+]
+
 # The worker's snapshot modules: name -> (name inside a load's namespace, file); and its tag.
 _SNAPSHOT_MODULES: dict[str, tuple[str, str]] = {}
 _SNAPSHOT_TAG = "local"

@@ -49,6 +49,33 @@ from ._errors import CacheError
 from ._locks import held
 from ._spec import RepoSpec
 
+__all__ = [
+    "STAGING_PREFIX",
+    "TEMP_PREFIX",
+    "dead_temp_dirs",
+    "host_tag",
+    "hub_dir",
+    "install_snapshot",
+    "link_torch_folder",
+    "lock",
+    "make_read_only",
+    "manifest_path",
+    "pid_alive",
+    "read_ref",
+    "remove_tree",
+    "repo_dir",
+    "repo_key",
+    "snapshot_damage",
+    "snapshot_path",
+    "sweep_staging",
+    "sweep_temp_dirs",
+    "sweep_torch_links",
+    "temp_dir",
+    "torch_folder",
+    "write_ref",
+    "write_text_atomic",
+]
+
 STAGING_PREFIX = ".staging-"
 _STALE_STAGING_S = 3600
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -188,7 +215,7 @@ def install_snapshot(
         try:
             staging.mkdir()
             populate(staging)
-            _make_read_only(staging)
+            make_read_only(staging)
             manifest = manifest_path(final)
             write_text_atomic(manifest, _manifest.dumps(_manifest.build(staging, commit=sha)))
             if not _move_into_place(staging, final, replace=force):
@@ -224,7 +251,7 @@ def _move_into_place(staging: Path, final: Path, *, replace: bool) -> bool:
     return True
 
 
-def _make_read_only(root: Path) -> None:
+def make_read_only(root: Path) -> None:
     for dirpath, _dirs, files in os.walk(root):
         for f in files:
             p = os.path.join(dirpath, f)

@@ -29,6 +29,8 @@ import contextlib
 import os
 from dataclasses import dataclass
 
+__all__ = ["CONTROLLERS", "Place", "join", "locate", "name_for", "prepare", "probe", "release"]
+
 CONTROLLERS = ("memory", "pids")
 
 

@@ -29,7 +29,7 @@ from urllib.parse import urlparse
 
 from ._cache import temp_dir
 from ._config import get_dir, is_offline
-from ._download import _download, fetch_broker
+from ._download import download, fetch_broker
 from ._errors import (
     ArchiveError,
     CacheCorruptedError,
@@ -130,7 +130,7 @@ def load_state_dict_from_url(
                 path=cached_file,
             )
         sys.stdout.write(f'Downloading: "{url}" to {cached_file}\n')
-        _download(url, cached_file, hash_prefix, progress)
+        download(url, cached_file, hash_prefix, progress)
     verify_cached(cached_file, hash_prefix)
     return _load(cached_file, model_dir, map_location, weights_only, safetensors)
 

@@ -39,6 +39,16 @@ from ._cache_inventory import (
 from ._cli_common import add_flags, output_flags
 from ._errors import CacheError, DownloadError, UsageError
 
+__all__ = [
+    "add_commands",
+    "cmd_download",
+    "cmd_ls",
+    "cmd_prune",
+    "cmd_rm",
+    "cmd_verify",
+    "parse_age",
+]
+
 
 def add_commands(subparsers: Any) -> None:
     """Register `download` and `cache {ls,verify,rm,prune}` on the main parser's subparsers.

@@ -31,6 +31,8 @@ from ._cli_common import (
 from ._errors import UsageError
 from ._escape import escape_controls
 
+__all__ = ["add_commands", "cmd_diff", "parse_shape"]
+
 
 def add_commands(subparsers: Any) -> None:
     """Register `diff` on the `isolhub` sub-command parser."""

@@ -17,6 +17,8 @@ from typing import Any
 from ._cli_common import EXIT_OK, output_flags
 from ._escape import escape_controls
 
+__all__ = ["add_commands", "cmd_ls", "cmd_prune", "cmd_rm"]
+
 
 def add_commands(subparsers: Any) -> None:
     """Register `env {ls,rm,prune}` on the `isolhub` command's sub-parsers.

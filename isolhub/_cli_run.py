@@ -44,6 +44,8 @@ from ._cli_common import (
 from ._errors import IsolhubError, UsageError
 from ._escape import escape_controls
 
+__all__ = ["add_commands", "cmd_run", "load_function", "parse_size", "read_specs", "result_record"]
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
 
 

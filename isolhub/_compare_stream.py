@@ -32,6 +32,8 @@ from typing import Any
 from ._compare_report import LayerDiff, OutputMetrics, TensorDiff
 from ._errors import SpecError
 
+__all__ = ["Latency", "Stream", "align_layers", "describe_batch", "difference", "iter_batches"]
+
 _CHUNK = 1 << 22  # elements per step in float64, so a huge tensor is never doubled at once
 _LATENCY_SAMPLES = 4096  # per side: past this many batches, a uniform sample (reservoir)
 _RANK = (

@@ -43,6 +43,8 @@ from typing import Any
 
 from ._rng import seed_all
 
+__all__ = ["CompareSession", "clean_doc", "one_line", "open_session", "summarise"]
+
 _MAX_NESTING = 3
 
 

@@ -17,6 +17,18 @@ from __future__ import annotations
 import os
 import sys
 
+__all__ = [
+    "DEFAULT_GITHUB_API",
+    "DEFAULT_SPIN_US",
+    "get_dir",
+    "github_api",
+    "github_token",
+    "is_offline",
+    "set_dir",
+    "spin_seconds",
+    "torch_home",
+]
+
 DEFAULT_GITHUB_API = "https://api.github.com"
 
 _hub_dir_override: str | None = None

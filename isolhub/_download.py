@@ -57,7 +57,15 @@ from urllib.parse import unquote, urlsplit
 from ._cache import host_tag, hub_dir, pid_alive
 from ._config import is_offline
 from ._errors import CacheError, DownloadError, HashMismatchError, IsolhubError, OfflineError
-from ._http import READ_CHUNK, TransferSettings, _DiskError, _fetch, _State, _write_all, safe_url
+from ._http import (
+    READ_CHUNK,
+    DiskError,
+    DownloadState,
+    TransferSettings,
+    fetch,
+    safe_url,
+    write_all,
+)
 from ._verified import remember
 
 if TYPE_CHECKING:
@@ -138,13 +146,13 @@ def download_url_to_file(
         src = broker(url, hash_prefix)
         _install_local(src, dst, hash_prefix, progress, url)
         return
-    _download(url, dst, hash_prefix, progress, headers=headers)
+    download(url, dst, hash_prefix, progress, headers=headers)
 
 
 # -- the download ------------------------------------------------------------------------------
 
 
-def _download(
+def download(
     url: str,
     dst: str,
     hash_prefix: str | None,
@@ -203,16 +211,16 @@ def _download(
         meta = _meta_path(tmp)
         _ACTIVE.add(tmp)
         keep = False
-        state: _State | None = None
+        state: DownloadState | None = None
         try:
             with os.fdopen(fd, "wb", buffering=0) as f:
-                state = _State(f, hashing=True)
+                state = DownloadState(f, hashing=True)
                 if resume is not None:
                     _resume_state(state, resume, surl)
                 state.on_entity = lambda st: _write_meta(meta, url, st)
                 try:
-                    _fetch(url, state, settings, dict(headers or {}), progress, dst, surl, guard)
-                except _DiskError as e:
+                    fetch(url, state, settings, dict(headers or {}), progress, dst, surl, guard)
+                except DiskError as e:
                     raise _local_error(e.error, dst, surl, need=state.total) from e
                 try:
                     os.fsync(f.fileno())
@@ -261,7 +269,7 @@ def _url_key(url: str) -> str:
     return hashlib.sha256(url.encode()).hexdigest()
 
 
-def _write_meta(meta: str, url: str, state: _State) -> None:
+def _write_meta(meta: str, url: str, state: DownloadState) -> None:
     """Record which version of which URL the temp file holds (called on each 200)."""
     if not state.can_resume:
         with contextlib.suppress(FileNotFoundError):
@@ -330,7 +338,7 @@ def _adopt_partial(dst: str, url: str) -> tuple[str, int, dict[str, object]] | N
     return None
 
 
-def _resume_state(state: _State, record: dict[str, object], surl: str) -> None:
+def _resume_state(state: DownloadState, record: dict[str, object], surl: str) -> None:
     """Continue `state` from the adopted temp file: its bytes, hash and validator."""
     fd = state.f.fileno()
     h = hashlib.sha256()
@@ -377,7 +385,7 @@ def _install_local(src: str, dst: str, hash_prefix: str | None, progress: bool, 
                 pbar.reset(total=size)
                 while chunk := fin.read(READ_CHUNK):
                     try:
-                        _write_all(fout, chunk)
+                        write_all(fout, chunk)
                     except OSError as e:
                         raise _local_error(e, tmp, surl, need=size) from e
                     hasher.update(chunk)

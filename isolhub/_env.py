@@ -57,9 +57,9 @@ from packaging.utils import canonicalize_name
 
 from ._cache import (
     STAGING_PREFIX,
-    _make_read_only,
     hub_dir,
     lock,
+    make_read_only,
     remove_tree,
     sweep_staging,
     write_text_atomic,
@@ -68,6 +68,22 @@ from ._config import is_offline
 from ._errors import EnvError, OfflineError
 from ._progress import notice
 from ._requirements import Requirements, read_requirements
+
+__all__ = [
+    "ENVS",
+    "Env",
+    "EnvEntry",
+    "INSTALLERS",
+    "choose_installer",
+    "conflicts",
+    "envs_dir",
+    "list_envs",
+    "prepare",
+    "prune_envs",
+    "python_tag",
+    "remove_env",
+    "uv_binary",
+]
 
 ENVS = "envs"
 INSTALLERS = ("uv", "pip")
@@ -320,7 +336,7 @@ def _install(
         final = envs / key
         if not (final / "env.json").is_file():
             (staging / "env.json").write_text(json.dumps(meta, indent=1))
-            _make_read_only(staging)
+            make_read_only(staging)
             with contextlib.suppress(FileExistsError, OSError):
                 os.rename(staging, final)  # lost to an identical set: use that one
         if not (final / "env.json").is_file():

@@ -53,6 +53,48 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+__all__ = [
+    "ArchiveError",
+    "CacheCorruptedError",
+    "CacheError",
+    "DownloadError",
+    "EntrypointError",
+    "EnvError",
+    "FetchError",
+    "HandleClosedError",
+    "HashMismatchError",
+    "IsolhubError",
+    "MessageParts",
+    "MissingDependenciesError",
+    "OfflineError",
+    "Option",
+    "PoolClosedError",
+    "ProtocolError",
+    "ProtocolVersionError",
+    "RefNotFoundError",
+    "RefValidationError",
+    "RemoteAttributeError",
+    "RemoteError",
+    "RemoteIndexError",
+    "RemoteKeyError",
+    "RemoteOperationError",
+    "RemoteTypeError",
+    "ResolveError",
+    "SandboxError",
+    "SpecError",
+    "TransportError",
+    "TrustResponseError",
+    "UntrustedRepoError",
+    "UsageError",
+    "Words",
+    "WorkerCrashedError",
+    "WorkerError",
+    "WorkerTimeoutError",
+    "describe_exit",
+    "python_words",
+    "signal_name",
+]
+
 
 @dataclass(frozen=True)
 class Option:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import functools
 import re
 
+__all__ = ["escape_any", "escape_controls"]
+
 # C0, DEL, C1 (0x9b is a one-byte CSI), and the bidi/zero-width controls that make text
 # display in another order than it reads.
 _CONTROLS = "\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u202a-\u202e\u2066-\u2069"

@@ -22,6 +22,8 @@ from ._archive import extract_tar
 from ._cache import remove_tree, temp_dir
 from ._errors import FetchError, RefNotFoundError, ResolveError, describe_exit
 
+__all__ = ["export", "resolve"]
+
 _SHA = re.compile(r"[0-9a-f]{40}")
 _HEX = re.compile(r"[0-9a-f]{4,40}")
 _GIT_TIMEOUT = 600

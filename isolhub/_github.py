@@ -34,6 +34,20 @@ from ._errors import (
 )
 from ._http import follow, new_session, retry_after, safe_url
 
+__all__ = [
+    "BACKOFF_S",
+    "MAX_RETRY_AFTER_S",
+    "MAX_VALIDATION_PAGES",
+    "RETRIES",
+    "TIMEOUT",
+    "api_session",
+    "download_tarball",
+    "resolve_ref",
+    "torch_not_found",
+    "validate_ref",
+    "web_url",
+]
+
 TIMEOUT = (10, 60)  # (connect, read) seconds, per request
 RETRIES = 3  # extra attempts after a 5xx or a 429 without a rate-limit reset
 BACKOFF_S = 0.5  # first retry delay, doubled each time; tests lower it

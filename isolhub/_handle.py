@@ -34,6 +34,8 @@ from ._process import Worker
 from ._values import bounded_text, decode_state_dict, decode_value
 from ._worker import REPR_LIMIT, kept_object
 
+__all__ = ["RemoteModule", "RemoteObject", "open_handle"]
+
 _RAISED = {builtin.__name__: cls for builtin, cls in CALLER_ERRORS.items()}
 _TEXT_LIMIT = 2000  # characters of a worker's error message kept in ours
 _MAX_BATCH = 256  # items an iteration asks for at once (it starts at 1 and doubles)

@@ -21,16 +21,16 @@ In the order a transfer meets it:
 * retries with exponential backoff and jitter, a fresh budget after progress (not after a
   trickle), and a hard cap on attempts;
 * a cut body resumes with `Range` + `If-Range` and a checked `Content-Range`, or restarts from
-  byte 0 (`_State.restart`): two versions of a file are never joined.
+  byte 0 (`DownloadState.restart`): two versions of a file are never joined.
 
 `TransferSettings.from_env()` reads the tuning variables (listed in `_download`) at call time. A failed
-write to the temp file surfaces as `_DiskError`, never retried, for the caller to name.
+write to the temp file surfaces as `DiskError`, never retried, for the caller to name.
 
 Example:
     >>> s = TransferSettings.from_env()
     >>> with open("/tmp/w.pt.partial", "wb", buffering=0) as f:
-    ...     state = _State(f, hashing=True)
-    ...     _fetch(url, state, s, {}, False, "/tmp/w.pt", safe_url(url))
+    ...     state = DownloadState(f, hashing=True)
+    ...     fetch(url, state, s, {}, False, "/tmp/w.pt", safe_url(url))
     >>> state.written, state.hasher.hexdigest()
 """
 
@@ -55,6 +55,22 @@ from ._errors import DownloadError
 if TYPE_CHECKING:
     import requests
     from tqdm import tqdm
+
+__all__ = [
+    "DiskError",
+    "DownloadState",
+    "Guard",
+    "MAX_REDIRECTS",
+    "READ_CHUNK",
+    "TransferSettings",
+    "USER_AGENT",
+    "fetch",
+    "follow",
+    "new_session",
+    "retry_after",
+    "safe_url",
+    "write_all",
+]
 
 
 class Guard(Protocol):
@@ -243,7 +259,7 @@ class _Retryable(Exception):
         self.stalled = stalled
 
 
-class _DiskError(Exception):
+class DiskError(Exception):
     """Writing the temp file failed; never retried."""
 
     def __init__(self, error: OSError) -> None:
@@ -252,7 +268,7 @@ class _DiskError(Exception):
 
 
 @dataclass
-class _State:
+class DownloadState:
     """What has been written to the temp file so far, and which version of the file it is."""
 
     f: IO[bytes]
@@ -264,7 +280,7 @@ class _State:
     can_resume: bool = False
     hasher: Any = field(default=None)
     # Called once a 200 has said what the file is (size, validator): the resume record.
-    on_entity: Callable[[_State], None] | None = None
+    on_entity: Callable[[DownloadState], None] | None = None
 
     def __post_init__(self) -> None:
         self.hasher = hashlib.sha256() if self.hashing else None
@@ -274,7 +290,7 @@ class _State:
             self.f.seek(0)
             self.f.truncate()
         except OSError as e:
-            raise _DiskError(e) from e
+            raise DiskError(e) from e
         self.written = 0
         self.total = None
         self.validator = None
@@ -283,15 +299,15 @@ class _State:
 
     def write(self, data: bytes) -> None:
         try:
-            _write_all(self.f, data)
+            write_all(self.f, data)
         except OSError as e:
-            raise _DiskError(e) from e
+            raise DiskError(e) from e
         if self.hasher is not None:
             self.hasher.update(data)
         self.written += len(data)
 
 
-def _write_all(f: IO[bytes], data: bytes) -> None:
+def write_all(f: IO[bytes], data: bytes) -> None:
     """Write all of `data` to the unbuffered `f`, continuing after short writes.
 
     Temp files are unbuffered so that a failed write cannot linger in a buffer and fail again,
@@ -305,9 +321,9 @@ def _write_all(f: IO[bytes], data: bytes) -> None:
         view = view[n:]
 
 
-def _fetch(
+def fetch(
     url: str,
-    state: _State,
+    state: DownloadState,
     s: TransferSettings,
     headers: dict[str, str],
     progress: bool,
@@ -325,7 +341,7 @@ def _fetch(
     Raises:
         DownloadError: a refused request, a non-retryable status, an HTML page, a body past the
             cap, or the retries ran out.
-        _DiskError: writing the temp file failed (the caller names the path and the fix).
+        DiskError: writing the temp file failed (the caller names the path and the fix).
     """
     from ._progress import bytes_bar
 
@@ -380,7 +396,7 @@ def _failure(surl: str) -> Callable[[str, bool], Exception]:
 def _attempt(
     session: requests.Session,
     url: str,
-    state: _State,
+    state: DownloadState,
     s: TransferSettings,
     headers: dict[str, str],
     pbar: tqdm,
@@ -444,7 +460,9 @@ def _open(
     )
 
 
-def _start_entity(resp: requests.Response, state: _State, s: TransferSettings, surl: str) -> None:
+def _start_entity(
+    resp: requests.Response, state: DownloadState, s: TransferSettings, surl: str
+) -> None:
     """Record what a 200 says about the file: its size and a validator for a later resume."""
     encoded = _content_encoding(resp) not in ("", "identity")
     length = _content_length(resp)
@@ -464,7 +482,7 @@ def _start_entity(resp: requests.Response, state: _State, s: TransferSettings, s
     state.can_resume = state.validator is not None and not encoded
 
 
-def _check_resume(resp: requests.Response, state: _State) -> None:
+def _check_resume(resp: requests.Response, state: DownloadState) -> None:
     """A 206 must continue exactly where the temp file ends, for the same version of the file."""
     m = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", "").strip())
     etag = resp.headers.get("ETag")
@@ -487,7 +505,7 @@ def _check_resume(resp: requests.Response, state: _State) -> None:
         )
 
 
-def _finish_unsatisfiable_resume(resp: requests.Response, state: _State) -> None:
+def _finish_unsatisfiable_resume(resp: requests.Response, state: DownloadState) -> None:
     m = _UNSATISFIED_RANGE.fullmatch(resp.headers.get("Content-Range", "").strip())
     size = int(m.group(1)) if m else None
     if size is not None and size == state.written and state.total in (None, size):
@@ -501,7 +519,12 @@ def _finish_unsatisfiable_resume(resp: requests.Response, state: _State) -> None
 
 
 def _stream_body(
-    resp: requests.Response, state: _State, s: TransferSettings, pbar: tqdm, dst: str, surl: str
+    resp: requests.Response,
+    state: DownloadState,
+    s: TransferSettings,
+    pbar: tqdm,
+    dst: str,
+    surl: str,
 ) -> None:
     raw = resp.raw
     content_type = resp.headers.get("Content-Type", "")

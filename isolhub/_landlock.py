@@ -40,6 +40,34 @@ from collections.abc import Mapping
 from isolhub._errors import SandboxError
 from isolhub._libc import libc
 
+__all__ = [
+    "FS_EXECUTE",
+    "FS_IOCTL_DEV",
+    "FS_MAKE_BLOCK",
+    "FS_MAKE_CHAR",
+    "FS_MAKE_DIR",
+    "FS_MAKE_FIFO",
+    "FS_MAKE_REG",
+    "FS_MAKE_SOCK",
+    "FS_MAKE_SYM",
+    "FS_READ_DIR",
+    "FS_READ_FILE",
+    "FS_REFER",
+    "FS_REMOVE_DIR",
+    "FS_REMOVE_FILE",
+    "FS_TRUNCATE",
+    "FS_WRITE_FILE",
+    "NET_BIND_TCP",
+    "NET_CONNECT_TCP",
+    "READ",
+    "SCOPE_ABSTRACT_UNIX_SOCKET",
+    "SCOPE_SIGNAL",
+    "WRITE",
+    "abi_version",
+    "handled_fs",
+    "restrict_self",
+]
+
 # These three syscalls were added after the tables were unified, so the numbers are the same on
 # every architecture (include/uapi/asm-generic/unistd.h, arch/x86/entry/syscalls/syscall_64.tbl).
 _SYS_CREATE_RULESET = 444

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+__all__ = ["Damage", "FORMAT", "build", "dumps", "full_check", "load", "quick_check"]
+
 FORMAT = 1
 _BYTECODE_DIR = "__pycache__"
 

@@ -36,15 +36,15 @@ from typing import Any, final
 
 from . import _trust
 from ._backend import (
+    Job,
+    JobBackend,
+    LocalBackend,
+    Outcome,
     PoolSettings,
-    _Backend,
-    _Job,
-    _LocalBackend,
-    _Outcome,
-    _ship_by_value,
     for_task,
     is_infrastructure_failure,
     job_of,
+    ship_by_value,
 )
 from ._engine import policy_for, snapshot_of
 from ._errors import IsolhubError, Option, PoolClosedError, UsageError, signal_name
@@ -54,6 +54,8 @@ from ._source import Snapshot
 from ._spec import parse_spec
 from ._types import Backend, EnvArg, SandboxArg, Source, StartMethod, TrustRepo
 from ._usage import check_choice, check_count, check_timeout
+
+__all__ = ["BACKENDS", "Hub", "Result"]
 
 BACKENDS = ("local", "ray")
 _JOIN_TIMEOUT = 30.0
@@ -247,13 +249,13 @@ class Hub:
             ray_address=ray_address,
             ray_actor_options=dict(ray_actor_options or {}),
         )
-        self._backend: _Backend
+        self._backend: JobBackend
         if backend == "ray":
             from ._ray import RayBackend
 
             self._backend = RayBackend(self._settings)
         else:
-            self._backend = _LocalBackend(self._settings)
+            self._backend = LocalBackend(self._settings)
         self.max_workers = max_workers or self._backend.default_workers()
         self._cond = threading.Condition()
         self._snapshots: dict[tuple[str, str], Future[Snapshot]] = {}
@@ -305,7 +307,7 @@ class Hub:
             raise TypeError(f"entrypoint must be a str, not {type(entrypoint).__name__}")
         items = list(specs)
         job = job_of(
-            self._options, "call", entrypoint, args, kwargs, then=_ship_by_value(fn), per_task=True
+            self._options, "call", entrypoint, args, kwargs, then=ship_by_value(fn), per_task=True
         )
         return self._stream(items, job, ordered)
 
@@ -401,7 +403,7 @@ class Hub:
         if self._closed:
             raise PoolClosedError("this Hub is closed; make a new one")
 
-    def _stream(self, items: builtins.list[Any], job: _Job, ordered: bool) -> Iterator[Result]:
+    def _stream(self, items: builtins.list[Any], job: Job, ordered: bool) -> Iterator[Result]:
         run = _Run(total=len(items))
         with self._cond:
             self._check_open()
@@ -446,7 +448,7 @@ class Hub:
                 self._runs.discard(run)
             progress.close()
 
-    def _work(self, run: _Run, items: builtins.list[Any], job: _Job) -> None:
+    def _work(self, run: _Run, items: builtins.list[Any], job: Job) -> None:
         while True:
             with self._cond:
                 if run.cancelled.is_set() or run.next_index >= len(items):
@@ -468,7 +470,7 @@ class Hub:
                 )
             run.events.put(("done", result))
 
-    def _task(self, run: _Run, index: int, spec: Any, job: _Job) -> Result:
+    def _task(self, run: _Run, index: int, spec: Any, job: Job) -> Result:
         start = time.monotonic()
         try:
             snap = self._snapshot(spec)
@@ -500,8 +502,8 @@ class Hub:
         )
 
     def _perform(
-        self, run: _Run, snap: Snapshot, job: _Job, index: int | None = None
-    ) -> tuple[_Outcome, int]:
+        self, run: _Run, snap: Snapshot, job: Job, index: int | None = None
+    ) -> tuple[Outcome, int]:
         """Run `job` on `snap` in a worker, retrying infrastructure failures; `index` (a map's
         spec) is reported running once its first worker is ready."""
         attempts = 0
@@ -510,7 +512,7 @@ class Hub:
             try:
                 slot = self._acquire(run, snap)
             except IsolhubError as e:
-                outcome = _Outcome(
+                outcome = Outcome(
                     ok=False,
                     error=e,
                     returncode=getattr(e, "returncode", None),
@@ -534,7 +536,7 @@ class Hub:
             if not (outcome.infrastructure and attempts <= self._settings.retries):
                 return outcome, attempts
 
-    def _sync(self, spec: Any, job: _Job) -> Any:
+    def _sync(self, spec: Any, job: Job) -> Any:
         self._check_open()
         if job.rng and self._settings.backend == "ray":  # its worker is on another machine
             seeded = job_of(self._options, job.op, job.entry, job.args, job.kwargs, per_task=True)

@@ -61,6 +61,8 @@ _INVOKE_WORDS = {
     "state_dict": "taking the state_dict()",
 }
 
+__all__ = ["Worker", "prestart_zygote", "shutdown_zygote", "zygote_packages"]
+
 _TAIL_BYTES = 8192
 _ZYGOTE_START_TIMEOUT = 180.0
 _HANDSHAKE_TIMEOUT = 60.0

@@ -25,6 +25,20 @@ from typing import Any
 
 from ._errors import ProtocolError
 
+__all__ = [
+    "ExtDecoder",
+    "ExtEncoder",
+    "MAX_FDS",
+    "MAX_FRAME",
+    "ReplyLimits",
+    "Spinner",
+    "decode",
+    "encode",
+    "recv_frame",
+    "send_frame",
+    "spin_poll",
+]
+
 MAX_FRAME = 1 << 30
 MAX_FDS = 16
 _HEADER = struct.Struct("!II")

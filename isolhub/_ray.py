@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from ._archive import extract_tar
-from ._backend import PoolSettings, _Job, _Outcome, _Shipped, is_infrastructure_failure
+from ._backend import Job, Outcome, PoolSettings, Shipped, is_infrastructure_failure
 from ._cache import STAGING_PREFIX, install_snapshot, snapshot_path
 from ._engine import call_message, decode_result, reply_limits, start_worker
 from ._errors import (
@@ -56,6 +56,8 @@ from ._process import Worker, shutdown_zygote
 from ._protocol import ReplyLimits
 from ._source import Snapshot
 from ._spec import RepoSpec
+
+__all__ = ["RayBackend", "install_shipped_snapshot", "pack_snapshot", "require_ray"]
 
 # The driver's watchdog allows this much beyond `timeout` for the actor's own start (a Ray
 # worker process, the snapshot install, a zygote importing torch) before it kills the actor.
@@ -170,7 +172,7 @@ class _RepoActor:
             self._snapshot = Snapshot(self._spec, self._sha, path)
         return self._snapshot
 
-    def run(self, job: _Job, timeout: float | None) -> _Outcome:
+    def run(self, job: Job, timeout: float | None) -> Outcome:
         """Relay `job` to this actor's worker (started, or restarted after a failure, here).
 
         The reply is not decoded here: `value` is `(reply, arena bytes or None)`, decoded by
@@ -204,7 +206,7 @@ class _RepoActor:
         finally:
             for fd in fds:
                 os.close(fd)
-        return _Outcome(ok=True, value=(reply, arena), reusable=True)
+        return Outcome(ok=True, value=(reply, arena), reusable=True)
 
     def node(self) -> dict[str, Any]:
         """Where this actor runs: pid, hostname, the snapshot's path on this node."""
@@ -224,20 +226,20 @@ class _RepoActor:
         shutdown_zygote()
 
 
-def _message(job: _Job) -> dict[str, Any]:
+def _message(job: Job) -> dict[str, Any]:
     """The worker request for `job`: the messages `isolhub._engine.call/list_entrypoints/entrypoint_doc` send."""
     if job.op in ("list", "help"):
         return {"op": job.op, "entry": job.entry}
-    then = None if job.then is None else _Shipped(job.then)
+    then = None if job.then is None else Shipped(job.then)
     return call_message(job.entry or "", job.args, job.kwargs, job.result, job.seed, then)
 
 
-def _failure(e: IsolhubError, worker: Worker | None) -> _Outcome:
+def _failure(e: IsolhubError, worker: Worker | None) -> Outcome:
     tail = getattr(e, "output_tail", None) or (worker.output_tail() if worker else "")
     code = getattr(e, "returncode", None)
     if worker is not None and worker.closed and worker.returncode is not None:
         code = worker.returncode
-    return _Outcome(
+    return Outcome(
         ok=False,
         error=e,
         returncode=code,
@@ -264,7 +266,7 @@ def _read_arena(fds: list[int]) -> bytes | None:
 
 
 def _decode(
-    job: _Job, reply: dict[str, Any], arena: bytes | None, limits: ReplyLimits | None = None
+    job: Job, reply: dict[str, Any], arena: bytes | None, limits: ReplyLimits | None = None
 ) -> Any:
     """Decode a relayed reply here in the driver, as `isolhub._engine` does for a local worker."""
     if job.op in ("list", "help"):
@@ -336,7 +338,7 @@ class RayBackend:
         )
         return _ActorSlot(actor, snapshot.label)
 
-    def run(self, executor: _ActorSlot, job: _Job, timeout: float | None) -> _Outcome:
+    def run(self, executor: _ActorSlot, job: Job, timeout: float | None) -> Outcome:
         ray = self._ray
         from ray.exceptions import RayError, RayTaskError
 
@@ -349,7 +351,7 @@ class RayBackend:
                 break
             if deadline is not None and time.monotonic() >= deadline:
                 self.kill(executor)
-                return _Outcome(
+                return Outcome(
                     ok=False,
                     error=WorkerTimeoutError(
                         f"the Ray actor for {executor.label} did not answer within "
@@ -358,19 +360,19 @@ class RayBackend:
                     ),
                 )
         try:
-            outcome: _Outcome = ray.get(ref)
+            outcome: Outcome = ray.get(ref)
             if outcome.ok:
                 reply, arena = outcome.value
                 outcome.value = _decode(job, reply, arena, reply_limits(self._settings.policy))
         except IsolhubError as e:  # a malformed reply: the actor's worker misbehaved
             self.kill(executor)
-            return _Outcome(ok=False, error=e)
+            return Outcome(ok=False, error=e)
         except RayTaskError as e:  # the actor's own code raised: a bug, not the machine
             self.kill(executor)
             error = WorkerError(
                 f"the Ray actor for {executor.label} failed: {_first_line(e)}", spec=executor.label
             )
-            return _Outcome(ok=False, error=error)
+            return Outcome(ok=False, error=error)
         except RayError as e:  # the actor, its node or the object store went away
             error = WorkerCrashedError(
                 f"the Ray actor for {executor.label} died: {type(e).__name__}: {_first_line(e)}",
@@ -379,7 +381,7 @@ class RayBackend:
                 output_tail="",
                 infrastructure=True,
             )
-            return _Outcome(ok=False, error=error, infrastructure=True)
+            return Outcome(ok=False, error=error, infrastructure=True)
         return outcome
 
     def kill(self, executor: _ActorSlot) -> None:

@@ -23,6 +23,16 @@ from ._report_table import table
 if TYPE_CHECKING:
     from ._compare_report import CompareReport, TensorDiff
 
+__all__ = [
+    "STRUCTURAL",
+    "fmt_float",
+    "layer_differences",
+    "render_fragment",
+    "render_html",
+    "render_svg",
+    "render_text",
+]
+
 STRUCTURAL = ("added", "removed", "reshaped")
 _RANK = ("same", "close", "renamed", "changed", "retyped", "removed", "added", "reshaped")
 _MAX_BARS = 40

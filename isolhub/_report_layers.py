@@ -21,6 +21,18 @@ from ._report_table import table
 if TYPE_CHECKING:
     from ._compare_report import CompareReport, LayerDiff, OutputMetrics
 
+__all__ = [
+    "LAYER_HEADERS",
+    "METRIC_HEADERS",
+    "depth_svg",
+    "divergence_text",
+    "layer_counts",
+    "layer_rows",
+    "layer_text",
+    "metric_rows",
+    "metrics_text",
+]
+
 _STRUCTURAL = ("reshaped", "added", "removed")
 _FLOOR = 18  # pixels under the lowest decade where identical outputs (0) sit
 

@@ -29,6 +29,8 @@ from packaging.utils import canonicalize_name
 
 from ._errors import EnvError
 
+__all__ = ["Requirements", "read_requirements"]
+
 _MAX_INCLUDES = 32
 
 

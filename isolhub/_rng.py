@@ -26,6 +26,8 @@ from typing import Any
 
 from ._errors import ProtocolError
 
+__all__ = ["capture", "fresh_numpy", "restore", "seed_all"]
+
 _MT_WORDS = 624
 
 

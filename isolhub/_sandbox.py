@@ -98,6 +98,21 @@ from isolhub._libc import (
     set_pdeathsig,
 )
 
+__all__ = [
+    "AppliedReport",
+    "DEFAULT_ENV_ALLOW",
+    "DEFAULT_WEIGHT_HOSTS",
+    "PRETEND_MISSING_ENV",
+    "PROTECTIONS",
+    "ProbeEntry",
+    "Sandbox",
+    "SandboxReport",
+    "apply",
+    "probe",
+    "resolve_policy",
+    "without_secrets",
+]
+
 PROTECTIONS = (
     "environment", "fds", "pdeathsig", "rlimits", "caps.memory", "caps.tasks", "userns", "netns",
     "caps.scratch", "capabilities", "no_new_privs", "landlock", "landlock.net", "landlock.scope",

@@ -29,6 +29,18 @@ from typing import Any
 from isolhub._errors import SandboxError
 from isolhub._libc import PR_GET_SECCOMP, PR_SET_PDEATHSIG, PR_SET_SECCOMP, prctl
 
+__all__ = [
+    "AUDIT_ARCH",
+    "CLONE_NEW_ANY",
+    "CLONE_THREAD",
+    "DENIED",
+    "SYSCALLS",
+    "available",
+    "build",
+    "install",
+    "native_arch",
+]
+
 AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}  # include/uapi/linux/audit.h
 
 # arch/x86/entry/syscalls/syscall_64.tbl and include/uapi/asm-generic/unistd.h (aarch64).

@@ -50,6 +50,8 @@ from ._manifest import Damage
 from ._progress import notice
 from ._spec import RepoSpec
 
+__all__ = ["Snapshot", "fetch_snapshot"]
+
 _SHA = re.compile(r"[0-9a-f]{40}")
 log = logging.getLogger("isolhub.cache")
 

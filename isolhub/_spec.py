@@ -22,6 +22,8 @@ from urllib.parse import urlsplit
 
 from ._errors import Option, SpecError
 
+__all__ = ["ACCEPTED_FORMS", "GIT_SCHEMES", "Kind", "RepoSpec", "parse_spec"]
+
 ACCEPTED_FORMS = (
     "accepted forms: 'owner/name[:ref]' (GitHub), 'git+<url>[@ref]' with a file, https or ssh "
     "URL (e.g. 'git+file:///srv/repo.git@v1'), or a directory with ",

@@ -21,6 +21,8 @@ from ._arena import ArenaReader, ArenaWriter
 from ._errors import ProtocolError
 from ._protocol import ReplyLimits, decode, encode
 
+__all__ = ["bounded_text", "decode_state_dict", "decode_value", "encode_state_dict", "encode_value"]
+
 
 def encode_value(
     obj: Any, handle_for: Callable[[Any], dict[str, Any]] | None = None

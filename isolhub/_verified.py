@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, replace
 
 from ._config import get_dir
 
+__all__ = ["Record", "fd_digest", "record_file", "recorded", "remember", "sha256_fd", "update"]
+
 _CHUNK = 1 << 20
 
 

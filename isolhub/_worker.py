@@ -43,6 +43,8 @@ from ._messages import CALLER_ERRORS, error_record, hello
 from ._protocol import Spinner, encode, recv_frame, send_frame
 from ._values import bounded_text, encode_state_dict, encode_value
 
+__all__ = ["REPR_LIMIT", "STAGES", "kept_object", "prepare", "serve"]
+
 # What the worker is doing, as its thread name (`/proc/PID/comm`, 15 bytes): the parent reads it
 # when the worker dies or hangs (a zombie keeps its name until the zygote reaps it, on the
 # parent's request), so `os._exit`, a signal or a hang are reported with the stage they hit.

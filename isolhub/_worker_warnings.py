@@ -30,6 +30,8 @@ from typing import Any
 from ._errors import ProtocolError
 from ._escape import escape_controls
 
+__all__ = ["MAX_MESSAGE", "MAX_WARNINGS", "checked", "install", "reissue", "take"]
+
 MAX_WARNINGS = 50  # distinct warnings carried per reply; the rest are counted
 MAX_MESSAGE = 8192  # characters of a message
 _MAX_NAME = 512

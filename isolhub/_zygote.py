@@ -34,6 +34,8 @@ from typing import Any
 
 from ._libc import set_pdeathsig
 
+__all__ = ["die_with_parent", "main"]
+
 
 def _preload() -> None:
     import importlib

@@ -31,6 +31,8 @@ from ._errors import IsolhubError
 from ._options import MODES
 from ._patch import patched_torch_hub
 
+__all__ = ["main"]
+
 _TAKES_VALUE = ("--mode", "--sandbox", "--timeout", "--seed")
 
 
