@@ -103,3 +103,78 @@ def test_the_graph_reader_sees_lazy_imports_and_finds_a_cycle() -> None:
 
 def test_no_module_imports_another_that_imports_it_back() -> None:
     assert cycles(import_graph()) == []
+
+
+def _import_base(node: ast.ImportFrom, package: str) -> str:
+    if not node.level:
+        return node.module or ""
+    parts = package.split(".")
+    return ".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else []))
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def underscore_uses_in(tree: ast.AST, me: str, package: str, modules: set[str]) -> list[str]:
+    """`line: what` for each use in `tree` of another isolhub module's `_underscore` name."""
+    found = []
+    aliases: dict[str, str] = {}  # local name -> the isolhub module it is bound to
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            aliases |= {a.asname or a.name: a.name for a in node.names if a.name in modules}
+        elif isinstance(node, ast.ImportFrom):
+            base = _import_base(node, package)
+            for a in node.names:
+                if f"{base}.{a.name}" in modules:
+                    aliases[a.asname or a.name] = f"{base}.{a.name}"
+                elif base in modules and base != me and _private(a.name):
+                    found.append(f"{node.lineno}: from {base} import {a.name}")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and _private(node.attr):
+            owner = aliases.get(ast.unparse(node.value), me)
+            if owner != me and f"{owner}.{node.attr}" not in modules:
+                found.append(f"{node.lineno}: {ast.unparse(node)}")
+    return sorted(found, key=lambda f: int(f.split(":")[0]))
+
+
+def test_the_underscore_reader_sees_imports_and_attributes() -> None:
+    source = (
+        "from . import _a\n"
+        "from ._b import _c, d\n"
+        "import isolhub._d as m\n"
+        "from ._e import _own\n"
+        "_a._x; m._y; m.z; _a._f.g; _own._z\n"
+    )
+    modules = {"isolhub._a", "isolhub._a._f", "isolhub._b", "isolhub._d", "isolhub._e"}
+    assert underscore_uses_in(ast.parse(source), "isolhub._e", "isolhub", modules) == [
+        "2: from isolhub._b import _c",
+        "5: _a._x",
+        "5: m._y",
+    ]
+
+
+def test_no_module_uses_another_modules_underscore_names() -> None:
+    modules = _modules()
+    found = []
+    for me, path in sorted(modules.items()):
+        package = me if path.name == "__init__.py" else me.rpartition(".")[0]
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        where = path.relative_to(PACKAGE.parent)
+        found += [f"{where}:{f}" for f in underscore_uses_in(tree, me, package, set(modules))]
+    assert found == []
+
+
+def test_every_module_declares_all() -> None:
+    missing = []
+    for me, path in sorted(_modules().items()):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        targets = [
+            t
+            for node in tree.body
+            if isinstance(node, ast.Assign | ast.AnnAssign)
+            for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+        ]
+        if not any(isinstance(t, ast.Name) and t.id == "__all__" for t in targets):
+            missing.append(me)
+    assert missing == []
