@@ -1,11 +1,18 @@
 """isolhub: load PyTorch Hub models with every repo@ref in its own worker process.
 
-A drop-in for `torch.hub`:
+A drop-in for `torch.hub` (here `git_repo` is a git repository whose tags v1 and v2 ship a
+hubconf.py with an entrypoint `net`):
 
+    >>> import sys
     >>> import isolhub as hub
-    >>> hub.list("owner/repo:v2")
-    >>> a = hub.load("git+file:///srv/repos/net.git@v1", "resnet", pretrained=False)
-    >>> b = hub.load("git+file:///srv/repos/net.git@v2", "resnet", pretrained=False)
+    >>> hub.list(f"git+file://{git_repo}@v1")
+    ['net']
+    >>> a = hub.load(f"git+file://{git_repo}@v1", "net", pretrained=False)
+    >>> b = hub.load(f"git+file://{git_repo}@v2", "net", pretrained=False)
+    >>> a.out_features, b.out_features      # two refs of one repo, side by side
+    (2, 3)
+    >>> "hubconf" in sys.modules            # imported in the workers, never here
+    False
 """
 
 import builtins as _builtins

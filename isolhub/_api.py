@@ -8,12 +8,15 @@ runs the repo in its own worker process, so the repo's modules never enter this 
       _spec          _source / _cache / _git / _github              _process ⇄ _worker
                                                                    _arena, _byvalue (transport)
 
-Example:
+Example (`git_repo` is a git repository whose hubconf's `net` builds a linear layer of 4 inputs
+and 2 outputs at tag v1, 3 at v2):
     >>> import isolhub as hub
-    >>> hub.list("git+file:///srv/net.git@v1")
-    ['resnet']
-    >>> a = hub.load("git+file:///srv/net.git@v1", "resnet", pretrained=False)
-    >>> b = hub.load("git+file:///srv/net.git@v2", "resnet", pretrained=False)
+    >>> hub.list(f"git+file://{git_repo}@v1")
+    ['net']
+    >>> a = hub.load(f"git+file://{git_repo}@v1", "net", pretrained=False)
+    >>> b = hub.load(f"git+file://{git_repo}@v2", "net", pretrained=False)
+    >>> a.out_features, b.out_features
+    (2, 3)
 """
 
 from __future__ import annotations
@@ -51,9 +54,11 @@ def fetch(
 ) -> Snapshot:
     """Resolve a spec to a commit and make sure its snapshot is cached; nothing is imported.
 
-    Example:
-        >>> hub.fetch("git+file:///srv/net.git@v1").sha
-        '57dad2b497074fac03b88b433efcff9349f9bc6c'
+    Example (`git_repo`: a git repository with a tag v1):
+        >>> import isolhub as hub
+        >>> snap = hub.fetch(f"git+file://{git_repo}@v1")
+        >>> len(snap.sha), [p.name for p in snap.path.iterdir()]
+        (40, ['hubconf.py'])
 
     Raises:
         SpecError, ResolveError, UntrustedRepoError, FetchError, ArchiveError, CacheError.
@@ -78,9 +83,10 @@ def prepare_env(
     what `load(..., env="auto")` runs with (the same cache entry), so it is that load's
     dependency provenance.
 
-    Example:
-        >>> hub.prepare_env("git+file:///srv/net.git@v1").packages
-        ('tinypkg==2.0',)
+    Example (`repo`: a folder with a hubconf.py and no requirements):
+        >>> import isolhub as hub
+        >>> hub.prepare_env(repo, source="local") is None
+        True
 
     Raises:
         EnvError, OfflineError, and what `fetch` raises.
@@ -262,6 +268,10 @@ def sandbox_report() -> SandboxReport:
     """What this kernel can enforce for `sandbox="strict"`, and what it cannot.
 
     Example:
+        >>> import isolhub as hub
         >>> print(hub.sandbox_report())
+        isolhub sandbox: what this kernel can enforce (Linux ...)
+          [...] environment    os.environ, cwd, umask
+        ...
     """
     return probe()

@@ -4,8 +4,16 @@ Python 3.11.7's tarfile `data` filter has known bypasses (CVE-2025-4517 and othe
 used: names, links and sizes of the whole archive are validated lexically first, then the tree is
 written through directory file descriptors with `O_NOFOLLOW`, so nothing can land outside `dest`.
 
-Example:
-    >>> extract_tar(Path("repo.tar.gz"), staging, expected_commit=sha, strip_top_dir=True)
+Example (a tarball as GitHub serves it, one top-level directory):
+    >>> import io, tarfile
+    >>> info = tarfile.TarInfo("owner-repo-3f2a1b0/hubconf.py")
+    >>> info.size = len(b"dependencies = []\\n")
+    >>> with tarfile.open("repo.tar.gz", "w:gz") as tf:
+    ...     tf.addfile(info, io.BytesIO(b"dependencies = []\\n"))
+    >>> Path("staging").mkdir()
+    >>> extract_tar(Path("repo.tar.gz"), Path("staging"), strip_top_dir=True)
+    >>> [p.name for p in Path("staging").iterdir()]
+    ['hubconf.py']
 """
 
 from __future__ import annotations
@@ -50,8 +58,14 @@ def extract_tar(
     which is dropped (GitHub tarballs hold `owner-repo-<sha7>/...`). With `expected_commit`, the
     commit id `git archive` embeds (the pax global header `comment`) must equal it.
 
-    Example:
-        >>> extract_tar(Path("x.tar.gz"), Path("staging"), expected_commit=sha, strip_top_dir=True)
+    Example (a member that would land outside `dest`):
+        >>> import io, tarfile
+        >>> with tarfile.open("x.tar", "w") as tf:
+        ...     tf.addfile(tarfile.TarInfo("../evil.py"), io.BytesIO())
+        >>> Path("staging").mkdir()
+        >>> extract_tar(Path("x.tar"), Path("staging"))
+        Traceback (most recent call last):
+        isolhub.ArchiveError: refusing archive member '../evil.py': name contains a '..' component
 
     Raises:
         ArchiveError: the archive is unreadable, hostile, over a cap or for another commit (the

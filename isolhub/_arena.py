@@ -6,6 +6,7 @@ checks the seals, maps it `MAP_PRIVATE` (its writes stay private, and the worker
 change or truncate what the parent sees) and builds tensors on the mapping with no copy.
 
 Example (worker side, then parent side):
+    >>> import torch
     >>> writer = ArenaWriter()
     >>> meta = writer.tensor_meta(torch.ones(3))
     >>> fd, layout = writer.seal()

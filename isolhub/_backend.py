@@ -8,11 +8,15 @@ A backend starts, drives, kills and closes executors (local workers or Ray actor
 above it only schedules. `fn` is pickled by value once (`ship_by_value`) and unpickled only in
 the worker (`Shipped`). `is_infrastructure_failure` says which failures a `Hub` may retry.
 
-Example:
-    >>> backend = LocalBackend(settings)
-    >>> worker = backend.start(snapshot)
-    >>> backend.run(worker, Job("call", "net", then=ship_by_value(fn)), timeout=60).ok
-    True
+Example (`repo` is a folder with a hubconf.py whose `net()` builds `torch.nn.Linear(4, 2)`):
+    >>> from isolhub._engine import start_worker
+    >>> from isolhub._source import fetch_snapshot
+    >>> from isolhub._spec import parse_spec
+    >>> snapshot = fetch_snapshot(parse_spec(repo, source="local"))
+    >>> with start_worker(snapshot) as worker:
+    ...     job = Job("call", "net", then=ship_by_value(lambda m: m.out_features))
+    ...     run_job(worker, job, timeout=60).value
+    2
 """
 
 from __future__ import annotations
@@ -234,8 +238,12 @@ _BY_VALUE_LOCK = threading.Lock()
 def execute(worker: Worker, job: Job, timeout: float | None) -> Any:
     """Run `job` in a live local worker and return its decoded value.
 
-    Example:
-        >>> execute(worker, Job("list"), timeout=30)
+    Example (`repo` is a folder with a hubconf.py whose one entrypoint is `net`):
+        >>> from isolhub._engine import start_worker
+        >>> from isolhub._source import fetch_snapshot
+        >>> from isolhub._spec import parse_spec
+        >>> with start_worker(fetch_snapshot(parse_spec(repo, source="local"))) as worker:
+        ...     execute(worker, Job("list"), timeout=30)
         ['net']
 
     Raises:
@@ -264,9 +272,14 @@ def execute(worker: Worker, job: Job, timeout: float | None) -> Any:
 def run_job(worker: Worker, job: Job, timeout: float | None) -> Outcome:
     """Run `job` in `worker`; every isolhub failure becomes a failed `Outcome`.
 
-    Example:
-        >>> run_job(worker, Job("call", "net", then=payload), timeout=60).ok
-        True
+    Example (`repo` is a folder with a hubconf.py whose one entrypoint is `net`):
+        >>> from isolhub._engine import start_worker
+        >>> from isolhub._source import fetch_snapshot
+        >>> from isolhub._spec import parse_spec
+        >>> with start_worker(fetch_snapshot(parse_spec(repo, source="local"))) as worker:
+        ...     outcome = run_job(worker, Job("call", "resnet"), timeout=60)
+        >>> outcome.ok, type(outcome.error).__name__
+        (False, 'EntrypointError')
 
     Raises:
         Only what is not an `IsolhubError` (a bug, KeyboardInterrupt).

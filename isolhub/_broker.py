@@ -18,10 +18,10 @@ A confined worker has no network. When its hubconf calls `torch.hub.load_state_d
   the URL it asked for;
 * passes back a read-only fd of the file, checked against the worker's hash prefix if it gave one.
 
-Example:
-    >>> serve = weights_broker(Sandbox(weight_hosts=("127.0.0.1",)))
-    >>> serve({"broker": {"url": "http://127.0.0.1:8000/w.pt", "hash_prefix": None}})
-    ({'ok': True, 'name': 'w.pt'}, [7])
+Example (a request for a host the policy does not allow is answered, not fetched):
+    >>> serve = weights_broker(Sandbox(weight_hosts=("download.pytorch.org",)))
+    >>> serve({"broker": {"url": "https://evil.example/w.pt", "hash_prefix": None}})
+    ({'ok': False, 'error': "the sandbox may not download 'https://evil.example/w.pt': host ..."}, [])
 """
 
 from __future__ import annotations

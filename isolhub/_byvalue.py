@@ -12,8 +12,10 @@ name (`isolhub._snap_<sha>_<n>.model.net`): pickle, `torch.save`, `inspect` and 
 them there, in this process (`_Namespace`).
 
 Example:
-    >>> data, fd, layout = dumps(model, snapshot_dir)      # in the worker
-    >>> loads(data, fd, layout)                              # in the parent
+    >>> import torch
+    >>> data, fd, layout = dumps(torch.nn.Linear(2, 1))     # in the worker
+    >>> loads(data, fd, layout).weight.shape                # in the parent (closes fd)
+    torch.Size([1, 2])
 """
 
 from __future__ import annotations

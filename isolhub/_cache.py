@@ -22,8 +22,13 @@ so a reader sees either nothing or the whole tree; correctness never depends on 
 the rename, so every snapshot installed by this version has one.
 
 Example:
-    >>> install_snapshot(spec, sha, lambda staging: extract_into(staging))
-    PosixPath('/root/.cache/torch/hub/repos/github--o--r/snapshots/3f2a...')
+    >>> from isolhub._spec import parse_spec
+    >>> spec, sha = parse_spec("git+file:///srv/net.git@v1"), "3f2a" * 10
+    >>> path = install_snapshot(spec, sha, lambda staging: (staging / "hubconf.py").touch())
+    >>> path == snapshot_path(spec, sha), path.relative_to(hub_dir()).parts[-2:]
+    (True, ('snapshots', '3f2a3f2a3f2a3f2a3f2a3f2a3f2a3f2a3f2a3f2a'))
+    >>> [p.name for p in path.iterdir()]
+    ['hubconf.py']
 """
 
 from __future__ import annotations

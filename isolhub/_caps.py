@@ -16,10 +16,13 @@ capabilities (`join`); the parent removes that cgroup once it has reaped the wor
 reading first whether the OOM killer struck. A cgroup left behind by a parent that was killed
 is removed by the next worker that starts beside it, once its pid is gone.
 
+A worker calls `join("memory", 256 * 1024**2)` before it confines itself (it moves the calling
+process, so it is not shown here); the parent calls `release(pid)` once it has reaped it.
+
 Example:
-    >>> join("memory", 256 * 1024**2)   # in the worker, before confinement
-    'cgroup v1 /sys/fs/cgroup/memory/.../isolhub-4026531836-812: memory.limit_in_bytes 256 MiB, ...'
-    >>> release(812)                    # in the parent, after reaping pid 812
+    >>> name_for(812)                   # the cgroup of worker 812, in this pid namespace
+    'isolhub-...-812'
+    >>> release(812)                    # no such worker cgroup: nothing to say
     ''
 """
 

@@ -5,9 +5,15 @@ the URL path's basename or `file_name=`, and must be one plain name (no `/`, not
 An existing file is loaded with no network access. `.safetensors` files load through safetensors;
 everything else through `torch.load` (legacy one-member zip checkpoints included).
 
-Example:
+Example (a file:// URL, so no network; an https URL is fetched the same way):
+    >>> import os, torch
     >>> from isolhub._checkpoints import load_state_dict_from_url
-    >>> sd = load_state_dict_from_url("https://host/resnet18-f37072fd.pth", check_hash=True)
+    >>> torch.save({"w": torch.ones(2)}, "w.pt")
+    >>> load_state_dict_from_url(f"file://{os.path.abspath('w.pt')}", progress=False)
+    Downloading: "file://.../w.pt" to .../checkpoints/w.pt
+    {'w': tensor([1., 1.])}
+    >>> os.listdir(os.path.join(get_dir(), "checkpoints"))   # cached under its file name
+    ['w.pt']
 """
 
 from __future__ import annotations
@@ -79,8 +85,16 @@ def load_state_dict_from_url(
         file_name: the name to store it under, instead of the URL's basename.
         weights_only: passed to `torch.load`; use True for files you do not trust.
 
-    Example:
-        >>> sd = load_state_dict_from_url("https://host/x/model.safetensors", map_location="cpu")
+    Example (`check_hash`: the name's `-<hex>` suffix must start the file's SHA-256):
+        >>> import hashlib, os, torch
+        >>> from pathlib import Path
+        >>> torch.save({"w": torch.zeros(1)}, "tmp.pt")
+        >>> prefix = hashlib.sha256(Path("tmp.pt").read_bytes()).hexdigest()[:8]
+        >>> os.rename("tmp.pt", f"net-{prefix}.pt")
+        >>> url = f"file://{os.path.abspath(f'net-{prefix}.pt')}"
+        >>> load_state_dict_from_url(url, check_hash=True, progress=False)
+        Downloading: "file://.../net-....pt" to .../checkpoints/net-....pt
+        {'w': tensor([0.])}
 
     Raises:
         HashMismatchError: `check_hash` and the bytes do not match the prefix in the name.

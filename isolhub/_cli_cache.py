@@ -8,7 +8,13 @@ Example:
     >>> parser = argparse.ArgumentParser(prog="isolhub")
     >>> add_commands(parser.add_subparsers(dest="command"))
     >>> args = parser.parse_args(["cache", "ls", "--json"])
-    >>> args.func(args)
+    >>> args.func(args)                 # an empty hub dir
+    {
+      "entries": [],
+      "hub_dir": ".../hub",
+      "repos": [],
+      "total_size": 0
+    }
     0
 """
 
@@ -56,7 +62,10 @@ def add_commands(subparsers: Any) -> None:
     Each leaf sets `func(args) -> int` (the exit code) and accepts `--json`.
 
     Example:
-        >>> add_commands(argparse.ArgumentParser().add_subparsers())
+        >>> parser = argparse.ArgumentParser(prog="isolhub")
+        >>> add_commands(parser.add_subparsers())
+        >>> parser.parse_args(["cache", "prune", "--older-than", "30d", "--dry-run"]).dry_run
+        True
     """
     dl = subparsers.add_parser(
         "download",

@@ -24,7 +24,11 @@ def add_commands(subparsers: Any) -> None:
     """Register `env {ls,rm,prune}` on the `isolhub` command's sub-parsers.
 
     Example:
-        >>> add_commands(argparse.ArgumentParser().add_subparsers())
+        >>> parser = argparse.ArgumentParser(prog="isolhub")
+        >>> add_commands(parser.add_subparsers())
+        >>> args = parser.parse_args(["env", "rm", "3f2a", "--dry-run"])
+        >>> args.key, args.dry_run, args.func is cmd_rm
+        ('3f2a', True, True)
     """
     env = subparsers.add_parser(
         "env",

@@ -87,6 +87,7 @@ def read_specs(path: str) -> list[str]:
     """Specs from a file (`-`: stdin): one a line; blank lines and `#` comments ignored.
 
     Example:
+        >>> _ = Path("specs.txt").write_text("# two refs\\ngit+file:///srv/a.git@v1\\n\\nowner/repo:v2\\n")
         >>> read_specs("specs.txt")
         ['git+file:///srv/a.git@v1', 'owner/repo:v2']
 
@@ -113,7 +114,8 @@ def load_function(text: str) -> Callable[..., Any]:
     A module is looked up from the current directory first, as `python -m` does.
 
     Example:
-        >>> load_function("harness:evaluate")
+        >>> _ = Path("harness.py").write_text("def evaluate(model):\\n    return 1\\n")
+        >>> load_function("harness.py:evaluate")
         <function evaluate at 0x...>
 
     Raises:
@@ -164,8 +166,11 @@ def result_record(r: Any) -> dict[str, Any]:
     """A `Result` as a JSON-ready dict (dump it with `default=_jsonable` for tensors, bytes).
 
     Example:
-        >>> result_record(r)["error_type"]
-        'WorkerCrashedError'
+        >>> from isolhub import Result, WorkerCrashedError
+        >>> r = Result("owner/net:v1", None, False, error=WorkerCrashedError("it died"))
+        >>> record = result_record(r)
+        >>> record["ok"], record["error_type"], record["error"]
+        (False, 'WorkerCrashedError', 'it died')
     """
     return {
         "index": r.index,
@@ -280,7 +285,11 @@ def add_commands(subparsers: Any) -> None:
     """Register `isolhub run` on the `isolhub` command's sub-parsers.
 
     Example:
+        >>> parser = argparse.ArgumentParser(prog="isolhub")
         >>> add_commands(parser.add_subparsers())
+        >>> args = parser.parse_args(["run", "specs.txt", "--entry", "net", "--fn", "m:f"])
+        >>> args.entry, args.fn, args.func is cmd_run
+        ('net', 'm:f', True)
     """
     p = subparsers.add_parser(
         "run",

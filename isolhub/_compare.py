@@ -23,12 +23,19 @@ types are in `_compare_report`.
   such a proxy in this process. Layer hooks run in the worker in both modes (on whatever
   `nn.Module` the entrypoint returned), so `layers=True` works in remote mode and confined.
 
-Example:
-    >>> rep = compare("git+file:///srv/net.git@v1", "git+file:///srv/net.git@v2", "resnet",
-    ...               inputs=torch.randn(2, 3, 32, 32), seed=0)
+Example (`git_repo` is a hub repository whose `net` is a linear layer of 2 outputs at tag v1, 3
+at v2):
+    >>> import torch
+    >>> rep = compare(f"git+file://{git_repo}@v1", f"git+file://{git_repo}@v2", "net",
+    ...               inputs=torch.randn(2, 4), seed=0)
     >>> rep.equivalent
     False
-    >>> print(rep.summary())
+    >>> for line in rep.differences:   # `print(rep.summary())` shows them with the measurements
+    ...     print(line)
+    entrypoint net: signature changed
+    parameter weight: reshaped 2x4 → 3x4
+    parameter bias: reshaped 2 → 3
+    output output: reshaped 2x2 → 2x3
 """
 
 from __future__ import annotations
@@ -128,11 +135,16 @@ def compare(
     A side that fails (bad ref, entrypoint raised, worker died) does not raise: the report holds
     its error (`error_a`/`error_b`) and still describes the other side.
 
-    Example:
-        >>> rep = compare("git+file:///srv/net.git@v1", "git+file:///srv/net.git@v2", "net",
+    Example (`git_repo`: a hub repository whose `net` is a linear layer, wider at v2 than v1):
+        >>> import torch
+        >>> from isolhub import compare
+        >>> rep = compare(f"git+file://{git_repo}@v1", f"git+file://{git_repo}@v2", "net",
         ...               pretrained=False, inputs=torch.randn(2, 4), seed=0)
         >>> rep.equivalent, [p.name for p in rep.parameters if p.status == "reshaped"]
-        (False, ['fc.weight', 'fc.bias'])
+        (False, ['weight', 'bias'])
+        >>> compare(f"git+file://{git_repo}@v1", f"git+file://{git_repo}@v1", "net",
+        ...         width=3, inputs=torch.randn(2, 4), seed=0).equivalent
+        True
 
     Raises:
         SpecError: a malformed spec or bad `inputs`.

@@ -6,8 +6,14 @@ diffed line by line with `difflib`. Nothing from either worker is involved, so a
 misreport its own change.
 
 Example:
-    >>> [f"{c.path} +{c.added} -{c.removed}" for c in diff_trees(old_dir, new_dir)]
-    ['hubconf.py +3 -1', 'model/net.py +12 -0']
+    >>> from pathlib import Path
+    >>> for tree, files in {"old": {"hubconf.py": "w = 2\\n"},
+    ...                     "new": {"hubconf.py": "w = 3\\nd = 0\\n", "net.py": "x = 1\\n"}}.items():
+    ...     for name, text in files.items():
+    ...         _ = (Path(tree) / name).parent.mkdir(exist_ok=True)
+    ...         _ = (Path(tree) / name).write_text(text)
+    >>> [f"{c.path} +{c.added} -{c.removed}" for c in diff_trees("old", "new")]
+    ['hubconf.py +2 -1', 'net.py +1 -0']
 """
 
 from __future__ import annotations

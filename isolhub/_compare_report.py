@@ -11,10 +11,15 @@
 Pure data: diffing two sides into a report is `_compare`'s, rendering one (terminal tables,
 HTML) is `_report_html`'s, imported only when asked for.
 
-Example:
-    >>> rep = CompareReport.from_json(open("report.json").read())
+Example (`git_repo`: a hub repository whose `net` is a linear layer, wider at v2 than v1):
+    >>> import torch
+    >>> from isolhub import compare
+    >>> v1, v2 = f"git+file://{git_repo}@v1", f"git+file://{git_repo}@v2"
+    >>> from pathlib import Path
+    >>> _ = Path("report.json").write_text(compare(v1, v2, "net", inputs=torch.ones(1, 4)).to_json())
+    >>> rep = CompareReport.from_json(Path("report.json").read_text())
     >>> rep.equivalent, rep.differences[:1]
-    (False, ('parameter fc.weight: reshaped 4x8 → 2x8',))
+    (False, ('entrypoint net: signature changed',))
 """
 
 from __future__ import annotations
@@ -180,9 +185,13 @@ class CompareReport:
     `kwargs_a`/`kwargs_b` (merged over `kwargs`) to one side only. `code` lists the files that
     differ between the two snapshots (empty when either side could not be fetched, or none do).
 
-    Example:
-        >>> rep.equivalent, rep.error_b
+    Example (`git_repo`: a hub repository tagged v1, whose `net` is a linear layer):
+        >>> from isolhub import compare
+        >>> rep = compare(f"git+file://{git_repo}@v1", f"git+file://{git_repo}@v9", "net")
+        >>> rep.equivalent, rep.error_a
         (False, None)
+        >>> print(rep.error_b)
+        RefNotFoundError: file://.../tinynet.git has no branch, tag or commit 'v9'
         >>> CompareReport.from_json(rep.to_json()) == rep
         True
     """

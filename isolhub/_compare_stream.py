@@ -11,6 +11,7 @@ pairs; per side, a bounded sample of forward latencies. Nothing it holds grows w
 of batches.
 
 Example:
+    >>> import torch
     >>> for xs in iter_batches([torch.ones(2, 4), (torch.zeros(2, 4),)]):
     ...     print(len(xs))
     1

@@ -29,6 +29,7 @@ op may overwrite it) while the batch's kept tensors stay within `layer_bytes`. O
 of the current batch is held: memory stays bounded however many batches come.
 
 Example:
+    >>> import torch
     >>> summarise(torch.nn.Linear(2, 3), (torch.ones(1, 2),), seed=0)["outputs"].keys()
     dict_keys(['output'])
 """
@@ -64,6 +65,7 @@ def summarise(
     so a remote proxy can be summarised in the parent the same way.
 
     Example:
+        >>> import torch
         >>> summarise(torch.nn.Linear(2, 3), (torch.ones(1, 2),), seed=0)["outputs"].keys()
         dict_keys(['output'])
 

@@ -31,9 +31,15 @@ Tuning, read at call time (seconds unless stated):
 `ISOLHUB_HTTP_RETRY_AFTER_MAX` (120), `ISOLHUB_HTTP_MAX_BYTES` (no cap), `ISOLHUB_LOCK_TIMEOUT`
 (600; after it the download goes ahead unlocked).
 
-Example:
+Example (a file:// URL, so no network; http(s) URLs are fetched with the steps above):
+    >>> import hashlib, os
     >>> from isolhub._download import download_url_to_file
-    >>> download_url_to_file("https://example.com/w.pt", "/tmp/w.pt", hash_prefix="3f2a")
+    >>> from pathlib import Path
+    >>> _ = Path("w.bin").write_bytes(b"weights")
+    >>> prefix = hashlib.sha256(b"weights").hexdigest()[:8]
+    >>> download_url_to_file(f"file://{os.path.abspath('w.bin')}", "copy.bin", hash_prefix=prefix)
+    >>> Path("copy.bin").read_bytes()
+    b'weights'
 """
 
 from __future__ import annotations
@@ -101,8 +107,14 @@ def set_fetch_broker(fn: FetchBroker | None) -> None:
     file and hands back a read-only path, which `download_url_to_file` copies from and
     `load_state_dict_from_url` loads from. `None` restores direct downloads.
 
-    Example:
-        >>> set_fetch_broker(lambda url, prefix: ask_parent(url, prefix))
+    Example (a broker that serves every URL from one local file, as a parent would):
+        >>> from pathlib import Path
+        >>> _ = Path("served.bin").write_bytes(b"from the parent")
+        >>> set_fetch_broker(lambda url, hash_prefix: os.path.abspath("served.bin"))
+        >>> download_url_to_file("https://example.invalid/w.bin", "w.bin", progress=False)
+        >>> Path("w.bin").read_bytes()
+        b'from the parent'
+        >>> set_fetch_broker(None)
     """
     global _broker
     _broker = fn
@@ -131,7 +143,16 @@ def download_url_to_file(
         headers: extra request headers (e.g. `Authorization`; never sent to another host).
 
     Example:
-        >>> download_url_to_file("https://host/w.pt", "/data/w.pt", hash_prefix="3f2a", progress=False)
+        >>> import os
+        >>> from pathlib import Path
+        >>> from isolhub import download_url_to_file
+        >>> _ = Path("w.bin").write_bytes(b"weights")
+        >>> url = f"file://{os.path.abspath('w.bin')}"
+        >>> download_url_to_file(url, "copy.bin", hash_prefix="00000000", progress=False)
+        Traceback (most recent call last):
+        isolhub.HashMismatchError: ...
+        >>> os.path.exists("copy.bin")      # nothing is left at `dst`
+        False
 
     Raises:
         HashMismatchError: the bytes do not match `hash_prefix` (a RuntimeError, as in torch).

@@ -13,8 +13,8 @@ keep a worker for more than one request (the pool, compare, remote handles).
 Example:
     >>> from isolhub._options import HubOptions
     >>> from isolhub._engine import run_list
-    >>> run_list(str(tinynet), HubOptions(source="local"))
-    ['tinynet']
+    >>> run_list(repo, HubOptions(source="local"))   # `repo`: a folder with a hubconf.py
+    ['net']
 """
 
 from __future__ import annotations

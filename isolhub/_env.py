@@ -26,10 +26,17 @@ zygote started with the overlay ahead of site-packages on its `sys.path`.
 Installs are written beside their final place and renamed in (as snapshots are, `_cache`); a
 filelock keeps concurrent first uses to one install, and correctness does not depend on it.
 
-Example:
-    >>> env = prepare(snapshot, None, provided={"torch": "2.13.0"}, wheels_only=False)
-    >>> env.kind, env.packages
-    ('shared', ('tinypkg==2.0',))
+Example (a repo that requires only what the zygote already has: nothing to install):
+    >>> from pathlib import Path
+    >>> from isolhub._source import fetch_snapshot
+    >>> from isolhub._spec import parse_spec
+    >>> Path("net").mkdir()
+    >>> _ = Path("net/hubconf.py").write_text("dependencies = []\\n")
+    >>> _ = Path("net/requirements.txt").write_text("torch>=2\\n")
+    >>> snapshot = fetch_snapshot(parse_spec("net", source="local"))
+    >>> env = prepare(snapshot, None, provided={"torch": "2.13.0"}, wheels_only=False, verbose=False)
+    >>> env.kind, env.packages, env.source, env.requirements
+    ('shared', (), 'requirements.txt', ('torch>=2',))
 """
 
 from __future__ import annotations

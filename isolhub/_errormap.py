@@ -14,11 +14,13 @@ whichever stack met it (httpx's `map_httpcore_exceptions` is the model):
     the host name could not be resolved, connection reset by the server,
     connection closed before the end of the body, or the error's own text        retryable
 
-Example:
+Example (port 9 of the loopback address: nothing listens there):
+    >>> import requests
+    >>> from isolhub import ResolveError
     >>> with foreign_errors(lambda reason, retryable: ResolveError(f"no: {reason}")):
     ...     requests.get("http://127.0.0.1:9/")
     Traceback (most recent call last):
-    isolhub._errors.ResolveError: no: connection refused (the host is unreachable)
+    isolhub.ResolveError: no: connection refused (the host is unreachable)
 """
 
 from __future__ import annotations

@@ -131,10 +131,12 @@ class IsolhubError(Exception):
     """Root of every error isolhub raises.
 
     Example:
+        >>> import isolhub as hub
         >>> try:
-        ...     hub.load("owner/repo:v1", "net")
-        ... except isolhub.IsolhubError as e:
-        ...     print(e)
+        ...     hub.load("git+file:///nowhere/net.git@v1", "net")
+        ... except hub.IsolhubError as e:
+        ...     print(type(e).__name__, isinstance(e, hub.ResolveError))
+        ResolveError True
     """
 
     def __init__(self, message: str | MessageParts = "", **attrs: Any) -> None:

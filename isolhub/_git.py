@@ -3,10 +3,14 @@
 git always runs with transports restricted to file, https and ssh (never `ext::`), hooks off,
 no terminal prompts, and no system config.
 
-Example:
-    >>> resolve("file:///srv/net.git", "v1")
-    ('refs/tags/v1', '57dad2b497074fac03b88b433efcff9349f9bc6c')
-    >>> export("file:///srv/net.git", "57dad2b4...", Path("/tmp/staging"))
+Example (`git_repo` is a local git repository with a tag v1 holding a hubconf.py):
+    >>> ref, sha = resolve(f"file://{git_repo}", "v1")
+    >>> ref, len(sha)
+    ('refs/tags/v1', 40)
+    >>> Path("staging").mkdir()
+    >>> export(f"file://{git_repo}", sha, Path("staging"))
+    >>> sorted(p.name for p in Path("staging").iterdir())
+    ['hubconf.py']
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@ GitHub Enterprise and a loopback test server work alike. `$GITHUB_TOKEN` is sent
 own host and port: redirects are followed by hand, and the token is added per hop, never carried
 to another host (codeload, a CDN, anything a redirect names).
 
-Example:
-    >>> ref, sha = resolve_ref("pytorch", "vision", "v0.10.0")
-    >>> download_tarball("pytorch", "vision", sha, Path("staging.tar.gz"))
+Example (needs the network: GitHub's API):
+    >>> ref, sha = resolve_ref("pytorch", "vision", "v0.10.0")  # doctest: +SKIP
+    >>> download_tarball("pytorch", "vision", sha, Path("vision.tar.gz"))  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ def api_session() -> requests.Session:
 
     Example:
         >>> with api_session() as s:
-        ...     resolve_ref("pytorch", "vision", None, session=s)
+        ...     s.headers["Accept"]
+        'application/vnd.github.v3+json'
     """
     return new_session(
         headers={"User-Agent": "isolhub", "Accept": "application/vnd.github.v3+json"}
@@ -78,8 +79,8 @@ def resolve_ref(
 
     Returns `(ref_name, sha)`, where `ref_name` is `ref`, or the default branch's name.
 
-    Example:
-        >>> resolve_ref("pytorch", "vision", "main")
+    Example (needs the network: GitHub's API):
+        >>> resolve_ref("pytorch", "vision", "main")  # doctest: +SKIP
         ('main', '3f2a...')
 
     Raises:
@@ -125,8 +126,8 @@ def download_tarball(
     another host. Check the result with `extract_tar(..., expected_commit=sha)`. On error a
     partial file may be left at `dest_file`: pass a staging name and remove it.
 
-    Example:
-        >>> download_tarball("pytorch", "vision", sha, staging / "src.tar.gz")
+    Example (needs the network: GitHub's API and codeload):
+        >>> download_tarball("pytorch", "vision", sha, staging / "src.tar.gz")  # doctest: +SKIP
 
     Raises:
         DownloadError: (a `FetchError`) any HTTP status but 200, rate limited, unreachable, or the
@@ -162,8 +163,10 @@ def validate_ref(
     name or a head commit SHA starting with `ref`. A page that fails with `$GITHUB_TOKEN` sent is
     asked once more without it (the token may lack access); with no token set, the error is raised.
 
-    Example:
-        >>> validate_ref("pytorch", "vision", "v0.10.0")   # returns None, or raises
+    Example (needs the network: GitHub's API):
+        >>> validate_ref("pytorch", "vision", "nope")  # doctest: +SKIP
+        Traceback (most recent call last):
+        isolhub.RefValidationError: ...
 
     Raises:
         RefValidationError: nothing matched (a `ValueError`, mentioning forked repos).

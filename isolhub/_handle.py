@@ -10,11 +10,15 @@ iteration, `dir`, `repr` and `str` are the object's own (items that cannot cross
 too, one proxy per remote object), and a method returning the object (`.eval()`, `.to()`) returns
 this same handle. A handle can be passed back as an argument to calls on handles of its worker.
 
-Example:
-    >>> m = hub.load("someone/unvetted:main", "net", mode="remote")
-    >>> y = m(x)                  # forward runs in the worker
-    >>> m.eval(); sd = m.state_dict()
-    >>> m.close()                 # or: with hub.load(..., mode="remote") as m: ...
+Example (`repo` is a folder whose hubconf's `net` builds `torch.nn.Linear(4, 2)`):
+    >>> import torch
+    >>> import isolhub as hub
+    >>> m = hub.load(repo, "net", source="local", mode="remote")
+    >>> m(torch.ones(1, 4)).shape       # forward runs in the worker; the tensor comes back
+    torch.Size([1, 2])
+    >>> m.out_features, sorted(m.state_dict())
+    (2, ['bias', 'weight'])
+    >>> m.close()                       # or: with hub.load(..., mode="remote") as m: ...
 """
 
 from __future__ import annotations

@@ -26,12 +26,13 @@ In the order a transfer meets it:
 `TransferSettings.from_env()` reads the tuning variables (listed in `_download`) at call time. A failed
 write to the temp file surfaces as `DiskError`, never retried, for the caller to name.
 
-Example:
-    >>> s = TransferSettings.from_env()
-    >>> with open("/tmp/w.pt.partial", "wb", buffering=0) as f:
-    ...     state = DownloadState(f, hashing=True)
-    ...     fetch(url, state, s, {}, False, "/tmp/w.pt", safe_url(url))
-    >>> state.written, state.hasher.hexdigest()
+A transfer needs a server, so the example shows the shared pieces:
+    >>> safe_url("https://me:secret@host/w.pt?token=abc&v=2")
+    'https://host/w.pt?token=%2A%2A%2A&v=2'
+    >>> retry_after("120"), retry_after("soon")
+    (120.0, None)
+    >>> TransferSettings.from_env().retries      # $ISOLHUB_HTTP_RETRIES, read at call time
+    5
 """
 
 from __future__ import annotations

@@ -21,9 +21,20 @@ ABI    Linux   adds
 What Landlock does *not* mediate (so other layers must): chmod/chown/utime/xattrs, stat and path
 walks, connect() to pathname UNIX sockets, mmap(PROT_EXEC) of a readable file.
 
-Example:
-    >>> abi = abi_version()
-    >>> restrict_self({"/usr": READ}, abi=abi, deny_tcp=True, scope=True)
+Example (in a child, since a Landlock domain lasts for the life of the process; ABI >= 1):
+    >>> import os
+    >>> pid = os.fork()
+    >>> if pid == 0:                          # the child confines itself, then reads /tmp
+    ...     try:
+    ...         restrict_self({"/usr": READ}, abi=abi_version(), deny_tcp=True, scope=True)
+    ...         os.listdir("/tmp")
+    ...         os._exit(1)
+    ...     except PermissionError:
+    ...         os._exit(0)
+    ...     finally:
+    ...         os._exit(2)
+    >>> os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])    # 0: /tmp was out of its reach
+    0
 
 Raises:
     SandboxError: from `restrict_self` when the kernel refuses a step; the message names it.

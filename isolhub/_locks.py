@@ -12,8 +12,10 @@ cannot be had never stops the work:
 * releasing it fails: ignored (the kernel drops the lock with the fd).
 
 Example:
-    >>> with held(hub_dir() / ".locks" / "x.lock", timeout=600):
-    ...     install()
+    >>> from pathlib import Path
+    >>> with held(Path("locks") / "x.lock", timeout=600):   # its folder is made if missing
+    ...     Path("locks/x.lock").exists()
+    True
 """
 
 from __future__ import annotations

@@ -14,9 +14,14 @@ Two checks use it:
   folders it cannot read, and files nobody installed (except bytecode in `__pycache__`).
 
 Example:
-    >>> m = build(Path("/hub/repos/k/snapshots/3f2a..."), commit="3f2a...")
-    >>> quick_check(Path("/hub/repos/k/snapshots/3f2a..."), m)
-    [Damage(path='model/net.py', what='changed', detail='size 412 -> 413 bytes')]
+    >>> Path("snap").mkdir()
+    >>> _ = Path("snap/hubconf.py").write_text("dependencies = []\\n")
+    >>> m = build(Path("snap"), commit="3f2a" * 10)
+    >>> quick_check(Path("snap"), m)
+    []
+    >>> _ = Path("snap/hubconf.py").write_text("dependencies = ['x']\\n")
+    >>> quick_check(Path("snap"), m)
+    [Damage(path='hubconf.py', what='changed', detail='size 18 -> 21 bytes')]
 """
 
 from __future__ import annotations

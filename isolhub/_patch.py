@@ -1,10 +1,16 @@
 """Route `torch.hub` to isolhub while a patch is on, so existing torch.hub code gets isolation.
 
     >>> import isolhub, torch
-    >>> isolhub.patch_torch_hub()                        # for the rest of the process
-    >>> m = torch.hub.load("owner/repo:v2", "net")       # served by isolhub, built in a worker
-    >>> with isolhub.patched_torch_hub(mode="remote", sandbox="strict"):
-    ...     m = torch.hub.load("owner/repo:v2", "net")   # a confined RemoteModule
+    >>> isolhub.patch_torch_hub()                        # until unpatch_torch_hub()
+    >>> torch.hub.load(repo, "net", source="local")      # served by isolhub, built in a worker
+    Linear(in_features=4, out_features=2, bias=True)
+    >>> isolhub.unpatch_torch_hub()
+    >>> with isolhub.patched_torch_hub(mode="remote"):
+    ...     with torch.hub.load(repo, "net", source="local") as m:   # a RemoteModule
+    ...         m(torch.ones(1, 4)).shape
+    torch.Size([1, 2])
+
+(`repo` is a folder whose hubconf's `net` builds `torch.nn.Linear(4, 2)`.)
 
 Routed: `torch.hub.list`, `help`, `load`, `load_state_dict_from_url`, `download_url_to_file`,
 `get_dir`, `set_dir` and `torch.utils.model_zoo.load_url` (the same callable as
@@ -92,9 +98,12 @@ def patch_torch_hub(
         seed: seeds torch and random in the worker before each entrypoint runs.
 
     Example:
+        >>> import isolhub, torch
         >>> isolhub.patch_torch_hub(mode="remote")
-        >>> m = torch.hub.load("owner/repo:v2", "net")   # a RemoteModule
-        >>> isolhub.unpatch_torch_hub()
+        >>> m = torch.hub.load(repo, "net", source="local")   # `repo`: a folder with a hubconf.py
+        >>> type(m).__name__, m.out_features
+        ('RemoteModule', 2)
+        >>> m.close(); isolhub.unpatch_torch_hub()
 
     Raises:
         UsageError: an unknown mode or a bad timeout (a ValueError).
@@ -113,8 +122,13 @@ def unpatch_torch_hub() -> None:
     Calling it when no patch is on does nothing.
 
     Example:
+        >>> import isolhub, torch
+        >>> before = torch.hub.load
+        >>> isolhub.patch_torch_hub()
+        >>> torch.hub.load is before
+        False
         >>> isolhub.unpatch_torch_hub()
-        >>> torch.hub.load is torch_hub_load_before_the_patch
+        >>> torch.hub.load is before
         True
 
     Raises:
@@ -140,9 +154,12 @@ def patched_torch_hub(
     Takes the options of `patch_torch_hub` (defaults: mode="module", no sandbox, no timeout).
 
     Example:
-        >>> with isolhub.patched_torch_hub(mode="remote", sandbox="strict"):
-        ...     m = torch.hub.load("owner/repo:v2", "net")
-        >>> y = m(x)
+        >>> import isolhub, torch
+        >>> with isolhub.patched_torch_hub(mode="remote"):
+        ...     m = torch.hub.load(repo, "net", source="local")   # `repo`: a folder with a hubconf.py
+        >>> m(torch.ones(1, 4)).shape          # the handle outlives the patch
+        torch.Size([1, 2])
+        >>> m.close()
 
     Raises:
         UsageError: an unknown mode or a bad timeout. SandboxError: an unknown sandbox, or one with mode="module".

@@ -11,13 +11,17 @@ with a typed error, and the pool carries on with a fresh worker.
 This module holds `Hub` (scheduling, worker reuse, retries, cancellation) and `Result`; the job
 a backend runs and the local backend are in `_backend`, the progress display in `_progress`.
 
-Example:
+Example (`git_repo` is a git repository tagged v1 and v2, whose hubconf's `net` builds a linear
+layer of 4 inputs and 2 outputs at v1, 3 at v2):
     >>> import isolhub as hub
     >>> def evaluate(model):
     ...     return {"params": sum(p.numel() for p in model.parameters())}
-    >>> with hub.Hub(max_workers=4, timeout=300) as h:
-    ...     for r in h.map(evaluate, specs, entrypoint="model", kwargs={"pretrained": False}):
-    ...         print(r.spec, r.sha, r.ok, r.value if r.ok else r.error)
+    >>> specs = [f"git+file://{git_repo}@v1", f"git+file://{git_repo}@v2"]
+    >>> with hub.Hub(max_workers=2, timeout=300) as h:
+    ...     for r in h.map(evaluate, specs, entrypoint="net", ordered=True):
+    ...         print(r.spec[-2:], r.ok, r.value if r.ok else r.error)
+    v1 True {'params': 10}
+    v2 True {'params': 15}
 """
 
 from __future__ import annotations
@@ -102,8 +106,12 @@ class Result:
         """One line: `ok <spec> (0.12 s)` or `FAILED <spec>: WorkerCrashedError: ...`.
 
         Example:
-            >>> print(r.summary())
-            FAILED git+file:///srv/x.git@v1: WorkerTimeoutError: the worker ... (30.02 s)
+            >>> from isolhub import WorkerTimeoutError
+            >>> print(Result("net@v1", "3f2a", True, value=0.9, elapsed=0.123).summary())
+            ok net@v1 (0.12 s)
+            >>> error = WorkerTimeoutError("no reply in 30 s")
+            >>> print(Result("net@v1", None, False, error=error, elapsed=30.02).summary())
+            FAILED net@v1: WorkerTimeoutError: no reply in 30 s (30.02 s)
         """
         if self.ok:
             return f"ok {self.spec} ({self.elapsed:.2f} s)"
@@ -179,10 +187,14 @@ class Hub:
             `resources`, `runtime_env`, ...). When it reserves resources, keep `max_workers`
             at most what the cluster can hold at once.
 
-    Example:
+    Example (`git_repo`: a hub repository tagged v1 and v2, whose `net` is a linear layer):
+        >>> from isolhub import Hub
+        >>> specs = [f"git+file://{git_repo}@v1", f"git+file://{git_repo}@v2"]
         >>> with Hub(max_workers=2, timeout=60) as h:
-        ...     results = list(h.map(lambda m: m.fc.out_features, specs, entrypoint="net"))
+        ...     results = [r for r in h.map(lambda m: m.out_features, specs, "net", ordered=True)]
         ...     sd = h.load_state_dict(specs[0], "net")
+        >>> [r.value for r in results], sd["weight"].shape
+        ([2, 3], torch.Size([2, 4]))
 
     Raises:
         UsageError: an argument is out of range or unknown (a `ValueError`).
@@ -293,9 +305,16 @@ class Hub:
         Leaving the loop early (`break`), an exception in the loop body, Ctrl-C, or `close()`
         cancels the rest: running workers are killed, and nothing is left behind.
 
-        Example:
-            >>> for r in h.map(lambda m: m(torch.ones(1, 4)).sum().item(), specs, "net"):
-            ...     print(r.summary())
+        Example (`git_repo`: a hub repository tagged v1 and v2, whose `net` is a linear layer):
+            >>> import torch
+            >>> from isolhub import Hub
+            >>> specs = [f"git+file://{git_repo}@v1", f"git+file://{git_repo}@v2", "./nowhere"]
+            >>> with Hub(max_workers=2) as h:
+            ...     for r in h.map(lambda m: m(torch.ones(1, 4)).shape, specs, "net", ordered=True):
+            ...         print(r.ok, r.value if r.ok else type(r.error).__name__)
+            True torch.Size([1, 2])
+            True torch.Size([1, 3])
+            False SpecError
 
         Raises:
             TypeError: `fn` is not callable, or cannot be pickled.
@@ -314,8 +333,12 @@ class Hub:
     def load(self, repo_or_dir: Any, model: str, *args: Any, **kwargs: Any) -> Any:
         """`isolhub.load` with this Hub's settings, in a pooled worker (trusted code only).
 
-        Example:
-            >>> net = h.load("git+file:///srv/net.git@v1", "net", pretrained=False)
+        Example (`git_repo`: a hub repository tagged v1, whose `net` is a linear layer):
+            >>> from isolhub import Hub
+            >>> with Hub() as h:
+            ...     net = h.load(f"git+file://{git_repo}@v1", "net", pretrained=False)
+            >>> net
+            Linear(in_features=4, out_features=2, bias=True)
 
         Raises:
             EntrypointError, MissingDependenciesError, RemoteError, WorkerCrashedError,
@@ -328,8 +351,12 @@ class Hub:
     def load_state_dict(self, repo_or_dir: Any, model: str, *args: Any, **kwargs: Any) -> Any:
         """`isolhub.load_state_dict` with this Hub's settings, in a pooled worker.
 
-        Example:
-            >>> sd = h.load_state_dict("git+file:///srv/net.git@v1", "net")
+        Example (`git_repo`: a hub repository tagged v1, whose `net` is a linear layer):
+            >>> from isolhub import Hub
+            >>> with Hub() as h:
+            ...     sd = h.load_state_dict(f"git+file://{git_repo}@v1", "net")
+            >>> {name: tuple(t.shape) for name, t in sd.items()}
+            {'weight': (2, 4), 'bias': (2,)}
 
         Raises:
             What `load` raises.
@@ -340,8 +367,10 @@ class Hub:
     def list(self, repo_or_dir: Any) -> builtins.list[str]:  # noqa: A003 - torch.hub's name
         """`isolhub.list` with this Hub's settings, in a pooled worker.
 
-        Example:
-            >>> h.list("git+file:///srv/net.git@v1")
+        Example (`git_repo`: a hub repository tagged v1, whose one entrypoint is `net`):
+            >>> from isolhub import Hub
+            >>> with Hub() as h:
+            ...     h.list(f"git+file://{git_repo}@v1")
             ['net']
 
         Raises:
@@ -352,9 +381,11 @@ class Hub:
     def help(self, repo_or_dir: Any, model: str) -> str | None:  # noqa: A003
         """`isolhub.help` with this Hub's settings, in a pooled worker.
 
-        Example:
-            >>> h.help("git+file:///srv/net.git@v1", "net")
-            'Build Net v1.'
+        Example (`git_repo`: a hub repository tagged v1, whose one entrypoint is `net`):
+            >>> from isolhub import Hub
+            >>> with Hub() as h:
+            ...     h.help(f"git+file://{git_repo}@v1", "net")
+            'A linear layer: 4 inputs, `width` outputs.'
 
         Raises:
             EntrypointError, and what `list` raises.
@@ -367,8 +398,15 @@ class Hub:
 
         A `map` still being iterated raises `IsolhubError` at its next step.
 
-        Example:
-            >>> h = Hub(max_workers=2); ...; h.close()     # or `with Hub(...) as h:`
+        Example (`git_repo`: a hub repository tagged v1; `with Hub(...) as h:` closes too):
+            >>> from isolhub import Hub
+            >>> h = Hub(max_workers=2)
+            >>> h.list(f"git+file://{git_repo}@v1")
+            ['net']
+            >>> h.close()
+            >>> h.list(f"git+file://{git_repo}@v1")
+            Traceback (most recent call last):
+            isolhub.PoolClosedError: ...
 
         Raises:
             Nothing: workers that will not stop are killed.

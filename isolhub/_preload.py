@@ -15,8 +15,15 @@ that module and every preloaded group that imported it from the worker's `sys.mo
 `ISOLHUB_PRELOAD=0` turns learning and preloading off.
 
 Example:
-    >>> names = reported(before={"os", "sys"}, private=["/snap"])  # in a worker, after a call
-    >>> allowed = learn(get_dir(), names)                        # in the parent
+    >>> import sys
+    >>> from isolhub import get_dir
+    >>> before = set(sys.modules) - {"tqdm"}     # as if tqdm was imported since `before`
+    >>> "tqdm" in reported(before, private=[]) # in a worker, after a call
+    True
+    >>> learn(get_dir(), ["tqdm"])               # in the parent: recorded, may be preloaded
+    ['tqdm']
+    >>> learned(get_dir())
+    ['tqdm']
 """
 
 from __future__ import annotations

@@ -5,10 +5,13 @@ once and becomes `WorkerCrashedError` (exit code or signal name, and the tail of
 `timeout` kills a hung worker (`WorkerTimeoutError`). Worker output (stdout and stderr) is
 forwarded to the parent's stderr as it comes, and its tail kept for error messages.
 
-Example:
-    >>> w = Worker.start("git+file:///srv/net.git@v1", {"snapshot": "/cache/...", ...})
+Example (`repo` is a folder with a hubconf.py; `isolhub._engine.start_worker` builds the init):
+    >>> from isolhub._engine import start_worker
+    >>> from isolhub._source import fetch_snapshot
+    >>> from isolhub._spec import parse_spec
+    >>> w = start_worker(fetch_snapshot(parse_spec(repo, source="local")))
     >>> w.request({"op": "list"})
-    {'ok': True, 'value': ['resnet']}
+    ({'ok': True, 'value': ['net']}, [])
     >>> w.close()
 """
 

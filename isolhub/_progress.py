@@ -12,6 +12,7 @@ call is in a worker); elsewhere a line as workers start, then one line per finis
     isolhub: [ 3/10] failed 1, starting 0, running 4, eta 12 s: FAILED git+file:///srv/x.git@v1: ...
 
 Example:
+    >>> import io
     >>> bar = bytes_bar(enabled=True, desc="w.pt", stream=io.StringIO())
     >>> bar.reset(total=2048); bar.update(2048); bar.close()
     >>> is_quiet()
@@ -69,7 +70,12 @@ def notice(message: str) -> None:
     """Tell the user something in passing (torch.hub's "Using cache found in ..."), unless quiet.
 
     Example:
+        >>> handler = logging.StreamHandler(sys.stdout)     # where a CLI would show it
+        >>> log.addHandler(handler); log.setLevel(logging.INFO)
         >>> notice("Using cache found in /cache/hub/owner_repo_main")
+        Using cache found in /cache/hub/owner_repo_main
+        >>> os.environ["ISOLHUB_QUIET"] = "1"; notice("not shown")
+        >>> del os.environ["ISOLHUB_QUIET"]; log.removeHandler(handler); log.setLevel(logging.NOTSET)
     """
     if not is_quiet():
         log.info(message)

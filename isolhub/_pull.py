@@ -8,9 +8,12 @@ zero, so this is ~2× faster than writing into a memfd (shared memory gets no hu
 and mapping that. Where the kernel refuses (`ptrace` restrictions, no such syscall), `PullError`
 says so and the caller asks the worker for the usual sealed arena instead.
 
-Example:
-    >>> layout, pinned = pin(storages)             # in the worker; keep `pinned` until released
-    >>> read_storages(worker_pid, layout)          # in the parent: [UntypedStorage, ...]
+Example (this process plays both sides: it reads its own memory):
+    >>> import os, torch
+    >>> layout, pinned = pin([torch.arange(3.0).untyped_storage()])   # the worker keeps `pinned`
+    >>> [storage] = read_storages(os.getpid(), layout)                 # the parent, given the pid
+    >>> torch.tensor([]).set_(storage, 0, (3,), (1,))
+    tensor([0., 1., 2.])
 """
 
 from __future__ import annotations

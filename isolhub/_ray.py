@@ -21,9 +21,9 @@ isolhub must be importable on every node (install it in the cluster's image, or 
 `runtime_env={"py_modules": [...]}` at `ray.init`). The node's hub dir is its own `get_dir()`
 (set `ISOLHUB_HOME` through the job's `runtime_env` to choose it).
 
-Example:
-    >>> ray.init(address="auto")
-    >>> with hub.Hub(backend="ray", max_workers=16, timeout=600) as h:
+Example (needs a Ray cluster):
+    >>> ray.init(address="auto")  # doctest: +SKIP
+    >>> with hub.Hub(backend="ray", max_workers=16, timeout=600) as h:  # doctest: +SKIP
     ...     results = list(h.map(evaluate, specs, entrypoint="model"))
 """
 
@@ -68,8 +68,9 @@ _SKIP_DIRS = (".git", "__pycache__")
 def require_ray() -> Any:
     """Import and return `ray`.
 
-    Example:
-        >>> ray = require_ray()
+    Example (with the `ray` extra installed, as `scripts/test` does):
+        >>> require_ray().__name__
+        'ray'
 
     Raises:
         IsolhubError: Ray is not installed (`pip install 'isolhub[ray]'`).
@@ -92,8 +93,13 @@ def pack_snapshot(root: Path, commit: str | None) -> bytes:
     Raises:
         OSError: the snapshot cannot be read.
 
-    Example:
+    Example (`git_repo`: a git repository with a tag v1):
+        >>> import isolhub
+        >>> snap = isolhub.fetch(f"git+file://{git_repo}@v1")
         >>> data = pack_snapshot(snap.path, snap.sha)
+        >>> import io, tarfile
+        >>> tarfile.open(fileobj=io.BytesIO(data)).getnames()
+        ['hubconf.py']
     """
     buf = io.BytesIO()
     headers = {"comment": commit} if commit else {}
@@ -115,9 +121,16 @@ def install_shipped_snapshot(spec: RepoSpec, key: str, commit: str | None, data:
     snapshot is missing here). The archive is checked member by member before anything is
     written (and its recorded commit must be `commit`), then renamed into place atomically.
 
-    Example:
-        >>> install_shipped_snapshot(spec, sha, sha, lambda: ray.get(ref))
-        PosixPath('/root/.cache/isolhub/repos/git--net--1a2b.../snapshots/57dad2b4...')
+    Example (on a node: the driver packed it, `lambda: ray.get(ref)` would fetch it):
+        >>> from pathlib import Path
+        >>> from isolhub._spec import parse_spec
+        >>> Path("snap").mkdir()
+        >>> _ = Path("snap/hubconf.py").write_text("dependencies = []\\n")
+        >>> sha = "3f2a" * 10
+        >>> data = pack_snapshot(Path("snap"), sha)
+        >>> path = install_shipped_snapshot(parse_spec("git+file:///srv/net.git"), sha, sha, data)
+        >>> path.parent.name, path.name == sha, [p.name for p in path.iterdir()]
+        ('snapshots', True, ['hubconf.py'])
 
     Raises:
         ArchiveError: the archive is malformed, hostile or for another commit.
@@ -288,8 +301,8 @@ class _ActorSlot:
 class RayBackend:
     """`Hub`'s executors as Ray actors: `start` one per repo@sha, `run` jobs on it, `kill` it.
 
-    Example:
-        >>> backend = RayBackend(settings)      # made by Hub(backend="ray")
+    Example (made by `Hub(backend="ray")`; it starts or joins a Ray cluster):
+        >>> backend = RayBackend(settings)  # doctest: +SKIP
 
     Raises:
         IsolhubError: Ray is not installed or `ray.init` failed.

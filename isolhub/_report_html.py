@@ -5,9 +5,17 @@ mailed, attached to a CI run or opened offline. Its plot has one bar per layer, 
 the largest difference first: structural changes (added, removed, reshaped) as full bars, value
 changes on a log scale of the relative difference max|a-b| / max(|a|,|b|).
 
-Example:
+Example (`git_repo`: a hub repository whose `net` is a linear layer, wider at v2 than v1):
+    >>> import torch
+    >>> from isolhub import compare
+    >>> report = compare(f"git+file://{git_repo}@v1", f"git+file://{git_repo}@v2", "net",
+    ...                  inputs=torch.ones(1, 4), seed=0)
     >>> print(render_text(report))
-    >>> open("report.html", "w").write(render_html(report))
+    isolhub diff  net()  mode=module  seed=0  atol=1e-06  rtol=1e-05
+    ...
+    >>> page = render_html(report)
+    >>> page.startswith("<!DOCTYPE html>"), "<script" in page
+    (True, False)
 """
 
 from __future__ import annotations

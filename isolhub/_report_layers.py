@@ -4,9 +4,31 @@
 come from many batches (`OutputMetrics`) and from forward hooks (`LayerDiff`), including the
 per-layer plot: relative difference by depth (A's call order), both refs aligned, as inline SVG.
 
-Example:
+Example (a local repo whose `mlp(scale)` scales the last layer's weights):
+    >>> import torch
+    >>> from pathlib import Path
+    >>> from isolhub import compare
+    >>> Path("mlp").mkdir()
+    >>> _ = Path("mlp/hubconf.py").write_text(
+    ...     "import torch\\n"
+    ...     "def mlp(scale=1.0):\\n"
+    ...     "    torch.manual_seed(0)\\n"
+    ...     "    m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))\\n"
+    ...     "    m[2].weight.data *= scale\\n"
+    ...     "    return m\\n")
+    >>> report = compare("mlp", "mlp", "mlp", source="local", kwargs_b={"scale": 2.0},
+    ...                  inputs=torch.ones(1, 4), seed=0, layers=True)
     >>> print("\\n".join(layer_text(report, 40)))
+    <BLANKLINE>
+    Layers: 3 (2 same, 1 changed)
+      first divergence: 2 (Linear 1x2): max|a-b| 0.205, rel 0.596
+      #  status   layer A  layer B  A           B           max|a-b|  rel    exact
+      0  same     0        0        Linear 1x8  Linear 1x8  0         0      yes
+      1  same     1        1        ReLU 1x8    ReLU 1x8    0         0      yes
+      2  changed  2        2        Linear 1x2  Linear 1x2  0.205     0.596  yes
     >>> svg = depth_svg(report.layers)
+    >>> svg.startswith("<svg")
+    True
 """
 
 from __future__ import annotations

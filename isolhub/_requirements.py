@@ -12,8 +12,12 @@ stay inside the snapshot. That keeps what a repo (maybe untrusted) can make the 
 "install these names at these versions".
 
 Example:
-    >>> read_requirements(Path("/cache/.../snapshots/ab12"), None)
+    >>> Path("snap").mkdir()
+    >>> _ = Path("snap/requirements.txt").write_text("# pinned\\ntinypkg==2.0\\n")
+    >>> read_requirements(Path("snap"), None)
     Requirements(lines=('tinypkg==2.0',), source='requirements.txt')
+    >>> read_requirements(Path("snap"), ["numpy>=1"])      # given ones win
+    Requirements(lines=('numpy>=1',), source='argument')
 """
 
 from __future__ import annotations

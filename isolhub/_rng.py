@@ -14,8 +14,12 @@ forged state is refused whole and changes nothing.
      "numpy": ["MT19937", key bytes, pos, has_gauss, cached_gaussian]}   # numpy: if imported
 
 Example:
+    >>> import torch
     >>> state = capture()
-    >>> torch.rand(1); restore(state); torch.rand(1)   # the same draw twice
+    >>> a = torch.rand(1)
+    >>> restore(state)
+    >>> torch.equal(a, torch.rand(1))     # the same draw again
+    True
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ def seed_all(seed: int) -> None:
     a `seed=` asks of a worker, whichever call (load, pool, compare) it came with.
 
     Example:
+        >>> import torch
         >>> seed_all(0); a = torch.rand(1); seed_all(0); torch.equal(a, torch.rand(1))
         True
     """

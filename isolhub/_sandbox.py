@@ -59,10 +59,14 @@ Test knob: `ISOLHUB_SANDBOX_PRETEND_MISSING="landlock,userns"` makes `probe` and
 named protections as unavailable on this kernel. A policy that does not allow them to be missing
 then refuses to run, so the knob cannot silently weaken a sandbox.
 
-Example:
+Example (`repo` is a folder with a hubconf.py; `apply`'s own example confines a child):
+    >>> import isolhub as hub
     >>> policy = resolve_policy("strict")
-    >>> report = apply(policy, scratch="/tmp/w1", read_paths=["/cache/snapshots/ab12"], keep_fds=[5])
-    >>> print(report)
+    >>> policy.network, policy.allow_fork
+    (False, False)
+    >>> hub.load(repo, "net", source="local", sandbox="strict")
+    Traceback (most recent call last):
+    isolhub.SandboxError: mode='module' cannot be sandboxed: it ships the repo's classes and ...
 
 Raises:
     SandboxError: from `apply`, naming the protection that could not be applied.
@@ -181,7 +185,9 @@ class Sandbox:
     arena. `allow_fork=False` refuses process creation outright.
 
     Example:
-        >>> Sandbox(memory_bytes=4 * 1024**3, read_paths=("/data",), allow_missing={"landlock"})
+        >>> s = Sandbox(memory_bytes=4 * 1024**3, read_paths=("/data",), allow_missing={"landlock"})
+        >>> s.memory_bytes, s.read_paths, s.network, s.allow_fork
+        (4294967296, ('/data',), False, False)
 
     Raises:
         ValueError: a negative limit or an unknown name in `allow_missing`.
@@ -288,8 +294,8 @@ class SandboxReport:
 
     Example:
         >>> report = probe()
-        >>> report["landlock"].available, report.landlock_abi
-        (True, 7)
+        >>> report["landlock"].available == (report.landlock_abi >= 1)
+        True
     """
 
     entries: tuple[ProbeEntry, ...]
@@ -386,6 +392,9 @@ def probe() -> SandboxReport:
 
     Example:
         >>> print(probe())  # what `isolhub doctor` shows
+        isolhub sandbox: what this kernel can enforce (Linux ...)
+          [...] environment    os.environ, cwd, umask
+        ...
 
     Raises:
         Nothing: a feature that cannot be checked is reported unavailable, with the reason.
@@ -510,7 +519,23 @@ def apply(
         keep_fds: fds to keep besides 0, 1 and 2, e.g. the control socket.
 
     Example:
-        >>> apply(Sandbox(), scratch=scratch, read_paths=[snapshot], keep_fds=[sock.fileno()])
+        Confinement lasts for the life of the process, so this is a child's (with every
+        protection allowed missing and no caps, so that it runs on any kernel):
+
+        >>> import os
+        >>> lenient = Sandbox(memory_bytes=None, max_tasks=None, scratch_bytes=None,
+        ...                   allow_missing=PROTECTIONS)
+        >>> os.mkdir("scratch")
+        >>> pid = os.fork()
+        >>> if pid == 0:
+        ...     try:
+        ...         os.environ["GITHUB_TOKEN"] = "secret"
+        ...         apply(lenient, scratch=os.path.abspath("scratch"), read_paths=[], keep_fds=[])
+        ...         os._exit(0 if "GITHUB_TOKEN" not in os.environ else 1)
+        ...     finally:
+        ...         os._exit(2)
+        >>> os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])     # 0: the token was gone
+        0
 
     Raises:
         SandboxError: the process is not single-threaded, a path is missing, or a protection the

@@ -11,8 +11,23 @@ Every denial returns an errno (EPERM, or ENOSYS for clone3) instead of killing, 
 sees a clean `PermissionError`. Kernel ABI: Documentation/userspace-api/seccomp_filter.rst,
 include/uapi/linux/seccomp.h, include/uapi/linux/filter.h.
 
-Example:
-    >>> install(build(arch=native_arch(), deny_sockets=True, allow_fork=False, own_pid=os.getpid()))
+Example (in a child, since a filter lasts for the life of the process):
+    >>> import socket
+    >>> from isolhub._libc import PR_SET_NO_NEW_PRIVS, prctl
+    >>> pid = os.fork()
+    >>> if pid == 0:
+    ...     try:
+    ...         prctl(PR_SET_NO_NEW_PRIVS, 1)
+    ...         install(build(arch=native_arch(), deny_sockets=True, allow_fork=False,
+    ...                       own_pid=os.getpid()))
+    ...         socket.socket()
+    ...         os._exit(1)
+    ...     except PermissionError:
+    ...         os._exit(0)
+    ...     finally:
+    ...         os._exit(2)
+    >>> os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])     # 0: socket() was refused
+    0
 
 Raises:
     SandboxError: `native_arch` on an architecture without a table; `install` when the kernel
@@ -214,8 +229,9 @@ def available() -> tuple[bool, str]:
     """Whether this kernel and interpreter can take the filter; with a one-line reason.
 
     Example:
-        >>> available()
-        (True, 'filter mode, x86_64')
+        >>> ok, why = available()
+        >>> ok == why.startswith("filter mode"), why.endswith(native_arch()) or not ok
+        (True, True)
     """
     try:
         arch = native_arch()

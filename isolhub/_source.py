@@ -10,10 +10,13 @@ that cannot happen (offline, read-only cache) the load fails with `CacheCorrupte
 the file. A snapshot from before manifests is fetched again too, and used as it is (with a
 warning) where it cannot be.
 
-Example:
-    >>> snap = fetch_snapshot(parse_spec("git+file:///srv/net.git@v1"))
-    >>> snap.sha, snap.path
-    ('57dad2b4...', PosixPath('/root/.cache/torch/hub/repos/git--net--1a2b.../snapshots/57dad2b4...'))
+Example (`git_repo`: a git repository with a tag v1):
+    >>> from isolhub._spec import parse_spec
+    >>> snap = fetch_snapshot(parse_spec(f"git+file://{git_repo}@v1"))
+    >>> len(snap.sha), snap.path.parent.name, snap.path.name == snap.sha
+    (40, 'snapshots', True)
+    >>> fetch_snapshot(parse_spec(f"git+file://{git_repo}@v1")) == snap    # cached by commit
+    True
 """
 
 from __future__ import annotations

@@ -19,7 +19,12 @@ sandbox); anything else is asked about with `check_trust`, one prompt at a time 
 Fetching (`_source.fetch_snapshot`) decides nothing about trust.
 
 Example:
+    >>> from isolhub._spec import parse_spec
     >>> admit(parse_spec("someone/net"), HubOptions(trust_repo=True))   # appends someone_net
+    >>> is_trusted(parse_spec("someone/net"))
+    True
+    >>> is_trusted(parse_spec("other/net")), is_trusted(parse_spec("pytorch/vision"))
+    (False, True)
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ Example:
     30.0
     >>> check_timeout("abc")
     Traceback (most recent call last):
-    UsageError: timeout= must be a positive number of seconds or None, not 'abc'
+    isolhub.UsageError: timeout= must be a positive number of seconds or None, not 'abc'
 """
 
 from __future__ import annotations

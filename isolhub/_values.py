@@ -5,6 +5,7 @@ with the restricted codec; tensors inside it go into one sealed arena and travel
 object the codec cannot carry becomes a remote handle when the caller allows it, else an error.
 
 Example:
+    >>> import torch
     >>> body, fd, layout = encode_value({"acc": 0.9, "logits": torch.ones(2)})   # worker
     >>> decode_value(body, fd, layout)                                           # parent
     {'acc': 0.9, 'logits': tensor([1., 1.])}

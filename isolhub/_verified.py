@@ -9,8 +9,13 @@ does not, the file is read again. Records are written atomically and best effort
 only costs the re-hash. Who can write the hub dir can forge a record; that is the same person who
 can write the checkpoint itself (see docs/security.md).
 
-Example:
-    >>> digest, downloaded = fd_digest(fd, "/hub/broker/<key>/w.pt")
+Example (a file isolhub did not download):
+    >>> from pathlib import Path
+    >>> _ = Path("w.pt").write_bytes(b"x")
+    >>> fd = os.open("w.pt", os.O_RDONLY)
+    >>> fd_digest(fd, os.path.abspath("w.pt"))
+    ('2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881', False)
+    >>> os.close(fd)
 """
 
 from __future__ import annotations

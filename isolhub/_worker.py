@@ -8,8 +8,15 @@ trusted); the worker answers with the restricted codec, plus one arena fd for te
     parent ──list / help / call──▶ worker: import hubconf (once), run, answer
     parent ──close (or EOF)──▶ worker exits
 
-Example (what the zygote runs after fork):
-    >>> serve(channel_fd)    # never returns
+`serve(channel_fd)` is what the zygote runs after a fork; it never returns. A worker is started
+and spoken to through `isolhub._process.Worker` (`repo` is a folder with a hubconf.py):
+
+    >>> from isolhub._engine import start_worker
+    >>> from isolhub._source import fetch_snapshot
+    >>> from isolhub._spec import parse_spec
+    >>> with start_worker(fetch_snapshot(parse_spec(repo, source="local"))) as w:
+    ...     w.request({"op": "help", "entry": "net"})[0]
+    {'ok': True, 'value': 'A linear layer: 4 inputs, `width` outputs.'}
 """
 
 from __future__ import annotations
@@ -130,8 +137,19 @@ def prepare() -> None:
     count, so copies a page) took 10-16 ms of a 23 ms tiny load here. `_WorkerState` runs it
     again if the init evicts preloaded modules.
 
-    Example (in a child of the zygote, before `serve`):
-        >>> prepare()  # doctest: +SKIP (it resets the warning filters of the process)
+    Example (in a child, as in the zygote's, since it takes over the process's warnings):
+        >>> import os, warnings
+        >>> from isolhub import _worker_warnings
+        >>> pid = os.fork()
+        >>> if pid == 0:
+        ...     try:
+        ...         prepare()
+        ...         warnings.warn("old", FutureWarning)
+        ...         os._exit(0 if _worker_warnings.take()[0] else 1)   # recorded, not printed
+        ...     finally:
+        ...         os._exit(2)
+        >>> os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        0
     """
     global _PREPARED
     _worker_warnings.install()  # the parent re-issues them, through its own filters

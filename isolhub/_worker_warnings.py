@@ -15,10 +15,13 @@ caller has (else `UserWarning`), one class per name, so filters on the ancestor 
     record: {"category": ["pkg.mod.ArchWarning", "builtins.DeprecationWarning", ...],
              "message": str, "filename": str, "lineno": int, "module": str}
 
-Example:
-    >>> install()                       # in the worker, once
-    >>> warnings.warn("old", FutureWarning); take()
-    ([{'category': ['builtins.FutureWarning', ...], 'message': 'old', ...}], 0)
+Example (`catch_warnings` puts this process's warning filters back afterwards):
+    >>> with warnings.catch_warnings():
+    ...     install()                   # in the worker, once
+    ...     warnings.warn("old", FutureWarning)
+    ...     records, dropped = take()
+    >>> [(r["category"][0], r["message"]) for r in records], dropped
+    ([('builtins.FutureWarning', 'old')], 0)
 """
 
 from __future__ import annotations

@@ -71,7 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     """Run the script or module named in `argv` (default `sys.argv[1:]`) with torch.hub patched.
 
     Example:
-        >>> main(["--mode", "remote", "eval.py", "--batch", "8"])
+        >>> from pathlib import Path
+        >>> _ = Path("eval.py").write_text(
+        ...     "import sys, torch\\n"
+        ...     "with torch.hub.load(sys.argv[1], 'net', source='local') as m:\\n"
+        ...     "    print(type(m).__name__, m(torch.ones(1, 4)).shape)\\n")
+        >>> main(["--mode", "remote", "eval.py", repo])   # `repo`: a folder with a hubconf.py
+        RemoteModule torch.Size([1, 2])
         0
 
     Raises:
