@@ -330,6 +330,7 @@ def test_a_pax_global_header_is_not_a_member(work: Path) -> None:
     assert os.listdir(work / "dest") == ["f"]
 
 
+@pytest.mark.slow
 def test_the_default_member_cap_counts_every_header_even_skipped_root_entries(work: Path) -> None:
     root = tarfile.TarInfo("./")
     root.type = tarfile.DIRTYPE

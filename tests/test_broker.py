@@ -105,6 +105,7 @@ def test_the_broker_refuses_a_backslash_url_and_sends_nothing(netrc_home: Path) 
         assert server.count() == 0
 
 
+@pytest.mark.slow
 @needs_sandbox
 def test_a_sandboxed_worker_cannot_steal_netrc_credentials_with_a_backslash(
     netrc_home: Path, tmp_path: Path
@@ -177,6 +178,7 @@ HOSTILE = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("template", HOSTILE)
 def test_the_broker_refuses_parser_confusion_forms_before_any_request(
     template: str, netrc_home: Path

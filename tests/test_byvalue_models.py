@@ -201,6 +201,7 @@ def test_inspect_finds_the_source_and_module_of_a_module_mode_class(repo: Path) 
     assert module.__file__.endswith("model/net.py")
 
 
+@pytest.mark.slow
 def test_torch_jit_script_and_trace_compile_a_module_mode_model(repo: Path) -> None:
     m = hub.load(spec_of(repo), "net")
     x = torch.randn(2, 4)
@@ -221,6 +222,7 @@ print("same:", torch.equal(compiled(x), m(x)))
 """
 
 
+@pytest.mark.slow
 def test_torch_compile_runs_a_module_mode_model(repo: Path, tmp_path: Path) -> None:
     # In a fresh interpreter: dynamo patches torch process-wide (nn.Module gains attributes).
     # backend="eager": dynamo's capture of the by-value code is what is tested here; inductor's
@@ -234,6 +236,7 @@ def test_torch_compile_runs_a_module_mode_model(repo: Path, tmp_path: Path) -> N
     assert "same: True" in out.stdout
 
 
+@pytest.mark.slow
 def test_two_loads_of_one_repo_keep_their_own_private_module_names(repo: Path) -> None:
     commit(repo, net_files("v2", width=5, act="Tanh"), tag="v2")
     a = hub.load(spec_of(repo, "v1"), "net")
@@ -276,6 +279,7 @@ print("state dict:", sorted(state))
 """
 
 
+@pytest.mark.slow
 def test_a_pickled_module_mode_model_loads_only_in_its_own_process_a_state_dict_anywhere(
     repo: Path, tmp_path: Path
 ) -> None:

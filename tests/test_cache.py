@@ -33,6 +33,7 @@ def _fetch_in_child(spec: str, home: str, break_lock: bool) -> str:
     return str(hub.fetch(spec).path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("break_lock", [False, True], ids=["lock", "lying-lock"])
 def test_eight_processes_fetching_one_uncached_spec_end_with_one_snapshot(
     tmp_path: Path, hub_home: Path, break_lock: bool

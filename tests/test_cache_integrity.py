@@ -142,6 +142,7 @@ def test_cache_verify_names_a_changed_file_even_with_its_mtime_put_back(repo: Pa
     assert human.returncode == 1 and "model/net.py: changed" in human.stdout
 
 
+@pytest.mark.slow
 def test_cache_verify_names_missing_and_planted_files_and_fix_removes_the_snapshot(
     repo: Path, hub_home: Path
 ) -> None:

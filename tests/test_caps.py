@@ -111,6 +111,7 @@ def test_hoarding_memfds_stops_at_the_memory_cap(repo: Path) -> None:
         run_case(repo, "hoard_memfds", 512, False, memory_bytes=256 * MiB)
 
 
+@pytest.mark.slow
 def test_without_the_memory_cap_memfds_outgrow_the_address_space_cap(
     repo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -36,6 +36,7 @@ def test_help_lists_the_commands_and_exit_codes() -> None:
         assert word in out.stdout
 
 
+@pytest.mark.slow
 def test_list_prints_entrypoints_and_json(repo: Path) -> None:
     out = run("list", spec_of(repo, "v1"))
     assert out.returncode == 0 and out.stdout.split() == ["Net", "net"]
@@ -43,11 +44,13 @@ def test_list_prints_entrypoints_and_json(repo: Path) -> None:
     assert json.loads(out.stdout) == ["Net", "net"]
 
 
+@pytest.mark.slow
 def test_help_prints_the_docstring(repo: Path) -> None:
     out = run("help", spec_of(repo, "v1"), "net", "--json")
     assert json.loads(out.stdout) == {"entry": "net", "doc": "Build Net v1."}
 
 
+@pytest.mark.slow
 def test_load_saves_safetensors_and_reports_counts(repo: Path, tmp_path: Path) -> None:
     dest = tmp_path / "w.safetensors"
     out = run("load", spec_of(repo, "v1"), "net", "--kw", "scale=2", "--save", str(dest), "--json")
@@ -59,6 +62,7 @@ def test_load_saves_safetensors_and_reports_counts(repo: Path, tmp_path: Path) -
     assert load_file(str(dest))["fc.weight"][1, 0].item() == 8.0
 
 
+@pytest.mark.slow
 def test_errors_are_one_line_on_stderr_with_exit_code_2(repo: Path) -> None:
     out = run("list", spec_of(repo, "nope"))
     assert out.returncode == 2
@@ -68,6 +72,7 @@ def test_errors_are_one_line_on_stderr_with_exit_code_2(repo: Path) -> None:
     assert out.returncode == 2 and "SpecError" in out.stderr
 
 
+@pytest.mark.slow
 def test_verbose_adds_the_traceback(repo: Path) -> None:
     out = run("help", spec_of(repo, "v1"), "missing", "--verbose")
     assert out.returncode == 2
@@ -122,6 +127,7 @@ def test_version_prints_the_package_version() -> None:
     assert pyproject["project"]["version"] == isolhub.__version__
 
 
+@pytest.mark.slow
 def test_load_json_names_the_commit_that_was_loaded(repo: Path) -> None:
     import isolhub
 
@@ -130,6 +136,7 @@ def test_load_json_names_the_commit_that_was_loaded(repo: Path) -> None:
     assert json.loads(out.stdout)["commit"] == isolhub.fetch(spec_of(repo, "v1")).sha
 
 
+@pytest.mark.slow
 def test_save_with_an_unknown_suffix_is_refused_before_anything_is_fetched(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-repo.git"
     out = run("load", f"git+file://{missing}@v1", "net", "--save", str(tmp_path / "out.bin"))
@@ -138,6 +145,7 @@ def test_save_with_an_unknown_suffix_is_refused_before_anything_is_fetched(tmp_p
     assert not (tmp_path / "out.bin").exists()
 
 
+@pytest.mark.slow
 def test_safetensors_and_pt_files_are_saved_with_the_same_permissions(
     repo: Path, tmp_path: Path
 ) -> None:
@@ -149,6 +157,7 @@ def test_safetensors_and_pt_files_are_saved_with_the_same_permissions(
     assert len(modes) == 1
 
 
+@pytest.mark.slow
 def test_quiet_prints_nothing_on_stderr_on_success(repo: Path) -> None:
     run("list", spec_of(repo, "v1"))  # fills the cache, so the next one would say "Using cache"
     out = run("list", spec_of(repo, "v1"), "--quiet")
@@ -156,6 +165,7 @@ def test_quiet_prints_nothing_on_stderr_on_success(repo: Path) -> None:
     assert out.stderr == ""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["list", "help", "load", "diff", "run", "download", "doctor"])
 def test_every_command_accepts_json_quiet_and_verbose(command: str) -> None:
     out = run(command, "--help")
@@ -164,6 +174,7 @@ def test_every_command_accepts_json_quiet_and_verbose(command: str) -> None:
         assert flag in out.stdout, (command, flag)
 
 
+@pytest.mark.slow
 def test_list_and_load_run_confined_with_sandbox_strict(repo: Path) -> None:
     out = run("load", spec_of(repo, "v1"), "net", "--sandbox", "strict", "--json")
     assert out.returncode == 0, out.stderr
@@ -220,6 +231,7 @@ def test_a_flag_shared_by_commands_shows_the_same_help_in_every_command() -> Non
     assert all(len(commands) > 1 for commands in seen.values()), seen
 
 
+@pytest.mark.slow
 def test_run_takes_sandbox_strict_as_every_other_loading_command_does(tmp_path: Path) -> None:
     repo = make_repo(tmp_path / "r", {"hubconf.py": _NETWORK_PROBE})
     specs = tmp_path / "specs.txt"

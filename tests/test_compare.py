@@ -104,6 +104,7 @@ def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str])
     return run
 
 
+@pytest.mark.slow
 def test_identical_code_at_two_refs_is_equivalent_and_diff_exits_0(tmp_path: Path, run_cli) -> None:
     repo = two_tags(tmp_path, model(), model())
     rep = diff(repo, seed=0)
@@ -126,6 +127,7 @@ def test_identical_code_at_two_refs_is_equivalent_and_diff_exits_0(tmp_path: Pat
     assert wrong.uncompared == (f"output: forward raised on both: {wrong.a.forward_error}",)
 
 
+@pytest.mark.slow
 def test_both_refs_load_at_the_same_time(tmp_path: Path) -> None:
     files = {
         "hubconf.py": """
@@ -146,6 +148,7 @@ def test_both_refs_load_at_the_same_time(tmp_path: Path) -> None:
     assert rep.notes[1].startswith("no seed given: both sides started from the same random state")
 
 
+@pytest.mark.slow
 def test_seed_makes_identical_code_give_identical_random_weights(tmp_path: Path) -> None:
     # hubconf reseeds from the OS at import, so only compare's seed (applied after the import,
     # before the entrypoint) makes the two workers draw the same weights.
@@ -170,6 +173,7 @@ def test_seed_makes_identical_code_give_identical_random_weights(tmp_path: Path)
     assert {p.status for p in seeded.parameters} == {"same"}
 
 
+@pytest.mark.slow
 def test_a_changed_layer_width_is_reported_as_reshaped_and_diff_exits_1(
     tmp_path: Path, run_cli
 ) -> None:
@@ -190,6 +194,7 @@ def test_a_changed_layer_width_is_reported_as_reshaped_and_diff_exits_1(
     assert "reshaped  fc.weight" in out and "DIFFERENT" in out
 
 
+@pytest.mark.slow
 def test_an_added_layer_is_reported_as_added_and_the_rest_unchanged(tmp_path: Path) -> None:
     v2 = model(
         layers="self.fc = nn.Linear(4, 3)\nself.extra = nn.Linear(3, 3)",
@@ -207,6 +212,7 @@ def test_an_added_layer_is_reported_as_added_and_the_rest_unchanged(tmp_path: Pa
     assert rep.layer_differences()[0]["layer"] == "extra"
 
 
+@pytest.mark.slow
 def test_a_renamed_parameter_is_one_rename_not_a_removal_and_an_addition(tmp_path: Path) -> None:
     v2 = model(layers="self.head = nn.Linear(4, 3)", forward="return torch.relu(self.head(x))")
     rep = diff(two_tags(tmp_path, model(), v2))
@@ -230,6 +236,7 @@ def test_constant_tensors_alone_are_not_taken_for_a_rename() -> None:
     assert sorted(pairs) == [("old.bias", "new.bias"), ("old.weight", "new.weight")]
 
 
+@pytest.mark.slow
 def test_a_changed_activation_keeps_the_weights_but_changes_the_outputs(tmp_path: Path) -> None:
     repo = make_repo(tmp_path / "net.git", net_files("v1", width=3), tag="v1")
     commit(repo, net_files("v2", width=3, act="Tanh"), tag="v2")
@@ -242,6 +249,7 @@ def test_a_changed_activation_keeps_the_weights_but_changes_the_outputs(tmp_path
     assert rep.differences and all(d.startswith("output") for d in rep.differences)
 
 
+@pytest.mark.slow
 def test_a_changed_entrypoint_signature_is_a_difference_a_docstring_alone_is_not(
     tmp_path: Path,
 ) -> None:
@@ -260,6 +268,7 @@ def test_a_changed_entrypoint_signature_is_a_difference_a_docstring_alone_is_not
     assert doc_only.equivalent
 
 
+@pytest.mark.slow
 def test_an_entrypoint_that_raises_is_reported_and_the_other_side_still_described(
     tmp_path: Path, run_cli
 ) -> None:
@@ -326,6 +335,7 @@ TUPLES = """
 """
 
 
+@pytest.mark.slow
 def test_tuple_and_non_module_results_are_compared_on_what_can_be_compared(
     tmp_path: Path,
 ) -> None:
@@ -364,6 +374,7 @@ def test_tuple_and_non_module_results_are_compared_on_what_can_be_compared(
     assert multi.equivalent
 
 
+@pytest.mark.slow
 def test_remote_mode_needs_only_call_and_state_dict(tmp_path: Path) -> None:
     repo = two_tags(tmp_path, model(), model(layers="self.fc = nn.Linear(4, 5)"))
     rep = diff(repo, mode="remote")
@@ -395,6 +406,7 @@ def test_remote_mode_needs_only_call_and_state_dict(tmp_path: Path) -> None:
     assert set(s["tensors"]) == {"weight", "bias"} and s["parts"][0]["parameters"] is None
 
 
+@pytest.mark.slow
 def test_the_report_round_trips_through_json(tmp_path: Path) -> None:
     repo = two_tags(tmp_path, model(), model(layers="self.fc = nn.Linear(4, 5)"))
     rep = diff(repo, seed=3, atol=1e-4)
@@ -406,6 +418,7 @@ def test_the_report_round_trips_through_json(tmp_path: Path) -> None:
     assert again.summary() == rep.summary()
 
 
+@pytest.mark.slow
 def test_diff_json_and_html_options(tmp_path: Path, run_cli) -> None:
     repo = two_tags(tmp_path, model(), model(forward="return torch.tanh(self.fc(x))"))
     page = tmp_path / "report.html"
@@ -434,6 +447,7 @@ def _plot_repo(tmp_path: Path) -> Path:
     )
 
 
+@pytest.mark.slow
 def test_the_plot_lists_the_layer_with_the_largest_difference_first(tmp_path: Path) -> None:
     rep = diff(_plot_repo(tmp_path))
     order = [e["layer"] for e in rep.layer_differences()]

@@ -26,6 +26,7 @@ from hubrepos import spec_of
 # ----------------------------------------------------------------------------- per-side arguments
 
 
+@pytest.mark.slow
 def test_per_side_kwargs_reach_only_their_side(tmp_path: Path, run_cli) -> None:  # noqa: F811
     v2 = model(
         signature="pretrained=False, dropout=0.5",
@@ -56,6 +57,7 @@ def test_per_side_kwargs_reach_only_their_side(tmp_path: Path, run_cli) -> None:
     assert "signature changed" in out or "signature" in out
 
 
+@pytest.mark.slow
 def test_per_side_positional_args_replace_the_shared_ones(tmp_path: Path) -> None:
     v1 = model(signature="width", layers="self.fc = nn.Linear(4, 3)")
     v2 = model(signature="width, depth", body="assert (width, depth) == (3, 1)\nreturn Net()")
@@ -88,6 +90,7 @@ def net(pretrained=False):
 '''
 
 
+@pytest.mark.slow
 def test_only_the_code_of_an_unused_branch_changes_is_equivalent_and_the_change_is_listed(
     tmp_path: Path,
     run_cli,  # noqa: F811
@@ -150,6 +153,7 @@ def test_the_tree_diff_counts_binary_and_removed_files(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.slow
 def test_a_rename_that_keeps_the_weights_is_equivalent_and_says_keys_need_mapping(
     tmp_path: Path,
 ) -> None:
@@ -182,6 +186,7 @@ def deep(mid: str = "mid", post: str = "") -> dict[str, str | None]:
 BATCHES = [torch.linspace(-1, 1, 12).reshape(3, 4) * (i + 1) for i in range(4)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["module", "remote"])
 def test_one_changed_layer_is_named_as_the_first_divergence(tmp_path: Path, mode: str) -> None:
     repo = two_tags(tmp_path, deep(), deep(post="self.mid.weight.add_(0.25)"))
@@ -245,6 +250,7 @@ def test_layers_past_the_byte_budget_are_compared_on_statistics(tmp_path: Path) 
     assert rep.first_divergence.name == "head"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["module", "remote"])
 def test_layers_work_under_the_strict_sandbox(tmp_path: Path, mode: str) -> None:
     repo = two_tags(tmp_path, deep(), deep(post="self.mid.weight.add_(0.25)"))
@@ -279,6 +285,7 @@ def _local_clf(shift: float) -> torch.nn.Linear:
     return m
 
 
+@pytest.mark.slow
 def test_many_batches_give_aggregate_metrics_with_top1_agreement_and_kl(
     tmp_path: Path,
     run_cli,  # noqa: F811
@@ -331,6 +338,7 @@ def test_inputs_that_are_not_batches_are_refused_before_any_worker_starts(tmp_pa
         diff(repo, "clf", inputs=str(tmp_path / "missing.pt"))
 
 
+@pytest.mark.slow
 def test_a_large_batch_count_holds_a_bounded_number_of_tensors(tmp_path: Path) -> None:
     repo = two_tags(tmp_path, deep(), deep(post="self.mid.weight.add_(0.25)"))
     alive: weakref.WeakSet[torch.Tensor] = weakref.WeakSet()

@@ -252,6 +252,7 @@ def test_a_file_changed_mid_download_is_restarted_not_joined(
 # -- cases 3, 4, 5: stalls and slow servers ----------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)  # a hang (or a long sleep) where none belongs fails here
 def test_a_stall_after_headers_times_out_after_the_retries_within_budget(
     server: WeightsServer, out: Path, guard: Guard, monkeypatch: pytest.MonkeyPatch
@@ -268,6 +269,7 @@ def test_a_stall_after_headers_times_out_after_the_retries_within_budget(
     guard.check(out)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)  # a hang (or a long sleep) where none belongs fails here
 def test_a_trickle_trips_the_stall_detector(
     server: WeightsServer, out: Path, guard: Guard, monkeypatch: pytest.MonkeyPatch
@@ -291,6 +293,7 @@ def test_an_endless_body_trips_the_size_cap(
     guard.check(out)
 
 
+@pytest.mark.slow
 def test_a_slow_but_steady_download_succeeds_without_retries(
     server: WeightsServer, out: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -367,6 +370,7 @@ def test_500_three_times_then_200_succeeds(server: WeightsServer, out: Path, gua
     guard.check(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form", ["seconds", "http-date"])
 def test_a_429_retry_after_is_waited_out(server: WeightsServer, out: Path, form: str) -> None:
     value = "1" if form == "seconds" else formatdate(time.time() + 2, usegmt=True)
@@ -545,6 +549,7 @@ def _run_children(
     return got
 
 
+@pytest.mark.slow
 def test_eight_processes_load_one_checkpoint_into_an_empty_cache_with_one_download(
     server: WeightsServer, hub_home: Path, guard: Guard
 ) -> None:
@@ -568,6 +573,7 @@ def test_eight_processes_load_one_checkpoint_into_an_empty_cache_with_one_downlo
     guard.check()
 
 
+@pytest.mark.slow
 def test_a_lock_that_lies_still_gives_one_correct_file(
     server: WeightsServer, hub_home: Path, guard: Guard
 ) -> None:
@@ -599,6 +605,7 @@ def _start_and_wait_for_bytes(server: WeightsServer, path: str, url: str, dst: s
     pytest.fail("the child never started downloading")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
 def test_a_download_killed_mid_way_leaves_no_target_and_the_next_run_resumes_it(
     server: WeightsServer, out: Path, guard: Guard, sig: int
@@ -626,6 +633,7 @@ def test_a_download_killed_mid_way_leaves_no_target_and_the_next_run_resumes_it(
     guard.check(out)
 
 
+@pytest.mark.slow
 def test_a_kept_partial_of_a_changed_file_is_started_again_not_joined(
     server: WeightsServer, out: Path, guard: Guard
 ) -> None:
@@ -642,6 +650,7 @@ def test_a_kept_partial_of_a_changed_file_is_started_again_not_joined(
     guard.check(out)
 
 
+@pytest.mark.slow
 def test_a_kept_partial_is_resumed_only_for_its_own_url(
     server: WeightsServer, out: Path, guard: Guard
 ) -> None:
@@ -658,6 +667,7 @@ def test_a_kept_partial_is_resumed_only_for_its_own_url(
     guard.check(out)
 
 
+@pytest.mark.slow
 def test_a_killed_lock_holder_frees_the_lock_for_the_waiter(
     server: WeightsServer, out: Path, guard: Guard
 ) -> None:
@@ -699,6 +709,7 @@ time.sleep(60)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)  # the lock's 0.5 s, then on with a warning; never a wait for it
 def test_a_soft_lock_held_elsewhere_delays_the_download_only_boundedly(
     server: WeightsServer,

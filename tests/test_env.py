@@ -67,6 +67,7 @@ def _repo(tmp_path: Path, name: str, requirements: str, extra: dict[str, str] | 
     return spec_of(make_repo(tmp_path / name, files))
 
 
+@pytest.mark.slow
 def test_two_repos_needing_two_versions_run_side_by_side_in_one_process(
     tmp_path: Path, index: PackageIndex
 ) -> None:
@@ -85,6 +86,7 @@ def test_two_repos_needing_two_versions_run_side_by_side_in_one_process(
     assert "tinypkg" not in sys.modules  # the parent never imported either
 
 
+@pytest.mark.slow
 def test_two_repos_needing_two_versions_through_the_pool(
     tmp_path: Path, index: PackageIndex
 ) -> None:
@@ -97,6 +99,7 @@ def test_two_repos_needing_two_versions_through_the_pool(
     assert all(r.env["kind"] == "shared" for r in results)
 
 
+@pytest.mark.slow
 def test_the_environment_is_the_loads_provenance(tmp_path: Path, index: PackageIndex) -> None:
     spec = _repo(tmp_path, "a", "# pinned\ntinypkg>=1,<2  # the old API\n")
     env = hub.prepare_env(spec, trust_repo=True)
@@ -109,6 +112,7 @@ def test_the_environment_is_the_loads_provenance(tmp_path: Path, index: PackageI
     assert again.reused and again.key == env.key
 
 
+@pytest.mark.slow
 def test_identical_requirement_sets_share_one_environment(
     tmp_path: Path, index: PackageIndex
 ) -> None:
@@ -129,6 +133,7 @@ def test_identical_requirement_sets_share_one_environment(
     assert len(entries) == 1 and len(entries[0].users) == 2
 
 
+@pytest.mark.slow
 def test_explicit_requirements_win_over_the_repos_files(
     tmp_path: Path, index: PackageIndex
 ) -> None:
@@ -137,6 +142,7 @@ def test_explicit_requirements_win_over_the_repos_files(
     assert got == "2.0"
 
 
+@pytest.mark.slow
 def test_pyproject_dependencies_are_read_when_there_is_no_requirements_txt(
     tmp_path: Path, index: PackageIndex
 ) -> None:
@@ -145,6 +151,7 @@ def test_pyproject_dependencies_are_read_when_there_is_no_requirements_txt(
     assert hub.load(spec_of(repo), "version", env="auto", trust_repo=True) == "2.0"
 
 
+@pytest.mark.slow
 def test_offline_reuse_makes_no_request_and_a_missing_env_is_an_offline_error(
     tmp_path: Path, index: PackageIndex, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -162,6 +169,7 @@ def test_offline_reuse_makes_no_request_and_a_missing_env_is_an_offline_error(
     assert len(index.seen) == before
 
 
+@pytest.mark.slow
 def test_a_repo_needing_another_torch_gets_its_own_environment_or_a_clear_error(
     tmp_path: Path, index: PackageIndex
 ) -> None:
@@ -176,6 +184,7 @@ def test_a_repo_needing_another_torch_gets_its_own_environment_or_a_clear_error(
     assert not any(p.name.startswith("torch") for p in (tmp_path / "hub").rglob("torch*"))
 
 
+@pytest.mark.slow
 def test_a_malformed_or_escaping_requirements_file_is_refused(
     tmp_path: Path, index: PackageIndex
 ) -> None:
@@ -202,6 +211,7 @@ def test_an_unknown_env_value_is_a_usage_error(tmp_path: Path) -> None:
     assert hub.load(spec, "f", env="auto", trust_repo=True) == 1  # requires nothing: no env
 
 
+@pytest.mark.slow
 def test_pip_installs_the_same_environment_when_chosen(
     tmp_path: Path, index: PackageIndex, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -222,6 +232,7 @@ _CONCURRENT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_concurrent_first_use_by_four_processes_installs_once(
     tmp_path: Path, index: PackageIndex
 ) -> None:
@@ -256,6 +267,7 @@ _OWN = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_a_repo_needing_another_version_of_a_zygote_package_gets_its_own_environment(
     tmp_path: Path, index: PackageIndex
 ) -> None:
@@ -306,6 +318,7 @@ def _sandboxed() -> None:
         pytest.skip(f"this kernel lacks sandbox protections: {', '.join(missing)}")
 
 
+@pytest.mark.slow
 @pytest.mark.sandbox
 def test_a_sandboxed_repo_reads_its_environment_installed_from_wheels(
     tmp_path: Path, index: PackageIndex
@@ -319,6 +332,7 @@ def test_a_sandboxed_repo_reads_its_environment_installed_from_wheels(
         m.close()
 
 
+@pytest.mark.slow
 @pytest.mark.sandbox
 def test_a_sandboxed_repo_whose_requirement_is_only_an_sdist_is_refused(
     tmp_path: Path, index: PackageIndex
@@ -353,6 +367,7 @@ WRITER = '''
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.sandbox
 def test_a_sandboxed_worker_reads_its_environment_but_cannot_write_into_it(
     tmp_path: Path, index: PackageIndex
@@ -374,6 +389,7 @@ def _config_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     return config
 
 
+@pytest.mark.slow
 def test_the_index_comes_from_uv_toml(
     tmp_path: Path, index: PackageIndex, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -385,6 +401,7 @@ def test_the_index_comes_from_uv_toml(
     assert index.count("/simple/tinypkg/") >= 1  # asked of the index uv.toml names
 
 
+@pytest.mark.slow
 def test_the_index_comes_from_pip_conf(
     tmp_path: Path, index: PackageIndex, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -397,6 +414,7 @@ def test_the_index_comes_from_pip_conf(
     assert index.count("/simple/tinypkg/") >= 1
 
 
+@pytest.mark.slow
 def test_installing_shows_progress_lines_and_reuse_says_so(
     tmp_path: Path, index: PackageIndex, capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -429,6 +447,7 @@ def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
     return code, capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_cli_env_auto_on_list_help_and_load_reports_the_environment(
     tmp_path: Path, index: PackageIndex, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -461,6 +480,7 @@ def test_cli_load_without_env_auto_fails_as_torch_hub_would(
     assert "tinypkg" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_diff_and_run_with_env_auto_give_each_repo_its_version(
     tmp_path: Path, index: PackageIndex, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -484,6 +504,7 @@ def test_cli_diff_and_run_with_env_auto_give_each_repo_its_version(
     assert [r["env"]["packages"] for r in results] == [["tinypkg==1.0"], ["tinypkg==2.0"]]
 
 
+@pytest.mark.slow
 def test_cli_env_ls_rm_and_prune(
     tmp_path: Path, index: PackageIndex, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -129,6 +129,7 @@ def test_persistent_server_errors_give_up_after_bounded_attempts(gh: FakeGitHub)
     assert len(gh.log) == 4
 
 
+@pytest.mark.slow
 def test_a_short_retry_after_is_waited_out(gh: FakeGitHub, repo: dict[str, object]) -> None:
     gh.fail_next = [(429, {"Retry-After": "1"})]
     start = time.monotonic()

@@ -27,6 +27,7 @@ def gh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeGitHub]:
         yield server
 
 
+@pytest.mark.slow
 def test_a_github_spec_loads_at_a_tag_and_at_the_default_branch(gh: FakeGitHub) -> None:
     a = hub.load("someone/net:v1", "net", trust_repo=True)
     b = hub.load("someone/net", "net", trust_repo=True)
@@ -40,6 +41,7 @@ def test_a_cached_commit_is_not_downloaded_again(gh: FakeGitHub) -> None:
     assert gh.count("/tarball/") == 1
 
 
+@pytest.mark.slow
 def test_offline_a_cached_branch_loads_with_zero_requests(
     gh: FakeGitHub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -125,6 +127,7 @@ def test_trusted_owners_need_no_prompt_and_are_not_written(gh: FakeGitHub, hub_h
     assert (hub_home / "trusted_list").read_text() == ""  # created empty, as torch.hub does
 
 
+@pytest.mark.slow
 def test_trust_repo_none_trusts_silently_as_torch_2_13_does(gh: FakeGitHub, hub_home: Path) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -84,6 +84,7 @@ def test_forward_methods_and_attributes_run_in_the_worker(repo: Path) -> None:
         assert m.remote_type.endswith("Net")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spin_us", ["0", "50", "5000"])
 def test_calls_answer_alike_whether_the_sides_poll_or_sleep_while_waiting(
     repo: Path, spin_us: str, monkeypatch: pytest.MonkeyPatch
@@ -150,6 +151,7 @@ def test_a_remote_exception_is_a_remote_error_and_the_handle_stays_usable(repo: 
         assert m(torch.ones(2, 4)).shape == (2, 3)
 
 
+@pytest.mark.slow
 def test_objects_behind_dropped_proxies_are_released_in_the_worker(repo: Path) -> None:
     import gc
 
@@ -278,6 +280,7 @@ def test_dir_lists_the_remote_attributes_and_the_handles_own(stack_repo: Path) -
     assert {"close", "closed", "remote_type", "state_dict"} <= set(names)
 
 
+@pytest.mark.slow
 def test_repr_is_the_objects_whole_repr(stack_repo: Path) -> None:
     local = hub.load(spec_of(stack_repo), "stack")
     with hub.load(spec_of(stack_repo), "stack", mode="remote") as m:
@@ -287,6 +290,7 @@ def test_repr_is_the_objects_whole_repr(stack_repo: Path) -> None:
     assert "gone" in repr(m) and "Stack" in repr(m)  # a closed handle's repr does not raise
 
 
+@pytest.mark.slow
 def test_a_huge_repr_is_bounded_at_a_line_end_and_says_what_was_left_out(
     stack_repo: Path,
 ) -> None:
@@ -375,6 +379,7 @@ def too_many_items():
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("entry", "use"),
     [

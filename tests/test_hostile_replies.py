@@ -108,6 +108,7 @@ def hostile_repo(tmp_path: Path) -> Path:
     return make_repo(tmp_path / "hostile", {"hubconf.py": body})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("mode", ["state_dict", "remote"])
 def test_a_crafted_reply_is_a_protocol_error_and_runs_nothing(

@@ -105,6 +105,7 @@ def _sent(path: Path) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- one deadline
 
 
+@pytest.mark.slow
 def test_a_trickled_reply_completes_without_a_deadline(hostile: str, tmp_path: Path) -> None:
     """The twin: the trickle is a valid reply, so only the deadline can stop it."""
     log = tmp_path / "sent"
@@ -115,6 +116,7 @@ def test_a_trickled_reply_completes_without_a_deadline(hostile: str, tmp_path: P
     assert sent == total
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["load_state_dict", "load_remote", "remote_call", "pool"])
 def test_a_trickled_reply_cannot_outrun_the_deadline(
     hostile: str, tmp_path: Path, where: str
@@ -138,11 +140,13 @@ def test_a_trickled_reply_cannot_outrun_the_deadline(
     assert sent < total  # cut by the call's one deadline, not waited out byte by byte
 
 
+@pytest.mark.slow
 def test_a_trickled_reply_cannot_outrun_a_sandboxed_call(hostile: str) -> None:
     with pytest.raises(hub.WorkerTimeoutError):
         hub.load(hostile, "trickle", mode="remote", sandbox=hub.Sandbox(wall_seconds=8.0))
 
 
+@pytest.mark.slow
 def test_a_trickled_reply_cannot_outrun_compare(hostile: str) -> None:
     report = hub.compare(hostile, hostile, "trickle", timeout=8.0, sandbox="strict")
     for side in (report.a, report.b):
@@ -177,6 +181,7 @@ def test_a_header_claiming_a_gib_commits_no_memory_before_the_bytes() -> None:
     assert peak < 16 << 20
 
 
+@pytest.mark.slow
 def test_a_worker_announcing_a_gib_costs_the_parent_nothing(hostile: str) -> None:
     tracemalloc.start()
     try:
@@ -207,6 +212,7 @@ def test_compare_of_a_sandboxed_expanded_tensor_is_refused_not_diffed(hostile: s
     assert report.a.error is not None and report.a.error.startswith("ProtocolError")
 
 
+@pytest.mark.slow
 def test_a_sandboxed_reply_over_the_byte_cap_is_refused(hostile: str) -> None:
     policy = hub.Sandbox(max_reply_bytes=1 << 20)
     with pytest.raises(hub.ProtocolError, match="max_reply_bytes"):
@@ -293,6 +299,7 @@ def flood(tmp_path_factory: pytest.TempPathFactory) -> str:
     return spec_of(make_repo(tmp_path_factory.mktemp("flood") / "repo", {"hubconf.py": FD_FLOOD}))
 
 
+@pytest.mark.slow
 def test_fds_sent_with_a_reply_do_arrive(flood: str) -> None:
     """The twin: a caller that takes fds gets all 16 (what a list reply used to drop)."""
     snap = fetch_snapshot(parse_spec(flood, "github"), verbose=False)
@@ -307,6 +314,7 @@ def test_fds_sent_with_a_reply_do_arrive(flood: str) -> None:
             os.close(fd)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("what", ["list", "help", "hub_list", "hub_help", "compare"])
 def test_fds_sent_with_a_reply_that_takes_none_are_closed(
     flood: str, what: str, tmp_path: Path

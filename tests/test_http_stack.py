@@ -135,6 +135,7 @@ def _modules() -> dict[str, ast.Module]:
     }
 
 
+@pytest.mark.slow
 def test_requests_sessions_and_requests_errors_are_handled_in_one_place_each() -> None:
     sessions, handlers, dates = set(), set(), set()
     for name, tree in _modules().items():

@@ -62,6 +62,7 @@ def gh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, st
         yield {"mid": mid}
 
 
+@pytest.mark.slow
 def test_hub_and_isolhub_load_validate_a_github_ref_alike(gh: dict[str, str]) -> None:
     spec = f"someone/many:{gh['mid']}"
     with pytest.raises(RefValidationError):

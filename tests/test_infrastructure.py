@@ -41,6 +41,7 @@ def _calls(attr: str) -> dict[str, int]:
     return found
 
 
+@pytest.mark.slow
 def test_the_c_library_is_loaded_once_and_prctl_is_called_only_through_libc() -> None:
     assert _calls("CDLL") == {"_libc.py": 1}
     # prctl is variadic: plain Python ints would go through as C int, not unsigned long.
@@ -75,6 +76,7 @@ def test_an_unsandboxed_worker_is_set_to_get_sigkill_when_its_zygote_dies(tmp_pa
     assert hub.load(spec_of(repo), "pdeathsig", trust_repo=True) == signal.SIGKILL
 
 
+@pytest.mark.slow
 def test_arenas_are_made_and_sealed_in_one_place() -> None:
     assert _calls("memfd_create") == {"_memfd.py": 1}
     assert _calls("fcntl") == {"_memfd.py": 2}  # F_ADD_SEALS, F_GET_SEALS
@@ -121,6 +123,7 @@ def test_a_git_killed_by_a_signal_is_named_as_a_worker_would_be() -> None:
     assert signal_name(-signal.SIGKILL) == "SIGKILL" and signal_name(0) is None
 
 
+@pytest.mark.slow
 def test_signals_are_named_in_one_place() -> None:
     assert _calls("Signals") == {"_errors.py": 1}
 
@@ -142,6 +145,7 @@ def test_a_compare_seed_seeds_numpy_as_a_load_seed_does() -> None:
     assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], expected)
 
 
+@pytest.mark.slow
 def test_seeding_is_done_in_one_place() -> None:
     assert set(_calls("manual_seed")) <= {"_rng.py", "_cli_diff.py"}  # diff: its input generator
     assert _calls("seed") == {"_rng.py": 3}  # random.seed, numpy seeded, numpy reseeded fresh
@@ -189,10 +193,12 @@ def test_an_unwritable_lock_folder_runs_the_body_unlocked(hub_home: Path) -> Non
     assert ran == [True]
 
 
+@pytest.mark.slow
 def test_file_locks_are_taken_in_one_place() -> None:
     assert _calls("FileLock") == {"_locks.py": 1}
 
 
+@pytest.mark.slow
 def test_temp_names_tag_this_host_in_one_way() -> None:
     # Downloads and the cache's temp folders both judge "is its process alive" by this tag.
     assert _calls("gethostname") == {"_cache.py": 1, "_ray.py": 1}  # Ray: the node it names

@@ -45,6 +45,7 @@ def test_two_refs_of_one_repo_load_side_by_side_from_their_own_code(two_ref_repo
     assert sys.path == path_before
 
 
+@pytest.mark.slow
 def test_two_repos_that_both_ship_model_and_utils_load_in_either_order(tmp_path: Path) -> None:
     one = make_repo(tmp_path / "one", net_files("one", width=2))
     two = make_repo(tmp_path / "two", net_files("two", width=6))
@@ -161,6 +162,7 @@ def test_list_returns_public_callables_including_imported_ones(tmp_path: Path) -
     assert hub.load(spec_of(repo), "_hidden") == "hidden"
 
 
+@pytest.mark.slow
 def test_missing_entrypoint_and_missing_dependencies_are_typed(tmp_path: Path) -> None:
     repo = make_repo(
         tmp_path / "r",

@@ -128,6 +128,7 @@ def test_the_zygote_dies_with_its_parent_even_while_it_is_still_importing_torch(
     _wait_for(lambda: not _alive(zygote), "the zygote to die with its parent")
 
 
+@pytest.mark.slow
 def test_a_parent_killed_with_a_live_worker_takes_zygote_and_worker_and_its_scratch_is_swept(
     tmp_path: Path, private_tmp: Path, hub_home: Path
 ) -> None:
@@ -163,6 +164,7 @@ def test_a_parent_killed_with_a_live_worker_takes_zygote_and_worker_and_its_scra
     assert [p for p in os.listdir(private_tmp) if p in scratch] == []
 
 
+@pytest.mark.slow
 def test_a_git_fetch_killed_with_its_parent_leaves_a_folder_that_cache_prune_removes(
     tmp_path: Path, private_tmp: Path, hub_home: Path
 ) -> None:
@@ -235,6 +237,7 @@ def _zygote_pid() -> int:
     return z.proc.pid
 
 
+@pytest.mark.slow
 def test_a_zygote_killed_while_idle_is_replaced_by_the_next_call_20_times(net_spec: str) -> None:
     assert type(hub.load(net_spec, "net")).version == "v1"
     seen = set()
@@ -246,6 +249,7 @@ def test_a_zygote_killed_while_idle_is_replaced_by_the_next_call_20_times(net_sp
     assert len(seen) == 20
 
 
+@pytest.mark.slow
 def test_a_worker_whose_zygote_dies_mid_call_says_the_zygote_died(
     net_spec: str, tmp_path: Path
 ) -> None:
@@ -270,6 +274,7 @@ def test_a_worker_whose_zygote_dies_mid_call_says_the_zygote_died(
     assert type(hub.load(net_spec, "net")).version == "v1"
 
 
+@pytest.mark.slow
 def test_a_zygote_started_from_a_thread_that_ends_outlives_that_thread(net_spec: str) -> None:
     _process.shutdown_zygote()
     t = threading.Thread(target=hub.load, args=(net_spec, "net"))

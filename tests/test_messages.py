@@ -94,6 +94,7 @@ def tiny_tmpdir(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+@pytest.mark.slow
 def test_a_full_temp_dir_says_no_space_and_where(
     tmp_path: Path, tiny_tmpdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -212,6 +213,7 @@ def test_a_path_given_as_a_github_spec_suggests_local(tmp_path: Path) -> None:
         isolhub.list("./some/dir")
 
 
+@pytest.mark.slow
 def test_an_existing_directory_on_the_command_line_is_a_local_repo(
     repo: Path, tmp_path: Path
 ) -> None:
@@ -297,6 +299,7 @@ def test_a_torch_allocation_past_the_memory_cap_is_a_memory_error(tmp_path: Path
     assert "allocate" in r.error.remote_message
 
 
+@pytest.mark.slow
 def test_two_existing_directories_diff_as_local_repos(repo: Path, tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "isolhub", "diff", "./r", "./r", "net", "--json"],
@@ -335,6 +338,7 @@ def test_a_download_that_is_no_checkpoint_is_a_typed_error(body: bytes, hub_home
             load_state_dict_from_url(url, progress=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("value", ["-1", "0", "abc", "inf"])
 def test_a_bad_timeout_flag_is_refused_by_the_command_line(repo: Path, value: str) -> None:
     out = run("list", spec_of(repo, "v1"), f"--timeout={value}")

@@ -58,6 +58,7 @@ def clean(warm_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> I
     assert zombie_pids() == []
 
 
+@pytest.mark.slow
 def test_a_harness_over_24_repos_reports_every_failure_typed_and_leaves_nothing(
     harness: dict[str, str], clean: None
 ) -> None:
@@ -67,6 +68,7 @@ def test_a_harness_over_24_repos_reports_every_failure_typed_and_leaves_nothing(
     assert sorted(r.index for r in results) == list(range(24))
 
 
+@pytest.mark.slow
 def test_a_lambda_and_a_closure_run_next_to_the_model(tmp_path: Path, clean: None) -> None:
     repo = make_repo(tmp_path / "net", net_files("v1", width=3))
     x, factor = torch.ones(2, 4), 3.0
@@ -101,6 +103,7 @@ def test_a_function_from_a_module_the_worker_cannot_import_travels_by_value(
     assert r.value == "Net via a helper from the same module"
 
 
+@pytest.mark.slow
 def test_ordered_results_follow_the_input_order(tmp_path: Path) -> None:
     slow = make_repo(tmp_path / "slow", {"hubconf.py": _SLEEPY.format(delay=1.5)})
     fast = [make_repo(tmp_path / f"fast{i}", {"hubconf.py": _SLEEPY.format(delay=0)}) for i in "12"]
@@ -120,6 +123,7 @@ def pause():
 """
 
 
+@pytest.mark.slow
 def test_identical_specs_share_one_download_and_an_idle_worker_is_reused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -165,6 +169,7 @@ def flaky(fail):
 """
 
 
+@pytest.mark.slow
 def test_only_infrastructure_failures_are_retried(tmp_path: Path) -> None:
     repo = make_repo(tmp_path / "r", {"hubconf.py": _KILLED_ONCE})
     flag = tmp_path / "killed-once"
@@ -206,6 +211,7 @@ def _hang_repos(tmp_path: Path, n: int) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_close_mid_run_kills_the_running_workers_and_leaves_nothing(
     tmp_path: Path, clean: None
 ) -> None:
@@ -232,6 +238,7 @@ def test_close_mid_run_kills_the_running_workers_and_leaves_nothing(
         h.map(None, specs, "pause")
 
 
+@pytest.mark.slow
 def test_a_keyboard_interrupt_in_the_consuming_thread_cancels_cleanly(
     tmp_path: Path, warm_repo: Path, clean: None
 ) -> None:
@@ -256,6 +263,7 @@ def test_a_keyboard_interrupt_in_the_consuming_thread_cancels_cleanly(
         assert r.ok
 
 
+@pytest.mark.slow
 def test_leaving_the_loop_early_cancels_the_rest(tmp_path: Path, clean: None) -> None:
     quick = spec_of(make_repo(tmp_path / "quick", {"hubconf.py": _SLEEPY.format(delay=0)}))
     specs = [quick, *_hang_repos(tmp_path, 2)]
@@ -266,6 +274,7 @@ def test_leaving_the_loop_early_cancels_the_rest(tmp_path: Path, clean: None) ->
         assert h._live <= 1  # the hung workers are gone; the quick one idles for reuse
 
 
+@pytest.mark.slow
 def test_closing_the_hub_inside_the_loop_stops_the_map_at_its_next_step(
     tmp_path: Path, clean: None
 ) -> None:
@@ -279,6 +288,7 @@ def test_closing_the_hub_inside_the_loop_stops_the_map_at_its_next_step(
     assert len(seen) == 1 and seen[0].spec == quick
 
 
+@pytest.mark.slow
 def test_the_hub_offers_load_list_and_help_with_its_settings(tmp_path: Path) -> None:
     repo = make_repo(tmp_path / "net", net_files("v1", width=3))
     hang = make_repo(tmp_path / "hang", {"hubconf.py": _SLEEPY.format(delay=600)})
@@ -332,6 +342,7 @@ def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(
     assert "FAILED bad spec: SpecError" in err
 
 
+@pytest.mark.slow
 def test_cli_run_streams_results_writes_jsonl_and_exits_1_when_some_failed(
     harness: dict[str, str],
     tmp_path: Path,
@@ -388,6 +399,7 @@ def _fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
 
+@pytest.mark.slow
 def test_a_sandboxed_pool_confines_every_worker_and_needs_no_trust(tmp_path: Path) -> None:
     import socket as socket_mod
 

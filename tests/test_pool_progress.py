@@ -34,6 +34,7 @@ def run_argv(specs_file: Path) -> list[str]:
     return [sys.executable, "-m", "isolhub", "run", str(specs_file), "--entry", "net", "--fn", fn]
 
 
+@pytest.mark.slow
 def test_plain_lines_say_workers_are_starting_before_the_first_result(specs_file: Path) -> None:
     out = subprocess.run(
         run_argv(specs_file),
@@ -49,6 +50,7 @@ def test_plain_lines_say_workers_are_starting_before_the_first_result(specs_file
     assert lines[starting[0]].startswith("isolhub: [0/2]")
 
 
+@pytest.mark.slow
 def test_the_bar_on_a_terminal_says_workers_are_starting(specs_file: Path) -> None:
     master, slave = pty.openpty()
     # A terminal of 30 rows by 120 columns (a fresh pty has 0 by 0, where tqdm draws nothing).

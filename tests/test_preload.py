@@ -95,6 +95,7 @@ out.append(r)
 """
 
 
+@pytest.mark.slow
 def test_a_package_a_worker_imported_is_preloaded_for_later_workers_and_the_next_process(
     python: Path, tmp_path: Path
 ) -> None:
@@ -113,6 +114,7 @@ def test_a_package_a_worker_imported_is_preloaded_for_later_workers_and_the_next
     assert again["before"] == ["pkga", "pkgb"]
 
 
+@pytest.mark.slow
 def test_a_repo_shipping_a_package_named_like_a_preloaded_one_gets_its_own_and_its_importers_go(
     python: Path, tmp_path: Path
 ) -> None:
@@ -129,6 +131,7 @@ def test_a_repo_shipping_a_package_named_like_a_preloaded_one_gets_its_own_and_i
     assert mine == {"before": [], "who": ["the repo pkgb", "installed pkga"]}
 
 
+@pytest.mark.slow
 def test_a_package_whose_import_starts_a_thread_is_never_preloaded_and_loads_go_on(
     python: Path, tmp_path: Path
 ) -> None:
@@ -148,6 +151,7 @@ def test_a_package_whose_import_starts_a_thread_is_never_preloaded_and_loads_go_
     assert again["before"] == ["pkga", "pkgb"]
 
 
+@pytest.mark.slow
 def test_preloading_is_off_with_isolhub_preload_0(python: Path, tmp_path: Path) -> None:
     r = repo(tmp_path)
     out = run(

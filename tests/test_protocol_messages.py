@@ -130,6 +130,7 @@ def liar(tmp_path: Path) -> str:
     return spec_of(make_repo(tmp_path / "liar", {"hubconf.py": LIAR}))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("entry", ["wrong_type", "unknown_kind"])
 def test_an_error_record_of_the_wrong_shape_is_a_protocol_error_that_kills_the_worker(
     liar: str, entry: str
@@ -161,6 +162,7 @@ def _other_isolhub(into: Path, version: int) -> None:
     messages.write_text(text)
 
 
+@pytest.mark.slow
 def test_a_worker_of_another_protocol_version_is_refused_naming_both(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -182,6 +184,7 @@ def test_a_worker_of_another_protocol_version_is_refused_naming_both(
     assert isinstance(e, isolhub.ProtocolError)
 
 
+@pytest.mark.slow
 def test_a_worker_of_an_isolhub_before_versions_is_refused_as_version_0(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -202,6 +205,7 @@ def test_a_worker_of_an_isolhub_before_versions_is_refused_as_version_0(
     assert info.value.worker_protocol == 0
 
 
+@pytest.mark.slow
 def test_the_same_version_shakes_hands(tmp_path: Path) -> None:
     repo = make_repo(tmp_path / "r", {"hubconf.py": textwrap.dedent("def net():\n    return 1\n")})
     snap = fetch_snapshot(parse_spec(spec_of(repo), "github"), verbose=False)

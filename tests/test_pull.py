@@ -38,6 +38,7 @@ print("same results through the arena")
 """
 
 
+@pytest.mark.slow
 def test_a_module_comes_through_the_arena_where_the_kernel_refuses_to_pull(
     tmp_path: Path,
 ) -> None:

@@ -52,6 +52,7 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return make_harness(tmp_path_factory.mktemp("harness"))
 
 
+@pytest.mark.slow
 def test_a_harness_over_24_repos_on_ray_gives_the_local_results(
     cluster: Path, harness: dict[str, str]
 ) -> None:
@@ -65,6 +66,7 @@ def test_a_harness_over_24_repos_on_ray_gives_the_local_results(
     _assert_no_isolhub_process_left()
 
 
+@pytest.mark.slow
 def test_a_closure_runs_on_ray_and_ordered_keeps_the_input_order(
     cluster: Path, tmp_path: Path
 ) -> None:
@@ -107,6 +109,7 @@ def model(flag):
 """
 
 
+@pytest.mark.slow
 def test_a_dead_actor_is_an_infrastructure_failure_and_is_retried(
     cluster: Path, tmp_path: Path
 ) -> None:
@@ -122,6 +125,7 @@ def test_a_dead_actor_is_an_infrastructure_failure_and_is_retried(
     _assert_no_isolhub_process_left()
 
 
+@pytest.mark.slow
 def test_closing_a_ray_hub_mid_run_kills_its_actors(cluster: Path, tmp_path: Path) -> None:
     hang = "def pause():\n    import time\n    time.sleep(600)\n"
     specs = [spec_of(make_repo(tmp_path / f"hang{i}", {"hubconf.py": hang})) for i in range(3)]

@@ -210,6 +210,7 @@ FORGED = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(FORGED))
 def test_a_forged_rng_state_is_a_protocol_error_and_leaves_the_callers_generators(
     tmp_path: Path, case: str
@@ -292,6 +293,7 @@ def test_compare_without_a_seed_starts_both_sides_from_the_callers_state(tmp_pat
     assert any("same random state" in n for n in rep.notes), rep.notes
 
 
+@pytest.mark.slow
 def test_the_random_state_is_handed_over_where_torch_runs_without_numpy() -> None:
     # isolhub alone does not install numpy (scripts/demo): the hand-off must not need it.
     code = (

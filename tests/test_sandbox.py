@@ -280,11 +280,13 @@ def test_a_huge_file_hits_the_file_size_cap(repo: Path) -> None:
     assert run_case(repo, "huge_file", file_size_bytes=1 << 20)["errno"] == "EFBIG"
 
 
+@pytest.mark.slow
 def test_a_cpu_spin_is_killed_by_the_cpu_limit(repo: Path) -> None:
     with pytest.raises(hub.WorkerCrashedError, match="SIGXCPU|SIGKILL"):
         run_case(repo, "cpu_spin", cpu_seconds=1)
 
 
+@pytest.mark.slow
 def test_the_wall_clock_watchdog_kills_what_overruns(repo: Path) -> None:
     with pytest.raises(hub.WorkerTimeoutError):
         hub.load(spec_of(repo), "cpu_spin", mode="remote", sandbox=hub.Sandbox(wall_seconds=1.0))

@@ -17,7 +17,6 @@ import json
 import os
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import uuid
@@ -448,6 +447,7 @@ def path_listener(tmp_path: Path) -> Any:
 # --- with the sandbox -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_secret_file_outside_the_read_paths_is_unreadable(zygote, kernel, dirs):
     before = state(dirs["home"])
     out = zygote.run(
@@ -632,6 +632,7 @@ def test_a_memory_bomb_raises_memoryerror(zygote, kernel, dirs):
     assert error_of(out, "alloc") == ("MemoryError", None)
 
 
+@pytest.mark.slow
 def test_a_cpu_spin_is_killed_at_the_cpu_limit(zygote, kernel, dirs):
     out = zygote.run(CPU_SPIN, dirs, strict(kernel, cpu_seconds=1), args={"seconds": 30})
     assert out.result is None and out.status in (-signal.SIGXCPU, -signal.SIGKILL)
@@ -713,14 +714,6 @@ def test_apply_refuses_a_multi_threaded_process(zygote, kernel, dirs):
     assert "single-threaded" in out.result["raised"]["message"]
 
 
-def test_apply_cost_is_a_few_milliseconds(zygote, kernel, dirs, record_property):
-    seconds = [zygote.run("", dirs, strict(kernel)).report["seconds"] for _ in range(20)]
-    median_ms = statistics.median(seconds) * 1000
-    record_property("apply_median_ms", round(median_ms, 2))
-    print(f"apply: median {median_ms:.1f} ms over 20 forked workers")
-    assert median_ms < 100
-
-
 # --- without the sandbox: what gets through -------------------------------------------------
 
 
@@ -763,6 +756,7 @@ UNSANDBOXED = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(UNSANDBOXED))
 def test_without_the_sandbox_the_hostile_action_gets_through(
     zygote, dirs, tcp_listener, udp_listener, abstract_listener, path_listener, case

@@ -368,6 +368,7 @@ def test_bad_options_are_refused_before_anything_is_patched() -> None:
     assert torch.hub.load is ORIGINAL["load"] and not _patch._frames
 
 
+@pytest.mark.slow
 def test_threads_entering_and_leaving_blocks_leave_torch_hub_restored() -> None:
     errors: list[BaseException] = []
 
@@ -427,6 +428,7 @@ def test_a_wrapper_that_outlives_the_patch_calls_torch_hubs_original(tmp_path: P
     assert get_dir() == ORIGINAL["get_dir"]() == str(tmp_path / "torch" / "hub")
 
 
+@pytest.mark.slow
 def test_python_m_isolhub_run_runs_a_script_with_the_patch_on(
     gh: FakeGitHub, tmp_path: Path
 ) -> None:
@@ -516,6 +518,7 @@ def test_c02_differs_the_default_branch_is_what_the_api_says_not_a_main_master_p
         torch.hub.load("someone/trunky", "version", trust_repo=True, force_reload=True)
 
 
+@pytest.mark.slow
 def test_c03_refs_with_slashes_load_and_names_that_torch_would_merge_stay_apart(
     gh: FakeGitHub, tmp_path: Path, hub_home: Path
 ) -> None:
@@ -609,6 +612,7 @@ def test_c07_differs_the_cache_is_keyed_by_commit_linked_from_torchs_name_and_le
     assert leftovers == []
 
 
+@pytest.mark.slow
 def test_c08_a_cached_load_downloads_and_validates_nothing_and_verbose_says_so(
     gh: FakeGitHub, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -637,6 +641,7 @@ def test_c08_a_cached_load_downloads_and_validates_nothing_and_verbose_says_so(
         assert paths(gh, start) == []
 
 
+@pytest.mark.slow
 def test_c09_force_reload_downloads_again_and_replaces_the_snapshot(
     gh: FakeGitHub, hub_home: Path
 ) -> None:
@@ -648,6 +653,7 @@ def test_c09_force_reload_downloads_again_and_replaces_the_snapshot(
     assert os.stat(path).st_ino != inode
 
 
+@pytest.mark.slow
 def test_c10_differs_torch_hub_uses_isolhubs_snapshots_not_the_reverse_and_shares_trust(
     gh: FakeGitHub, tmp_path: Path, hub_home: Path
 ) -> None:
@@ -697,6 +703,7 @@ def many(gh: FakeGitHub, tmp_path: Path) -> dict[str, str]:
     return {"old": old, "mid": mid, "head": head}
 
 
+@pytest.mark.slow
 def test_c11_validation_pages_branches_then_tags_exactly_as_torch_does(
     gh: FakeGitHub, many: dict[str, str], hub_home: Path, tmp_path: Path
 ) -> None:
@@ -768,6 +775,7 @@ def test_c13_differs_skip_validation_skips_validation_but_not_resolution(
     ]
 
 
+@pytest.mark.slow
 def test_c14_differs_no_ambiguous_300_explicit_refs_choose_with_skip_validation(
     gh: FakeGitHub, tmp_path: Path
 ) -> None:
@@ -801,6 +809,7 @@ def test_c15_trust_none_trusts_silently_and_adds_the_repo_as_torch_2_13_does(
     assert answers[1] == [] and (hub_home / "trusted_list").read_text() == "someone_net\n"
 
 
+@pytest.mark.slow
 def test_c16_trust_true_appends_owner_name_without_a_prompt(
     gh: FakeGitHub, hub_home: Path, answers: tuple[list[str], list[str]]
 ) -> None:
@@ -811,6 +820,7 @@ def test_c16_trust_true_appends_owner_name_without_a_prompt(
     assert answers[1] == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("yes", ["y", "YES"])
 def test_c17_trust_false_always_prompts_and_yes_adds_the_repo(
     gh: FakeGitHub, hub_home: Path, answers: tuple[list[str], list[str]], yes: str
@@ -849,6 +859,7 @@ def test_c17_other_answers_are_value_errors_and_eof_differs_as_an_untrusted_repo
             torch.hub.load("someone/net:v1", "nodoc")  # torch: input() raises EOFError
 
 
+@pytest.mark.slow
 def test_c18_check_prompts_only_until_the_repo_is_trusted(
     gh: FakeGitHub, answers: tuple[list[str], list[str]]
 ) -> None:
@@ -869,6 +880,7 @@ def test_c19_builtin_owners_are_trusted_without_a_prompt_or_a_write(
     assert answers[1] == [] and (hub_home / "trusted_list").read_text() == ""  # touched
 
 
+@pytest.mark.slow
 def test_c20_legacy_trust_is_torch_hubs_folder_for_that_ref_and_the_file_is_recreated(
     gh: FakeGitHub, hub_home: Path, tmp_path: Path, answers: tuple[list[str], list[str]]
 ) -> None:
@@ -897,6 +909,7 @@ def test_c21_local_source_skips_trust(tmp_path: Path, answers: tuple[list[str], 
 # --- checks 22-28: import and entrypoints, against the real torch.hub --------------------------
 
 
+@pytest.mark.slow
 def test_c22_to_c26_list_help_load_and_their_errors_match_torch_hub(
     gh: FakeGitHub, tmp_path: Path
 ) -> None:
@@ -959,6 +972,7 @@ def _repo_modules() -> set[str]:
     return {m for m in sys.modules if m.split(".")[0] in ("model", "models", "utils", "helpers")}
 
 
+@pytest.mark.slow
 def test_c29_c30_c31_clashing_repos_and_two_refs_load_side_by_side_and_leave_nothing(
     tmp_path: Path,
 ) -> None:

@@ -481,18 +481,22 @@ def loads_pretrained(hub: ModuleType, repo: str, model: str = "mnist", **kwargs:
 # --- loading -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_load_from_github_default_branch_pretrained(hub: ModuleType) -> None:
     loads_pretrained(hub, EXAMPLE, source="github")
 
 
+@pytest.mark.slow
 def test_load_from_branch_with_a_slash(hub: ModuleType) -> None:
     loads_pretrained(hub, f"{EXAMPLE}:ci/test_slash")
 
 
+@pytest.mark.slow
 def test_load_from_tag(hub: ModuleType) -> None:
     loads_pretrained(hub, f"{EXAMPLE}:0.1", "mnist_zip_1_6")
 
 
+@pytest.mark.slow
 def test_load_from_local_dir(hub: ModuleType) -> None:
     loads_pretrained(hub, EXAMPLE)
     local_dir = os.path.join(hub.get_dir(), f"{OWNER}_{NAME}_master")
@@ -500,10 +504,12 @@ def test_load_from_local_dir(hub: ModuleType) -> None:
     loads_pretrained(hub, local_dir, source="LOCAL")  # case-insensitive, as torch lowercases it
 
 
+@pytest.mark.slow
 def test_load_zip_1_6_checkpoint(hub: ModuleType) -> None:
     loads_pretrained(hub, EXAMPLE, "mnist_zip_1_6")
 
 
+@pytest.mark.slow
 def test_load_legacy_zip_checkpoint_warns(hub: ModuleType) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -515,10 +521,12 @@ def test_load_legacy_zip_checkpoint_warns(hub: ModuleType) -> None:
     ), [str(w.message) for w in caught]
 
 
+@pytest.mark.slow
 def test_load_tar_format_checkpoint(hub: ModuleType) -> None:
     loads_pretrained(hub, EXAMPLE, "mnist_tar")
 
 
+@pytest.mark.slow
 def test_default_branch_is_main_or_master(hub: ModuleType) -> None:
     hub.load("pytorch/vision", "resnet18")
     hub.list(EXAMPLE, trust_repo=True)
@@ -527,6 +535,7 @@ def test_default_branch_is_main_or_master(hub: ModuleType) -> None:
     assert "pytorch_vision_master" not in folders and f"{OWNER}_{NAME}_main" not in folders
 
 
+@pytest.mark.slow
 def test_get_set_dir_and_the_default_branch_folder(hub: ModuleType, tmp_path: Path) -> None:
     before = hub.get_dir()
     chosen = str(tmp_path / "another_hub_dir")
@@ -543,6 +552,7 @@ def test_get_set_dir_and_the_default_branch_folder(hub: ModuleType, tmp_path: Pa
     assert hub.get_dir() == chosen
 
 
+@pytest.mark.slow
 def test_force_reload_downloads_the_repo_again(
     hub: ModuleType, servers: Servers, capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -559,6 +569,7 @@ def test_force_reload_downloads_the_repo_again(
     assert sum_of_state_dict(net.state_dict()) == SUM_OF_HUB_EXAMPLE
 
 
+@pytest.mark.slow
 def test_a_cached_branch_is_used_until_force_reload(
     hub: ModuleType, servers: Servers, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
@@ -574,6 +585,7 @@ def test_a_cached_branch_is_used_until_force_reload(
     assert cached == 2  # torch.hub: the cached copy, not the branch's new commit
 
 
+@pytest.mark.slow
 def test_skip_validation_asks_for_no_branches_or_tags(hub: ModuleType, servers: Servers) -> None:
     gh = servers.gh
     start = len(gh.log)
@@ -585,6 +597,7 @@ def test_skip_validation_asks_for_no_branches_or_tags(hub: ModuleType, servers: 
     assert any("/branches" in r.path for r in gh.log[start:])  # validated without it
 
 
+@pytest.mark.slow
 def test_load_commit_from_forked_repo_is_a_value_error(hub: ModuleType, servers: Servers) -> None:
     with pytest.raises(ValueError, match="If it's a commit from a forked repo"):
         hub.load(f"pytorch/vision:{servers.fork_commit[:7]}", "resnet18")
@@ -596,6 +609,7 @@ def test_load_commit_from_forked_repo_is_a_value_error(hub: ModuleType, servers:
     assert isinstance(net, torch.nn.Linear)
 
 
+@pytest.mark.slow
 def test_missing_dependencies_fail_help_and_load_but_not_list(hub: ModuleType) -> None:
     repo = "someone/needs_deps"
     assert "net" in hub.list(repo, trust_repo=True)
@@ -613,6 +627,7 @@ def test_list_entrypoints(hub: ModuleType) -> None:
     assert sorted(entries) == ["Net", "mnist", "mnist_tar", "mnist_zip", "mnist_zip_1_6"]
 
 
+@pytest.mark.slow
 def test_help_returns_the_docstring(hub: ModuleType) -> None:
     doc = hub.help(EXAMPLE, "mnist_zip_1_6", trust_repo=True)
     assert doc == "The MNIST net; its weights are in the zipfile format of torch 1.6 and later."
@@ -727,6 +742,7 @@ def test_trust_repo_unrecognized_answer_is_a_value_error(
     assert trusted_list(hub) == []
 
 
+@pytest.mark.slow
 def test_trust_repo_false_yes_then_check_then_false(
     hub: ModuleType, answer: Callable[[str], mock.Mock], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -749,6 +765,7 @@ def test_trust_repo_false_yes_then_check_then_false(
     assert trusted_list(hub) == [f"{OWNER}_{NAME}"]  # not appended twice
 
 
+@pytest.mark.slow
 def test_trust_repo_check_yes_then_check(
     hub: ModuleType, answer: Callable[[str], mock.Mock]
 ) -> None:
@@ -791,6 +808,7 @@ def test_trust_repo_none_as_the_installed_torch_does(
     assert trusted_list(hub) == [f"{OWNER}_{NAME}"]
 
 
+@pytest.mark.slow
 def test_trust_repo_legacy_folder_counts_as_trusted(
     hub: ModuleType, answer: Callable[[str], mock.Mock]
 ) -> None:

@@ -44,6 +44,7 @@ def test_the_package_ships_py_typed() -> None:
     assert (Path(isolhub.__file__).parent / "py.typed").is_file()
 
 
+@pytest.mark.slow
 def test_mypy_flags_a_mistyped_mode_in_user_code(tmp_path: Path) -> None:
     mypy = shutil.which("mypy", path=str(Path(sys.executable).parent))
     if mypy is None:
@@ -72,6 +73,7 @@ def test_mypy_flags_a_mistyped_mode_in_user_code(tmp_path: Path) -> None:
     assert len(errors) == 1 and "user.py:2:" in errors[0] and "mode" in errors[0], out.stdout
 
 
+@pytest.mark.slow
 def test_mypy_is_clean_over_the_package() -> None:
     """As `scripts/test` checks it (pyproject's `[tool.mypy]`), so the suite alone catches a slip."""
     mypy = shutil.which("mypy", path=str(Path(sys.executable).parent))

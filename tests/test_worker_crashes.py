@@ -37,6 +37,7 @@ def crash_repo(tmp_path: Path) -> Path:
     return make_repo(tmp_path / "crashy", {"hubconf.py": "\n".join(lines)})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", sorted(CRASHES))
 def test_a_failing_entrypoint_is_a_typed_error_and_the_next_load_works(
     crash_repo: Path, kind: str
@@ -60,12 +61,14 @@ def test_a_remote_error_carries_type_message_and_traceback(crash_repo: Path) -> 
     assert "hubconf.py" in e.remote_traceback and "in raises" in e.remote_traceback
 
 
+@pytest.mark.slow
 def test_a_hang_past_the_timeout_is_killed_and_reported(crash_repo: Path) -> None:
     with pytest.raises(hub.WorkerTimeoutError, match="did not answer within 1 s"):
         hub.load(spec_of(crash_repo), "hang", timeout=1.0)
     assert hub.load(spec_of(crash_repo), "ok") == "fine"
 
 
+@pytest.mark.slow
 def test_a_crash_leaves_no_zombie_no_fd_and_no_scratch_dir(
     crash_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -157,6 +157,7 @@ def test_an_error_filter_on_a_resource_warning_goes_to_the_unraisable_hook_as_in
     assert args.exc_value.__traceback__ is args.exc_traceback
 
 
+@pytest.mark.slow
 def test_dash_w_error_makes_the_load_raise_as_torch_hub_would(repo: Path) -> None:
     code = (
         "import isolhub, sys\n"
@@ -180,6 +181,7 @@ def test_pytest_warns_sees_a_worker_warning(repo: Path) -> None:
         hub.load(str(repo), "net", source="local", verbose=False)
 
 
+@pytest.mark.slow
 def test_a_worker_warning_is_printed_once_with_its_source_line(repo: Path) -> None:
     code = f"import isolhub; isolhub.load({str(repo)!r}, 'net', source='local', verbose=False)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
@@ -247,6 +249,7 @@ FORGED = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(FORGED))
 def test_a_forged_warning_record_is_a_protocol_error_and_nothing_is_issued(
     tmp_path: Path, case: str
