@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import difflib
 import itertools
-import os
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -69,6 +68,7 @@ from ._errors import (
     RemoteError,
     UsageError,
 )
+from ._messages import CompareStep, HandleReply
 from ._types import CompareMode, EnvArg, SandboxArg, Source, TrustRepo
 from ._usage import check_choice, check_count, check_timeout, check_tolerance
 
@@ -78,7 +78,6 @@ EQUAL_STATUSES = ("same", "close")
 # A renamed parameter keeps its values: the two refs compute the same thing (the report says a
 # state dict saved at one needs its keys mapped for the other, but that is no difference).
 PARAMETER_EQUAL = (*EQUAL_STATUSES, "renamed")
-_MAX_LAYERS = 100_000  # layer records one step may report
 
 
 # ----------------------------------------------------------------------------- compare
@@ -320,23 +319,20 @@ def _open_side(
             open_session, seed=o.seed, remote=o.mode == "remote", snapshot=str(snap.path),
             layers=job.layers, layer_bytes=job.layer_bytes,
         )  # fmt: skip
-        message = _engine.call_message(job.entry, call[0], call[1], "handle", o.seed, then)
-        message.update(_engine.rng_handoff(o.seed, back=False, state=job.rng_state))
+        message = _engine.call_message(
+            job.entry, call[0], call[1], "handle", o.seed, then,
+            **_engine.rng_handoff(o.seed, back=False, state=job.rng_state),
+        )  # fmt: skip
         sent = time.monotonic()
         # One deadline for the opening request and its list/help fallback together.
         deadline = None if timeout is None else sent + timeout
         try:
-            reply, fds = worker.request(message, timeout, deadline=deadline)
+            reply = worker.request(message, HandleReply, timeout, deadline=deadline)
         except (RemoteError, EntrypointError, MissingDependenciesError) as e:
             side.error = e
             side.entrypoints = _entrypoints_by_help(worker, deadline)
             return
-        if reply.get("kind") != "handle" or not isinstance(reply.get("handle"), dict) or fds:
-            for fd in fds:
-                os.close(fd)
-            worker.kill()
-            raise ProtocolError(f"the worker for {snap.label} sent no compare session")
-        session = open_handle(worker, reply["handle"], timeout)
+        session = open_handle(worker, reply.handle, timeout)
         summary = session("summary")
         try:
             _check_summary(summary)
@@ -377,12 +373,10 @@ def _run_batches(
         del replies, ra, rb
 
 
-def _step(side: _Side, batch: tuple[Any, ...]) -> dict[str, Any] | None:
+def _step(side: _Side, batch: tuple[Any, ...]) -> CompareStep | None:
     """One batch through one side's session: its checked reply, or None once it failed."""
     try:
-        reply = side.session("step", *batch)
-        _check_step(reply)
-        return reply
+        return CompareStep.decode(side.session("step", *batch))
     except IsolhubError as e:
         if isinstance(e, ProtocolError):
             side.worker.kill()  # it sent garbage: nothing more it says can be trusted
@@ -390,19 +384,19 @@ def _step(side: _Side, batch: tuple[Any, ...]) -> dict[str, Any] | None:
         return None
 
 
-def _note_step(side: _Side, reply: dict[str, Any], *, first: bool) -> None:
+def _note_step(side: _Side, step: CompareStep, *, first: bool) -> None:
     """What one batch tells about its side: latency, forward errors, the first batch's values."""
     summary = side.summary
     assert summary is not None
     parts = {p["path"]: p for p in summary["parts"]}
-    for path, message in reply["errors"].items():
+    for path, message in step.errors.items():
         if path in parts:
             parts[path].setdefault("forward_error", message)
-    if not reply["errors"] and reply["forward_s"]:
-        side.latency.add(sum(reply["forward_s"].values()))
+    if not step.errors and step.forward_s:
+        side.latency.add(sum(step.forward_s.values()))
     if first:
-        summary["values"].update(reply["values"])
-        summary["uncompared"].update(reply["uncompared"])
+        summary["values"].update(step.values)
+        summary["uncompared"].update(step.uncompared)
         summary["outputs"] = {}  # compared through the stream
 
 
@@ -459,42 +453,6 @@ def _check_summary(s: Any) -> None:
     ok = ok and (s["entrypoints"] is None or typed(s["entrypoints"], dict, dict))
     if not ok:
         raise ProtocolError("the worker's compare summary is malformed")
-
-
-def _check_step(r: Any) -> None:
-    """Refuse a malformed step reply (repo code ran beside the session in the worker)."""
-    import torch
-
-    def strs(d: Any) -> bool:
-        return isinstance(d, dict) and all(isinstance(k, str) for k in d)
-
-    def number(x: Any) -> bool:
-        return x is None or type(x) is float
-
-    ok = isinstance(r, dict) and all(
-        strs(r.get(k))
-        for k in ("forward_s", "errors", "outputs", "values", "uncompared", "activations")
-    )
-    ok = ok and all(type(v) is float and v >= 0 for v in r["forward_s"].values())
-    ok = ok and all(isinstance(v, str) for k in ("errors", "uncompared") for v in r[k].values())
-    ok = ok and all(v is None or type(v) in (bool, int, float, str) for v in r["values"].values())
-    ok = ok and all(
-        isinstance(v, torch.Tensor) for k in ("outputs", "activations") for v in r[k].values()
-    )
-    layers = r.get("layers") if ok else None
-    ok = ok and isinstance(layers, list) and len(layers) <= _MAX_LAYERS
-    ok = ok and all(
-        isinstance(x, dict)
-        and isinstance(x.get("name"), str)
-        and isinstance(x.get("type"), str)
-        and isinstance(x.get("dtype"), str)
-        and isinstance(x.get("shape"), list)
-        and all(type(d) is int and d >= 0 for d in x["shape"])
-        and all(number(x.get(k)) for k in ("mean", "std", "min", "max"))
-        for x in layers or ()
-    )
-    if not ok:
-        raise ProtocolError("the worker's compare step reply is malformed")
 
 
 # ----------------------------------------------------------------------------- diffing

@@ -32,6 +32,7 @@ from typing import Any
 
 from ._compare_report import LayerDiff, OutputMetrics, TensorDiff
 from ._errors import SpecError
+from ._messages import CompareStep
 
 __all__ = ["Latency", "Stream", "align_layers", "describe_batch", "difference", "iter_batches"]
 
@@ -232,10 +233,10 @@ class Stream:
         self.outputs: dict[str, _OutputAcc] = {}
         self.layers = _Layers(atol, rtol)
 
-    def add(self, a: dict[str, Any], b: dict[str, Any]) -> None:
+    def add(self, a: CompareStep, b: CompareStep) -> None:
         """Fold one batch's step replies of both sides (each already checked)."""
         self.batches += 1
-        oa, ob = a["outputs"], b["outputs"]
+        oa, ob = a.outputs, b.outputs
         for row in self.diff_rows(oa, ob):
             acc = self.outputs.get(row.name)
             if acc is None:
@@ -258,7 +259,7 @@ class Stream:
                 acc.rows += ta.shape[0]
                 acc.agree += top[0]
                 acc.kl_sum += top[1]
-        self.layers.add(a["layers"], b["layers"], a["activations"], b["activations"])
+        self.layers.add(a.layers, b.layers, a.activations, b.activations)
 
     def output_rows(self) -> tuple[TensorDiff, ...]:
         return tuple(acc.row for acc in self.outputs.values())

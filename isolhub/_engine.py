@@ -4,7 +4,10 @@
 repo's code through these functions, so a load follows one path whoever asks:
 
     HubOptions ──admitted_snapshot──▶ Snapshot ──start_worker──▶ Worker
-        ──call / list_entrypoints / entrypoint_doc──▶ reply ──decode_result──▶ object
+        ──call / list_entrypoints / entrypoint_doc──▶ request ──▶ reply ──decode_result──▶ object
+
+Requests and replies are `_messages`' frozen dataclasses; `Worker.request` decodes each reply
+(its fds included) as the class the request expects.
 
 `run_load`, `run_list` and `run_help` are that path whole (every load ends in `run_load`, as
 every torch.hub load ends in `_load_local`); the pieces are public here for the callers that
@@ -30,6 +33,22 @@ from ._broker import weights_broker
 from ._config import get_dir
 from ._errors import ProtocolError, SandboxError, UsageError
 from ._handle import open_handle
+from ._messages import (
+    RESULT_REPLIES,
+    ArenaReply,
+    CallRequest,
+    CloseNote,
+    DocReply,
+    EntrypointsReply,
+    HandleReply,
+    HelpRequest,
+    ListRequest,
+    PickleReply,
+    PushRequest,
+    StateDictReply,
+    UnpinNote,
+    ValueReply,
+)
 from ._options import HubOptions, sandbox_policy
 from ._process import Worker, prestart_zygote
 from ._protocol import MAX_FRAME, ReplyLimits
@@ -245,9 +264,9 @@ def list_entrypoints(
         ProtocolError: the worker answered something else (it is killed).
         and what `Worker.request` raises.
     """
-    reply, _ = worker.request({"op": "list", **(extra or {})}, timeout, deadline=deadline)
-    return _checked_value(
-        worker, reply, lambda v: type(v) is builtins.list and all(type(n) is str for n in v)
+    message = ListRequest(**(extra or {}))
+    return builtins.list(
+        worker.request(message, EntrypointsReply, timeout, deadline=deadline).names
     )
 
 
@@ -265,19 +284,8 @@ def entrypoint_doc(
         ProtocolError: the worker answered something else (it is killed).
         and what `Worker.request` raises.
     """
-    message = {"op": "help", "entry": entry, **(extra or {})}
-    reply, _ = worker.request(message, timeout, deadline=deadline)
-    return _checked_value(worker, reply, lambda v: v is None or type(v) is str)
-
-
-def _checked_value(worker: Worker, reply: dict[str, Any], ok: Any) -> Any:
-    value = reply.get("value")
-    if not ok(value):
-        worker.kill()
-        raise ProtocolError(
-            f"malformed {type(value).__name__} answer from the worker for {worker.label}"
-        )
-    return value
+    message = HelpRequest(entry=entry, **(extra or {}))
+    return worker.request(message, DocReply, timeout, deadline=deadline).doc
 
 
 def run_load(
@@ -302,19 +310,15 @@ def run_load(
     try:
         # The random state goes in with the entrypoint call and comes back with its result;
         # later calls on the handle draw from the worker's own generators.
-        message = call_message(model, args, kwargs, "handle", o.seed, None)
-        reply, fds = w.request({**message, **rng_handoff(o.seed)}, timeout)
-        if reply.get("kind") != "handle" or not isinstance(reply.get("handle"), dict) or fds:
-            for fd in fds:
-                os.close(fd)
-            raise ProtocolError(f"the worker for {snap.label} sent no handle")
+        message = call_message(model, args, kwargs, "handle", o.seed, None, **rng_handoff(o.seed))
+        reply = w.request(message, HandleReply, timeout)
     except ProtocolError:
         w.kill()
         raise
     except BaseException:
         w.close()
         raise
-    return open_handle(w, reply["handle"], timeout)
+    return open_handle(w, reply.handle, timeout)
 
 
 def call(
@@ -344,21 +348,25 @@ def call(
     `timeout` bounds the whole call, every read of every request in it; `deadline` (a
     `time.monotonic()` value) does instead, for a caller whose own deadline spans more.
     """
-    message = call_message(entry, args, kwargs, result, seed, then)
-    if rng or rng_state is not None:
-        message.update(rng_handoff(seed, back=rng_state is None, state=rng_state))
-    if last:
-        message["last"] = True
+    expect = RESULT_REPLIES.get(result)
+    if expect is None or expect is HandleReply:
+        raise ProtocolError(f"unknown result kind {result!r}")
+    handoff = (
+        rng_handoff(seed, back=rng_state is None, state=rng_state)
+        if rng or rng_state is not None
+        else {}
+    )
+    # A module's storages are read out of the worker (`_pull`), unless the kernel refused it.
     pull = result == "module" and not _pull.refused()
-    if pull:
-        message["pull"] = True  # the module's storages are read out of the worker (`_pull`)
+    message = call_message(entry, args, kwargs, result, seed, then, last=last, pull=pull, **handoff)
     if deadline is None and timeout is not None:
         deadline = time.monotonic() + timeout  # one for the call, however many requests
-    reply, fds = worker.request(message, timeout, deadline=deadline, max_fds=1)
+    reply = worker.request(message, expect, timeout, deadline=deadline)
     try:
-        if pull and reply.get("pull"):
-            return _pulled_module(worker, reply, fds, timeout, deadline, last)
-        return decode_result(reply, fds, expect=result, limits=worker.limits)
+        if pull and isinstance(reply, PickleReply) and reply.pull:
+            return _pulled_module(worker, reply, timeout, deadline, last)
+        assert isinstance(reply, PickleReply | ValueReply | StateDictReply)
+        return decode_result(reply, limits=worker.limits)
     except ProtocolError:
         worker.kill()  # it sent garbage: nothing more it says can be trusted
         raise
@@ -366,30 +374,21 @@ def call(
 
 def _pulled_module(
     worker: Worker,
-    reply: dict[str, Any],
-    fds: builtins.list[int],
+    reply: PickleReply,
     timeout: float | None,
     deadline: float | None,
     last: bool,
 ) -> Any:
     """A module-mode result whose storages are read out of the (trusted) worker's memory."""
-    for fd in fds:
-        os.close(fd)
-    if fds or reply.get("kind") != "pickle" or type(reply.get("data")) is not bytes:
-        raise ProtocolError("malformed module result from a worker")
     try:
-        arena = ArenaReader.of_storages(read_storages(worker.pid, reply["layout"]))
+        arena = ArenaReader.of_storages(read_storages(worker.pid, reply.layout))
     except PullError:
         _pull.mark_refused()
-        pushed, push_fds = worker.request({"op": "push"}, timeout, deadline=deadline, max_fds=1)
-        if pushed.get("kind") != "arena":
-            for fd in push_fds:
-                os.close(fd)
-            raise ProtocolError("malformed arena from a worker") from None
-        arena = ArenaReader(push_fds[0] if push_fds else None, pushed.get("layout"))
+        pushed = worker.request(PushRequest(), ArenaReply, timeout, deadline=deadline)
+        arena = ArenaReader(pushed.fd, pushed.layout)
     # Read: it may exit now (or drop the pinned storages), while this process unpickles.
-    worker.notify("close" if last else "unpin")
-    return _byvalue.loads_with(reply["data"], arena)
+    worker.notify(CloseNote() if last else UnpinNote())
+    return _byvalue.loads_with(reply.data, arena)
 
 
 def watchdog(timeout: float | None, policy: Sandbox | None) -> float | None:
@@ -398,58 +397,48 @@ def watchdog(timeout: float | None, policy: Sandbox | None) -> float | None:
 
 
 def call_message(
-    entry: str, args: Any, kwargs: Any, result: str, seed: int | None, then: Any
-) -> dict[str, Any]:
-    """The request that calls `entry(*args, **kwargs)` in a worker and answers as `result`."""
-    return {
-        "op": "call",
-        "entry": entry,
-        "args": tuple(args),
-        "kwargs": dict(kwargs or {}),
-        "result": result,
-        "seed": seed,
-        "then": then,
-    }
+    entry: str,
+    args: Any,
+    kwargs: Any,
+    result: str,
+    seed: int | None,
+    then: Any,
+    **fields: Any,
+) -> CallRequest:
+    """The request that calls `entry(*args, **kwargs)` in a worker and answers as `result`.
+
+    `fields`: more of `CallRequest`'s (`last`, `pull`, those of `rng_handoff`).
+    """
+    return CallRequest(
+        entry=entry, args=tuple(args), kwargs=dict(kwargs or {}), result=result, seed=seed,
+        then=then, **fields,
+    )  # fmt: skip
 
 
 def decode_result(
-    reply: dict[str, Any],
-    fds: builtins.list[int],
-    *,
-    expect: str,
-    limits: ReplyLimits | None = None,
+    reply: PickleReply | ValueReply | StateDictReply, *, limits: ReplyLimits | None = None
 ) -> Any:
-    """Rebuild a `call` reply of the `expect`ed kind in this process; consumes `fds`.
+    """Rebuild a `call`'s result (its reply decoded: `_messages.decode_reply`) in this process;
+    consumes its fd.
 
-    Only a `module` request may be answered with a pickle: any other reply is decoded by the
-    restricted codec, so a worker cannot make the parent unpickle by lying about the kind.
-    `limits` caps what the reply may make this process hold (`reply_limits`).
+    Only a `module` request may be answered with a pickle (`Worker.request` refuses any other
+    kind than the one asked for), so a worker cannot make the parent unpickle by lying about
+    the kind. `limits` caps what the reply may make this process hold (`reply_limits`).
+
+    Raises:
+        ProtocolError: the result is malformed, or pulled when it was not asked to be.
     """
-    want = "pickle" if expect == "module" else expect
-    if reply.get("kind") != want or reply.get("pull") or len(fds) > 1:
-        for fd in fds:
-            os.close(fd)
-        raise ProtocolError(
-            f"asked for a {want} result with at most one fd, got {reply.get('kind')!r} with "
-            f"{len(fds)}"
-        )
-    one = fds[0] if fds else None
-    # Each decoder takes the fd first, so a malformed field below can never leave it open.
-    layout = reply.get("layout")
-    data: Any = reply.get("data")  # checked by the decoders, which take the fd whatever it is
-    body: Any = reply.get("body")
+    # Each decoder takes the fd first, so a malformed field can never leave it open.
     try:
-        if want == "pickle":
-            return _byvalue.loads(data, one, layout)
-        if want == "value":
-            return decode_value(body, one, layout, limits=limits)
-        if want == "state_dict":
-            return decode_state_dict(body, one, layout, limits)
+        if isinstance(reply, PickleReply):
+            if reply.pull:
+                raise ProtocolError("a pulled module result nobody asked for")
+            return _byvalue.loads(reply.data, reply.fd, reply.layout)
+        if isinstance(reply, StateDictReply):
+            return decode_state_dict(reply.body, reply.fd, reply.layout, limits)
+        return decode_value(reply.body, reply.fd, reply.layout, limits=limits)
     except (KeyError, TypeError) as e:
         raise ProtocolError(f"malformed result from a worker: {e!r}") from None
-    if one is not None:
-        os.close(one)
-    raise ProtocolError(f"unknown result kind {want!r}")
 
 
 def check_model_name(model: Any) -> None:

@@ -23,6 +23,7 @@ Example (`repo` is a folder whose hubconf's `net` builds `torch.nn.Linear(4, 2)`
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import weakref
@@ -31,17 +32,22 @@ from collections.abc import Iterator
 from typing import Any
 
 from ._byvalue import dumps
-from ._errors import HandleClosedError, IsolhubError, ProtocolError, RemoteOperationError
-from ._escape import escape_any, escape_controls
-from ._messages import CALLER_ERRORS
+from ._errors import HandleClosedError, IsolhubError, ProtocolError
+from ._escape import escape_controls
+from ._messages import (
+    HandleInfo,
+    InvokeRequest,
+    IterationBatch,
+    RaisedReply,
+    StateDictReply,
+    ValueReply,
+)
 from ._process import Worker
 from ._values import bounded_text, decode_state_dict, decode_value
 from ._worker import REPR_LIMIT, kept_object
 
 __all__ = ["RemoteModule", "RemoteObject", "open_handle"]
 
-_RAISED = {builtin.__name__: cls for builtin, cls in CALLER_ERRORS.items()}
-_TEXT_LIMIT = 2000  # characters of a worker's error message kept in ours
 _MAX_BATCH = 256  # items an iteration asks for at once (it starts at 1 and doubles)
 _sending = threading.local()  # the session whose request is being pickled (`__reduce__`)
 
@@ -73,69 +79,43 @@ class _Session:
         finally:
             _sending.session = None
         release, self.to_release = self.to_release, []
-        message = {
-            "op": "invoke",
-            "id": handle_id,
-            "action": action,
-            "name": name,
-            "payload": data,
-            "layout": layout,
-            "release": release,
-        }
+        message = InvokeRequest(
+            id=handle_id, action=action, name=name, payload=data, layout=layout,
+            release=tuple(release),
+        )  # fmt: skip
         try:
-            reply, fds = self.worker.request(
-                message, self.timeout, [] if fd is None else [fd], max_fds=1
+            reply = self.worker.request(
+                message,
+                (ValueReply, StateDictReply, RaisedReply),
+                self.timeout,
+                [] if fd is None else [fd],
             )
         finally:
             if fd is not None:
                 os.close(fd)
+        if isinstance(reply, RaisedReply):
+            raise reply.to_exception(self.worker.label)
         try:
-            fd = fds[0] if fds else None
-            kind = reply.get("kind")
-            body: Any = reply.get("body")
-            if kind == "raised":
-                if fd is not None:
-                    os.close(fd)
-                error = self.raised(reply["error"])
-            elif kind == "state_dict":
-                return decode_state_dict(body, fd, reply.get("layout"), self.worker.limits)
-            else:
-                return decode_value(body, fd, reply.get("layout"), self.proxy, self.worker.limits)
+            if isinstance(reply, StateDictReply):
+                return decode_state_dict(reply.body, reply.fd, reply.layout, self.worker.limits)
+            assert isinstance(reply, ValueReply)
+            return decode_value(reply.body, reply.fd, reply.layout, self.proxy, self.worker.limits)
         except (KeyError, TypeError, ValueError, ProtocolError) as e:
             self.worker.kill()  # it sent garbage: nothing more it says can be trusted
             raise ProtocolError(f"bad reply from the worker for {self.worker.label}: {e}") from e
-        raise error
 
-    def raised(self, record: Any) -> RemoteOperationError:
-        """The error for a protocol operation the object refused (`kind="raised"`)."""
-        cls = _RAISED[record["builtin"]]
-        message = _text(record["message"])
-        target = _text(record["target"]).removeprefix("builtins.")
-        suggestions = [_text(s) for s in record.get("suggestions") or ()][:3]
-        name = _text(record.get("name") or "")
-        if suggestions:
-            message += f"; did you mean {' or '.join(repr(s) for s in suggestions)}?"
-        error = cls(
-            f"{message}\n(the remote {target} in the worker for {self.worker.label})",
-            spec=self.worker.label,
-            remote_type=_text(record["type"]),
-            remote_message=_text(record["message"]),
-            remote_traceback=_text(record.get("traceback") or "", 20 * _TEXT_LIMIT),
-        )
-        if name and isinstance(error, AttributeError):
-            error.name = name
-        return error
+    def proxy(self, raw: Any) -> RemoteObject:
+        """The proxy for the handle `raw` a reply describes (one per remote object)."""
+        return self.proxy_of(HandleInfo.decode(raw))
 
-    def proxy(self, info: Any) -> RemoteObject:
-        if not isinstance(info, dict) or type(info.get("id")) is not int:
-            raise ProtocolError("malformed handle in a reply")
-        existing = self.proxies.get(info["id"])
+    def proxy_of(self, info: HandleInfo) -> RemoteObject:
+        existing = self.proxies.get(info.id)
         if existing is not None:
             return existing
-        cls = RemoteModule if info.get("module") else RemoteObject
+        cls = RemoteModule if info.module else RemoteObject
         obj = cls(self, info)
-        self.proxies[info["id"]] = obj
-        weakref.finalize(obj, self.queue_release, info["id"])
+        self.proxies[info.id] = obj
+        weakref.finalize(obj, self.queue_release, info.id)
         return obj
 
     def queue_release(self, handle_id: int) -> None:
@@ -151,16 +131,14 @@ class _Session:
         """
         ahead, batch = self.ahead.get(handle_id) or (deque(), 1)
         if not ahead:
-            reply = self.invoke(handle_id, "next", batch)
-            if (
-                not isinstance(reply, dict)
-                or type(reply.get("items")) not in (list, tuple)
-                or type(reply.get("more")) is not bool
-                or len(reply["items"]) > batch
-            ):
+            try:
+                got = IterationBatch.decode(self.invoke(handle_id, "next", batch), batch)
+            except ProtocolError as e:
                 self.worker.kill()
-                raise ProtocolError(f"bad iteration reply from the worker for {self.worker.label}")
-            ahead.extend(reply["items"])
+                raise ProtocolError(
+                    f"bad iteration reply from the worker for {self.worker.label}: {e}"
+                ) from None
+            ahead.extend(got.items)
             if not ahead:
                 self.ahead.pop(handle_id, None)
                 raise StopIteration
@@ -176,28 +154,22 @@ class _Session:
         return value
 
 
-def _text(value: Any, limit: int = _TEXT_LIMIT) -> str:
-    if type(value) is not str:
-        raise ProtocolError("a text field of a reply is not a string")
-    return escape_controls(bounded_text(value, limit))  # it goes into an error: escaped
-
-
 class RemoteObject:
     """A proxy for an object living in a worker; attribute reads, calls and protocols run there."""
 
     __slots__ = ("_session", "_info", "__weakref__")
 
-    def __init__(self, session: _Session, info: dict[str, Any]) -> None:
+    def __init__(self, session: _Session, info: HandleInfo) -> None:
         object.__setattr__(self, "_session", session)
         object.__setattr__(self, "_info", info)
 
     @property
     def remote_type(self) -> str:
         """The qualified type name of the object in the worker."""
-        return escape_any(self._info.get("type"), keep_lines=False)
+        return self._info.type
 
     def _invoke(self, action: str, *args: Any, **kwargs: Any) -> Any:
-        return self._session.invoke(self._info["id"], action, *args, **kwargs)
+        return self._session.invoke(self._info.id, action, *args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         if (name.startswith("__") and name.endswith("__")) or name in RemoteObject.__slots__:
@@ -239,7 +211,7 @@ class RemoteObject:
         return _iterate(iterator)
 
     def __next__(self) -> Any:
-        return self._session.next_item(self._info["id"])
+        return self._session.next_item(self._info.id)
 
     def __repr__(self) -> str:
         try:
@@ -263,7 +235,7 @@ class RemoteObject:
                 f"a remote handle ({self.remote_type}) can be passed only to calls on handles of "
                 "its own worker, not to another worker or pickled; pass a state_dict() instead"
             )
-        return (kept_object, (self._info["id"],))
+        return (kept_object, (self._info.id,))
 
 
 def _iterate(iterator: RemoteObject) -> Iterator[Any]:
@@ -304,9 +276,9 @@ class RemoteModule(RemoteObject):
         self.close()
 
 
-def open_handle(worker: Worker, info: dict[str, Any], timeout: float | None) -> RemoteModule:
+def open_handle(worker: Worker, info: HandleInfo, timeout: float | None) -> RemoteModule:
     """The top-level handle for an object the worker keeps (from a `call` with result=handle)."""
     session = _Session(worker, timeout)
-    handle = session.proxy(dict(info, module=True))
+    handle = session.proxy_of(dataclasses.replace(info, module=True))
     assert isinstance(handle, RemoteModule)
     return handle

@@ -10,8 +10,9 @@ Example (`repo` is a folder with a hubconf.py; `isolhub._engine.start_worker` bu
     >>> from isolhub._source import fetch_snapshot
     >>> from isolhub._spec import parse_spec
     >>> w = start_worker(fetch_snapshot(parse_spec(repo, source="local")))
-    >>> w.request({"op": "list"})
-    ({'ok': True, 'value': ['net']}, [])
+    >>> from isolhub._messages import EntrypointsReply, ListRequest
+    >>> w.request(ListRequest(), EntrypointsReply)
+    EntrypointsReply(names=('net',))
     >>> w.close()
 """
 
@@ -35,7 +36,7 @@ import time
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, NoReturn, TypeGuard
+from typing import Any, NoReturn, TypeGuard, TypeVar
 
 import cloudpickle
 
@@ -51,7 +52,23 @@ from ._errors import (
     describe_exit,
 )
 from ._escape import escape_controls
-from ._messages import ErrorRecord, Hello
+from ._messages import (
+    CloseNote,
+    Effects,
+    ErrorRecord,
+    Forked,
+    Hello,
+    InvokeRequest,
+    Preloaded,
+    Provided,
+    Reply,
+    Request,
+    Waited,
+    ZygoteHello,
+    close_fds,
+    decode_reply,
+    zygote_refusal,
+)
 from ._protocol import ReplyLimits, Spinner, decode, encode, recv_frame, send_frame
 from ._sandbox import without_secrets
 from ._worker import STAGES
@@ -70,6 +87,8 @@ _TAIL_BYTES = 8192
 _ZYGOTE_START_TIMEOUT = 180.0
 _HANDSHAKE_TIMEOUT = 60.0
 _GRACE = 2.0
+_R = TypeVar("_R", bound=Reply)
+_T = TypeVar("_T")
 
 
 def _isolhub_pythonpath(overlay: str | None = None) -> str:
@@ -129,14 +148,17 @@ class _Zygote:
             raise WorkerError(f"the isolhub zygote did not start: {e}") from e
         finally:
             self.control.settimeout(None)
-        hello = decode(frame[0]) if frame else {}
-        if not hello.get("ready"):
+        try:
+            hello = ZygoteHello.decode(decode(frame[0])) if frame else ZygoteHello(False)
+        except ProtocolError as e:
+            hello = ZygoteHello(False, error=str(e))
+        if not hello.ready:
             self.proc.kill()
             self.proc.wait()
-            if isinstance(hello.get("unsafe"), str):
-                _preload.forbid(self.hub_dir, hello["unsafe"])
-                raise _PreloadUnsafe(hello["unsafe"])
-            why = hello.get("error") or describe_exit(self.proc.returncode)
+            if hello.unsafe is not None:
+                _preload.forbid(self.hub_dir, hello.unsafe)
+                raise _PreloadUnsafe(hello.unsafe)
+            why = hello.error or describe_exit(self.proc.returncode)
             raise WorkerError(f"the isolhub zygote failed to start ({why}); see its stderr above")
         weakref.finalize(self, _close_zygote, self.control, self.proc)
 
@@ -196,11 +218,11 @@ class _Zygote:
             return
         self.preloaded.update(names)
         try:
-            reply = self._ask({"op": "preload", "names": names})
+            reply = self._ask({"op": "preload", "names": names}, Preloaded.decode)
         except WorkerError:
             return  # a lost zygote is replaced by the next call
-        if isinstance(reply.get("unsafe"), str):  # it has a thread now: it must not fork again
-            _preload.forbid(self.hub_dir, reply["unsafe"])
+        if reply.unsafe is not None:  # it has a thread now: it must not fork again
+            _preload.forbid(self.hub_dir, reply.unsafe)
             _Zygote.forget(self)
             _close_zygote(self.control, self.proc)
 
@@ -232,7 +254,17 @@ class _Zygote:
             " and its workers with it; the next call starts a new one"
         )
 
-    def _ask(self, request: dict[str, Any], fds: list[int] = ()) -> dict[str, Any]:  # type: ignore[assignment]
+    def _ask(
+        self,
+        request: dict[str, Any],
+        reply: Callable[[Any], _T],
+        fds: list[int] = (),  # type: ignore[assignment]
+    ) -> _T:
+        """Send the zygote `request` (the ops `_zygote` serves); its answer, as `reply` decodes it.
+
+        Raises:
+            WorkerError: it refused, or its answer is malformed. _ZygoteLost: it is gone.
+        """
         with self.lock:
             try:
                 send_frame(self.control, encode(request), fds)
@@ -241,25 +273,27 @@ class _Zygote:
                 raise _ZygoteLost(f"lost the isolhub zygote: {e}") from e
         if frame is None:
             raise _ZygoteLost("the isolhub zygote exited unexpectedly")
-        reply = decode(frame[0])
-        if "error" in reply:
-            raise WorkerError(f"the isolhub zygote refused: {reply['error']}")
-        return reply
+        close_fds(frame[1])
+        try:
+            raw = decode(frame[0])
+            why = zygote_refusal(raw)
+            if why is None:
+                return reply(raw)
+        except ProtocolError as e:
+            raise WorkerError(f"the isolhub zygote answered wrongly: {e}") from None
+        raise WorkerError(f"the isolhub zygote refused: {why}")
 
     def provided_packages(self) -> dict[str, str]:
         """The distributions this zygote has imported, with versions (asked once, then kept)."""
         if self.provided is None:
-            got = self._ask({"op": "provided"}).get("provided")
-            if not isinstance(got, dict):
-                raise WorkerError("the isolhub zygote sent no package list")
-            self.provided = {str(k): str(v) for k, v in got.items()}
+            self.provided = self._ask({"op": "provided"}, Provided.decode).packages
         return self.provided
 
     def fork(self, channel: int, output: int) -> int:
-        return int(self._ask({"op": "fork"}, [channel, output])["pid"])
+        return self._ask({"op": "fork"}, Forked.decode, [channel, output]).pid
 
     def wait(self, pid: int) -> int:
-        return int(self._ask({"op": "wait", "pid": pid})["status"])
+        return self._ask({"op": "wait", "pid": pid}, Waited.decode).status
 
 
 def prestart_zygote() -> None:
@@ -348,7 +382,7 @@ def shutdown_zygote() -> None:
             _close_zygote(one.control, one.proc)
 
 
-def _pickled_request(message: dict[str, Any], label: str) -> bytes:
+def _pickled_request(message: Request, label: str) -> bytes:
     """`message` pickled for the worker; an argument that cannot be is named.
 
     Raises:
@@ -358,9 +392,10 @@ def _pickled_request(message: dict[str, Any], label: str) -> bytes:
         return cloudpickle.dumps(message)
     except Exception as e:  # noqa: BLE001 - pickling raises whatever the object's reducer does
         what: list[str | Option] = ["the request"]
-        args, kwargs = message.get("args") or (), message.get("kwargs") or {}
+        args = getattr(message, "args", None) or ()
+        kwargs = getattr(message, "kwargs", None) or {}
         named = [(f"argument {i}", v) for i, v in enumerate(args)]
-        named += [(k, v) for k, v in kwargs.items()] + [("then", message.get("then"))]
+        named += [(k, v) for k, v in kwargs.items()] + [("then", getattr(message, "then", None))]
         for name, value in named:
             try:
                 cloudpickle.dumps(value)
@@ -415,7 +450,7 @@ class Worker:
         self.on_request: Callable[[dict[str, Any]], tuple[dict[str, Any], list[int]]] | None = None
         self._lock = threading.RLock()  # one request at a time on the channel
         self._rng_back = False  # the request in flight asked for the worker's random state
-        self._request: dict[str, Any] | None = None  # the last request sent, to name its stage
+        self._request: Request | None = None  # the last request sent, to name its stage
         self._tail = bytearray()
         self._reader = threading.Thread(
             target=_drain,
@@ -498,14 +533,45 @@ class Worker:
 
     def request(
         self,
-        message: dict[str, Any],
+        message: Request,
+        expect: type[_R] | tuple[type[_R], ...],
+        timeout: float | None = None,
+        fds: list[int] = (),  # type: ignore[assignment]
+        *,
+        deadline: float | None = None,
+    ) -> _R:
+        """Send one request and wait for its reply, one of the `expect`ed classes; errors are
+        raised typed.
+
+        The reply and its fds are decoded by `_messages.decode_reply` (every field and the
+        number of fds checked); its fd, if any, is then the caller's. `timeout` and `deadline`
+        are `exchange`'s.
+
+        Raises:
+            WorkerCrashedError: the worker died. WorkerTimeoutError: it overran the deadline.
+            RemoteError, EntrypointError, MissingDependenciesError: hubconf code failed.
+            ProtocolError: a reply of another kind or shape (the worker is killed).
+        """
+        classes = expect if isinstance(expect, tuple) else (expect,)
+        most = max(c.MAX_FDS for c in classes)
+        raw, got = self.exchange(message, timeout, fds, deadline=deadline, max_fds=most)
+        try:
+            return decode_reply(raw, got, classes)
+        except ProtocolError as e:
+            self.kill()
+            raise ProtocolError(f"bad reply from the worker for {self.label}: {e}") from None
+
+    def exchange(
+        self,
+        message: Request,
         timeout: float | None = None,
         fds: list[int] = (),  # type: ignore[assignment]
         *,
         deadline: float | None = None,
         max_fds: int = 0,
     ) -> tuple[dict[str, Any], list[int]]:
-        """Send one request and wait for its answer: `(reply, fds)`; errors are raised typed.
+        """Send one request and wait for its answer, undecoded: `(reply, fds)` (for a relay:
+        the Ray actor passes it to the driver, which decodes it); errors are raised typed.
 
         `timeout` (seconds from now) or `deadline` (a `time.monotonic()` value, for a call made
         of several requests) bounds every read of the answer together, however the worker
@@ -526,7 +592,7 @@ class Worker:
                 deadline = time.monotonic() + timeout
             elif deadline is not None and timeout is None:
                 timeout = max(0.0, deadline - time.monotonic())
-            self._rng_back = bool(message.get("rng_back"))
+            self._rng_back = message.rng_back
             self._request = message
             try:
                 send_frame(self.sock, data, fds)
@@ -546,7 +612,7 @@ class Worker:
         self, deadline: float | None, timeout: float | None = None
     ) -> tuple[dict[str, Any], list[int]]:
         """The worker's answer; its warnings are re-issued here, after it, whatever it was."""
-        relayed: list[tuple[list[dict[str, Any]], int]] = []
+        relayed: list[Effects] = []
         try:
             reply, fds = self._answer(deadline, timeout, relayed)
         except BaseException:
@@ -560,30 +626,29 @@ class Worker:
             raise
         return reply, fds
 
-    def _reissue(self, relayed: list[tuple[list[dict[str, Any]], int]]) -> None:
-        for records, dropped in relayed:
-            _worker_warnings.reissue(records, dropped, self.label)
+    def _reissue(self, relayed: list[Effects]) -> None:
+        for effects in relayed:
+            _worker_warnings.reissue(effects.warnings, effects.warnings_dropped, self.label)
 
     def _answer(
         self,
         deadline: float | None,
         timeout: float | None,
-        relayed: list[tuple[list[dict[str, Any]], int]],
+        relayed: list[Effects],
     ) -> tuple[dict[str, Any], list[int]]:
         """Read frames up to the reply; serve requests (a sandbox's downloads) and side effects."""
         while True:
-            reply, fds = self._frame(deadline, timeout)
-            if "ok" in reply:
-                return reply, fds
-            for fd in fds:
-                os.close(fd)
-            if "effects" in reply:
-                relayed.append(self._effects(reply["effects"], fds))
+            frame, fds = self._frame(deadline, timeout)
+            if "ok" in frame:
+                return frame, fds
+            if "effects" in frame:
+                relayed.append(self._effects(frame["effects"], fds))
                 continue
+            close_fds(fds)
             if self.on_request is None:
                 self.kill()
                 raise ProtocolError(f"the worker for {self.label} made a request nobody serves")
-            answer, answer_fds = self.on_request(reply)
+            answer, answer_fds = self.on_request(frame)  # it checks the request (`_broker`)
             try:
                 send_frame(self.sock, encode(answer), answer_fds)
             except OSError:
@@ -592,32 +657,23 @@ class Worker:
                 for fd in answer_fds:
                     os.close(fd)
 
-    def _effects(self, effects: Any, fds: list[int]) -> tuple[list[dict[str, Any]], int]:
+    def _effects(self, raw: Any, fds: list[int]) -> Effects:
         """Apply the worker's end random state (if asked for); check its warnings for later."""
         try:
-            if not isinstance(effects, dict) or fds:
-                raise ProtocolError("malformed side effects")
-            if not set(effects) <= {"rng", "warnings", "warnings_dropped", "imported"}:
-                raise ProtocolError(f"unknown side effects {sorted(effects)!r}")
-            imported = effects.get("imported")
-            if imported is not None and (self.confined or not _preload.valid_names(imported)):
-                raise ProtocolError(
-                    "a list of imported packages from a confined worker, or malformed"
-                )
-            warned = _worker_warnings.checked(
-                effects.get("warnings", []), effects.get("warnings_dropped", 0)
-            )
-            if "rng" in effects:
+            effects = Effects.decode(raw, fds)
+            if effects.imported is not None and self.confined:
+                raise ProtocolError("a list of imported packages from a confined worker")
+            if effects.rng is not None:
                 if not self._rng_back:
                     raise ProtocolError("a random state nobody asked for")
                 self._rng_back = False
-                _rng.restore(effects["rng"])
-            if imported and self.zygote is not None:
-                _learn_imports(self.zygote, imported)
+                _rng.restore(effects.rng)
+            if effects.imported and self.zygote is not None:
+                _learn_imports(self.zygote, list(effects.imported))
         except ProtocolError as e:
             self.kill()
             raise ProtocolError(f"bad reply from the worker for {self.label}: {e}") from None
-        return warned
+        return effects
 
     def _frame(
         self, deadline: float | None, timeout: float | None
@@ -651,32 +707,32 @@ class Worker:
             self._raise_death()
         payload, fds = frame
         try:
-            reply = decode(payload)
-            if not isinstance(reply, dict) or not (
-                "ok" in reply or "broker" in reply or "effects" in reply
+            message = decode(payload)
+            if not isinstance(message, dict) or not (
+                "ok" in message or "broker" in message or "effects" in message
             ):
                 raise ProtocolError("the reply is not a message")
         except ProtocolError as e:
-            for fd in fds:
-                os.close(fd)
+            close_fds(fds)
             self.kill()
             raise ProtocolError(f"bad reply from the worker for {self.label}: {e}") from e
-        if reply.get("ok") is False:
-            for fd in fds:
-                os.close(fd)
+        if message.get("ok") is False:
+            close_fds(fds)
             try:
-                record = ErrorRecord.decode(reply.get("error"))
+                if message.keys() != {"ok", "error"}:
+                    raise ProtocolError(f"a failure with the fields {sorted(message)!r}")
+                record = ErrorRecord.decode(message["error"])
             except ProtocolError as e:
                 self.kill()
                 raise ProtocolError(f"bad reply from the worker for {self.label}: {e}") from None
             raise record.to_exception(self.label, self.pid)
-        return reply, fds
+        return message, fds
 
     def _stage(self) -> str:
         """` while <what the worker was doing>`, read before it is reaped; "" when unknown."""
-        request = self._request or {}
-        if request.get("op") == "invoke":
-            action, name = request.get("action"), request.get("name")
+        request = self._request
+        if isinstance(request, InvokeRequest):
+            action, name = request.action, request.name
             doing = _INVOKE_WORDS.get(str(action), f"serving {action!r}")
             return f" while {doing}{f' {name!r}' if name else ''} on the remote handle"
         try:
@@ -759,17 +815,17 @@ class Worker:
         self._dead_within(_GRACE)
         self._collect()
 
-    def notify(self, op: str) -> None:
-        """Send a request that gets no reply ("close", "unpin"), without waiting."""
+    def notify(self, note: Request) -> None:
+        """Send a request that gets no reply (`CloseNote`, `UnpinNote`), without waiting."""
         if not self.closed:
             with contextlib.suppress(OSError):
-                send_frame(self.sock, pickle.dumps({"op": op}))
+                send_frame(self.sock, pickle.dumps(note))
 
     def close(self) -> None:
         """Ask the worker to exit; kill it if it has not within two seconds."""
         if self.closed:
             return
-        self.notify("close")
+        self.notify(CloseNote())
         if not self._dead_within(_GRACE):
             with contextlib.suppress(OSError):
                 signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)

@@ -52,6 +52,19 @@ from ._errors import (
     WorkerTimeoutError,
 )
 from ._memfd import sealed_bytes
+from ._messages import (
+    RESULT_REPLIES,
+    DocReply,
+    EntrypointsReply,
+    HelpRequest,
+    ListRequest,
+    PickleReply,
+    Request,
+    StateDictReply,
+    ValueReply,
+    close_fds,
+    decode_reply,
+)
 from ._process import Worker, shutdown_zygote
 from ._protocol import ReplyLimits
 from ._source import Snapshot
@@ -204,7 +217,7 @@ class _RepoActor:
             return _failure(e, None)
         worker = self._worker
         try:
-            reply, fds = worker.request(
+            reply, fds = worker.exchange(
                 _message(job), timeout, max_fds=0 if job.op in ("list", "help") else 1
             )
         except IsolhubError as e:
@@ -239,10 +252,12 @@ class _RepoActor:
         shutdown_zygote()
 
 
-def _message(job: Job) -> dict[str, Any]:
+def _message(job: Job) -> Request:
     """The worker request for `job`: the messages `isolhub._engine.call/list_entrypoints/entrypoint_doc` send."""
-    if job.op in ("list", "help"):
-        return {"op": job.op, "entry": job.entry}
+    if job.op == "list":
+        return ListRequest()
+    if job.op == "help":
+        return HelpRequest(entry=job.entry or "")
     then = None if job.then is None else Shipped(job.then)
     return call_message(job.entry or "", job.args, job.kwargs, job.result, job.seed, then)
 
@@ -281,11 +296,23 @@ def _read_arena(fds: list[int]) -> bytes | None:
 def _decode(
     job: Job, reply: dict[str, Any], arena: bytes | None, limits: ReplyLimits | None = None
 ) -> Any:
-    """Decode a relayed reply here in the driver, as `isolhub._engine` does for a local worker."""
-    if job.op in ("list", "help"):
-        return reply["value"]
+    """Decode a relayed reply here in the driver, as `isolhub._engine` does for a local worker.
+
+    Raises:
+        ProtocolError: the reply is malformed, or not of the kind `job` asks for.
+    """
+    if job.op == "list":
+        return list(EntrypointsReply.decode(reply).names)
+    if job.op == "help":
+        return DocReply.decode(reply).doc
     fds = [] if arena is None else [sealed_bytes(arena)]  # as a worker would have passed it
-    return decode_result(reply, fds, expect=job.result, limits=limits)
+    expect = RESULT_REPLIES.get(job.result)
+    if expect not in (PickleReply, ValueReply, StateDictReply):
+        close_fds(fds)
+        raise ProtocolError(f"unknown result kind {job.result!r}")
+    decoded = decode_reply(reply, fds, (expect,))
+    assert isinstance(decoded, PickleReply | ValueReply | StateDictReply)
+    return decode_result(decoded, limits=limits)
 
 
 def _first_line(e: BaseException) -> str:

@@ -1,22 +1,24 @@
 """The worker runtime: runs inside the child process, one per repo@sha.
 
-It imports only the layers below it (`_protocol`, `_arena`, `_byvalue`, `_errors`, `_config`),
-so the zygote that preloads it stays lean. The parent sends requests as pickles (the parent is
-trusted); the worker answers with the restricted codec, plus one arena fd for tensors.
+It imports only the layers below it (`_protocol`, `_arena`, `_byvalue`, `_errors`, `_config`,
+`_messages`), so the zygote that preloads it stays lean. The parent sends requests as pickled
+`_messages.Request`s (the parent is trusted) and the worker dispatches on their class; it
+answers with a `_messages` reply through the restricted codec, plus one arena fd for tensors.
 
-    parent ──init──▶ worker: chdir(scratch), snapshot first on sys.path
-    parent ──list / help / call──▶ worker: import hubconf (once), run, answer
-    parent ──close (or EOF)──▶ worker exits
+    parent ──init (a dict)──▶ worker: chdir(scratch), snapshot first on sys.path
+    parent ──ListRequest / HelpRequest / CallRequest──▶ worker: import hubconf (once), run, answer
+    parent ──CloseNote (or EOF)──▶ worker exits
 
 `serve(channel_fd)` is what the zygote runs after a fork; it never returns. A worker is started
 and spoken to through `isolhub._process.Worker` (`repo` is a folder with a hubconf.py):
 
     >>> from isolhub._engine import start_worker
+    >>> from isolhub._messages import DocReply, HelpRequest
     >>> from isolhub._source import fetch_snapshot
     >>> from isolhub._spec import parse_spec
     >>> with start_worker(fetch_snapshot(parse_spec(repo, source="local"))) as w:
-    ...     w.request({"op": "help", "entry": "net"})[0]
-    {'ok': True, 'value': 'A linear layer: 4 inputs, `width` outputs.'}
+    ...     w.request(HelpRequest(entry="net"), DocReply)
+    DocReply(doc='A linear layer: 4 inputs, `width` outputs.')
 """
 
 from __future__ import annotations
@@ -46,7 +48,32 @@ from ._byvalue import (
     unshippable,
 )
 from ._errors import EntrypointError, MissingDependenciesError, ProtocolError
-from ._messages import CALLER_ERRORS, error_record, hello
+from ._messages import (
+    CALLER_ERRORS,
+    ArenaReply,
+    CallRequest,
+    CloseNote,
+    DocReply,
+    Effects,
+    EntrypointsReply,
+    HandleInfo,
+    HandleReply,
+    HelpRequest,
+    InvokeRequest,
+    IterationBatch,
+    ListRequest,
+    PickleReply,
+    PushRequest,
+    RaisedReply,
+    Reply,
+    Request,
+    StateDictReply,
+    UnpinNote,
+    ValueReply,
+    error_record,
+    failure,
+    hello,
+)
 from ._protocol import Spinner, encode, recv_frame, send_frame
 from ._values import bounded_text, encode_state_dict, encode_value
 
@@ -85,7 +112,7 @@ def serve(fd: int) -> NoReturn:
             state = _WorkerState(pickle.loads(frame[0]), sock)
         except Exception as e:
             # Set-up failed (e.g. the sandbox could not be applied): say why, then exit.
-            send_frame(sock, encode({"ok": False, "error": error_record(e)}))
+            send_frame(sock, encode(failure(e)))
             raise SystemExit(78) from e
         send_frame(sock, encode(hello()))
         wait = _spin_waiter(sock, state.spin)
@@ -102,23 +129,29 @@ def serve(fd: int) -> NoReturn:
                 # error, reported as such, and the worker stays usable.
                 for f in in_fds:
                     os.close(f)
-                send_frame(sock, encode({"ok": False, "error": error_record(e)}))
+                send_frame(sock, encode(failure(e)))
                 continue
-            if request.get("op") == "close":
+            if not isinstance(request, Request):  # from a parent of another isolhub
+                for f in in_fds:
+                    os.close(f)
+                error = ProtocolError(f"unknown request {type(request).__name__!r}")
+                send_frame(sock, encode(failure(error)))
+                continue
+            if isinstance(request, CloseNote):
                 break
-            if request.get("op") == "unpin":  # the parent has read them; no reply is awaited
+            if isinstance(request, UnpinNote):  # the parent has read them; no reply is awaited
                 state.pinned = None
                 continue
             reply, fds = state.handle(request, in_fds)
             try:
-                effects = _effects(request)
+                effects = _effects(request).to_wire()
                 if effects:  # before the reply, so the parent has them whatever the reply says
                     send_frame(sock, encode({"effects": effects}))
                 send_frame(sock, reply, fds)
             finally:
                 for f in fds:
                     os.close(f)
-            if request.get("last") and state.pinned is None:
+            if request.last and state.pinned is None:
                 break  # the parent wants nothing more: exit while it decodes the reply
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
@@ -162,24 +195,19 @@ def prepare() -> None:
 _PREPARED: tuple[set[str], int] | None = None
 
 
-def _effects(request: dict[str, Any]) -> dict[str, Any]:
+def _effects(request: Request) -> Effects:
     """What the parent must see besides the reply: the warnings raised, the end random state."""
     records, dropped = _worker_warnings.take()
-    out: dict[str, Any] = {}
-    if records or dropped:
-        out["warnings"], out["warnings_dropped"] = records, dropped
-    if request.get("rng_back"):
-        out["rng"] = _rng.capture()
+    rng = _rng.capture() if request.rng_back else None
+    imported: list[str] = []
     state = _STATE
     # Nothing was imported since the last look (most remote calls): the scan is skipped.
     if state is not None and state.learn and len(sys.modules) != state.modules_seen:
         # Installed packages the repo imported: the zygote imports them for the next workers.
         imported = _preload.reported(state.baseline, [state.snapshot])
-        if imported:
-            out["imported"] = imported
         state.baseline.update(n for n in sys.modules if "." not in n)
         state.modules_seen = len(sys.modules)
-    return out
+    return Effects(records, dropped, rng, tuple(imported) if imported else None)
 
 
 def _spin_waiter(sock: socket.socket, seconds: float) -> Callable[[], None]:
@@ -276,52 +304,47 @@ class _WorkerState:
         frame = recv_frame(self.sock)
         if frame is None:
             raise DownloadError(f"the parent went away while fetching {url}")
-        reply, fds = decode(frame[0]), frame[1]
-        if not reply.get("ok") or len(fds) != 1:
+        answer, fds = decode(frame[0]), frame[1]  # the parent's (`_broker`): trusted
+        if not answer.get("ok") or len(fds) != 1:
             for fd in fds:
                 os.close(fd)
-            raise DownloadError(str(reply.get("error") or f"the parent could not fetch {url}"))
+            raise DownloadError(str(answer.get("error") or f"the parent could not fetch {url}"))
         dest_dir = os.path.join(self.scratch, "weights")
         os.makedirs(dest_dir, exist_ok=True)
-        dest = os.path.join(dest_dir, os.path.basename(str(reply.get("name") or "download")))
+        dest = os.path.join(dest_dir, os.path.basename(str(answer.get("name") or "download")))
         with os.fdopen(fds[0], "rb") as src, open(dest, "wb") as out:
             while chunk := src.read(1 << 20):
                 out.write(chunk)
         return dest
 
-    def handle(self, request: dict[str, Any], in_fds: list[int]) -> tuple[bytes, list[int]]:
+    def handle(self, request: Request, in_fds: list[int]) -> tuple[bytes, list[int]]:
         try:
-            if request.get("op") == "push":  # the parent could not pull: the usual sealed arena
+            if isinstance(request, PushRequest):  # the parent could not pull: the sealed arena
                 return self.push()
             self.pinned = None  # the parent has read them: the next request says so
-            if request.get("rng") is not None:  # the caller's generators, as torch.hub uses them
-                _rng.restore(request["rng"])
-            elif request.get("seed") is not None:  # what importing hubconf draws is seeded too
-                _rng.seed_all(int(request["seed"]))
-            for handle_id in request.get("release", ()):
+            if request.rng is not None:  # the caller's generators, as torch.hub uses them
+                _rng.restore(request.rng)
+            elif request.seed is not None:  # what importing hubconf draws is seeded too
+                _rng.seed_all(int(request.seed))
+            for handle_id in request.release:
                 self.release(handle_id)
-            if "payload" in request:
-                fd = in_fds.pop() if in_fds else None
-                request["args"], request["kwargs"] = loads(
-                    request["payload"], fd, request["layout"]
-                )
-            op = request["op"]
-            if op == "list":
-                return encode({"ok": True, "value": self.entrypoints()}), []
-            if op == "help":
-                fn = self.entrypoint(request["entry"])
+            if isinstance(request, ListRequest):
+                return _reply(EntrypointsReply(tuple(self.entrypoints())))
+            if isinstance(request, HelpRequest):
+                fn = self.entrypoint(request.entry)
                 _stage(b"isolhub:help")
-                doc = fn.__doc__
-                return encode({"ok": True, "value": doc}), []
-            if op == "call":
+                return _reply(DocReply(fn.__doc__))
+            if isinstance(request, CallRequest):
                 return self.call(request)
-            if op == "invoke":
-                return self.invoke(request)
-            raise ProtocolError(f"unknown request {op!r}")
+            if isinstance(request, InvokeRequest):
+                fd = in_fds.pop() if in_fds else None
+                args, kwargs = loads(request.payload, fd, request.layout)
+                return self.invoke(request, args, kwargs)
+            raise ProtocolError(f"unknown request {type(request).__name__!r}")
         except SystemExit:
             raise
         except BaseException as e:
-            return encode({"ok": False, "error": error_record(e)}), []
+            return encode(failure(e)), []
         finally:
             for fd in in_fds:
                 os.close(fd)
@@ -333,9 +356,9 @@ class _WorkerState:
             arena.storage_index(storage)
         self.pinned = None
         fd, layout = arena.seal()
-        return encode({"ok": True, "kind": "arena", "layout": layout}), [] if fd is None else [fd]
+        return _reply(ArenaReply(layout, fd))
 
-    def new_handle(self, obj: Any) -> dict[str, Any]:
+    def new_handle(self, obj: Any) -> HandleInfo:
         """Keep `obj` in the worker and describe it; one id per object."""
         import torch
 
@@ -345,30 +368,27 @@ class _WorkerState:
             self.next_handle += 1
             self.handle_ids[id(obj)] = handle_id
             self.handles[handle_id] = obj
-        return {
-            "id": handle_id,
-            "type": f"{type(obj).__module__}.{type(obj).__qualname__}",
-            "module": isinstance(obj, torch.nn.Module),
-            "callable": callable(obj),
-        }
+        kind = f"{type(obj).__module__}.{type(obj).__qualname__}"
+        return HandleInfo(handle_id, kind, isinstance(obj, torch.nn.Module), callable(obj))
 
     def release(self, handle_id: Any) -> None:
         obj = self.handles.pop(handle_id, None)
         if obj is not None:
             self.handle_ids.pop(id(obj), None)
 
-    def invoke(self, request: dict[str, Any]) -> tuple[bytes, list[int]]:
+    def invoke(
+        self, request: InvokeRequest, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[bytes, list[int]]:
         """Act on a kept object: call it, read or set an attribute, index it, take its state dict.
 
         A protocol operation (attribute, index, len, in, iteration) that fails the way it would
         on a local object answers `kind="raised"` with the built-in error's name, so the parent
         raises that error (an `AttributeError` for `hasattr`), not a hubconf `RemoteError`.
         """
-        target = self.handles.get(request["id"])
+        target = self.handles.get(request.id)
         if target is None:
-            raise ProtocolError(f"no object {request['id']!r} in this worker (released?)")
-        action, name = request["action"], request.get("name", "")
-        args, kwargs = request.get("args", ()), request.get("kwargs", {})
+            raise ProtocolError(f"no object {request.id!r} in this worker (released?)")
+        action, name = request.action, request.name
         if action == "call":
             result = target(*args, **kwargs)
         elif action == "setattr":
@@ -380,12 +400,11 @@ class _WorkerState:
             try:
                 result = _OPERATIONS[action](target, name, *args)
             except _CALLER_ERRORS as e:
-                return _raised_reply(e, target, name if action == "getattr" else ""), []
+                return _raised_reply(e, target, name if action == "getattr" else "")
         else:
             raise ProtocolError(f"unknown action {action!r}")
-        body, fd, layout = encode_value(result, handle_for=self.new_handle)
-        reply = encode({"ok": True, "kind": "value", "body": body, "layout": layout})
-        return reply, [] if fd is None else [fd]
+        body, fd, layout = encode_value(result, handle_for=lambda o: self.new_handle(o).to_wire())
+        return _reply(ValueReply(body, layout, fd))
 
     def module(self) -> ModuleType:
         if self.import_error is not None:
@@ -431,39 +450,36 @@ class _WorkerState:
             )
         return fn
 
-    def call(self, request: dict[str, Any]) -> tuple[bytes, list[int]]:
-        fn = self.entrypoint(request["entry"])
-        args, kwargs = request.get("args", ()), request.get("kwargs", {})
-        if request.get("seed") is not None:
-            _rng.seed_all(int(request["seed"]))
+    def call(self, request: CallRequest) -> tuple[bytes, list[int]]:
+        fn = self.entrypoint(request.entry)
+        if request.seed is not None:
+            _rng.seed_all(int(request.seed))
         _stage(b"isolhub:entry")
-        obj = fn(*args, **kwargs)
-        then = request.get("then")
-        if then is not None:
+        obj = fn(*request.args, **(request.kwargs or {}))
+        if request.then is not None:
             _stage(b"isolhub:then")
-            obj = then(obj)
-        result = request.get("result", "module")
+            obj = request.then(obj)
+        result = request.result
         if result == "module":
             _stage(b"isolhub:pickle")
             register_snapshot_modules(self.snapshot)
             try:
-                if request.get("pull"):
+                if request.pull:
                     data, addresses, self.pinned = dumps_pinned(obj)
-                    reply = {"ok": True, "kind": "pickle", "data": data, "layout": addresses}
-                    return encode(dict(reply, pull=True)), []
+                    return _reply(PickleReply(data, addresses, pull=True))
                 data, fd, layout = dumps(obj)
             except Exception as e:
-                raise unshippable(obj, request["entry"], e) from e
-            reply = {"ok": True, "kind": "pickle", "data": data, "layout": layout}
-            return encode(reply), [] if fd is None else [fd]
+                raise unshippable(obj, request.entry, e) from e
+            return _reply(PickleReply(data, layout, fd))
         if result == "state_dict":
             _stage(b"isolhub:sdict")
             return _state_dict_reply(_state_dict_of(obj))
         if result == "value":
             _stage(b"isolhub:value")
-            return _value_reply("value", obj)
+            body, fd, layout = encode_value(obj)
+            return _reply(ValueReply(body, layout, fd))
         if result == "handle":
-            return encode({"ok": True, "kind": "handle", "handle": self.new_handle(obj)}), []
+            return _reply(HandleReply(self.new_handle(obj)))
         raise ProtocolError(f"unknown result mode {result!r}")
 
 
@@ -493,11 +509,11 @@ _STATE: _WorkerState | None = (
 def _next_items(iterator: Any, n: Any) -> dict[str, Any]:
     """Up to `n` (at most 256) next items of `iterator`; `more` is False once it is exhausted."""
     n = max(1, min(int(n), 256))
-    items = list(itertools.islice(iterator, n))
-    return {"items": items, "more": len(items) == n}
+    items = tuple(itertools.islice(iterator, n))
+    return IterationBatch(items, len(items) == n).to_wire()
 
 
-def _raised_reply(e: BaseException, target: Any, name: str) -> bytes:
+def _raised_reply(e: BaseException, target: Any, name: str) -> tuple[bytes, list[int]]:
     """The answer for a protocol operation that raised one of `_CALLER_ERRORS`."""
     suggestions: list[str] = []
     if name and isinstance(e, AttributeError):
@@ -506,13 +522,17 @@ def _raised_reply(e: BaseException, target: Any, name: str) -> bytes:
         except Exception:
             pass
     record = error_record(e)
-    record.update(
-        builtin=next(c.__name__ for c in _CALLER_ERRORS if isinstance(e, c)),
-        target=f"{type(target).__module__}.{type(target).__qualname__}",
-        name=name,
-        suggestions=suggestions,
+    return _reply(
+        RaisedReply(
+            builtin=next(c.__name__ for c in _CALLER_ERRORS if isinstance(e, c)),
+            target=f"{type(target).__module__}.{type(target).__qualname__}",
+            name=name,
+            suggestions=tuple(suggestions),
+            type=record["type"],
+            message=record["message"],
+            traceback=record["traceback"],
+        )
     )
-    return encode({"ok": True, "kind": "raised", "error": record})
 
 
 def kept_object(handle_id: int) -> Any:
@@ -523,16 +543,15 @@ def kept_object(handle_id: int) -> Any:
     return obj
 
 
-def _value_reply(kind: str, obj: Any) -> tuple[bytes, list[int]]:
-    body, fd, layout = encode_value(obj)
-    reply = encode({"ok": True, "kind": kind, "body": body, "layout": layout})
-    return reply, [] if fd is None else [fd]
+def _reply(reply: Reply) -> tuple[bytes, list[int]]:
+    """`reply` encoded, and the fd that goes with it."""
+    fd = getattr(reply, "fd", None)
+    return encode(reply.to_wire()), [] if fd is None else [fd]
 
 
 def _state_dict_reply(sd: Any) -> tuple[bytes, list[int]]:
     body, fd, layout = encode_state_dict(sd.items())
-    reply = encode({"ok": True, "kind": "state_dict", "body": body, "layout": layout})
-    return reply, [] if fd is None else [fd]
+    return _reply(StateDictReply(body, layout, fd))
 
 
 def _state_dict_of(obj: Any) -> Any:

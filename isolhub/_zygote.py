@@ -158,6 +158,7 @@ def main(control_fd: int, names: list[str] | None = None) -> None:
 
     `names`: installed packages to preload for the workers (`_preload`).
     """
+    from ._messages import Forked, Preloaded, Provided, Waited, ZygoteHello, zygote_refused
     from ._preload import preload
     from ._protocol import decode, encode, recv_frame, send_frame
 
@@ -176,11 +177,12 @@ def main(control_fd: int, names: list[str] | None = None) -> None:
         _preload()
         loaded, unsafe = preload(names or (), _threads)
         if unsafe is not None:  # it cannot fork now: the parent starts one without it
-            send_frame(control, encode({"ready": False, "unsafe": unsafe}))
+            send_frame(control, encode(ZygoteHello(False, unsafe=unsafe).to_wire()))
             return
-        send_frame(control, encode({"ready": True, "pid": os.getpid(), "preloaded": loaded}))
+        send_frame(control, encode(ZygoteHello(True, os.getpid()).to_wire()))
     except BaseException as e:
-        send_frame(control, encode({"ready": False, "error": f"{type(e).__name__}: {e}"}))
+        why = f"{type(e).__name__}: {e}"
+        send_frame(control, encode(ZygoteHello(False, error=why).to_wire()))
         raise
     spare = new_spare()
     while True:
@@ -193,18 +195,19 @@ def main(control_fd: int, names: list[str] | None = None) -> None:
         forked = False
         if request.get("op") == "fork" and len(fds) == 2:
             if _threads() != 1:
-                reply = {"error": f"the zygote has {_threads()} threads; refusing to fork"}
+                reply = zygote_refused(f"the zygote has {_threads()} threads; refusing to fork")
             else:
                 # A spare that died meanwhile (OOM killer) is reaped and replaced by a new fork.
                 if spare is None or not _hand_over(spare, fds, children):
                     spare = new_spare()
                     if spare is not None and not _hand_over(spare, fds, children):
                         spare = None
-                reply = {"pid": spare[0]} if spare else {"error": "a new worker died at once"}
+                died = zygote_refused("a new worker died at once")
+                reply = Forked(spare[0]).to_wire() if spare else died
                 spare, forked = None, True
         elif request.get("op") == "preload" and isinstance(request.get("names"), list):
             loaded, unsafe = preload(request["names"], _threads)
-            reply = {"preloaded": loaded, "unsafe": unsafe}
+            reply = Preloaded(tuple(loaded), unsafe).to_wire()
             if loaded and spare is not None:  # the next worker gets them too
                 _drop_spare(spare, children)
                 spare = None if unsafe else new_spare()
@@ -212,11 +215,11 @@ def main(control_fd: int, names: list[str] | None = None) -> None:
             pid = request["pid"]
             _, status = os.waitpid(pid, 0)
             children.discard(pid)
-            reply = {"status": os.waitstatus_to_exitcode(status)}
+            reply = Waited(os.waitstatus_to_exitcode(status)).to_wire()
         elif request.get("op") == "provided":
-            reply = {"provided": _provided()}
+            reply = Provided(_provided()).to_wire()
         else:
-            reply = {"error": f"bad zygote request {request!r}"}
+            reply = zygote_refused(f"bad zygote request {request!r}")
         for fd in fds:
             os.close(fd)
         send_frame(control, encode(reply))

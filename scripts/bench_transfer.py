@@ -31,13 +31,12 @@ def state_dict_call(worker: Any, args: tuple[Any, ...]) -> tuple[Any, int, float
     """`call(worker, "tensors", args, result="state_dict")` through the engine's two steps:
     (the state dict, how many fds its reply passed, the parent-side decode time)."""
     from isolhub._engine import call_message, decode_result
+    from isolhub._messages import StateDictReply
 
     message = call_message("tensors", args, None, "state_dict", None, None)
-    reply, fds = worker.request(message, max_fds=1)
-    passed = len(fds)
-    decode_s, sd = timed(
-        lambda: decode_result(reply, fds, expect="state_dict", limits=worker.limits)
-    )
+    reply = worker.request(message, StateDictReply)
+    passed = 0 if reply.fd is None else 1
+    decode_s, sd = timed(lambda: decode_result(reply, limits=worker.limits))
     return sd, passed, decode_s
 
 

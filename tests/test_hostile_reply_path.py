@@ -22,6 +22,7 @@ from test_hostile_replies import PRELUDE
 
 import isolhub as hub
 from isolhub._engine import start_worker
+from isolhub._messages import ListRequest
 from isolhub._process import _Zygote
 from isolhub._protocol import MAX_FRAME, recv_frame
 from isolhub._source import fetch_snapshot
@@ -38,8 +39,7 @@ PAD = "x" * 350  # the frame is about 400 bytes: a trickle takes 400 * delay sec
 
 def _trickle(path, delay):
     sock = channel()
-    body = encode(42)
-    msg = encode({"ok": True, "kind": "value", "body": body, "layout": [], "pad": PAD})
+    msg = encode({"ok": True, "kind": "value", "body": encode(PAD), "layout": []})
     frame = struct.pack("!II", len(msg), 0) + msg
     for i in range(len(frame)):
         sock.send(frame[i : i + 1])
@@ -82,7 +82,7 @@ class GradLiar(nn.Module):
     def lie(self):
         meta = {"s": 0, "dtype": "int64", "shape": [0], "stride": [1], "offset": 0, "grad": True}
         body = encode(X(), lambda v: {"t": meta})
-        send_raw(encode({"ok": True, "body": body, "layout": [[0, 0]]}))
+        send_raw(encode({"ok": True, "kind": "value", "body": body, "layout": [[0, 0]]}))
 
 
 def grad_liar():
@@ -111,7 +111,7 @@ def test_a_trickled_reply_completes_without_a_deadline(hostile: str, tmp_path: P
     log = tmp_path / "sent"
     with hub.Hub(max_workers=1) as h:
         [r] = h.map(None, [hostile], "trickle", kwargs={"path": str(log), "delay": 0.01})
-    assert r.ok and r.value == 42
+    assert r.ok and r.value == "x" * 350
     sent, total = _sent(log)
     assert sent == total
 
@@ -306,7 +306,7 @@ def test_fds_sent_with_a_reply_do_arrive(flood: str) -> None:
     _Zygote.get()
     before = _open_fds()
     with start_worker(snap) as w:
-        _, fds = w.request({"op": "list"}, 30, max_fds=16)
+        _, fds = w.exchange(ListRequest(), 30, max_fds=16)
     try:
         assert len(fds) == 16 and _open_fds() - before >= {str(fd) for fd in fds}
     finally:

@@ -17,7 +17,11 @@ from isolhub._messages import (
     CALLER_ERRORS,
     ERROR_KINDS,
     PROTOCOL_VERSION,
+    CallRequest,
+    EntrypointsReply,
     ErrorRecord,
+    ListRequest,
+    ValueReply,
     error_record,
     kind_of,
 )
@@ -138,7 +142,7 @@ def test_an_error_record_of_the_wrong_shape_is_a_protocol_error_that_kills_the_w
     snap = fetch_snapshot(parse_spec(liar, "github"), verbose=False)
     with start_worker(snap) as w:
         with pytest.raises(isolhub.ProtocolError, match="error record"):
-            w.request({"op": "call", "entry": entry, "result": "value"}, timeout=20)
+            w.request(CallRequest(entry=entry, result="value"), ValueReply, timeout=20)
         assert w.closed  # killed and reaped
         assert w.returncode is not None and w.returncode < 0
 
@@ -211,5 +215,4 @@ def test_the_same_version_shakes_hands(tmp_path: Path) -> None:
     snap = fetch_snapshot(parse_spec(spec_of(repo), "github"), verbose=False)
     for method in ("spawn", "zygote"):
         with start_worker(snap, start_method=method) as w:
-            reply, _ = w.request({"op": "list"}, timeout=60)
-            assert reply["value"] == ["net"]
+            assert w.request(ListRequest(), EntrypointsReply, timeout=60).names == ("net",)
