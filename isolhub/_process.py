@@ -121,7 +121,8 @@ class _Zygote:
         self.overlay = overlay
         self.provided: dict[str, str] | None = None
         self.owner = os.getpid()
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
+        self.retired = False  # a preload started a thread in it: it must never fork again
         self.control = parent
         self.hub_dir = _config.get_dir()
         # An environment of its own preloads nothing learned: those names came from the shared one.
@@ -217,14 +218,19 @@ class _Zygote:
         if not names:
             return
         self.preloaded.update(names)
-        try:
-            reply = self._ask({"op": "preload", "names": names}, Preloaded.decode)
-        except WorkerError:
-            return  # a lost zygote is replaced by the next call
-        if reply.unsafe is not None:  # it has a thread now: it must not fork again
-            _preload.forbid(self.hub_dir, reply.unsafe)
-            _Zygote.forget(self)
-            _close_zygote(self.control, self.proc)
+        # Under the lock from request to retirement: a load's fork request waiting for the lock
+        # then finds the zygote retired instead of reaching a process that has a thread.
+        with self.lock:
+            try:
+                reply = self._ask({"op": "preload", "names": names}, Preloaded.decode)
+            except WorkerError:
+                return  # a lost zygote is replaced by the next call
+            if reply.unsafe is None:
+                return
+            self.retired = True
+        _preload.forbid(self.hub_dir, reply.unsafe)
+        _Zygote.forget(self)
+        _close_zygote(self.control, self.proc)
 
     @classmethod
     def forget(cls, z: _Zygote) -> None:
@@ -290,7 +296,15 @@ class _Zygote:
         return self.provided
 
     def fork(self, channel: int, output: int) -> int:
-        return self._ask({"op": "fork"}, Forked.decode, [channel, output]).pid
+        """A worker forked from this zygote on `channel` and `output` (the pid).
+
+        Raises:
+            _ZygoteRetired: a preload made it unable to fork (the caller starts a new one).
+        """
+        with self.lock:
+            if self.retired:
+                raise _ZygoteRetired("the isolhub zygote was retired by an unsafe preload")
+            return self._ask({"op": "fork"}, Forked.decode, [channel, output]).pid
 
     def wait(self, pid: int) -> int:
         return self._ask({"op": "wait", "pid": pid}, Waited.decode).status
@@ -318,11 +332,17 @@ class _ZygoteLost(WorkerError):
     """The control socket to the zygote broke (it died)."""
 
 
+class _ZygoteRetired(WorkerError):
+    """The zygote imported a package that started a thread; it is being replaced."""
+
+
 def _zygote_fork(channel: int, output: int, overlay: str | None = None) -> tuple[int, _Zygote]:
     """Fork a worker from the zygote; a zygote found dead (killed while idle) is replaced once."""
     zygote = _Zygote.get(overlay)
     try:
         return zygote.fork(channel, output), zygote
+    except _ZygoteRetired:
+        pass
     except _ZygoteLost:
         if not zygote.died():
             raise

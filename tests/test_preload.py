@@ -221,3 +221,34 @@ def test_a_confined_workers_list_of_imported_packages_is_refused_never_learned(
 
 def hub_load(r: Path, entry: str, **kw: object) -> object:
     return isolhub.load(str(r), entry, source="local", verbose=False, **kw)
+
+
+RETIRED_RACE = """
+import threading, time
+from isolhub import _process
+
+results = []
+for _ in range(3):
+    z = _process._Zygote.get()
+    z.lock.acquire()  # both the preload and the load's fork request queue up behind this
+    preload = threading.Thread(target=z.preload, args=(["pkgthread"],))
+    preload.start()
+    load = threading.Thread(target=lambda: results.append({load}))
+    load.start()
+    time.sleep(2)  # let the load reach the zygote's lock (the order either way must work)
+    z.lock.release()
+    preload.join()
+    load.join()
+out.append(len(results))
+"""
+
+
+@pytest.mark.slow
+def test_a_load_queued_behind_a_preload_that_retires_the_zygote_forks_from_a_new_one(
+    python: Path, tmp_path: Path
+) -> None:
+    # The preload's reply ("it started a thread") and the zygote's retirement are one step: a
+    # fork request waiting meanwhile never reaches the zygote that now has a thread.
+    r = repo(tmp_path)
+    (count,) = run(python, tmp_path / "hub", RETIRED_RACE.format(load=load(r, "pkga")))
+    assert count == 3
