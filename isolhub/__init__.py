@@ -21,17 +21,17 @@ import typing as _typing
 
 from ._version import __version__ as __version__
 
-# Names are loaded on first use, so `import isolhub._worker` (in the zygote) and
+# Names are loaded on first use, so `import isolhub._process.runtime` (in the zygote) and
 # `isolhub --help` stay cheap. The TYPE_CHECKING block mirrors the table for tools.
 _EXPORTS = {
     "_api": ("fetch", "help", "list", "load", "load_state_dict", "prepare_env", "sandbox_report"),
-    "_checkpoints": ("load_state_dict_from_url",),
-    "_compare": ("CompareReport", "compare"),
-    "_pool": ("Hub", "Result"),
+    "_weights.checkpoints": ("load_state_dict_from_url",),
+    "_compare.compare": ("CompareReport", "compare"),
+    "_pool.hub": ("Hub", "Result"),
     "_patch": ("patch_torch_hub", "patched_torch_hub", "unpatch_torch_hub"),
     "_config": ("get_dir", "set_dir"),
-    "_download": ("download_url_to_file",),
-    "_env": ("Env",),
+    "_weights.download": ("download_url_to_file",),
+    "_env.environment": ("Env",),
     "_errors": (
         "ArchiveError",
         "CacheCorruptedError",
@@ -67,8 +67,8 @@ _EXPORTS = {
         "WorkerTimeoutError",
     ),
     "_handle": ("RemoteModule", "RemoteObject"),
-    "_sandbox": ("Sandbox",),
-    "_source": ("Snapshot",),
+    "_sandbox.policy": ("Sandbox",),
+    "_source.snapshot": ("Snapshot",),
     "_spec": ("RepoSpec", "parse_spec"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
@@ -76,27 +76,19 @@ _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted([*_WHERE, "__version__"], key=str.lower)
 
 if _typing.TYPE_CHECKING:
-    from ._api import (  # noqa: F401
-        fetch,
-        help,
-        list,
-        load,
-        load_state_dict,
-        prepare_env,
-        sandbox_report,
-    )
-    from ._checkpoints import load_state_dict_from_url  # noqa: F401
-    from ._compare import CompareReport, compare  # noqa: F401
+    from ._api import fetch, help, list, load, load_state_dict, prepare_env, sandbox_report  # noqa: F401
+    from ._compare.compare import CompareReport, compare  # noqa: F401
     from ._config import get_dir, set_dir  # noqa: F401
-    from ._download import download_url_to_file  # noqa: F401
-    from ._env import Env  # noqa: F401
+    from ._env.environment import Env  # noqa: F401
     from ._errors import *  # noqa: F403
     from ._handle import RemoteModule, RemoteObject  # noqa: F401
     from ._patch import patch_torch_hub, patched_torch_hub, unpatch_torch_hub  # noqa: F401
-    from ._pool import Hub, Result  # noqa: F401
-    from ._sandbox import Sandbox  # noqa: F401
-    from ._source import Snapshot  # noqa: F401
+    from ._pool.hub import Hub, Result  # noqa: F401
+    from ._sandbox.policy import Sandbox  # noqa: F401
+    from ._source.snapshot import Snapshot  # noqa: F401
     from ._spec import RepoSpec, parse_spec  # noqa: F401
+    from ._weights.checkpoints import load_state_dict_from_url  # noqa: F401
+    from ._weights.download import download_url_to_file  # noqa: F401
 
 
 def __getattr__(name: str) -> _typing.Any:

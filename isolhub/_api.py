@@ -25,21 +25,14 @@ import builtins
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
-from ._engine import (
-    admitted_snapshot,
-    environment_for,
-    policy_for,
-    run_help,
-    run_list,
-    run_load,
-)
+from ._engine import admitted_snapshot, environment_for, policy_for, run_help, run_list, run_load
 from ._options import HubOptions
-from ._sandbox import SandboxReport, probe
-from ._source import Snapshot
+from ._sandbox.policy import SandboxReport, probe
+from ._source.snapshot import Snapshot
 from ._types import EnvArg, Mode, SandboxArg, Source, TrustRepo
 
 if TYPE_CHECKING:
-    from ._env import Env
+    from ._env.environment import Env
 
 __all__ = ["fetch", "help", "list", "load", "load_state_dict", "prepare_env", "sandbox_report"]
 

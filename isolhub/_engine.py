@@ -1,12 +1,12 @@
 """The engine under every public call: options → snapshot → worker → request → result.
 
-`isolhub._api` (the torch.hub surface), `_patch`, `_pool`, `_compare` and `_ray` all reach a
+`isolhub._api` (the torch.hub surface), `_patch`, `_pool.hub`, `_compare.compare` and `_pool.ray_backend` all reach a
 repo's code through these functions, so a load follows one path whoever asks:
 
     HubOptions ──admitted_snapshot──▶ Snapshot ──start_worker──▶ Worker
         ──call / list_entrypoints / entrypoint_doc──▶ request ──▶ reply ──decode_result──▶ object
 
-Requests and replies are `_messages`' frozen dataclasses; `Worker.request` decodes each reply
+Requests and replies are `_process.messages`' frozen dataclasses; `Worker.request` decodes each reply
 (its fds included) as the class the request expects.
 
 `run_load`, `run_list` and `run_help` are that path whole (every load ends in `run_load`, as
@@ -29,13 +29,12 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import _byvalue, _pull, _rng, _trust
-from ._arena import ArenaReader
-from ._broker import weights_broker
 from ._config import get_dir
 from ._errors import ProtocolError, SandboxError, UsageError
 from ._handle import open_handle
-from ._messages import (
+from ._options import HubOptions, sandbox_policy
+from ._process import rng as _rng
+from ._process.messages import (
     RESULT_REPLIES,
     ArenaReply,
     CallRequest,
@@ -51,17 +50,21 @@ from ._messages import (
     UnpinNote,
     ValueReply,
 )
-from ._options import HubOptions, sandbox_policy
-from ._process import Worker, prestart_zygote
-from ._protocol import MAX_FRAME, ReplyLimits
-from ._pull import PullError, read_storages
-from ._sandbox import PRETEND_MISSING_ENV, Sandbox
-from ._source import Snapshot, fetch_snapshot
+from ._process.worker import Worker, prestart_zygote
+from ._sandbox.policy import PRETEND_MISSING_ENV, Sandbox
+from ._source import trust as _trust
+from ._source.snapshot import Snapshot, fetch_snapshot
 from ._spec import RepoSpec, parse_spec
-from ._values import decode_state_dict, decode_value
+from ._transport import byvalue as _byvalue
+from ._transport import pull as _pull
+from ._transport.arena import ArenaReader
+from ._transport.codec import MAX_FRAME, ReplyLimits
+from ._transport.pull import PullError, read_storages
+from ._transport.values import decode_state_dict, decode_value
+from ._weights.broker import weights_broker
 
 if TYPE_CHECKING:
-    from ._env import Env
+    from ._env.environment import Env
 
 __all__ = [
     "admitted_snapshot",
@@ -95,13 +98,13 @@ def start_worker(
 ) -> Worker:
     """Start a worker serving `snapshot` (the caller closes it).
 
-    `env` (an `_env.Env`) puts the repo's installed requirements on its `sys.path`; one of
+    `env` (an `_env.environment.Env`) puts the repo's installed requirements on its `sys.path`; one of
     its own runs in a worker forked from that environment's own zygote.
 
     `memory_bytes` caps the worker's address space (RLIMIT_AS): past it, allocations fail with
     MemoryError in the worker instead of the machine swapping or the OOM killer striking.
     With a `sandbox` policy the worker confines itself before importing the repo, and its
-    downloads are served by this process (`_broker`). `limits` caps what one reply may make
+    downloads are served by this process (`_weights.broker`). `limits` caps what one reply may make
     this process hold or print (default: `reply_limits(sandbox)`).
 
     Raises:
@@ -172,13 +175,13 @@ def policy_for(sandbox: Any, mode: str) -> Sandbox | None:
 
 
 def environment_for(snap: Snapshot, o: HubOptions, policy: Sandbox | None) -> Env | None:
-    """The `_env.Env` that `o.env` asks for `snap` (None for `env=None` or no requirements).
+    """The `_env.environment.Env` that `o.env` asks for `snap` (None for `env=None` or no requirements).
 
     Installed by this process, before any worker starts; a sandboxed repo's from wheels only.
 
     Raises:
         UsageError: an unknown `env=` value, or `requirements=` without `env="auto"`.
-        EnvError, OfflineError: as `_env.prepare`.
+        EnvError, OfflineError: as `_env.environment.prepare`.
     """
     if o.env is None:
         if o.requirements is not None:
@@ -186,8 +189,8 @@ def environment_for(snap: Snapshot, o: HubOptions, policy: Sandbox | None) -> En
         return None
     if o.env != "auto":
         raise UsageError(f"env={o.env!r}: use env=None (the default) or env='auto'")
-    from . import _env
-    from ._process import zygote_packages
+    from ._env import environment as _env
+    from ._process.worker import zygote_packages
 
     return _env.prepare(
         snap,
@@ -199,7 +202,7 @@ def environment_for(snap: Snapshot, o: HubOptions, policy: Sandbox | None) -> En
 
 
 def admitted_snapshot(repo_or_dir: Any, o: HubOptions, fn: str) -> Snapshot:
-    """The snapshot of `repo_or_dir` once `_trust.admit` let `fn` (the public name) run it."""
+    """The snapshot of `repo_or_dir` once `_source.trust.admit` let `fn` (the public name) run it."""
     spec = parse_spec(repo_or_dir, o.source)
     _trust.admit(spec, o, fn)
     return snapshot_of(spec, o)
@@ -208,7 +211,7 @@ def admitted_snapshot(repo_or_dir: Any, o: HubOptions, fn: str) -> Snapshot:
 def snapshot_of(spec: RepoSpec, o: HubOptions) -> Snapshot:
     """`fetch_snapshot` with the options of `o`: the one place options become a fetch.
 
-    Trust is the caller's to decide first (`_trust.admit`). The zygote starts meanwhile: a
+    Trust is the caller's to decide first (`_source.trust.admit`). The zygote starts meanwhile: a
     worker will be wanted next.
     """
     prestart_zygote()
@@ -221,7 +224,7 @@ def snapshot_of(spec: RepoSpec, o: HubOptions) -> Snapshot:
 
 
 def rng_handoff(seed: int | None, *, back: bool = True, state: Any = None) -> dict[str, Any]:
-    """The request fields that start a worker from this process's random state (`_rng`).
+    """The request fields that start a worker from this process's random state (`_process.rng`).
 
     With `back`, the worker's end state is applied here when it answers, as if the repo had run
     in this process (torch.hub's behaviour). `state`: a state captured earlier, sent instead of
@@ -377,7 +380,7 @@ def call(
         if rng or rng_state is not None
         else {}
     )
-    # A module's storages are read out of the worker (`_pull`), unless the kernel refused it.
+    # A module's storages are read out of the worker (`_transport.pull`), unless the kernel refused it.
     pull = result == "module" and not _pull.refused()
     message = call_message(entry, args, kwargs, result, seed, then, last=last, pull=pull, **handoff)
     if deadline is None and timeout is not None:
@@ -439,7 +442,7 @@ def call_message(
 def decode_result(
     reply: PickleReply | ValueReply | StateDictReply, *, limits: ReplyLimits | None = None
 ) -> Any:
-    """Rebuild a `call`'s result (its reply decoded: `_messages.decode_reply`) in this process;
+    """Rebuild a `call`'s result (its reply decoded: `_process.messages.decode_reply`) in this process;
     consumes its fd.
 
     Only a `module` request may be answered with a pickle (`Worker.request` refuses any other

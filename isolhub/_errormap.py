@@ -1,6 +1,6 @@
 """The one mapper of foreign errors: what `requests` and `urllib3` raise, in isolhub's words.
 
-Both HTTP users (`_http`'s downloads, `_github`'s API calls) wrap each exchange in
+Both HTTP users (`_http`'s downloads, `_source.github`'s API calls) wrap each exchange in
 `foreign_errors(fail)`; every `requests.RequestException` and `urllib3` `HTTPError` raised
 inside leaves it as `fail(reason, retryable)`, an isolhub error (or `_http`'s retry signal),
 with the foreign exception as its `__cause__`. So one failure reads, and is classed, the same

@@ -31,10 +31,9 @@ from collections import OrderedDict, deque
 from collections.abc import Iterator
 from typing import Any
 
-from ._byvalue import dumps
 from ._errors import HandleClosedError, IsolhubError, ProtocolError
 from ._escape import escape_controls
-from ._messages import (
+from ._process.messages import (
     HandleInfo,
     InvokeRequest,
     IterationBatch,
@@ -42,9 +41,10 @@ from ._messages import (
     StateDictReply,
     ValueReply,
 )
-from ._process import Worker
-from ._values import bounded_text, decode_state_dict, decode_value
-from ._worker import REPR_LIMIT, kept_object
+from ._process.runtime import REPR_LIMIT, kept_object
+from ._process.worker import Worker
+from ._transport.byvalue import dumps
+from ._transport.values import bounded_text, decode_state_dict, decode_value
 
 __all__ = ["RemoteModule", "RemoteObject", "open_handle"]
 

@@ -1,14 +1,14 @@
 """isolhub's one HTTP stack, and `download_url_to_file`'s transfer: one URL streamed into an
 open temp file, with retries.
 
-What every request isolhub makes shares (the GitHub API's in `_github` too): sessions
+What every request isolhub makes shares (the GitHub API's in `_source.github` too): sessions
 (`new_session`, confined under the weights broker's guard), redirects followed by hand
 (`follow`: at most `MAX_REDIRECTS` hops, http(s) only, loops named, `Authorization` and
 `Cookie` dropped when the host changes), `Retry-After` (`retry_after`), URLs redacted for
 messages (`safe_url`), and requests'/urllib3's exceptions mapped into isolhub's errors
 (`_errormap.foreign_errors`).
 
-The transfer only talks to the server; what `_download` does around it (the lock, the temp file,
+The transfer only talks to the server; what `_weights.download` does around it (the lock, the temp file,
 the hash check, fsync and the atomic rename, offline mode, the broker) is not its business.
 In the order a transfer meets it:
 
@@ -23,7 +23,7 @@ In the order a transfer meets it:
 * a cut body resumes with `Range` + `If-Range` and a checked `Content-Range`, or restarts from
   byte 0 (`DownloadState.restart`): two versions of a file are never joined.
 
-`TransferSettings.from_env()` reads the tuning variables (listed in `_download`) at call time. A failed
+`TransferSettings.from_env()` reads the tuning variables (listed in `_weights.download`) at call time. A failed
 write to the temp file surfaces as `DiskError`, never retried, for the caller to name.
 
 A transfer needs a server, so the example shows the shared pieces:
@@ -75,7 +75,7 @@ __all__ = [
 
 
 class Guard(Protocol):
-    """The weights broker's rules for a download (`_broker.BrokerGuard`)."""
+    """The weights broker's rules for a download (`_weights.broker.BrokerGuard`)."""
 
     @property
     def proxy(self) -> str | None: ...
@@ -85,7 +85,7 @@ class Guard(Protocol):
     def same_target(self, checked: Any, url: str) -> None: ...
 
 
-# The same logger as `_download`: one name for everything a download logs.
+# The same logger as `_weights.download`: one name for everything a download logs.
 log = logging.getLogger("isolhub.download")
 
 READ_CHUNK = 128 * 1024
@@ -213,7 +213,9 @@ class TransferSettings:
     backoff_max: float
     retry_after_max: float
     max_bytes: int | None
-    lock_timeout: float  # `_download`'s, read here so one bad variable fails before any work
+    lock_timeout: (
+        float  # `_weights.download`'s, read here so one bad variable fails before any work
+    )
     max_bytes_name: str = "ISOLHUB_HTTP_MAX_BYTES"  # where the cap comes from, for messages
 
     @classmethod

@@ -1,6 +1,6 @@
 """Sealed memfds: the one writer of the files tensor storages travel in, and their seals.
 
-A worker's arena (`_arena`) and a Ray driver's copy of a relayed arena (`_ray`) are both made
+A worker's arena (`_transport.arena`) and a Ray driver's copy of a relayed arena (`_pool.ray_backend`) are both made
 here, so both carry the same seals, and the parent's check (`is_sealed`) is the same for both:
 once sealed, nobody (the writer included) can change, grow or shrink what the reader maps.
 

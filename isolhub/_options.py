@@ -2,7 +2,7 @@
 
 Every public entry point (`isolhub.load`/`list`/`help`/`fetch`, `Hub`, `compare`, the torch.hub
 patch, the CLI through them) builds one `HubOptions`; it flows unchanged to the fetch, the trust
-decision (`_trust.admit`) and the worker. `policy` is the sandbox it names, resolved once per use.
+decision (`_source.trust.admit`) and the worker. `policy` is the sandbox it names, resolved once per use.
 
 Example:
     >>> o = HubOptions(trust_repo=True, mode="remote", sandbox="strict")
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ._errors import SandboxError
-from ._sandbox import Sandbox, resolve_policy
+from ._sandbox.policy import Sandbox, resolve_policy
 from ._types import EnvArg, Mode, SandboxArg, Source, TrustRepo
 from ._usage import check_choice, check_timeout
 

@@ -20,7 +20,7 @@ Routed: `torch.hub.list`, `help`, `load`, `load_state_dict_from_url`, `download_
 * **Signatures are torch.hub's.** Every keyword torch.hub forwards to the entrypoint is still
   forwarded, `mode=`, `sandbox=`, `timeout=` and `seed=` included: isolhub's own options come from
   the patch, never from the call. `skip_validation=False` (torch's default) makes torch.hub's ref
-  check (`isolhub._github.validate_ref`) when a snapshot is downloaded.
+  check (`isolhub._source.github.validate_ref`) when a snapshot is downloaded.
 * **The hub dir is torch.hub's.** `torch.hub.get_dir()` is `isolhub.get_dir()`, which is what
   torch.hub would answer (its `set_dir` setting, `$TORCH_HOME/hub`, ...; it also warns when
   `$TORCH_HUB` is set) unless `isolhub.set_dir()` or `$ISOLHUB_HOME` chose another;
@@ -53,9 +53,11 @@ from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
-from . import _checkpoints, _config, _download, _engine
+from . import _config, _engine
 from ._options import HubOptions
 from ._types import Mode, SandboxArg, Source
+from ._weights import checkpoints as _checkpoints
+from ._weights import download as _download
 
 __all__ = ["patch_torch_hub", "patched_torch_hub", "unpatch_torch_hub"]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Literal, TypeAlias, Union
 
 if TYPE_CHECKING:
-    from ._sandbox import Sandbox
+    from ._sandbox.policy import Sandbox
 
 __all__ = [
     "Backend",

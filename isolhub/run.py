@@ -10,7 +10,7 @@ The script runs as `__main__` (as `python script.py` would run it: `sys.argv` is
     --timeout SECONDS                   kill a worker whose call takes longer than this
     --seed N                            seed torch, random and numpy in each worker first
 
-The shared flags are declared once, in `isolhub._cli_common.FLAGS`, as for `isolhub`.
+The shared flags are declared once, in `isolhub._cli.common.FLAGS`, as for `isolhub`.
 
 Example:
     $ python -m isolhub.run --mode remote --sandbox strict eval.py --batch 8
@@ -26,7 +26,7 @@ import os
 import runpy
 import sys
 
-from ._cli_common import add_flags, sandbox_of
+from ._cli.common import add_flags, sandbox_of
 from ._errors import IsolhubError
 from ._options import MODES
 from ._patch import patched_torch_hub

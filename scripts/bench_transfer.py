@@ -31,7 +31,7 @@ def state_dict_call(worker: Any, args: tuple[Any, ...]) -> tuple[Any, int, float
     """`call(worker, "tensors", args, result="state_dict")` through the engine's two steps:
     (the state dict, how many fds its reply passed, the parent-side decode time)."""
     from isolhub._engine import call_message, decode_result
-    from isolhub._messages import StateDictReply
+    from isolhub._process.messages import StateDictReply
 
     message = call_message("tensors", args, None, "state_dict", None, None)
     reply = worker.request(message, StateDictReply)

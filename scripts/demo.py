@@ -107,7 +107,7 @@ def demo(work: Path, report: Path) -> int:
 
 def run_isolhub(argv: list[str]) -> int:
     """Run an `isolhub` command line in this process."""
-    from isolhub import _cli
+    from isolhub._cli import main as _cli
 
     return _cli.main(argv)
 

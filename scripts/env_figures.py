@@ -56,7 +56,7 @@ def main() -> None:
         (plain / "hubconf.py").write_text("def versions():\n    return None\n")
         os.environ["ISOLHUB_QUIET"] = "1"
         import isolhub as hub
-        from isolhub import _env
+        from isolhub._env import environment as _env
 
         rows = []
         for installer in ("uv", "pip"):

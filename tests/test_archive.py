@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from isolhub._archive import extract_tar
 from isolhub._errors import ArchiveError
+from isolhub._source.archive import extract_tar
 
 from github_server import commit, git, init_repo
 

@@ -20,11 +20,11 @@ import torch
 from urllib3.util import parse_url
 
 import isolhub as hub
-from isolhub._broker import check_url, weights_broker
-from isolhub._download import download_url_to_file
 from isolhub._engine import call, policy_for, start_worker
 from isolhub._errors import DownloadError
-from isolhub._sandbox import probe
+from isolhub._sandbox.policy import probe
+from isolhub._weights.broker import check_url, weights_broker
+from isolhub._weights.download import download_url_to_file
 
 from hubrepos import make_repo, spec_of
 from weights_server import WeightsServer, leftovers
@@ -419,7 +419,7 @@ def test_check_hash_refuses_an_existing_cached_file_that_does_not_match_its_name
 def test_a_verified_file_is_not_hashed_again_until_it_changes(
     hub_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import isolhub._checkpoints as checkpoints
+    import isolhub._weights.checkpoints as checkpoints
 
     hashed: list[int] = []
     real = checkpoints.sha256_fd

@@ -17,7 +17,7 @@ from pathlib import Path
 import cloudpickle
 import pytest
 
-from isolhub import _byvalue
+from isolhub._transport import byvalue as _byvalue
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ def _fetch_in_child(spec: str, home: str, break_lock: bool) -> str:
     os.environ["ISOLHUB_HOME"] = home
     if break_lock:
         # flock succeeding for everyone (some network filesystems): correctness must not change.
-        import isolhub._cache as cache
+        import isolhub._cache.store as cache
 
         cache.lock = lambda name, timeout=600: contextlib.nullcontext()
     return str(hub.fetch(spec).path)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import isolhub as hub
-from isolhub._broker import weights_broker
+from isolhub._weights.broker import weights_broker
 
 from weights_server import WeightsServer
 

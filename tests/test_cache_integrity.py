@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import isolhub as hub
-from isolhub._cache import manifest_path
+from isolhub._cache.store import manifest_path
 
 from hubrepos import make_repo, net_files, spec_of
 

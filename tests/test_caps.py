@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 
 import isolhub as hub
-from isolhub import _caps
-from isolhub._cli import main as cli_main
+from isolhub._cli.main import main as cli_main
 from isolhub._engine import call, policy_for, start_worker
-from isolhub._sandbox import PRETEND_MISSING_ENV, probe
+from isolhub._sandbox import caps as _caps
+from isolhub._sandbox.policy import PRETEND_MISSING_ENV, probe
 
 from hubrepos import make_repo, spec_of
 from procs import scratch_dirs, zombie_pids

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 
 import isolhub as hub
-from isolhub._checkpoints import load_state_dict_from_url
+from isolhub._weights.checkpoints import load_state_dict_from_url
 
 from weights_server import WeightsServer
 

@@ -20,8 +20,6 @@ import torch.hub
 from safetensors.torch import save as save_safetensors
 
 import isolhub._config as config
-from isolhub._checkpoints import checkpoint_name, load_state_dict_from_url, load_url
-from isolhub._download import set_fetch_broker
 from isolhub._errors import (
     CacheCorruptedError,
     CacheError,
@@ -29,6 +27,8 @@ from isolhub._errors import (
     HashMismatchError,
     OfflineError,
 )
+from isolhub._weights.checkpoints import checkpoint_name, load_state_dict_from_url, load_url
+from isolhub._weights.download import set_fetch_broker
 
 from weights_server import Guard, WeightsServer, leftovers, sha256
 

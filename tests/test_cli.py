@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from isolhub import run as isolhub_run
-from isolhub._cli import build_parser, main, parse_kw
-from isolhub._cli_common import FLAGS, add_flags
+from isolhub._cli.common import FLAGS, add_flags
+from isolhub._cli.main import build_parser, main, parse_kw
 
 from hubrepos import make_repo, net_files, spec_of
 

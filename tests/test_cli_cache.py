@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from isolhub import _manifest
-from isolhub._cache import manifest_path, write_text_atomic
-from isolhub._cli_cache import add_commands, parse_age
+from isolhub._cache import manifest as _manifest
+from isolhub._cache.store import manifest_path, write_text_atomic
+from isolhub._cli.cache import add_commands, parse_age
 from isolhub._errors import CacheError, DownloadError, HashMismatchError, UsageError
 
 from weights_server import WeightsServer, file_digests, leftovers, sha256
@@ -323,7 +323,7 @@ def test_cache_verify_finds_broken_entries_and_fix_removes_only_those(
 
 
 def _host() -> str:
-    from isolhub._cache import host_tag
+    from isolhub._cache.store import host_tag
 
     return host_tag()
 

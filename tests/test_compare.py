@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import isolhub._cli as cli
-from isolhub._compare import CompareReport, compare, find_renames
-from isolhub._compare_worker import summarise
-from isolhub._report_html import layer_differences, render_svg
+import isolhub._cli.main as cli
+from isolhub._compare.compare import CompareReport, compare, find_renames
+from isolhub._compare.html import layer_differences, render_svg
+from isolhub._compare.worker import summarise
 
 from hubrepos import commit, make_repo, net_files, spec_of
 

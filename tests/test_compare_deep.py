@@ -16,9 +16,9 @@ import pytest
 import torch
 from test_compare import X, _chromium, by_name, diff, model, run_cli, two_tags  # noqa: F401 - fixture
 
-from isolhub._compare import CompareReport, compare
-from isolhub._compare_code import diff_trees
-from isolhub._compare_stream import align_layers
+from isolhub._compare.code import diff_trees
+from isolhub._compare.compare import CompareReport, compare
+from isolhub._compare.stream import align_layers
 from isolhub._errors import SpecError, UsageError
 
 from hubrepos import spec_of

@@ -23,10 +23,10 @@ from pathlib import Path
 import filelock
 import pytest
 
-from isolhub import _download
-from isolhub._cache import host_tag
-from isolhub._download import download_url_to_file, set_fetch_broker
+from isolhub._cache.store import host_tag
 from isolhub._errors import DownloadError, HashMismatchError, OfflineError
+from isolhub._weights import download as _download
+from isolhub._weights.download import download_url_to_file, set_fetch_broker
 
 from weights_server import Guard, WeightsServer, sha256
 
@@ -508,8 +508,8 @@ def _child_download(
         import fcntl
 
         fcntl.flock = lambda *args, **kwargs: None  # every process "gets" the lock
-    from isolhub._checkpoints import load_state_dict_from_url
-    from isolhub._download import download_url_to_file
+    from isolhub._weights.checkpoints import load_state_dict_from_url
+    from isolhub._weights.download import download_url_to_file
 
     if checkpoint:
         import torch  # noqa: F401  (imported before the barrier so the downloads overlap)
@@ -588,7 +588,7 @@ def test_a_lock_that_lies_still_gives_one_correct_file(
 
 
 def _child_slow(url: str, dst: str) -> None:
-    from isolhub._download import download_url_to_file
+    from isolhub._weights.download import download_url_to_file
 
     download_url_to_file(url, dst, progress=False)
 
@@ -773,7 +773,7 @@ def _child_with_file_size_limit(url: str, dst: str, limit: int, results) -> None
 
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    from isolhub._download import download_url_to_file
+    from isolhub._weights.download import download_url_to_file
 
     try:
         download_url_to_file(url, dst, progress=False)
@@ -981,9 +981,9 @@ def test_errors_pickle_with_their_attributes(server: WeightsServer, out: Path) -
 
 def test_importing_the_download_modules_stays_cheap() -> None:
     code = (
-        "import sys, isolhub._checkpoints, isolhub._download, isolhub._cli_cache\n"
+        "import sys, isolhub._weights.checkpoints, isolhub._weights.download, isolhub._cli.cache\n"
         "heavy = {'torch', 'requests', 'urllib3', 'tqdm', 'safetensors'} & set(sys.modules)\n"
         "assert not heavy, heavy\n"
-        "assert not {'isolhub._api', 'isolhub._cli'} & set(sys.modules)\n"
+        "assert not {'isolhub._api', 'isolhub._cli.main'} & set(sys.modules)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

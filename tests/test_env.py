@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import isolhub as hub
-from isolhub import _env
+from isolhub._env import environment as _env
 
 from hubrepos import make_repo, spec_of
 from pkgindex import PackageIndex
@@ -311,7 +311,7 @@ def test_a_repo_needing_another_version_of_a_zygote_package_gets_its_own_environ
 
 
 def _sandboxed() -> None:
-    from isolhub._sandbox import probe
+    from isolhub._sandbox.policy import probe
 
     missing = [n for n in probe().missing if n in hub.Sandbox().requested()]
     if missing:
@@ -441,7 +441,7 @@ def test_installing_shows_progress_lines_and_reuse_says_so(
 
 
 def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
-    from isolhub._cli import main
+    from isolhub._cli.main import main
 
     code = main(list(argv))
     return code, capsys.readouterr().out
@@ -474,7 +474,7 @@ def test_cli_load_without_env_auto_fails_as_torch_hub_would(
     tmp_path: Path, index: PackageIndex, capsys: pytest.CaptureFixture[str]
 ) -> None:
     spec = _repo(tmp_path, "a", "tinypkg==2.0\n")
-    from isolhub._cli import main
+    from isolhub._cli.main import main
 
     assert main(["list", spec, "--trust"]) == 2
     assert "tinypkg" in capsys.readouterr().err
@@ -523,7 +523,7 @@ def test_cli_env_ls_rm_and_prune(
     assert code == 0 and ea.key[:12] in out and "tinypkg==2.0" in out
     code, out = _cli(capsys, "env", "rm", ea.key[:12], "--json")
     assert code == 0 and not ea.path.exists() and eb.path.exists()
-    from isolhub._cli import main
+    from isolhub._cli.main import main
 
     assert main(["env", "rm", "nosuchkey"]) == 2
     assert "no environment 'nosuchkey'" in capsys.readouterr().err

@@ -13,16 +13,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from isolhub import _github
-from isolhub._archive import extract_tar
-from isolhub._errors import (
-    ArchiveError,
-    DownloadError,
-    FetchError,
-    RefNotFoundError,
-    ResolveError,
-)
-from isolhub._github import api_session, download_tarball, resolve_ref
+from isolhub._errors import ArchiveError, DownloadError, FetchError, RefNotFoundError, ResolveError
+from isolhub._source import github as _github
+from isolhub._source.archive import extract_tar
+from isolhub._source.github import api_session, download_tarball, resolve_ref
 
 from github_server import FakeGitHub, commit, git, init_repo
 

@@ -332,11 +332,11 @@ def test_state_dict_of_submodules_and_with_arguments(stack_repo: Path) -> None:
 
 
 HOSTILE_HANDLE = """
-from isolhub._protocol import encode
+from isolhub._transport.codec import encode
 
 
 def value_reply(value):
-    from isolhub._values import encode_value
+    from isolhub._transport.values import encode_value
 
     body, _, layout = encode_value(value)
     return encode({"ok": True, "kind": "value", "body": body, "layout": layout})

@@ -21,7 +21,7 @@ PRELUDE = (
     CHANNEL
     + """
 import fcntl, os, socket, struct, time
-from isolhub._protocol import encode
+from isolhub._transport.codec import encode
 
 def send_raw(payload, fds=(), announced=None):
     sock = channel()
@@ -60,12 +60,12 @@ CASES = {
     ),
     "oversize_header": "send_raw(b'x' * 16, announced=2**31)",
     "truncated_value": (
-        "from isolhub._protocol import encode; send_raw(encode({'ok': True, 'kind': 'value', "
+        "from isolhub._transport.codec import encode; send_raw(encode({'ok': True, 'kind': 'value', "
         "'body': b's\\x00\\x00\\x10\\x00abc', 'layout': []}))"
     ),
-    "unknown_kind": "from isolhub._protocol import encode; send_raw(encode({'ok': True, 'kind': 'pickle2'}))",
+    "unknown_kind": "from isolhub._transport.codec import encode; send_raw(encode({'ok': True, 'kind': 'pickle2'}))",
     "tensor_past_arena": (
-        "from isolhub._protocol import encode\n"
+        "from isolhub._transport.codec import encode\n"
         "    import os\n"
         "    fd = os.memfd_create('x', os.MFD_ALLOW_SEALING)\n"
         "    os.ftruncate(fd, 64)\n"
@@ -74,7 +74,7 @@ CASES = {
         "    send_raw(encode({'ok': True, 'kind': 'state_dict', 'body': body, 'layout': [[0, 64]]}), fds=[fd])"
     ),
     "unsealed_memfd": (
-        "from isolhub._protocol import encode\n"
+        "from isolhub._transport.codec import encode\n"
         "    import os\n"
         "    fd = os.memfd_create('x', os.MFD_ALLOW_SEALING)\n"
         "    os.ftruncate(fd, 64)\n"
@@ -82,7 +82,7 @@ CASES = {
         "    send_raw(encode({'ok': True, 'kind': 'state_dict', 'body': body, 'layout': [[0, 64]]}), fds=[fd])"
     ),
     "bad_dtype": (
-        "from isolhub._protocol import encode\n"
+        "from isolhub._transport.codec import encode\n"
         "    body = as_tensor({'s': 0, 'dtype': 'object', 'shape': [0], 'stride': [1], 'offset': 0, 'grad': False})\n"
         "    send_raw(encode({'ok': True, 'kind': 'state_dict', 'body': body, 'layout': [[0, 0]]}))"
     ),

@@ -22,11 +22,11 @@ from test_hostile_replies import PRELUDE
 
 import isolhub as hub
 from isolhub._engine import start_worker
-from isolhub._messages import ListRequest
-from isolhub._process import _Zygote
-from isolhub._protocol import MAX_FRAME, recv_frame
-from isolhub._source import fetch_snapshot
+from isolhub._process.messages import ListRequest
+from isolhub._process.worker import _Zygote
+from isolhub._source.snapshot import fetch_snapshot
 from isolhub._spec import parse_spec
+from isolhub._transport.codec import MAX_FRAME, recv_frame
 
 from hubrepos import CHANNEL, make_repo, spec_of
 
@@ -236,7 +236,7 @@ def test_a_tensor_the_parent_cannot_build_is_a_protocol_error_that_kills_the_wor
 
 FD_FLOOD = """
 import array, os, socket, struct, time
-from isolhub._protocol import encode
+from isolhub._transport.codec import encode
 
 def _flood():
     for fd in sorted(int(f) for f in os.listdir("/proc/self/fd")):
@@ -269,7 +269,7 @@ FLOOD_AFTER_ERROR = (
     CHANNEL
     + """
 import array, os, socket, struct, time
-from isolhub._protocol import encode
+from isolhub._transport.codec import encode
 
 def _frame(sock, msg, fds=()):
     anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
@@ -340,7 +340,7 @@ def test_fds_sent_with_a_reply_that_takes_none_are_closed(
 
 
 def test_a_body_that_is_not_bytes_is_refused_not_allocated() -> None:
-    from isolhub._protocol import decode
+    from isolhub._transport.codec import decode
 
     with pytest.raises(hub.ProtocolError, match="got a int"):
         decode(2**40)  # type: ignore[arg-type]  # bytes(2**40) would allocate a TiB

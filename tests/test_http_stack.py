@@ -16,7 +16,7 @@ import requests
 import isolhub as hub
 from isolhub import _errormap, _http
 from isolhub._errors import DownloadError, ResolveError
-from isolhub._github import download_tarball, resolve_ref
+from isolhub._source.github import download_tarball, resolve_ref
 
 from weights_server import WeightsServer
 

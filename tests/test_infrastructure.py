@@ -16,9 +16,13 @@ import pytest
 import torch
 
 import isolhub as hub
-from isolhub import _arena, _cache, _git, _libc, _memfd, _rng
-from isolhub._compare_worker import summarise
+from isolhub import _libc, _memfd
+from isolhub._cache import store as _cache
+from isolhub._compare.worker import summarise
 from isolhub._errors import describe_exit, signal_name
+from isolhub._process import rng as _rng
+from isolhub._source import git as _git
+from isolhub._transport import arena as _arena
 
 from hubrepos import make_repo, spec_of
 
@@ -147,8 +151,13 @@ def test_a_compare_seed_seeds_numpy_as_a_load_seed_does() -> None:
 
 @pytest.mark.slow
 def test_seeding_is_done_in_one_place() -> None:
-    assert set(_calls("manual_seed")) <= {"_rng.py", "_cli_diff.py"}  # diff: its input generator
-    assert _calls("seed") == {"_rng.py": 3}  # random.seed, numpy seeded, numpy reseeded fresh
+    assert set(_calls("manual_seed")) <= {
+        "_process/rng.py",
+        "_cli/diff.py",
+    }  # diff: its input generator
+    assert _calls("seed") == {
+        "_process/rng.py": 3
+    }  # random.seed, numpy seeded, numpy reseeded fresh
 
 
 _HOLD_LOCK = """
@@ -201,4 +210,7 @@ def test_file_locks_are_taken_in_one_place() -> None:
 @pytest.mark.slow
 def test_temp_names_tag_this_host_in_one_way() -> None:
     # Downloads and the cache's temp folders both judge "is its process alive" by this tag.
-    assert _calls("gethostname") == {"_cache.py": 1, "_ray.py": 1}  # Ray: the node it names
+    assert _calls("gethostname") == {
+        "_cache/store.py": 1,
+        "_pool/ray_backend.py": 1,
+    }  # Ray: the node it names

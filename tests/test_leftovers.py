@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 import isolhub as hub
-from isolhub import _process
-from isolhub._cache import host_tag
+from isolhub._cache.store import host_tag
+from isolhub._process import worker as _process
 
 from hubrepos import make_repo, net_files, spec_of
 
@@ -60,7 +60,7 @@ def _children_of(pid: int) -> list[int]:
 def _zygote_of(parent: int) -> int | None:
     for pid in _children_of(parent):
         try:
-            if b"isolhub._zygote" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            if b"isolhub._process.zygote" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 return pid
         except OSError:
             continue
@@ -113,7 +113,7 @@ def test_the_zygote_dies_with_its_parent_even_while_it_is_still_importing_torch(
     parent = _parent(
         """
         import threading, time
-        from isolhub._process import _Zygote
+        from isolhub._process.worker import _Zygote
         threading.Thread(target=_Zygote.get, daemon=True).start()
         time.sleep(3600)
         """,
@@ -205,7 +205,7 @@ def test_a_git_fetch_killed_with_its_parent_leaves_a_folder_that_cache_prune_rem
 
 
 def test_a_live_processes_temp_folder_is_never_swept(private_tmp: Path) -> None:
-    from isolhub._cache import sweep_temp_dirs, temp_dir
+    from isolhub._cache.store import sweep_temp_dirs, temp_dir
 
     mine = temp_dir("worker")
     foreign = private_tmp / f"isolhub-worker-{host_tag()}-1-abcdefgh"  # pid 1 lives

@@ -69,7 +69,7 @@ def test_a_missing_repo_on_the_command_line_is_one_line_with_the_cause(tmp_path:
 
 
 def test_gits_stderr_is_bounded(tmp_path: Path) -> None:
-    from isolhub._git import _STDERR_CHARS, _said
+    from isolhub._source.git import _STDERR_CHARS, _said
 
     said = _said("fatal: first line\n" + "x" * 100_000 + "\nfatal: last line\n")
     assert len(said) <= _STDERR_CHARS + 10
@@ -128,7 +128,7 @@ def test_a_full_sha_that_does_not_exist_is_ref_not_found(repo: Path) -> None:
 def test_a_full_sha_a_remote_does_not_have_is_ref_not_found_at_the_fetch(
     repo: Path, tmp_path: Path
 ) -> None:
-    from isolhub._git import export
+    from isolhub._source.git import export
 
     dest = tmp_path / "dest"
     dest.mkdir()
@@ -159,13 +159,13 @@ def test_an_error_keeps_its_interface_words_across_pickling() -> None:
     e = UntrustedRepoError(("pass ", Option.of(trust_repo=True), "; or not"), spec="a/b")
     back = pickle.loads(pickle.dumps(e))
     assert str(back) == "pass trust_repo=True; or not" and back.spec == "a/b"
-    from isolhub._cli_common import cli_message
+    from isolhub._cli.common import cli_message
 
     assert cli_message(back) == "pass --trust; or not"
 
 
 def test_cli_words_for_options() -> None:
-    from isolhub._cli_common import cli_words
+    from isolhub._cli.common import cli_words
 
     assert cli_words(Option.of(source="local")) == "--local"
     assert cli_words(Option.of(force_reload=True)) == "--force-reload"
@@ -314,7 +314,7 @@ def test_two_existing_directories_diff_as_local_repos(repo: Path, tmp_path: Path
 
 
 def test_doctor_gives_command_line_advice_only() -> None:
-    from isolhub._sandbox import PRETEND_MISSING_ENV
+    from isolhub._sandbox.policy import PRETEND_MISSING_ENV
 
     out = run("doctor", env=dict(os.environ, **{PRETEND_MISSING_ENV: "landlock"}))
     assert out.returncode == 1
@@ -328,7 +328,7 @@ def test_doctor_gives_command_line_advice_only() -> None:
     ids=["random", "empty", "text", "bad-zip"],
 )
 def test_a_download_that_is_no_checkpoint_is_a_typed_error(body: bytes, hub_home: Path) -> None:
-    from isolhub._checkpoints import load_state_dict_from_url
+    from isolhub._weights.checkpoints import load_state_dict_from_url
 
     from weights_server import WeightsServer
 

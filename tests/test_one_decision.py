@@ -2,7 +2,7 @@
 
 `isolhub.load`/`load_state_dict`/`list`/`help`/`fetch`, `Hub.load_state_dict`/`list`/`map`,
 `compare`, the torch.hub patch and the CLI each build one `HubOptions` and hand it, with the spec,
-to `_trust.admit` before anything is fetched; `admit` alone asks `check_trust`, and only for code
+to `_source.trust.admit` before anything is fetched; `admit` alone asks `check_trust`, and only for code
 that will run unconfined. These tests watch `admit` (a recording wrapper that calls the real one)
 and `check_trust` (likewise), so a second trust path, or an entry point building its options
 differently, fails here.
@@ -20,10 +20,11 @@ from typing import Any
 import pytest
 
 import isolhub
-from isolhub import _cli, _trust
+from isolhub._cli import main as _cli
 from isolhub._errors import UntrustedRepoError
 from isolhub._options import HubOptions
-from isolhub._source import fetch_snapshot
+from isolhub._source import trust as _trust
+from isolhub._source.snapshot import fetch_snapshot
 
 SPEC = "someone/net:v1"
 OTHER = "someone/net:v2"
@@ -163,10 +164,10 @@ _TRUST_INTERNALS = {"check_trust", "is_trusted", "_prompt", "_add"}
 
 
 def test_only_admit_decides_trust() -> None:
-    """No module but `_trust` reaches its rules; every other module asks `_trust.admit`."""
+    """No module but `_source.trust` reaches its rules; every other module asks `_source.trust.admit`."""
     offenders = []
     for path in sorted(PACKAGE.rglob("*.py")):
-        if path.relative_to(PACKAGE).as_posix() == "_trust.py":
+        if path.relative_to(PACKAGE).as_posix() == "_source/trust.py":
             continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             name = None

@@ -19,9 +19,9 @@ import pytest
 import torch
 
 import isolhub as hub
-import isolhub._cli as cli
-from isolhub import _pool
-from isolhub._pool import Hub, Result
+import isolhub._cli.main as cli
+from isolhub._pool import hub as _pool
+from isolhub._pool.hub import Hub, Result
 
 from harness_repos import HANG_TIMEOUT, MEMORY_CAP, check_harness_results, evaluate, make_harness
 from hubrepos import make_repo, net_files, spec_of

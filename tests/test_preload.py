@@ -167,7 +167,7 @@ def test_preloading_is_off_with_isolhub_preload_0(python: Path, tmp_path: Path) 
 FORGE = (
     CHANNEL
     + """
-from isolhub._protocol import encode, send_frame
+from isolhub._transport.codec import encode, send_frame
 
 def forge(names):
     # A side-effects frame of its own, ahead of the worker's real reply.
@@ -225,7 +225,7 @@ def hub_load(r: Path, entry: str, **kw: object) -> object:
 
 RETIRED_RACE = """
 import threading, time
-from isolhub import _process
+from isolhub._process import worker as _process
 
 results = []
 for _ in range(3):

@@ -13,7 +13,7 @@ import pytest
 import isolhub
 from isolhub import _errors
 from isolhub._engine import start_worker
-from isolhub._messages import (
+from isolhub._process.messages import (
     CALLER_ERRORS,
     ERROR_KINDS,
     PROTOCOL_VERSION,
@@ -25,9 +25,9 @@ from isolhub._messages import (
     error_record,
     kind_of,
 )
-from isolhub._protocol import decode, encode
-from isolhub._source import fetch_snapshot
+from isolhub._source.snapshot import fetch_snapshot
 from isolhub._spec import parse_spec
+from isolhub._transport.codec import decode, encode
 
 from hubrepos import CHANNEL, make_repo, spec_of
 
@@ -109,7 +109,7 @@ LIAR = (
     CHANNEL
     + """
 import struct, time
-from isolhub._protocol import encode
+from isolhub._transport.codec import encode
 
 
 def lie(error):
@@ -154,7 +154,7 @@ def _other_isolhub(into: Path, version: int) -> None:
         into / "isolhub",
         ignore=shutil.ignore_patterns("__pycache__"),
     )
-    messages = into / "isolhub" / "_messages.py"
+    messages = into / "isolhub" / "_process/messages.py"
     text, n = re.subn(
         r"^PROTOCOL_VERSION = \d+$",
         f"PROTOCOL_VERSION = {version}",
@@ -174,7 +174,7 @@ def test_a_worker_of_another_protocol_version_is_refused_naming_both(
     snap = fetch_snapshot(parse_spec(spec_of(repo), "github"), verbose=False)
     other = PROTOCOL_VERSION + 1
     _other_isolhub(tmp_path / "elsewhere", other)
-    # `python -m isolhub._worker` imports the isolhub of its current directory first: a real
+    # `python -m isolhub._process.runtime` imports the isolhub of its current directory first: a real
     # way for a worker to run another isolhub than its parent's.
     monkeypatch.chdir(tmp_path / "elsewhere")
     with pytest.raises(isolhub.ProtocolVersionError) as info:
@@ -195,7 +195,7 @@ def test_a_worker_of_an_isolhub_before_versions_is_refused_as_version_0(
     repo = make_repo(tmp_path / "r", {"hubconf.py": "def net():\n    return 1\n"})
     snap = fetch_snapshot(parse_spec(spec_of(repo), "github"), verbose=False)
     _other_isolhub(tmp_path / "old", PROTOCOL_VERSION)
-    worker = tmp_path / "old" / "isolhub" / "_worker.py"
+    worker = tmp_path / "old" / "isolhub" / "_process/runtime.py"
     # Its hello as isolhub sent it before the handshake had a version.
     text = worker.read_text().replace(
         "send_frame(sock, encode(hello()))",

@@ -1,4 +1,4 @@
-"""Every reply a worker sends is a frozen dataclass of `_messages`, decoded in one place.
+"""Every reply a worker sends is a frozen dataclass of `_process.messages`, decoded in one place.
 
 `decode(raw, fds)` checks each field's type and the number of fds; a reply of the wrong shape
 is a `ProtocolError` and its fds are closed, whether it comes from a decoded raw dict or from
@@ -16,10 +16,10 @@ import pytest
 import torch
 
 import isolhub
-from isolhub import _messages
-from isolhub._compare_worker import open_session
+from isolhub._compare.worker import open_session
 from isolhub._engine import start_worker
-from isolhub._messages import (
+from isolhub._process import messages as _messages
+from isolhub._process.messages import (
     RESULT_REPLIES,
     ArenaReply,
     CallRequest,
@@ -43,10 +43,10 @@ from isolhub._messages import (
     ZygoteHello,
     decode_reply,
 )
-from isolhub._protocol import decode, encode
-from isolhub._source import fetch_snapshot
+from isolhub._source.snapshot import fetch_snapshot
 from isolhub._spec import parse_spec
-from isolhub._values import decode_value, encode_value
+from isolhub._transport.codec import decode, encode
+from isolhub._transport.values import decode_value, encode_value
 
 from hubrepos import CHANNEL, make_repo, spec_of
 
@@ -301,7 +301,7 @@ LIAR = (
     + """
 import array, os, socket, struct, time
 import torch
-from isolhub._protocol import encode
+from isolhub._transport.codec import encode
 
 
 def lie(message, n_fds=0, then_sleep=True):

@@ -55,9 +55,9 @@ def test_importing_isolhub_does_not_import_torch() -> None:
 
 def test_the_worker_runtime_does_not_pull_in_the_parent_layers() -> None:
     code = (
-        "import sys, isolhub._worker, isolhub._zygote; "
-        "print(sorted(m for m in ('isolhub._api', 'isolhub._source', 'isolhub._cli', "
-        "'isolhub._github', 'isolhub._git') if m in sys.modules))"
+        "import sys, isolhub._process.runtime, isolhub._process.zygote; "
+        "print(sorted(m for m in ('isolhub._api', 'isolhub._source.snapshot', 'isolhub._cli.main', "
+        "'isolhub._source.github', 'isolhub._source.git') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

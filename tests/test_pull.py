@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import isolhub as hub
-from isolhub import _engine, _pull
+from isolhub import _engine
+from isolhub._transport import pull as _pull
 
 from hubrepos import make_repo, net_files, spec_of
 
@@ -20,7 +21,8 @@ REFUSED = """
 import ctypes, os, sys
 import torch
 import isolhub
-from isolhub import _pull, _seccomp
+from isolhub._transport import pull as _pull
+from isolhub._sandbox import seccomp as _seccomp
 
 repo = sys.argv[1]
 first = isolhub.load(repo, "net", source="local")  # starts the zygote (its exec comes first)

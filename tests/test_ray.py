@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import isolhub as hub
-from isolhub._pool import Hub
+from isolhub._pool.hub import Hub
 
 from harness_repos import HANG_TIMEOUT, MEMORY_CAP, check_harness_results, evaluate, make_harness
 from hubrepos import make_repo, net_files, spec_of
@@ -163,7 +163,7 @@ def _isolhub_processes() -> list[int]:
             state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        ours = b"isolhub._zygote" in cmd or b"_RepoActor" in cmd
+        ours = b"isolhub._process.zygote" in cmd or b"_RepoActor" in cmd
         if ours and marker in env and state != "Z":
             out.append(int(pid))
     return out

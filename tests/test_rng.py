@@ -192,7 +192,7 @@ FORGE = (
     CHANNEL
     + """
 import time
-from isolhub._protocol import encode, send_frame
+from isolhub._transport.codec import encode, send_frame
 
 def forge(rng):
     send_frame(channel(), encode({"effects": {"rng": rng}}))
@@ -276,7 +276,7 @@ def test_hub_map_without_a_seed_gives_each_task_its_own_state_reproducibly(repo:
 
 
 def test_compare_without_a_seed_starts_both_sides_from_the_callers_state(tmp_path: Path) -> None:
-    from isolhub._compare import compare
+    from isolhub._compare.compare import compare
 
     repo = make_repo(tmp_path / "same.git", {"hubconf.py": HUBCONF}, tag="v1")
     commit(repo, {"README": "v2\n"}, tag="v2")

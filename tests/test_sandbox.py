@@ -22,7 +22,7 @@ import torch
 
 import isolhub as hub
 from isolhub._engine import call, start_worker
-from isolhub._sandbox import probe
+from isolhub._sandbox.policy import probe
 
 from github_server import FakeGitHub
 from hubrepos import make_repo, spec_of

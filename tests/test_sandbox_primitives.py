@@ -1,4 +1,4 @@
-"""The kernel sandbox (`isolhub._sandbox`) against a hostile hubconf, one action per test.
+"""The kernel sandbox (`isolhub._sandbox.policy`) against a hostile hubconf, one action per test.
 
 Invariant: after `apply`, each hostile action fails with the specific error the hubconf would see,
 the parent stays alive and unsignalled, and nothing outside scratch changes. The same actions run
@@ -26,8 +26,8 @@ from typing import Any
 
 import pytest
 
-from isolhub import _seccomp
-from isolhub._sandbox import PRETEND_MISSING_ENV, PROTECTIONS, Sandbox, probe, resolve_policy
+from isolhub._sandbox import seccomp as _seccomp
+from isolhub._sandbox.policy import PRETEND_MISSING_ENV, PROTECTIONS, Sandbox, probe, resolve_policy
 
 pytestmark = pytest.mark.sandbox
 
@@ -46,8 +46,8 @@ SECRET = "-----BEGIN OPENSSH PRIVATE KEY----- canary"
 ZYGOTE = r"""
 import json, os, select, signal, sys, time
 import torch  # the real zygote has torch imported before it forks workers
-from isolhub import _caps
-from isolhub._sandbox import Sandbox, apply
+from isolhub._sandbox import caps as _caps
+from isolhub._sandbox.policy import Sandbox, apply
 
 sigterms = 0
 def on_sigterm(signum, frame):
@@ -850,7 +850,7 @@ def test_syscall_tables_match_the_kernel_headers(arch, header, pattern):
 def _run_bpf(
     program: list[tuple[int, int, int, int]], arch: int, nr: int, args: tuple[int, ...] = ()
 ) -> int:
-    """A minimal classic-BPF interpreter for the instructions `_seccomp` emits."""
+    """A minimal classic-BPF interpreter for the instructions `_sandbox.seccomp` emits."""
     data = [nr, arch, 0, 0] + [
         word for a in (*args, 0, 0, 0, 0, 0, 0)[:6] for word in (a & 0xFFFFFFFF, a >> 32)
     ]

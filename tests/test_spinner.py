@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from isolhub._protocol import Spinner
+from isolhub._transport.codec import Spinner
 
 
 class Poll:

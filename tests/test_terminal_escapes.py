@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import isolhub as hub
-from isolhub._cli import main
+from isolhub._cli.main import main
 from isolhub._escape import escape_controls
 
 from hubrepos import make_repo, spec_of

@@ -20,7 +20,7 @@ import torch
 import torch.hub
 
 import isolhub
-from isolhub._cli import main as isolhub_cli
+from isolhub._cli.main import main as isolhub_cli
 from isolhub._patch import patched_torch_hub
 
 from github_server import FakeGitHub, git

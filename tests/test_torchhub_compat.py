@@ -40,9 +40,7 @@ import torch.hub
 import torch.utils.model_zoo
 
 import isolhub
-from isolhub import _config, _github, _patch
-from isolhub._checkpoints import load_state_dict_from_url as isolhub_load_state_dict_from_url
-from isolhub._checkpoints import load_url as isolhub_load_url
+from isolhub import _config, _patch
 from isolhub._errors import (
     EntrypointError,
     IsolhubError,
@@ -57,7 +55,12 @@ from isolhub._errors import (
 )
 from isolhub._options import HubOptions
 from isolhub._patch import patch_torch_hub, patched_torch_hub, unpatch_torch_hub
+from isolhub._source import github as _github
 from isolhub._spec import RepoSpec, parse_spec
+from isolhub._weights.checkpoints import (
+    load_state_dict_from_url as isolhub_load_state_dict_from_url,
+)
+from isolhub._weights.checkpoints import load_url as isolhub_load_url
 
 from github_server import FakeGitHub, git
 from hubrepos import commit, make_repo, net_files, spec_of
@@ -1191,7 +1194,7 @@ def test_torch_hub_and_isolhub_pointed_at_one_dir_download_a_checkpoint_once(
 
 @pytest.mark.sandbox
 def test_remote_and_sandboxed_loads_through_the_patch(gh: FakeGitHub) -> None:
-    from isolhub._sandbox import probe
+    from isolhub._sandbox.policy import probe
 
     missing = [n for n in probe().missing if n in isolhub.Sandbox().requested()]
     if missing:

@@ -19,8 +19,8 @@ import torch.hub
 
 import isolhub
 from isolhub._errors import TrustResponseError, UntrustedRepoError
+from isolhub._source.trust import check_trust
 from isolhub._spec import parse_spec
-from isolhub._trust import check_trust
 
 EOF = object()  # input() meets the end of stdin
 STATES = ("untrusted", "listed", "legacy_folder", "builtin_owner", "no_file")

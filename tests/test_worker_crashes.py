@@ -106,7 +106,7 @@ def _children_of(pid: int) -> set[int]:
 def test_the_next_worker_is_forked_ahead_and_a_dead_spare_is_replaced(crash_repo: Path) -> None:
     import signal
 
-    from isolhub import _process
+    from isolhub._process import worker as _process
 
     assert hub.load(spec_of(crash_repo), "ok") == "fine"
     zygote = _process._Zygote.get().proc.pid

@@ -228,7 +228,7 @@ FORGE = (
     CHANNEL
     + """
 import time
-from isolhub._protocol import encode, send_frame
+from isolhub._transport.codec import encode, send_frame
 
 def forge(records):
     send_frame(channel(), encode({"effects": {"warnings": records}}))
