@@ -84,15 +84,20 @@ _SCRUBBED = (
 
 
 @pytest.fixture(autouse=True)
-def _doctest_sandbox(request: pytest.FixtureRequest) -> None:
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No token, proxy or isolhub setting of this machine reaches a test or an example."""
+    for name in _SCRUBBED:
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _doctest_sandbox(request: pytest.FixtureRequest, _clean_environment: None) -> None:
     if not isinstance(request.node, DoctestItem):
         return
     import isolhub._config as config
 
     tmp_path: Path = request.getfixturevalue("tmp_path")
     monkeypatch: pytest.MonkeyPatch = request.getfixturevalue("monkeypatch")
-    for name in _SCRUBBED:
-        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("ISOLHUB_HOME", str(tmp_path / "hub"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # uv's and pip's caches too
     monkeypatch.setenv("UV_CACHE_DIR", str(tmp_path / "cache" / "uv"))

@@ -9,26 +9,11 @@ import pytest
 
 import isolhub._config as config
 
-_SCRUBBED = (
-    "GITHUB_TOKEN",
-    "ISOLHUB_HOME",
-    "ISOLHUB_OFFLINE",
-    "ISOLHUB_QUIET",
-    "ISOLHUB_GITHUB_API",
-    "HTTP_PROXY",
-    "HTTPS_PROXY",
-    "http_proxy",
-    "https_proxy",
-    "ALL_PROXY",
-    "all_proxy",
-)
-
 
 @pytest.fixture(autouse=True)
-def hub_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A private hub dir (`$ISOLHUB_HOME`) and an environment without tokens or proxies."""
-    for name in _SCRUBBED:
-        monkeypatch.delenv(name, raising=False)
+def hub_home(_clean_environment: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private hub dir (`$ISOLHUB_HOME`) in an environment without tokens or proxies (the root
+    conftest.py's `_clean_environment` scrubs them)."""
     home = tmp_path / "hub"
     monkeypatch.setenv("ISOLHUB_HOME", str(home))
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,127.0.0.2,localhost")
