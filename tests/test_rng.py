@@ -299,7 +299,7 @@ def test_the_random_state_is_handed_over_where_torch_runs_without_numpy() -> Non
     code = (
         "import sys; sys.modules['numpy'] = None\n"
         "import torch\n"
-        "from isolhub import _rng\n"
+        "from isolhub._process import rng as _rng\n"
         "torch.manual_seed(3); state = _rng.capture(); a = torch.rand(4)\n"
         "_rng.restore(state); assert torch.equal(torch.rand(4), a)\n"
         "print('numpy' in state, len(state['torch']))\n"
