@@ -130,9 +130,9 @@ def start_worker(
         raise SandboxError("the sandbox is applied in a worker forked from the zygote; use it")
     # The confined worker keeps the zygote's secret-free environment and never sees the hub dir.
     init.update(env=None, hub_dir=None, sandbox=sandbox)
-    pretend = os.environ.get(PRETEND_MISSING_ENV)
-    if pretend:  # the test knob simulating an older kernel must reach the worker
-        init["env_overrides"] = {PRETEND_MISSING_ENV: pretend}
+    # The test knob simulating an older kernel reaches the worker as it is now, set or not
+    # (the zygote's environment is the one it started with).
+    init["env_overrides"] = {PRETEND_MISSING_ENV: os.environ.get(PRETEND_MISSING_ENV, "")}
     return Worker.start(
         snapshot.label,
         init,

@@ -167,6 +167,19 @@ def test_a_cap_that_cannot_be_applied_fails_closed_naming_it(
     assert "allow_missing" in str(info.value)
 
 
+def test_a_zygote_started_while_a_cap_was_pretended_missing_does_not_keep_pretending(
+    repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from isolhub._process.worker import shutdown_zygote
+
+    shutdown_zygote()
+    monkeypatch.setenv(PRETEND_MISSING_ENV, "caps.memory")
+    with pytest.raises(hub.SandboxError, match=re.escape("caps.memory")):
+        run_case(repo, "thread_bomb", 1)  # this zygote starts with the knob in its environment
+    monkeypatch.delenv(PRETEND_MISSING_ENV)
+    assert run_case(repo, "thread_bomb", 1) == {"started": 1, "error": None}  # as the machine is
+
+
 def test_a_cap_left_unset_is_not_requested() -> None:
     policy = hub.Sandbox(memory_bytes=None, max_tasks=None, scratch_bytes=None)
     assert not {"caps.memory", "caps.tasks", "caps.scratch"} & set(policy.requested())
@@ -233,4 +246,14 @@ def test_a_dropped_handle_kills_reaps_and_cleans_up_its_worker(
     assert _wait_until(lambda: not os.path.exists(f"/proc/{pid}")), "worker still there"
     assert pid not in zombie_pids()
     assert _wait_until(lambda: not os.path.exists(scratch)), "scratch left behind"
+    assert _wait_until(lambda: not _cgroup_dirs(pid)), "cgroups left behind"
+
+
+@pytest.mark.parametrize("sandbox", [None, "strict"])
+def test_a_closed_worker_leaves_no_cgroups_behind(repo: Path, sandbox: str | None) -> None:
+    policy = policy_for(sandbox, "value")
+    w = start_worker(hub.fetch(spec_of(repo)), sandbox=policy)
+    pid = w.pid
+    assert len(_cgroup_dirs(pid)) == 2 or not sandbox
+    w.close()  # its cgroups are removed off the caller's path (the kernel lets go slowly)
     assert _wait_until(lambda: not _cgroup_dirs(pid)), "cgroups left behind"
