@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -50,6 +51,7 @@ __all__ = [
     "learned",
     "preload",
     "preloaded_modules",
+    "prime",
     "reported",
     "valid_names",
 ]
@@ -80,24 +82,41 @@ def valid_names(names: Any) -> bool:
     )
 
 
+@functools.cache
 def _installed_roots() -> tuple[str, ...]:
+    # Cached, and primed in the zygote (`prime`): in a fresh fork the first `get_paths()` took
+    # 2.3 ms of a tiny load, and every worker asks the same question.
     paths = sysconfig.get_paths()
     roots = {paths[k] for k in ("purelib", "platlib") if k in paths}
     return tuple(os.path.realpath(r) + os.sep for r in roots)
 
 
+def prime() -> None:
+    """Compute, before forking, what every worker's `reported` needs (it is inherited)."""
+    _installed_roots()
+
+
 def reported(before: Iterable[str], private: Iterable[str]) -> list[str]:
     """Top-level packages imported since `before` from site-packages, not from `private` dirs."""
     known = set(before)
+    # By name first: reading a module object writes its reference count, and in a fresh fork
+    # each such write copies a page (1.2 ms for the ~1,100 modules torch leaves behind).
+    names = [
+        n
+        for n in list(sys.modules)
+        if "." not in n
+        and n not in known
+        and not n.startswith("_")
+        and n not in _GROUPS
+        and n not in sys.stdlib_module_names  # cheap to import, and always there
+    ]
+    if not names:
+        return []
     roots = _installed_roots()
     mine = tuple(os.path.realpath(p) + os.sep for p in private)
     out = []
-    for name, module in list(sys.modules.items()):
-        if "." in name or name in known or name.startswith("_") or name in _GROUPS:
-            continue
-        if name in sys.stdlib_module_names:  # cheap to import, and always there
-            continue
-        path = getattr(module, "__file__", None)
+    for name in names:
+        path = getattr(sys.modules.get(name), "__file__", None)
         if not isinstance(path, str):
             continue
         real = os.path.realpath(path)

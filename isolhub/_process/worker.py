@@ -18,8 +18,10 @@ Example (`repo` is a folder with a hubconf.py; `isolhub._engine.start_worker` bu
 
 from __future__ import annotations
 
+import atexit
 import codecs
 import contextlib
+import functools
 import json
 import os
 import pickle
@@ -836,7 +838,9 @@ class Worker:
         self._finalizer.detach()
         _kill_and_close(self.pidfd, self.sock)
         shutil.rmtree(self.scratch, ignore_errors=True)
-        self.cap_note = _caps.release(self.pid)
+        self.cap_note = _caps.oom_note(self.pid)
+        # The worker is reaped; its emptied cgroups take the kernel 10-30 ms to let go of.
+        _later(_caps.remove, self.pid)
 
     def kill(self) -> None:
         """Kill the worker at once (SIGKILL) and reap it."""
@@ -883,7 +887,7 @@ def _kill_and_close(pidfd: int, sock: socket.socket) -> None:
 # A finalizer runs wherever the garbage collector strikes, possibly in a thread that holds the
 # zygote's lock, so reaping (which asks the zygote) happens in a thread of its own.
 # SimpleQueue.put is safe to call from a finalizer.
-_reaper_jobs: queue.SimpleQueue[tuple[int, Callable[[], int], str, int]] = queue.SimpleQueue()
+_reaper_jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
 _reaper_owner = 0
 _reaper_lock = threading.Lock()
 
@@ -903,15 +907,34 @@ def _reap(
     with contextlib.suppress(OSError):
         signal.pidfd_send_signal(pidfd, signal.SIGKILL)
     sock.close()
-    if threading.main_thread().is_alive():
-        _reaper_jobs.put((pidfd, status, scratch, pid))
-    else:  # interpreter exit: no reaper thread will run again, and no lock is held
-        _clean_up(pidfd, status, scratch, pid)
+    _later(_clean_up, pidfd, status, scratch, pid)
+
+
+def _later(job: Callable[..., None], *args: Any) -> None:
+    """Run `job(*args)` in the reaper thread (now, at interpreter exit: no thread runs again)."""
+    if threading.main_thread().is_alive():  # the reaper started with the first worker
+        _reaper_jobs.put(functools.partial(job, *args))
+    else:  # no lock is held either
+        job(*args)
 
 
 def _reaper() -> None:
     while True:
-        _clean_up(*_reaper_jobs.get())
+        job = _reaper_jobs.get()
+        with contextlib.suppress(Exception):  # a reaper must outlive any one failure
+            job()
+
+
+@atexit.register
+def _finish_reaping() -> None:
+    """What the reaper has not done yet (a CLI exits right after its load), done now."""
+    while True:
+        try:
+            job = _reaper_jobs.get_nowait()
+        except queue.Empty:
+            return
+        with contextlib.suppress(Exception):
+            job()
 
 
 def _clean_up(pidfd: int, status: Callable[[], int], scratch: str, pid: int) -> None:

@@ -42,19 +42,28 @@ def _preload() -> None:
 
     import torch  # noqa: F401
 
+    if "numpy" in sys.modules:  # torch imports it; its `random` is imported lazily, by the
+        importlib.import_module("numpy.random")  # reseed in every worker: 7 ms of CPU each
+
     # What every worker shares, fixed, besides torch (`ISOLHUB_ZYGOTE_IMPORTS=numpy,timm`):
     # imported once here and never replaced by a repo's environment (`_env.environment`).
     for name in os.environ.get("ISOLHUB_ZYGOTE_IMPORTS", "").replace(" ", "").split(","):
         if name:
             importlib.import_module(name)
 
+    import torch.utils.model_zoo  # noqa: F401
+
+    from .._sandbox import caps as _caps  # noqa: F401
     from .._transport.byvalue import prime_module_paths
     from .._weights import checkpoints as _checkpoints  # noqa: F401
+    from . import preload as _learned
+    from . import runtime as _runtime  # noqa: F401  (20-30 ms of imports in each fork otherwise)
 
-    # Workers inherit all of this. Resolve module paths once here (by-value pickling looks
-    # them up), and freeze the objects: a worker's garbage collector then never walks them,
+    # Workers inherit all of this. Resolve module paths once here (by-value pickling and the
+    # scan for packages to preload look them up), and freeze the objects: a worker's garbage collector then never walks them,
     # which would write to, and so copy, every page holding one (a 0.1-0.2 s stall).
     prime_module_paths()
+    _learned.prime()
     gc.collect()
     gc.freeze()
 

@@ -32,7 +32,18 @@ import contextlib
 import os
 from dataclasses import dataclass
 
-__all__ = ["CONTROLLERS", "Place", "join", "locate", "name_for", "prepare", "probe", "release"]
+__all__ = [
+    "CONTROLLERS",
+    "Place",
+    "join",
+    "locate",
+    "name_for",
+    "oom_note",
+    "prepare",
+    "probe",
+    "release",
+    "remove",
+]
 
 CONTROLLERS = ("memory", "pids")
 
@@ -261,27 +272,49 @@ def _oom_kills(path: str) -> int:
     return 0
 
 
-def release(pid: int) -> str:
-    """Remove the cgroups of the reaped worker `pid`: a note if its memory cap killed it, else ''.
-
-    Safe to call for a worker that never joined one (nothing to remove).
-    """
-    note = ""
+def _worker_dirs(pid: int) -> list[tuple[Place, str]]:
+    """(place, path) of each cgroup the worker `pid` has here."""
+    found = []
     for controller in CONTROLLERS:
         place = locate(controller)
         if isinstance(place, str):
             continue
         path = os.path.join(place.own, name_for(pid))
-        if not os.path.isdir(path):
-            continue
-        if controller == "memory" and _oom_kills(path):
+        if os.path.isdir(path):
+            found.append((place, path))
+    return found
+
+
+def oom_note(pid: int) -> str:
+    """A note if the reaped worker `pid`'s memory cap killed it, else '' (its cgroups stay)."""
+    for place, path in _worker_dirs(pid):
+        if place.controller == "memory" and _oom_kills(path):
             try:
                 limit = int(_read(os.path.join(path, _limits(place, 0)[0][0])).strip())
-                note = f"it reached its memory cap ({_human('memory', limit)}) and was OOM-killed"
+                return f"it reached its memory cap ({_human('memory', limit)}) and was OOM-killed"
             except (OSError, ValueError):
-                note = "it reached its memory cap and was OOM-killed"
+                return "it reached its memory cap and was OOM-killed"
+    return ""
+
+
+def remove(pid: int) -> None:
+    """Remove the cgroups of the reaped worker `pid` (none: nothing to do).
+
+    The kernel may take 10-30 ms to let go of a cgroup whose last process just exited, so
+    callers on a load's path leave this to a thread (`_process.worker`).
+    """
+    for _, path in _worker_dirs(pid):
         with contextlib.suppress(OSError):
             os.rmdir(path)
+
+
+def release(pid: int) -> str:
+    """Remove the cgroups of the reaped worker `pid`: a note if its memory cap killed it, else ''.
+
+    Safe to call for a worker that never joined one (nothing to remove).
+    """
+    note = oom_note(pid)
+    remove(pid)
     return note
 
 
