@@ -28,20 +28,27 @@ from isolhub._process.messages import (
     Effects,
     EntrypointsReply,
     Forked,
+    ForkRequest,
     HandleInfo,
     HandleReply,
     IterationBatch,
     ListRequest,
     PickleReply,
     Preloaded,
+    PreloadRequest,
     Provided,
+    ProvidedRequest,
     RaisedReply,
     Reply,
     StateDictReply,
     ValueReply,
     Waited,
+    WaitRequest,
     ZygoteHello,
+    ZygoteRequest,
     decode_reply,
+    zygote_refusal,
+    zygote_request,
 )
 from isolhub._source.snapshot import fetch_snapshot
 from isolhub._spec import parse_spec
@@ -442,3 +449,71 @@ def test_a_request_is_a_frozen_dataclass_the_worker_dispatches_on(liar: str) -> 
         assert "liar" in names
         with pytest.raises(dataclasses.FrozenInstanceError):
             CallRequest(entry="liar").entry = "other"  # type: ignore[misc]
+
+
+# -- the zygote's requests -----------------------------------------------------------------------
+
+# One of each request the zygote serves, with the fds that go with it.
+ZYGOTE_REQUESTS: list[tuple[ZygoteRequest, int]] = [
+    (ForkRequest(), 2),
+    (WaitRequest(42), 0),
+    (PreloadRequest(("numpy", "scipy")), 0),
+    (PreloadRequest(()), 0),
+    (ProvidedRequest(), 0),
+]
+
+
+def test_every_zygote_request_class_is_exercised() -> None:
+    classes = {
+        c
+        for c in vars(_messages).values()
+        if isinstance(c, type) and issubclass(c, ZygoteRequest) and c is not ZygoteRequest
+    }
+    assert {type(r) for r, _ in ZYGOTE_REQUESTS} == classes
+
+
+@pytest.mark.parametrize(("request_", "n_fds"), ZYGOTE_REQUESTS, ids=lambda r: type(r).__name__)
+def test_every_zygote_request_round_trips_through_the_codec(
+    request_: ZygoteRequest, n_fds: int
+) -> None:
+    assert zygote_request(_wire(request_), n_fds) == request_
+
+
+@pytest.mark.parametrize(
+    ("raw", "n_fds"),
+    [
+        ({"op": "fork"}, 0),  # a fork without its channel and output
+        ({"op": "fork"}, 3),
+        ({"op": "fork", "pid": 1}, 2),
+        ({"op": "wait", "pid": "42"}, 0),
+        ({"op": "wait", "pid": True}, 0),
+        ({"op": "wait"}, 0),
+        ({"op": "wait", "pid": 42}, 1),
+        ({"op": "preload", "names": "numpy"}, 0),
+        ({"op": "preload", "names": [1]}, 0),
+        ({"op": "preload"}, 0),
+        ({"op": "provided", "all": True}, 0),
+        ({"op": "exec", "argv": ["sh"]}, 0),
+        ({"op": ["fork"]}, 2),
+        ({"pid": 42}, 0),
+        (["fork"], 2),
+        (None, 0),
+    ],
+)
+def test_a_zygote_request_of_another_shape_is_none_the_zygote_serves(raw: Any, n_fds: int) -> None:
+    with pytest.raises(isolhub.ProtocolError):
+        zygote_request(raw, n_fds)
+
+
+def test_the_zygote_refuses_a_request_it_does_not_serve_and_keeps_serving() -> None:
+    from isolhub._process import worker as _worker
+    from isolhub._transport.codec import recv_frame, send_frame
+
+    z = _worker._Zygote.get()
+    for raw in ({"op": "exec", "argv": ["sh"]}, {"op": "fork"}, {"op": "wait", "pid": 1}):
+        with z.lock:
+            send_frame(z.control, encode(raw))
+            frame = recv_frame(z.control)
+        assert frame is not None and frame[1] == []
+        assert zygote_refusal(decode(frame[0]))
+    assert "torch" in z.provided_packages()  # asked once it refused, it still answers

@@ -21,7 +21,9 @@ kills the worker), never a `KeyError` nor a value of the wrong type further on.
 `decode_reply` is the one place a reply and its fds are decoded (`Worker.request` calls it).
 Values inside a reply have shapes of their own, checked here too once decoded:
 `IterationBatch` (a remote iterator's `next`), `HandleInfo` (a kept object), `CompareStep`.
-The zygote's answers (`ZygoteHello`, `Forked`, `Waited`, `Preloaded`, `Provided`) are here too.
+The zygote's requests (`ForkRequest`, `WaitRequest`, `PreloadRequest`, `ProvidedRequest`,
+decoded in the zygote by `zygote_request`) and its answers (`ZygoteHello`, `Forked`, `Waited`,
+`Preloaded`, `Provided`) are here too.
 
 `ERROR_KINDS` is the one table from an error's kind on the wire to the class the parent
 raises; `kind_of` (worker side) and `ErrorRecord.to_exception` (parent side) both read it.
@@ -40,6 +42,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import traceback
 from collections.abc import Callable, Sequence
@@ -78,6 +81,7 @@ __all__ = [
     "Effects",
     "EntrypointsReply",
     "ErrorRecord",
+    "ForkRequest",
     "Forked",
     "HandleInfo",
     "HandleReply",
@@ -88,8 +92,10 @@ __all__ = [
     "ListRequest",
     "PROTOCOL_VERSION",
     "PickleReply",
+    "PreloadRequest",
     "Preloaded",
     "Provided",
+    "ProvidedRequest",
     "PushRequest",
     "RESULT_REPLIES",
     "RaisedReply",
@@ -98,8 +104,10 @@ __all__ = [
     "StateDictReply",
     "UnpinNote",
     "ValueReply",
+    "WaitRequest",
     "Waited",
     "ZygoteHello",
+    "ZygoteRequest",
     "close_fds",
     "decode_reply",
     "error_record",
@@ -108,6 +116,7 @@ __all__ = [
     "kind_of",
     "zygote_refusal",
     "zygote_refused",
+    "zygote_request",
 ]
 
 # Raised whenever a message changes shape or meaning. 2: requests are `Request` dataclasses.
@@ -851,6 +860,101 @@ class CloseNote(Request):
     """The worker exits (no reply)."""
 
 
+# -- the zygote's requests -----------------------------------------------------------------------
+#
+# What the parent asks its zygote, through the codec (`to_wire`), on the control socket; the
+# zygote decodes each with `zygote_request` and dispatches on its class. A shape it does not
+# serve is refused (`zygote_refused`), as is a fork without its two fds.
+
+
+@dataclass(frozen=True, slots=True)
+class ZygoteRequest:
+    """What every request to the zygote shares: its `op` on the wire and the fds it takes."""
+
+    OP: ClassVar[str] = ""
+    FDS: ClassVar[int] = 0
+
+    def to_wire(self) -> dict[str, Any]:
+        """This request as the codec carries it (its fds, if any, travel beside, with the frame)."""
+        return {"op": self.OP}
+
+
+@dataclass(frozen=True, slots=True)
+class ForkRequest(ZygoteRequest):
+    """Fork a worker on the channel and output fds passed with the request (`Forked`)."""
+
+    OP = "fork"
+    FDS = 2
+
+
+@dataclass(frozen=True, slots=True)
+class WaitRequest(ZygoteRequest):
+    """Reap the worker `pid` once it has exited (`Waited`)."""
+
+    pid: int
+
+    OP = "wait"
+
+    def to_wire(self) -> dict[str, Any]:
+        """This request as the codec carries it."""
+        return {"op": self.OP, "pid": self.pid}
+
+
+@dataclass(frozen=True, slots=True)
+class PreloadRequest(ZygoteRequest):
+    """Import these installed packages for the next workers (`Preloaded`)."""
+
+    names: tuple[str, ...]
+
+    OP = "preload"
+
+    def to_wire(self) -> dict[str, Any]:
+        """This request as the codec carries it."""
+        return {"op": self.OP, "names": list(self.names)}
+
+
+@dataclass(frozen=True, slots=True)
+class ProvidedRequest(ZygoteRequest):
+    """The distributions the zygote has imported, with their versions (`Provided`)."""
+
+    OP = "provided"
+
+
+_ZYGOTE_REQUESTS: dict[str, type[ZygoteRequest]] = {
+    c.OP: c for c in (ForkRequest, WaitRequest, PreloadRequest, ProvidedRequest)
+}
+
+
+def zygote_request(raw: Any, nfds: int) -> ZygoteRequest:
+    """The request `raw` the zygote received with `nfds` fds, checked.
+
+    Example:
+        >>> zygote_request(WaitRequest(42).to_wire(), 0)
+        WaitRequest(pid=42)
+
+    Raises:
+        ProtocolError: it is none the zygote serves (another op or shape, or the wrong fds).
+    """
+    op = raw.get("op") if type(raw) is dict else None
+    cls = _ZYGOTE_REQUESTS.get(op) if type(op) is str else None
+    if cls is None:
+        raise ProtocolError(f"no zygote request {escape_controls(repr(raw))[:200]}")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    _fields(raw, f"a zygote {op} request", frozenset(fields | {"op"}), frozenset())
+    if nfds != cls.FDS:
+        raise ProtocolError(f"a zygote {op} request came with {nfds} fds, not {cls.FDS}")
+    if cls is WaitRequest:
+        if type(raw["pid"]) is not int:
+            raise ProtocolError("a zygote wait request's pid is not an int")
+        return WaitRequest(raw["pid"])
+    if cls is PreloadRequest:
+        names = raw["names"]
+        if type(names) is not list or any(type(n) is not str for n in names):
+            raise ProtocolError("a zygote preload request's names are not a list of text")
+        return PreloadRequest(tuple(names))
+    return cls()
+
+
 # -- the zygote's answers ------------------------------------------------------------------------
 #
 # The zygote is isolhub's own process (it imports no repo), but its answers are checked all the
@@ -914,7 +1018,7 @@ class ZygoteHello:
 
 @dataclass(frozen=True, slots=True)
 class Forked:
-    """The zygote forked a worker (`{"op": "fork"}`): its pid."""
+    """The zygote forked a worker (`ForkRequest`): its pid."""
 
     pid: int
 
@@ -933,7 +1037,7 @@ class Forked:
 
 @dataclass(frozen=True, slots=True)
 class Waited:
-    """A worker the zygote reaped (`{"op": "wait"}`): its return code."""
+    """A worker the zygote reaped (`WaitRequest`): its return code."""
 
     status: int
 
@@ -952,7 +1056,7 @@ class Waited:
 
 @dataclass(frozen=True, slots=True)
 class Preloaded:
-    """What the zygote imported when asked (`{"op": "preload"}`), and the name that started a
+    """What the zygote imported when asked (`PreloadRequest`), and the name that started a
     thread (`unsafe`: it must not fork any more)."""
 
     preloaded: tuple[str, ...]
@@ -978,7 +1082,7 @@ class Preloaded:
 
 @dataclass(frozen=True, slots=True)
 class Provided:
-    """The distributions the zygote has imported, with their versions (`{"op": "provided"}`)."""
+    """The distributions the zygote has imported, with their versions (`ProvidedRequest`)."""
 
     packages: dict[str, str]
 

@@ -65,14 +65,19 @@ from .messages import (
     Effects,
     ErrorRecord,
     Forked,
+    ForkRequest,
     Hello,
     InvokeRequest,
     Preloaded,
+    PreloadRequest,
     Provided,
+    ProvidedRequest,
     Reply,
     Request,
     Waited,
+    WaitRequest,
     ZygoteHello,
+    ZygoteRequest,
     close_fds,
     decode_reply,
     zygote_refusal,
@@ -236,7 +241,7 @@ class _Zygote:
         # then finds the zygote retired instead of reaching a process that has a thread.
         with self.lock:
             try:
-                reply = self._ask({"op": "preload", "names": names}, Preloaded.decode)
+                reply = self._ask(PreloadRequest(tuple(names)), Preloaded.decode)
             except WorkerError:
                 return  # a lost zygote is replaced by the next call
             if reply.unsafe is None:
@@ -276,18 +281,18 @@ class _Zygote:
 
     def _ask(
         self,
-        request: dict[str, Any],
+        request: ZygoteRequest,
         reply: Callable[[Any], _T],
         fds: list[int] = (),  # type: ignore[assignment]
     ) -> _T:
-        """Send the zygote `request` (the ops `_process.zygote` serves); its answer, as `reply` decodes it.
+        """Send the zygote `request` (with its `fds`); its answer, as `reply` decodes it.
 
         Raises:
             WorkerError: it refused, or its answer is malformed. _ZygoteLost: it is gone.
         """
         with self.lock:
             try:
-                send_frame(self.control, encode(request), fds)
+                send_frame(self.control, encode(request.to_wire()), fds)
                 frame = recv_frame(self.control)
             except OSError as e:
                 raise _ZygoteLost(f"lost the isolhub zygote: {e}") from e
@@ -306,7 +311,7 @@ class _Zygote:
     def provided_packages(self) -> dict[str, str]:
         """The distributions this zygote has imported, with versions (asked once, then kept)."""
         if self.provided is None:
-            self.provided = self._ask({"op": "provided"}, Provided.decode).packages
+            self.provided = self._ask(ProvidedRequest(), Provided.decode).packages
         return self.provided
 
     def fork(self, channel: int, output: int) -> int:
@@ -318,10 +323,10 @@ class _Zygote:
         with self.lock:
             if self.retired:
                 raise _ZygoteRetired("the isolhub zygote was retired by an unsafe preload")
-            return self._ask({"op": "fork"}, Forked.decode, [channel, output]).pid
+            return self._ask(ForkRequest(), Forked.decode, [channel, output]).pid
 
     def wait(self, pid: int) -> int:
-        return self._ask({"op": "wait", "pid": pid}, Waited.decode).status
+        return self._ask(WaitRequest(pid), Waited.decode).status
 
 
 def prestart_zygote() -> None:

@@ -6,10 +6,14 @@ one child forked ahead (the spare) and hands it the next worker's fds, so the fo
 critical path: a worker is ready in the time of the handshake. It talks to the parent over one
 control socket:
 
-    {"op": "fork"} + fds [channel, output]  →  {"pid": N}
-    {"op": "wait", "pid": N}                 →  {"status": returncode}   (after N has exited)
-    {"op": "preload", "names": [...]}        →  {"preloaded": [...], "unsafe": name | None}
-    {"op": "provided"}                       →  {"provided": {distribution: version}}
+    ForkRequest + fds [channel, output]  →  Forked(pid)
+    WaitRequest(pid)                     →  Waited(returncode)   (after pid has exited)
+    PreloadRequest(names)                →  Preloaded(names imported, the unsafe one or None)
+    ProvidedRequest                      →  Provided({distribution: version})
+    any other shape                      →  a refusal, {"error": why}
+
+(`_process.messages`' dataclasses through the restricted codec: `zygote_request` decodes a
+request, and the zygote dispatches on its class.)
 
 Before it says it is ready it imports the installed packages that workers were seen to import
 (`_process.preload`), and it imports more when asked; then the spare is forked again, so that it has them.
@@ -167,8 +171,22 @@ def main(control_fd: int, names: list[str] | None = None) -> None:
 
     `names`: installed packages to preload for the workers (`_process.preload`).
     """
+    from .._errors import ProtocolError
     from .._transport.codec import decode, encode, recv_frame, send_frame
-    from .messages import Forked, Preloaded, Provided, Waited, ZygoteHello, zygote_refused
+    from .messages import (
+        Forked,
+        ForkRequest,
+        Preloaded,
+        PreloadRequest,
+        Provided,
+        ProvidedRequest,
+        Waited,
+        WaitRequest,
+        ZygoteHello,
+        ZygoteRequest,
+        zygote_refused,
+        zygote_request,
+    )
     from .preload import preload
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
@@ -199,10 +217,14 @@ def main(control_fd: int, names: list[str] | None = None) -> None:
         if frame is None:
             break
         payload, fds = frame
-        request: dict[str, Any] = decode(payload)
+        request: ZygoteRequest | None
+        try:
+            request, refused = zygote_request(decode(payload), len(fds)), None
+        except ProtocolError as e:
+            request, refused = None, f"bad zygote request: {e}"
         reply: dict[str, Any]
         forked = False
-        if request.get("op") == "fork" and len(fds) == 2:
+        if isinstance(request, ForkRequest):
             if _threads() != 1:
                 reply = zygote_refused(f"the zygote has {_threads()} threads; refusing to fork")
             else:
@@ -214,21 +236,21 @@ def main(control_fd: int, names: list[str] | None = None) -> None:
                 died = zygote_refused("a new worker died at once")
                 reply = Forked(spare[0]).to_wire() if spare else died
                 spare, forked = None, True
-        elif request.get("op") == "preload" and isinstance(request.get("names"), list):
-            loaded, unsafe = preload(request["names"], _threads)
+        elif isinstance(request, PreloadRequest):
+            loaded, unsafe = preload(request.names, _threads)
             reply = Preloaded(tuple(loaded), unsafe).to_wire()
             if loaded and spare is not None:  # the next worker gets them too
                 _drop_spare(spare, children)
                 spare = None if unsafe else new_spare()
-        elif request.get("op") == "wait" and request.get("pid") in children:
-            pid = request["pid"]
+        elif isinstance(request, WaitRequest) and request.pid in children:
+            pid = request.pid
             _, status = os.waitpid(pid, 0)
             children.discard(pid)
             reply = Waited(os.waitstatus_to_exitcode(status)).to_wire()
-        elif request.get("op") == "provided":
+        elif isinstance(request, ProvidedRequest):
             reply = Provided(_provided()).to_wire()
         else:
-            reply = zygote_refused(f"bad zygote request {request!r}")
+            reply = zygote_refused(refused or f"no child {request!r} to wait for")
         for fd in fds:
             os.close(fd)
         send_frame(control, encode(reply))
