@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import gc
 import os
 import threading
@@ -49,6 +50,7 @@ from ._process.messages import (
     StateDictReply,
     UnpinNote,
     ValueReply,
+    WorkerInit,
 )
 from ._process.worker import Worker, prestart_zygote
 from ._sandbox.policy import PRETEND_MISSING_ENV, Sandbox
@@ -111,14 +113,14 @@ def start_worker(
         SandboxError: a sandbox with another start method than the zygote.
     """
     tag = (snapshot.sha or str(abs(hash(str(snapshot.path)))))[:12]
-    init: dict[str, Any] = {
-        "snapshot": str(snapshot.path),
-        "module_name": f"isolhub_hubconf_{tag}",
-        "hub_dir": get_dir(),
-        "env": dict(os.environ),
-        "memory_bytes": memory_bytes,
-        "overlay": None if env is None else str(env.site),
-    }
+    init = WorkerInit(
+        snapshot=str(snapshot.path),
+        module_name=f"isolhub_hubconf_{tag}",
+        hub_dir=get_dir(),
+        env=dict(os.environ),
+        memory_bytes=memory_bytes,
+        overlay=None if env is None else str(env.site),
+    )
     if limits is None:
         limits = reply_limits(sandbox)
     own = str(env.site) if env is not None and env.kind == "own" else None
@@ -129,10 +131,15 @@ def start_worker(
     if start_method != "zygote":
         raise SandboxError("the sandbox is applied in a worker forked from the zygote; use it")
     # The confined worker keeps the zygote's secret-free environment and never sees the hub dir.
-    init.update(env=None, hub_dir=None, sandbox=sandbox)
-    # The test knob simulating an older kernel reaches the worker as it is now, set or not
-    # (the zygote's environment is the one it started with).
-    init["env_overrides"] = {PRETEND_MISSING_ENV: os.environ.get(PRETEND_MISSING_ENV, "")}
+    init = dataclasses.replace(
+        init,
+        env=None,
+        hub_dir=None,
+        policy=sandbox,
+        # The test knob simulating an older kernel reaches the worker as it is now, set or not
+        # (the zygote's environment is the one it started with).
+        env_overrides={PRETEND_MISSING_ENV: os.environ.get(PRETEND_MISSING_ENV, "")},
+    )
     return Worker.start(
         snapshot.label,
         init,

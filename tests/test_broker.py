@@ -22,7 +22,10 @@ from urllib3.util import parse_url
 import isolhub as hub
 from isolhub._engine import call, policy_for, start_worker
 from isolhub._errors import DownloadError
+from isolhub._process.messages import BrokerAnswer, BrokerRequest
+from isolhub._process.worker import answer_download
 from isolhub._sandbox.policy import probe
+from isolhub._transport.codec import decode, encode
 from isolhub._weights.broker import check_url, weights_broker
 from isolhub._weights.download import download_url_to_file
 
@@ -67,11 +70,17 @@ def _basic(user: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
+def _served(policy: hub.Sandbox, url: str, hash_prefix: str | None = None) -> BrokerAnswer:
+    """What the parent answers a worker's download request, as the worker would send it."""
+    wire = decode(encode(BrokerRequest(url, hash_prefix).to_wire()))
+    return answer_download(weights_broker(policy), wire, [])
+
+
 def _ask(policy: hub.Sandbox, url: str, hash_prefix: str | None = None) -> dict[str, object]:
-    reply, fds = weights_broker(policy)({"broker": {"url": url, "hash_prefix": hash_prefix}})
-    for fd in fds:
-        os.close(fd)
-    return reply
+    answer = _served(policy, url, hash_prefix)
+    if answer.fd is not None:
+        os.close(answer.fd)
+    return answer.to_wire()
 
 
 def _naive_check_passes(url: str, hosts: tuple[str, ...]) -> bool:
@@ -449,7 +458,8 @@ def test_a_sandboxed_worker_reads_only_what_its_own_url_served(hub_home: Path) -
         a = server.add("/a/w.pt", body=_checkpoint(1.0))
         b = server.add("/b/w.pt", body=_checkpoint(2.0))
         for url, value in ((a, 1.0), (b, 2.0), (a, 1.0)):
-            reply, (fd,) = weights_broker(policy)({"broker": {"url": url, "hash_prefix": None}})
+            fd = _served(policy, url).fd
+            assert fd is not None
             with os.fdopen(fd, "rb") as f:
                 assert torch.equal(torch.load(f)["w"], torch.full((4,), value))
         assert server.count() == 3  # the second ask for /a/w.pt was served from its own store
@@ -463,7 +473,8 @@ def test_a_changed_broker_store_file_is_downloaded_again_not_served(hub_home: Pa
         assert _ask(policy, url)["ok"] is True
         (stored,) = (hub_home / "broker").glob("*/w.pt")
         stored.write_bytes(b"tampered" + body[8:])
-        reply, (fd,) = weights_broker(policy)({"broker": {"url": url, "hash_prefix": None}})
+        fd = _served(policy, url).fd
+        assert fd is not None
         with os.fdopen(fd, "rb") as f:
             assert f.read() == body
         assert server.count() == 2
@@ -480,3 +491,28 @@ def test_a_worker_hash_prefix_is_checked_against_what_is_stored(hub_home: Path) 
         reply = _ask(policy, url, "0000000000")
         assert reply["ok"] is False and "invalid hash value" in str(reply["error"])
         assert _ask(policy, url, "../x")["ok"] is False
+        assert _ask(policy, url, "x" * 65)["ok"] is False  # refused as malformed, not fetched
+        assert server.count() == 2
+
+
+def test_a_malformed_download_request_is_answered_and_never_reaches_the_broker() -> None:
+    asked = []
+
+    def broker(url: str, hash_prefix: str | None) -> tuple[str, int]:
+        asked.append(url)
+        raise AssertionError("reached the broker")
+
+    r, w = os.pipe()
+    os.close(w)
+    for raw, fds in [
+        ({"broker": {"url": 7, "hash_prefix": None}}, []),
+        ({"broker": {"url": "https://h/w.pt"}}, []),
+        ({"broker": {"url": "https://h/w.pt", "hash_prefix": None, "to": "/etc"}}, []),
+        ({"broker": {"url": "https://h/" + "a" * (1 << 17), "hash_prefix": None}}, []),
+        ({"broker": {"url": "https://h/w.pt", "hash_prefix": None}}, [r]),
+    ]:
+        answer = answer_download(broker, raw, fds)
+        assert answer.fd is None and "malformed download request" in str(answer.error)
+    assert asked == []
+    with pytest.raises(OSError):
+        os.fstat(r)  # the fd sent with a request was closed

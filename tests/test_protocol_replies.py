@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -22,6 +23,8 @@ from isolhub._process import messages as _messages
 from isolhub._process.messages import (
     RESULT_REPLIES,
     ArenaReply,
+    BrokerAnswer,
+    BrokerRequest,
     CallRequest,
     CompareStep,
     DocReply,
@@ -44,6 +47,7 @@ from isolhub._process.messages import (
     ValueReply,
     Waited,
     WaitRequest,
+    WorkerInit,
     ZygoteHello,
     ZygoteRequest,
     decode_reply,
@@ -156,6 +160,9 @@ def _with_fd(reply: Any, fd: int | None) -> Any:
         Waited(-9),
         Preloaded(("numpy",), None),
         Provided({"torch": "2.5.0"}),
+        BrokerRequest("https://h.example/w.pt", "ab12"),
+        BrokerRequest("https://h.example/w.pt"),
+        BrokerAnswer(error="host 'evil.example' is not in its weight_hosts"),
     ],
     ids=lambda m: type(m).__name__,
 )
@@ -163,8 +170,33 @@ def test_every_other_message_round_trips_through_the_codec(message: Any) -> None
     wire = _wire(message)
     if isinstance(message, IterationBatch):
         assert IterationBatch.decode(wire, 256) == message
+    elif isinstance(message, BrokerAnswer):
+        assert BrokerAnswer.decode(wire, []) == message
     else:
         assert type(message).decode(wire) == message
+
+
+def test_a_download_answer_round_trips_with_its_fd(pipe_fds: Callable[[int], list[int]]) -> None:
+    (fd,) = pipe_fds(1)
+    answer = BrokerAnswer(name="w.pt", fd=fd)
+    assert BrokerAnswer.decode(_wire(answer), [fd]) == answer
+
+
+def test_an_init_round_trips_as_the_parent_pickles_it() -> None:
+    init = WorkerInit(
+        snapshot="/snap",
+        module_name="isolhub_hubconf_abc",
+        scratch="/tmp/w",
+        hub_dir="/hub",
+        env={"HOME": "/h"},
+        env_overrides={"X": "1"},
+        memory_bytes=1 << 30,
+        overlay="/site",
+        policy=isolhub.Sandbox(weight_hosts=("h.example",)),
+        spin=0.25,
+    )
+    assert WorkerInit.decode(pickle.loads(pickle.dumps(init.to_wire()))) == init
+    assert WorkerInit.same_protocol(init.to_wire())
 
 
 # -- hostile: a decoded raw dict of the wrong shape ----------------------------------------------
@@ -283,6 +315,111 @@ def test_a_message_in_a_reply_of_the_wrong_shape_is_a_protocol_error(
 ) -> None:
     with pytest.raises(isolhub.ProtocolError):
         decode_it(value)
+
+
+BROKER = {"url": "https://h.example/w.pt", "hash_prefix": None}
+
+
+@pytest.mark.parametrize(
+    ("raw", "n_fds"),
+    [
+        ({"broker": dict(BROKER, url=7)}, 0),
+        ({"broker": dict(BROKER, url=b"https://h.example/w.pt")}, 0),
+        ({"broker": dict(BROKER, url="https://h.example/" + "a" * (1 << 17))}, 0),  # huge
+        ({"broker": dict(BROKER, hash_prefix=12)}, 0),
+        ({"broker": dict(BROKER, hash_prefix="a" * 65)}, 0),
+        ({"broker": {"url": BROKER["url"]}}, 0),  # missing field
+        ({"broker": dict(BROKER, dest="/etc/passwd")}, 0),  # unknown field
+        ({"broker": BROKER, "ok": True}, 0),
+        ({"broker": [BROKER["url"]]}, 0),
+        ({"broker": BROKER}, 1),  # an fd where none goes
+        ("https://h.example/w.pt", 0),
+    ],
+)
+def test_a_download_request_of_the_wrong_shape_is_a_protocol_error_that_closes_its_fds(
+    raw: Any, n_fds: int, pipe_fds: Callable[[int], list[int]]
+) -> None:
+    fds = pipe_fds(n_fds)
+    with pytest.raises(isolhub.ProtocolError):
+        BrokerRequest.decode(raw, fds)
+    assert not any(_is_open(fd) for fd in fds)
+
+
+@pytest.mark.parametrize(
+    ("raw", "n_fds"),
+    [
+        ({"ok": True, "name": "w.pt"}, 0),  # a file without its fd
+        ({"ok": True, "name": "w.pt"}, 2),
+        ({"ok": True, "name": 3}, 1),
+        ({"ok": True}, 1),
+        ({"ok": False, "error": "no"}, 1),  # a refusal with an fd
+        ({"ok": False, "error": None}, 0),
+        ({"ok": False, "error": "no", "name": "w.pt"}, 0),
+        ({"ok": "yes", "name": "w.pt"}, 1),
+        (["w.pt"], 1),
+    ],
+)
+def test_a_download_answer_of_the_wrong_shape_is_a_protocol_error_that_closes_its_fds(
+    raw: Any, n_fds: int, pipe_fds: Callable[[int], list[int]]
+) -> None:
+    fds = pipe_fds(n_fds)
+    with pytest.raises(isolhub.ProtocolError):
+        BrokerAnswer.decode(raw, fds)
+    assert not any(_is_open(fd) for fd in fds)
+
+
+INIT = WorkerInit(snapshot="/snap", module_name="m", scratch="/tmp/w").to_wire()
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {k: v for k, v in INIT.items() if k != "snapshot"},  # missing field
+        {k: v for k, v in INIT.items() if k != "protocol"},
+        dict(INIT, shell="/bin/sh"),  # unknown field
+        dict(INIT, snapshot=b"/snap"),
+        dict(INIT, module_name=None),
+        dict(INIT, hub_dir=3),
+        dict(INIT, env={"HOME": 1}),
+        dict(INIT, env=[("HOME", "/h")]),
+        dict(INIT, env_overrides={1: "x"}),
+        dict(INIT, memory_bytes="1G"),
+        dict(INIT, memory_bytes=True),
+        dict(INIT, memory_bytes=-1),
+        dict(INIT, spin="fast"),
+        dict(INIT, policy={"weight_hosts": ["h.example"]}),  # not a policy
+        dict(INIT, protocol="3"),
+        ["/snap"],
+    ],
+)
+def test_an_init_of_the_wrong_shape_is_a_protocol_error(raw: Any) -> None:
+    with pytest.raises(isolhub.ProtocolError):
+        WorkerInit.decode(raw)
+
+
+@pytest.mark.slow
+def test_a_worker_given_an_init_of_another_protocol_says_only_its_hello() -> None:
+    import socket
+    import subprocess
+    import sys
+
+    from isolhub._transport.codec import recv_frame, send_frame
+
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with parent:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "isolhub._process.runtime", str(child.fileno())],
+            pass_fds=[child.fileno()],
+            stdin=subprocess.DEVNULL,
+        )
+        child.close()
+        # An older parent's init: no version, nothing the worker could set itself up from.
+        send_frame(parent, pickle.dumps({"snapshot": "/nowhere", "protocol": 1}))
+        frame = recv_frame(parent)
+        assert frame is not None and frame[1] == []
+        # Its hello, not a set-up failure: the parent compares the versions and refuses it.
+        assert _messages.Hello.decode(decode(frame[0]), "net@v1").pid == proc.pid
+    assert proc.wait(timeout=60) == 0  # it exits once the parent hangs up
 
 
 def test_a_compare_step_as_the_session_makes_it_is_decoded() -> None:

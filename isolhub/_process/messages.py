@@ -7,7 +7,8 @@ codec (`_transport.codec`) as a plain dict and is rebuilt here, where every fiel
 fds passed with it are checked: a message of the wrong shape is a `ProtocolError` (the caller
 kills the worker), never a `KeyError` nor a value of the wrong type further on.
 
-    parent ──init (a dict)──▶ worker  read before the versions are compared: any isolhub reads it
+    parent ──WorkerInit──▶ worker     pickled as a dict, which any isolhub reads; of another
+                                      version, the worker answers with its Hello alone
     worker ──Hello──▶ parent          once, after set-up: pid and PROTOCOL_VERSION
     parent ──ListRequest──▶ worker ──EntrypointsReply──▶ parent
     parent ──HelpRequest──▶ worker ──DocReply──▶ parent
@@ -16,9 +17,12 @@ kills the worker), never a `KeyError` nor a value of the wrong type further on.
     parent ──PushRequest──▶ worker ──ArenaReply──▶ parent   (a pulled module the kernel refused)
     parent ──UnpinNote | CloseNote──▶ worker                 (no reply)
     worker ──Effects──▶ parent        before a reply: warnings, the end random state, imports
+    worker ──BrokerRequest──▶ parent ──BrokerAnswer (+ a read-only fd)──▶ worker
+                                      a confined worker's download, amid a request
     worker ──ErrorRecord──▶ parent    a request failed: `to_exception` is the parent's error
 
-`decode_reply` is the one place a reply and its fds are decoded (`Worker.request` calls it).
+`decode_reply` is the one place a reply and its fds are decoded (`Worker.request` calls it);
+a download request is decoded by `_process.worker.answer_download`, which answers it.
 Values inside a reply have shapes of their own, checked here too once decoded:
 `IterationBatch` (a remote iterator's `next`), `HandleInfo` (a kept object), `CompareStep`.
 The zygote's requests (`ForkRequest`, `WaitRequest`, `PreloadRequest`, `ProvidedRequest`,
@@ -30,7 +34,8 @@ raises; `kind_of` (worker side) and `ErrorRecord.to_exception` (parent side) bot
 `CALLER_ERRORS` is the same for a remote handle's protocol operations (`getattr`, `len`…).
 
 A hello's fields `ok`, `pid` and `protocol` never change meaning, so a parent reads any
-worker's version (an older isolhub sends no `protocol`: version 0).
+worker's version (an older isolhub sends no `protocol`: version 0); nor does an init's
+`protocol`, so a worker knows a parent of another version before it reads anything else.
 
 Example:
     >>> record = error_record(KeyError("w"))  # in the worker
@@ -72,6 +77,8 @@ from .worker_warnings import checked as checked_warnings
 
 __all__ = [
     "ArenaReply",
+    "BrokerAnswer",
+    "BrokerRequest",
     "CALLER_ERRORS",
     "CallRequest",
     "CloseNote",
@@ -104,6 +111,7 @@ __all__ = [
     "StateDictReply",
     "UnpinNote",
     "ValueReply",
+    "WorkerInit",
     "WaitRequest",
     "Waited",
     "ZygoteHello",
@@ -120,7 +128,8 @@ __all__ = [
 ]
 
 # Raised whenever a message changes shape or meaning. 2: requests are `Request` dataclasses.
-PROTOCOL_VERSION = 2
+# 3: the init carries the parent's version (`WorkerInit`).
+PROTOCOL_VERSION = 3
 
 _TEXT_LIMIT = 1 << 20  # characters of a worker's message or traceback kept in an error
 _NAME_LIMIT = 1000  # characters of a type name, a missing module's name, a path
@@ -207,6 +216,169 @@ def hello() -> dict[str, Any]:
         "version": __version__,
         "where": _where(),
     }
+
+
+# -- the worker's set-up -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerInit:
+    """What the parent hands a new worker first (pickled, as a dict: the parent is trusted):
+    the snapshot and the module name its hubconf is imported under, its scratch folder, and
+    how it is set up (the parent's environment or, sandboxed, the `policy` it confines itself
+    under). `protocol` is the parent's: a worker of another version answers with its `Hello`
+    alone (`same_protocol`), so that the parent refuses it by name.
+
+    Example:
+        >>> init = WorkerInit(snapshot="/s", module_name="isolhub_hubconf_0", scratch="/t")
+        >>> WorkerInit.decode(init.to_wire()) == init
+        True
+    """
+
+    snapshot: str
+    module_name: str
+    scratch: str = ""  # `Worker.start` makes one
+    hub_dir: str | None = None
+    env: dict[str, str] | None = None  # replaces the zygote's environment (None: keep it)
+    env_overrides: dict[str, str] | None = None
+    memory_bytes: int | None = None
+    overlay: str | None = None  # the repo's environment's site folder (`_env.environment`)
+    policy: Any = None  # a `_sandbox.policy.Sandbox`: confined, downloads through the parent
+    spin: float = 0.0  # `_transport.codec.Spinner`'s seconds of spinning for the next request
+    protocol: int = PROTOCOL_VERSION
+
+    @staticmethod
+    def same_protocol(raw: Any) -> bool:
+        """Whether `raw` (an init as it came) is of this worker's protocol version."""
+        return type(raw) is dict and raw.get("protocol") == PROTOCOL_VERSION
+
+    @classmethod
+    def decode(cls, raw: Any) -> WorkerInit:
+        """The init `raw`, checked.
+
+        Raises:
+            ProtocolError: a field is missing, unknown or of the wrong type.
+        """
+        names = frozenset(f.name for f in dataclasses.fields(cls))
+        required = frozenset({"snapshot", "module_name", "scratch", "protocol"})
+        fields = _fields(raw, "the worker's init", required, names - required)
+
+        def check(name: str, ok: bool) -> None:
+            if not ok:
+                shown = type(fields[name]).__name__
+                raise ProtocolError(f"the worker's init has a {shown} {name}")
+
+        def text_map(value: Any) -> bool:
+            return value is None or (
+                type(value) is dict and all(type(x) is str for kv in value.items() for x in kv)
+            )
+
+        for name in ("snapshot", "module_name", "scratch"):
+            check(name, type(fields[name]) is str)
+        for name in ("hub_dir", "overlay"):
+            check(name, fields.get(name) is None or type(fields[name]) is str)
+        for name in ("env", "env_overrides"):
+            check(name, text_map(fields.get(name)))
+        memory = fields.get("memory_bytes")
+        check("memory_bytes", memory is None or (type(memory) is int and memory > 0))
+        check("spin", type(fields.get("spin", 0.0)) in (int, float))
+        check("protocol", type(fields["protocol"]) is int)
+        if fields.get("policy") is not None:
+            from .._sandbox.policy import Sandbox
+
+            check("policy", isinstance(fields["policy"], Sandbox))
+        return cls(**dict(fields, spin=float(fields.get("spin", 0.0))))
+
+    def to_wire(self) -> dict[str, Any]:
+        """This init as the parent pickles it: a dict, which any isolhub reads."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+# -- a sandboxed worker's downloads --------------------------------------------------------------
+#
+# A confined worker has no network: it asks the parent for a file (`BrokerRequest`), and the
+# parent's weights broker (`_weights.broker`) downloads it under the policy and answers
+# (`BrokerAnswer`) with a read-only fd of it. What the worker asks is hostile; it is answered,
+# malformed or not, and the worker lives on.
+
+_URL_TEXT_LIMIT = 1 << 16  # characters of a URL; the broker refuses those past 4096 itself
+_HASH_PREFIX_LIMIT = 64  # a sha256 in hex
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerRequest:
+    """A confined worker asks the parent for the file at `url` (of that hash prefix, if any).
+
+    Example:
+        >>> BrokerRequest.decode(BrokerRequest("https://h.example/w.pt").to_wire())
+        BrokerRequest(url='https://h.example/w.pt', hash_prefix=None)
+    """
+
+    url: str
+    hash_prefix: str | None = None
+
+    @classmethod
+    def decode(cls, raw: Any, fds: Sequence[int] = ()) -> BrokerRequest:
+        """A request a worker sent (with `fds`, which are closed), checked; the broker checks
+        the URL and the hash prefix themselves.
+
+        Raises:
+            ProtocolError: malformed, or sent with fds.
+        """
+        close_fds(fds)
+        if fds:
+            raise ProtocolError("a download request came with fds")
+        outer = _fields(raw, "a download request", frozenset({"broker"}), frozenset())
+        what = "a download request"
+        ask = _fields(outer["broker"], what, frozenset({"url", "hash_prefix"}), frozenset())
+        url, prefix = ask["url"], ask["hash_prefix"]
+        if type(url) is not str or len(url) > _URL_TEXT_LIMIT:
+            raise ProtocolError(f"{what}'s URL is not text of at most {_URL_TEXT_LIMIT} characters")
+        if prefix is not None and (type(prefix) is not str or len(prefix) > _HASH_PREFIX_LIMIT):
+            raise ProtocolError(f"{what}'s hash prefix is not text of at most 64 characters")
+        return cls(url, prefix)
+
+    def to_wire(self) -> dict[str, Any]:
+        """This request as the codec carries it."""
+        return {"broker": {"url": self.url, "hash_prefix": self.hash_prefix}}
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerAnswer:
+    """The parent's answer to a `BrokerRequest`: the file's `name` and a read-only `fd` of it
+    (passed with the frame), or why it will not serve it (`error`)."""
+
+    name: str | None = None
+    error: str | None = None
+    fd: int | None = None
+
+    @classmethod
+    def decode(cls, raw: Any, fds: Sequence[int]) -> BrokerAnswer:
+        """The answer `raw` (with `fds`), checked; the fds are closed if it is refused.
+
+        Raises:
+            ProtocolError: malformed, or not one fd with a file and none with a refusal.
+        """
+        try:
+            if type(raw) is dict and raw.get("ok") is False:
+                fields = _fields(raw, "a download answer", frozenset({"ok", "error"}), frozenset())
+                if fds:
+                    raise ProtocolError("a refused download came with fds")
+                return cls(error=_text(fields["error"], "a download answer's error"))
+            fields = _fields(raw, "a download answer", frozenset({"ok", "name"}), frozenset())
+            if fields["ok"] is not True or len(fds) != 1:
+                raise ProtocolError(f"a download answer is not ok with one fd ({len(fds)})")
+            name = _text(fields["name"], "a downloaded file's name", _NAME_LIMIT, lines=False)
+            return cls(name=name, fd=fds[0])
+        except ProtocolError:
+            close_fds(fds)
+            raise
+
+    def to_wire(self) -> dict[str, Any]:
+        """This answer as the codec carries it (its fd, if any, travels beside, with the frame)."""
+        if self.error is not None:
+            return {"ok": False, "error": self.error}
+        return {"ok": True, "name": self.name}
 
 
 # -- errors --------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ It imports only the layers below it (`_transport.codec`, `_transport.arena`, `_t
 `_process.messages.Request`s (the parent is trusted) and the worker dispatches on their class; it
 answers with a `_process.messages` reply through the restricted codec, plus one arena fd for tensors.
 
-    parent ──init (a dict)──▶ worker: chdir(scratch), snapshot first on sys.path
+    parent ──WorkerInit (as a dict)──▶ worker: chdir(scratch), snapshot first on sys.path
     parent ──ListRequest / HelpRequest / CallRequest──▶ worker: import hubconf (once), run, answer
     parent ──CloseNote (or EOF)──▶ worker exits
 
@@ -56,6 +56,8 @@ from . import worker_warnings as _worker_warnings
 from .messages import (
     CALLER_ERRORS,
     ArenaReply,
+    BrokerAnswer,
+    BrokerRequest,
     CallRequest,
     CloseNote,
     DocReply,
@@ -75,6 +77,7 @@ from .messages import (
     StateDictReply,
     UnpinNote,
     ValueReply,
+    WorkerInit,
     error_record,
     failure,
     hello,
@@ -102,6 +105,15 @@ def _stage(name: bytes) -> None:
     _libc.set_thread_name(name)
 
 
+def _say_hello_only(sock: socket.socket) -> NoReturn:
+    """Answer an init of another protocol version with this worker's hello (which names its
+    version, so the parent refuses it by name), and exit when the parent hangs up."""
+    send_frame(sock, encode(hello()))
+    while recv_frame(sock) is not None:
+        pass
+    os._exit(0)
+
+
 def serve(fd: int) -> NoReturn:
     """Serve the parent on the connected socket `fd` until it closes; then exit the process."""
     code = 0
@@ -112,7 +124,10 @@ def serve(fd: int) -> NoReturn:
         if frame is None:
             os._exit(0)
         try:
-            state = _WorkerState(pickle.loads(frame[0]), sock)
+            init = pickle.loads(frame[0])
+            if not WorkerInit.same_protocol(init):  # a parent of another isolhub
+                _say_hello_only(sock)
+            state = _WorkerState(WorkerInit.decode(init), sock)
         except Exception as e:
             # Set-up failed (e.g. the sandbox could not be applied): say why, then exit.
             send_frame(sock, encode(failure(e)))
@@ -240,22 +255,22 @@ def _flush() -> None:
 
 
 class _WorkerState:
-    def __init__(self, init: dict[str, Any], sock: socket.socket) -> None:
+    def __init__(self, init: WorkerInit, sock: socket.socket) -> None:
         global _STATE
         _STATE = self
         # What the zygote preloaded but the snapshot ships under the same name: the repo's own.
         # So is what the repo's environment (`_env.environment`) installs in another version.
-        evicted = _preload.evict_shadowed([init["snapshot"], *filter(None, [init.get("overlay")])])
+        evicted = _preload.evict_shadowed([init.snapshot, *filter(None, [init.overlay])])
         if _PREPARED is None or evicted:
             prepare()  # (again: the mark and the baseline are taken before a line of the repo)
         assert _PREPARED is not None
         self.baseline, self.modules_seen = _PREPARED
-        self.learn = init.get("sandbox") is None and _preload.enabled()
+        self.learn = init.policy is None and _preload.enabled()
         self.sock = sock
-        self.scratch: str = init["scratch"]
-        self.spin: float = float(init.get("spin") or 0.0)
-        self.snapshot: str = init["snapshot"]
-        self.module_name: str = init["module_name"]
+        self.scratch = init.scratch
+        self.spin = init.spin
+        self.snapshot = init.snapshot
+        self.module_name = init.module_name
         self.hubconf: ModuleType | None = None
         self.import_error: BaseException | None = None
         self.handles: dict[int, Any] = {}
@@ -263,24 +278,24 @@ class _WorkerState:
         self.pinned: list[Any] | None = None
         self.handle_ids: dict[int, int] = {}
         self.next_handle = 1
-        if init.get("env") is not None:
+        if init.env is not None:
             # The zygote's environment is from its start; the parent's current one wins.
             os.environ.clear()
-            os.environ.update(init["env"])
-        os.environ.update(init.get("env_overrides") or {})
-        if init.get("memory_bytes"):
+            os.environ.update(init.env)
+        os.environ.update(init.env_overrides or {})
+        if init.memory_bytes:
             import resource
 
-            cap = int(init["memory_bytes"])
+            cap = init.memory_bytes
             resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
         os.chdir(self.scratch)
         sys.path.insert(0, self.snapshot)
         # The repo's environment (`_env.environment`): after the snapshot, before site-packages.
-        overlay: str | None = init.get("overlay")
+        overlay = init.overlay
         if overlay and overlay not in sys.path:
             sys.path.insert(1, overlay)
         sys.dont_write_bytecode = True  # the snapshot is immutable and may be read-only
-        policy = init.get("sandbox")
+        policy = init.policy
         if policy is not None:
             # Confined before a line of the repo runs; downloads go through the parent.
             from .._sandbox import policy as _sandbox
@@ -295,28 +310,29 @@ class _WorkerState:
             _download.set_fetch_broker(self.fetch_through_parent)
             _route_torch_hub(None)
             return
-        if init.get("hub_dir"):
-            _config.set_dir(init["hub_dir"])
-        _route_torch_hub(init.get("hub_dir"))
+        if init.hub_dir:
+            _config.set_dir(init.hub_dir)
+        _route_torch_hub(init.hub_dir)
 
     def fetch_through_parent(self, url: str, hash_prefix: str | None) -> str:
         """Ask the parent for the file at `url` (it downloads, checks, and passes a read-only fd)."""
         from .._errors import DownloadError
         from .._transport.codec import decode
 
-        send_frame(self.sock, encode({"broker": {"url": url, "hash_prefix": hash_prefix}}))
+        send_frame(self.sock, encode(BrokerRequest(url, hash_prefix).to_wire()))
         frame = recv_frame(self.sock)
         if frame is None:
             raise DownloadError(f"the parent went away while fetching {url}")
-        answer, fds = decode(frame[0]), frame[1]  # the parent's (`_weights.broker`): trusted
-        if not answer.get("ok") or len(fds) != 1:
-            for fd in fds:
-                os.close(fd)
-            raise DownloadError(str(answer.get("error") or f"the parent could not fetch {url}"))
+        try:  # the parent's (`_process.worker.answer_download`): trusted, decoded all the same
+            answer = BrokerAnswer.decode(decode(frame[0]), frame[1])
+        except ProtocolError as e:
+            raise DownloadError(f"the parent could not fetch {url}: {e}") from None
+        if answer.fd is None:
+            raise DownloadError(answer.error or f"the parent could not fetch {url}")
         dest_dir = os.path.join(self.scratch, "weights")
         os.makedirs(dest_dir, exist_ok=True)
-        dest = os.path.join(dest_dir, os.path.basename(str(answer.get("name") or "download")))
-        with os.fdopen(fds[0], "rb") as src, open(dest, "wb") as out:
+        dest = os.path.join(dest_dir, os.path.basename(answer.name or "download"))
+        with os.fdopen(answer.fd, "rb") as src, open(dest, "wb") as out:
             while chunk := src.read(1 << 20):
                 out.write(chunk)
         return dest

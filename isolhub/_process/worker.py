@@ -21,6 +21,7 @@ from __future__ import annotations
 import atexit
 import codecs
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -38,13 +39,14 @@ import time
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, NoReturn, TypeGuard, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeGuard, TypeVar
 
 import cloudpickle
 
 from .. import _config
 from .._cache.store import temp_dir
 from .._errors import (
+    IsolhubError,
     Option,
     ProtocolError,
     UsageError,
@@ -61,6 +63,8 @@ from . import preload as _preload
 from . import rng as _rng
 from . import worker_warnings as _worker_warnings
 from .messages import (
+    BrokerAnswer,
+    BrokerRequest,
     CloseNote,
     Effects,
     ErrorRecord,
@@ -76,6 +80,7 @@ from .messages import (
     Request,
     Waited,
     WaitRequest,
+    WorkerInit,
     ZygoteHello,
     ZygoteRequest,
     close_fds,
@@ -83,6 +88,9 @@ from .messages import (
     zygote_refusal,
 )
 from .runtime import STAGES
+
+if TYPE_CHECKING:
+    from .._weights.broker import Broker
 
 # How a remote handle's request reads in a message (`_process.runtime._OPERATIONS`, `invoke`).
 _INVOKE_WORDS = {
@@ -92,7 +100,7 @@ _INVOKE_WORDS = {
     "state_dict": "taking the state_dict()",
 }
 
-__all__ = ["Worker", "prestart_zygote", "shutdown_zygote", "zygote_packages"]
+__all__ = ["Worker", "answer_download", "prestart_zygote", "shutdown_zygote", "zygote_packages"]
 
 _TAIL_BYTES = 8192
 _ZYGOTE_START_TIMEOUT = 180.0
@@ -329,6 +337,25 @@ class _Zygote:
         return self._ask(WaitRequest(pid), Waited.decode).status
 
 
+def answer_download(broker: Broker, raw: Any, fds: list[int]) -> BrokerAnswer:
+    """The answer to what a worker sent to ask for a download (`raw`, with `fds`): `broker`'s
+    file (its fd, the caller's to close), or why not. A malformed request is answered too.
+
+    Example (a request of the wrong shape never reaches the broker):
+        >>> answer_download(lambda url, prefix: ("w.pt", 0), {"broker": "w.pt"}, []).error
+        'malformed download request (a download request is a str, not a message)'
+    """
+    try:
+        ask = BrokerRequest.decode(raw, fds)
+    except ProtocolError as e:
+        return BrokerAnswer(error=f"malformed download request ({e})")
+    try:
+        name, fd = broker(ask.url, ask.hash_prefix)
+    except IsolhubError as e:
+        return BrokerAnswer(error=str(e))
+    return BrokerAnswer(name=name, fd=fd)
+
+
 def prestart_zygote() -> None:
     """Start this process's zygote in the background if it is not up (a worker is wanted soon)."""
     _Zygote.prestart()
@@ -486,7 +513,7 @@ class Worker:
         self.zygote: _Zygote | None = None  # the zygote it was forked from
         self.confined = True  # until `start` knows: a confined worker's word is never learned
         # Serves requests the worker makes while answering (a sandbox's downloads).
-        self.on_request: Callable[[dict[str, Any]], tuple[dict[str, Any], list[int]]] | None = None
+        self.on_request: Broker | None = None  # serves the worker's downloads
         self._lock = threading.RLock()  # one request at a time on the channel
         self._rng_back = False  # the request in flight asked for the worker's random state
         self._request: Request | None = None  # the last request sent, to name its stage
@@ -512,14 +539,16 @@ class Worker:
     def start(
         cls,
         label: str,
-        init: dict[str, Any],
+        init: WorkerInit,
         *,
         start_method: str = "zygote",
-        on_request: Callable[[dict[str, Any]], tuple[dict[str, Any], list[int]]] | None = None,
+        on_request: Broker | None = None,
         limits: ReplyLimits | None = None,
         own_overlay: str | None = None,
     ) -> Worker:
         """Start a worker for `label` and hand it `init` (snapshot, module name, hub dir...).
+
+        `on_request` serves its downloads (`_weights.broker.weights_broker`: a sandboxed one's).
 
         `limits` caps what it may make this process hold or print (`ReplyLimits`).
         `own_overlay`: fork it from the zygote of that environment of its own (`_env.environment`).
@@ -559,9 +588,10 @@ class Worker:
         worker = cls(label, pid, parent, status, out_r, scratch, limits)
         worker.on_request = on_request
         worker.zygote = zygote
-        worker.confined = init.get("sandbox") is not None
+        worker.confined = init.policy is not None
+        init = dataclasses.replace(init, scratch=scratch, spin=worker._spin)
         try:
-            send_frame(parent, cloudpickle.dumps(dict(init, scratch=scratch, spin=worker._spin)))
+            send_frame(parent, cloudpickle.dumps(init.to_wire()))
             reply, fds = worker._reply(time.monotonic() + _HANDSHAKE_TIMEOUT)
             _close_fds(fds)
             Hello.decode(reply, label)
@@ -683,13 +713,14 @@ class Worker:
             if "effects" in frame:
                 relayed.append(self._effects(frame["effects"], fds))
                 continue
-            close_fds(fds)
             if self.on_request is None:
+                close_fds(fds)
                 self.kill()
                 raise ProtocolError(f"the worker for {self.label} made a request nobody serves")
-            answer, answer_fds = self.on_request(frame)  # it checks the request (`_weights.broker`)
+            answer = answer_download(self.on_request, frame, fds)
+            answer_fds = [] if answer.fd is None else [answer.fd]
             try:
-                send_frame(self.sock, encode(answer), answer_fds)
+                send_frame(self.sock, encode(answer.to_wire()), answer_fds)
             except OSError:
                 self._raise_death()
             finally:

@@ -18,10 +18,15 @@ A confined worker has no network. When its hubconf calls `torch.hub.load_state_d
   the URL it asked for;
 * passes back a read-only fd of the file, checked against the worker's hash prefix if it gave one.
 
-Example (a request for a host the policy does not allow is answered, not fetched):
+The worker's request and the answer are `_process.messages.BrokerRequest` and `BrokerAnswer`;
+the parent's `Worker` decodes the one and builds the other (`_process.worker.answer_download`).
+
+Example (a request for a host the policy does not allow is refused, not fetched):
     >>> serve = weights_broker(Sandbox(weight_hosts=("download.pytorch.org",)))
-    >>> serve({"broker": {"url": "https://evil.example/w.pt", "hash_prefix": None}})
-    ({'ok': False, 'error': "the sandbox may not download 'https://evil.example/w.pt': host ..."}, [])
+    >>> serve("https://evil.example/w.pt", None)
+    Traceback (most recent call last):
+    ...
+    isolhub.DownloadError: the sandbox may not download 'https://evil.example/w.pt': host ...
 """
 
 from __future__ import annotations
@@ -32,11 +37,10 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import urlsplit
 
 from .._config import get_dir
-from .._errors import DownloadError, IsolhubError
+from .._errors import DownloadError
 from .._sandbox.policy import Sandbox
 
 __all__ = [
@@ -49,7 +53,8 @@ __all__ = [
     "weights_broker",
 ]
 
-Broker = Callable[[dict[str, Any]], tuple[dict[str, Any], list[int]]]
+# (the URL a worker asked for, its hash prefix or None) -> (the file's name, a read-only fd).
+Broker = Callable[[str, "str | None"], tuple[str, int]]
 
 _MAX_URL = 4096
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
@@ -215,29 +220,22 @@ def store_path(checked: CheckedURL) -> str:
 
 
 def weights_broker(policy: Sandbox) -> Broker:
-    """A request handler serving a sandboxed worker's downloads under `policy`."""
+    """What serves a sandboxed worker's downloads under `policy`: `serve(url, hash_prefix)` is
+    the file's name and a read-only fd of it (the caller's to close).
 
-    def serve(request: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
-        ask = request.get("broker")
-        if not isinstance(ask, dict) or not isinstance(ask.get("url"), str):
-            return {"ok": False, "error": "malformed download request"}, []
-        url, hash_prefix = ask["url"], ask.get("hash_prefix")
-        if hash_prefix is not None and not (
-            isinstance(hash_prefix, str) and _HEX_PREFIX.fullmatch(hash_prefix)
-        ):
-            return {
-                "ok": False,
-                "error": "malformed hash prefix (expected up to 64 hex digits)",
-            }, []
-        try:
-            return _fetch(policy, url, hash_prefix)
-        except IsolhubError as e:
-            return {"ok": False, "error": str(e)}, []
+    `serve` raises `IsolhubError` (a `DownloadError` for a URL or hash prefix it refuses): the
+    worker is answered with its message.
+    """
+
+    def serve(url: str, hash_prefix: str | None) -> tuple[str, int]:
+        if hash_prefix is not None and not _HEX_PREFIX.fullmatch(hash_prefix):
+            raise DownloadError("malformed hash prefix (expected up to 64 hex digits)")
+        return _fetch(policy, url, hash_prefix)
 
     return serve
 
 
-def _fetch(policy: Sandbox, url: str, hash_prefix: str | None) -> tuple[dict[str, Any], list[int]]:
+def _fetch(policy: Sandbox, url: str, hash_prefix: str | None) -> tuple[str, int]:
     from .._cache.verified import fd_digest
     from .download import download
 
@@ -262,7 +260,7 @@ def _fetch(policy: Sandbox, url: str, hash_prefix: str | None) -> tuple[dict[str
             # recorded at download) and, when the worker names one, with its hash prefix.
             digest, downloaded = fd_digest(fd, dest)
             if downloaded and (hash_prefix is None or digest.startswith(hash_prefix)):
-                return {"ok": True, "name": name}, [fd]
+                return name, fd
         except BaseException:
             os.close(fd)
             raise
