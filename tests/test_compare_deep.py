@@ -469,3 +469,24 @@ def test_a_step_reply_the_repo_tampered_with_fails_its_side_only(tmp_path: Path)
     assert rep.error_a is None and rep.a.forwards == 3
     assert rep.error_b and "malformed" in rep.error_b and rep.b.forwards == 1
     assert rep.b.peak_memory is None and rep.a.peak_memory  # B was killed at once
+
+
+TAMPERED_SUMMARY = """
+import torch.nn as nn
+
+import isolhub._compare.worker as session
+
+# Repo code runs in the worker that summarises it: here it replaces the summary outright.
+session.summarise = lambda *args, **kwargs: {"t0": "now", "parts": [{"path": 0}]}
+
+
+def net():
+    return nn.Linear(4, 3)
+"""
+
+
+def test_a_summary_the_repo_tampered_with_fails_its_side_only(tmp_path: Path) -> None:
+    repo = two_tags(tmp_path, model(), {"hubconf.py": TAMPERED_SUMMARY})
+    rep = diff(repo, inputs=BATCHES[:1], seed=0)
+    assert rep.error_a is None and rep.a.forwards == 1
+    assert rep.error_b and "compare summary is malformed" in rep.error_b

@@ -26,7 +26,9 @@ from isolhub._process.messages import (
     BrokerAnswer,
     BrokerRequest,
     CallRequest,
+    ComparePart,
     CompareStep,
+    CompareSummary,
     DocReply,
     Effects,
     EntrypointsReply,
@@ -146,26 +148,40 @@ def _with_fd(reply: Any, fd: int | None) -> Any:
     return dataclasses.replace(reply, fd=fd) if "fd" in reply.__dataclass_fields__ else reply
 
 
-@pytest.mark.parametrize(
-    "message",
-    [
-        Effects([], 0),
-        Effects([WARNING], 2, {"random": [3, [1, 2], None]}, ("numpy",)),
-        IterationBatch((1, "two", None), True),
-        HANDLE,
-        ZygoteHello(True, 42),
-        ZygoteHello(False, unsafe="grpc"),
-        ZygoteHello(False, error="ImportError: no torch"),
-        Forked(42),
-        Waited(-9),
-        Preloaded(("numpy",), None),
-        Provided({"torch": "2.5.0"}),
-        BrokerRequest("https://h.example/w.pt", "ab12"),
-        BrokerRequest("https://h.example/w.pt"),
-        BrokerAnswer(error="host 'evil.example' is not in its weight_hosts"),
-    ],
-    ids=lambda m: type(m).__name__,
-)
+# One of each other message that round-trips through the codec.
+OTHER_MESSAGES: list[Any] = [
+    Effects([], 0),
+    Effects([WARNING], 2, {"random": [3, [1, 2], None]}, ("numpy",)),
+    IterationBatch((1, "two", None), True),
+    HANDLE,
+    ZygoteHello(True, 42),
+    ZygoteHello(False, unsafe="grpc"),
+    ZygoteHello(False, error="ImportError: no torch"),
+    Forked(42),
+    Waited(-9),
+    Preloaded(("numpy",), None),
+    Provided({"torch": "2.5.0"}),
+    BrokerRequest("https://h.example/w.pt", "ab12"),
+    BrokerRequest("https://h.example/w.pt"),
+    BrokerAnswer(error="host 'evil.example' is not in its weight_hosts"),
+]
+# Decoded from what a real session or worker makes, in tests of their own here
+# (`test_a_compare_*`, `test_an_init_*`) and in test_protocol_messages.py (`Hello`, `ErrorRecord`).
+DECODED_ELSEWHERE = {CompareStep, CompareSummary, ComparePart, WorkerInit, _messages.Hello}
+DECODED_ELSEWHERE |= {_messages.ErrorRecord}
+
+
+def test_every_message_class_is_exercised() -> None:
+    decoded = {
+        c
+        for c in vars(_messages).values()
+        if isinstance(c, type) and c.__module__ == _messages.__name__ and hasattr(c, "decode")
+    }
+    exercised = {type(m) for m in OTHER_MESSAGES} | DECODED_ELSEWHERE | _reply_classes()
+    assert decoded == exercised | {Reply}
+
+
+@pytest.mark.parametrize("message", OTHER_MESSAGES, ids=lambda m: type(m).__name__)
 def test_every_other_message_round_trips_through_the_codec(message: Any) -> None:
     wire = _wire(message)
     if isinstance(message, IterationBatch):
@@ -420,6 +436,75 @@ def test_a_worker_given_an_init_of_another_protocol_says_only_its_hello() -> Non
         # Its hello, not a set-up failure: the parent compares the versions and refuses it.
         assert _messages.Hello.decode(decode(frame[0]), "net@v1").pid == proc.pid
     assert proc.wait(timeout=60) == 0  # it exits once the parent hangs up
+
+
+def _summary(**changes: Any) -> dict[str, Any]:
+    summary = {
+        "t0": 12.5,
+        "result_type": "Net",
+        "entrypoints": {"net": {"kind": "function", "signature": "()", "doc": None}},
+        "parts": [{"path": "", "type": "Net", "parameters": 3, "training": True}],
+        "tensors": {"w": torch.ones(3)},
+        "outputs": {},
+        "values": {"n": 3},
+        "uncompared": {},
+    }
+    summary.update(changes)
+    return {k: v for k, v in summary.items() if v is not ...}
+
+
+PART = {"path": "", "type": "Net", "parameters": 3}
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        _summary(t0="12.5"),
+        _summary(t0=...),  # missing field
+        _summary(extra={}),  # unknown field
+        _summary(result_type=None),
+        _summary(entrypoints=["net"]),
+        _summary(entrypoints={"net": {"doc": 3}}),
+        _summary(entrypoints={"net": {"doc": None, "run": "rm -rf /"}}),
+        _summary(parts={"": PART}),
+        _summary(parts=[{"type": "Net"}]),  # a part without its path
+        _summary(parts=[dict(PART, path=0)]),
+        _summary(parts=[dict(PART, parameters="3")]),
+        _summary(parts=[dict(PART, parameters=-1)]),
+        _summary(parts=[dict(PART, training=1)]),
+        _summary(parts=[dict(PART, forward_s=-1.0)]),
+        _summary(parts=[dict(PART, forward_error=["boom"])]),
+        _summary(parts=[dict(PART, hook="x")]),
+        _summary(tensors={"w": [1.0]}),
+        _summary(tensors={1: torch.ones(1)}),
+        _summary(outputs={"output": 1.0}),
+        _summary(values={"n": [3]}),
+        _summary(uncompared={"x": 3}),
+        ["summary"],
+    ],
+)
+def test_a_compare_summary_of_the_wrong_shape_is_a_protocol_error(raw: Any) -> None:
+    with pytest.raises(isolhub.ProtocolError, match="compare summary"):
+        CompareSummary.decode(raw)
+
+
+def test_a_compare_summary_as_the_session_makes_it_is_decoded_and_steps_make_new_ones() -> None:
+    net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU())
+    session = open_session(net, seed=0, layers=False, layer_bytes=0)
+    summary = CompareSummary.decode(session("summary"))
+    assert summary.result_type == "Sequential" and set(summary.tensors) == {"0.weight", "0.bias"}
+    assert summary.parts == (ComparePart("", "Sequential", 9, True),)
+    step = CompareStep(
+        {}, {"": "boom"}, {}, {"n": 1}, {"y": "a str"}, [], {}
+    )  # fmt: skip
+    after = summary.after_step(step, first=True)
+    assert after.parts[0].forward_error == "boom" and after.values == {"n": 1}
+    assert after.uncompared == {"y": "a str"}
+    assert summary.parts[0].forward_error is None and summary.values == {}  # unchanged
+    later = after.after_step(
+        dataclasses.replace(step, errors={"": "later"}, values={"n": 2}), first=False
+    )
+    assert later.parts[0].forward_error == "boom" and later.values == {"n": 1}  # the first's
 
 
 def test_a_compare_step_as_the_session_makes_it_is_decoded() -> None:

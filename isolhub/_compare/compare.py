@@ -57,7 +57,7 @@ from .._errors import (
     RemoteError,
     UsageError,
 )
-from .._process.messages import CompareStep, HandleReply
+from .._process.messages import CompareStep, CompareSummary, HandleReply
 from .._types import CompareMode, EnvArg, SandboxArg, Source, TrustRepo
 from .._usage import check_choice, check_count, check_timeout, check_tolerance
 from .code import diff_trees
@@ -269,7 +269,7 @@ class _Side:
     sha: str | None = None
     path: str | None = None  # the snapshot tree, for the code diff
     error: BaseException | None = None
-    summary: dict[str, Any] | None = None
+    summary: CompareSummary | None = None  # a new record after each batch (`after_step`)
     entrypoints: dict[str, dict[str, Any]] | None = None
     start_s: float | None = None
     load_s: float | None = None
@@ -328,16 +328,15 @@ def _open_side(
             side.entrypoints = _entrypoints_by_help(worker, deadline)
             return
         session = open_handle(worker, reply.handle, timeout)
-        summary = session("summary")
         try:
-            _check_summary(summary)
+            summary = CompareSummary.decode(session("summary"))
         except ProtocolError:
             worker.kill()  # it sent garbage: nothing more it says can be trusted
             raise
         # CLOCK_MONOTONIC is system-wide on Linux: the worker's clock is this one.
-        side.load_s = max(0.0, float(summary["t0"]) - sent)
+        side.load_s = max(0.0, summary.t0 - sent)
         side.summary = summary
-        side.entrypoints = summary["entrypoints"]
+        side.entrypoints = summary.entrypoints
         side.session = session
     except IsolhubError as e:
         side.error = e
@@ -381,18 +380,10 @@ def _step(side: _Side, batch: tuple[Any, ...]) -> CompareStep | None:
 
 def _note_step(side: _Side, step: CompareStep, *, first: bool) -> None:
     """What one batch tells about its side: latency, forward errors, the first batch's values."""
-    summary = side.summary
-    assert summary is not None
-    parts = {p["path"]: p for p in summary["parts"]}
-    for path, message in step.errors.items():
-        if path in parts:
-            parts[path].setdefault("forward_error", message)
+    assert side.summary is not None
+    side.summary = side.summary.after_step(step, first=first)
     if not step.errors and step.forward_s:
         side.latency.add(sum(step.forward_s.values()))
-    if first:
-        summary["values"].update(step.values)
-        summary["uncompared"].update(step.uncompared)
-        summary["outputs"] = {}  # compared through the stream
 
 
 def _peak_memory(worker: Any) -> int | None:
@@ -429,27 +420,6 @@ def _entrypoints_by_help(worker: Any, deadline: float | None) -> dict[str, dict[
     return out
 
 
-def _check_summary(s: Any) -> None:
-    """Refuse a malformed summary (the worker runs repo code, which may have tampered with it)."""
-    import torch
-
-    def typed(value: Any, kind: type, item: type | None = None) -> bool:
-        if not isinstance(value, kind):
-            return False
-        items: Any = value
-        return item is None or all(isinstance(v, item) for v in items.values())
-
-    ok = isinstance(s, dict) and isinstance(s.get("t0"), float)
-    ok = ok and typed(s.get("tensors"), dict, torch.Tensor)
-    ok = ok and typed(s.get("outputs"), dict, torch.Tensor)
-    ok = ok and typed(s.get("values"), dict) and typed(s.get("uncompared"), dict, str)
-    ok = ok and isinstance(s.get("result_type"), str) and isinstance(s.get("parts"), list)
-    ok = ok and all(isinstance(p, dict) and isinstance(p.get("path"), str) for p in s["parts"])
-    ok = ok and (s["entrypoints"] is None or typed(s["entrypoints"], dict, dict))
-    if not ok:
-        raise ProtocolError("the worker's compare summary is malformed")
-
-
 # ----------------------------------------------------------------------------- diffing
 
 
@@ -470,11 +440,11 @@ def build_report(
     values: tuple[ValueDiff, ...] = ()
     uncompared: list[str] = []
     if sa is not None and sb is not None:
-        parameters = diff_tensors(sa["tensors"], sb["tensors"], atol, rtol, renames=True)
-        outputs = diff_tensors(sa["outputs"], sb["outputs"], atol, rtol, renames=False)
+        parameters = diff_tensors(sa.tensors, sb.tensors, atol, rtol, renames=True)
+        outputs = diff_tensors(sa.outputs, sb.outputs, atol, rtol, renames=False)
         if stream is not None and stream.batches:
             outputs = stream.output_rows()
-        values = diff_values(sa["values"], sb["values"], atol, rtol)
+        values = diff_values(sa.values, sb.values, atol, rtol)
         for kind, rows, equal in (
             ("parameter", parameters, PARAMETER_EQUAL),
             ("output", outputs, EQUAL_STATUSES),
@@ -485,18 +455,15 @@ def build_report(
         differences.extend(
             f"value {v.name}: {v.status}" for v in values if v.status not in EQUAL_STATUSES
         )
-        if sa["result_type"] != sb["result_type"]:
-            differences.append(f"result type: {sa['result_type']} → {sb['result_type']}")
-        ua, ub = sa["uncompared"], sb["uncompared"]
+        if sa.result_type != sb.result_type:
+            differences.append(f"result type: {sa.result_type} → {sb.result_type}")
+        ua, ub = sa.uncompared, sb.uncompared
         for name in sorted(set(ua) | set(ub)):
             ra, rb = ua.get(name), ub.get(name)
             uncompared.append(f"{name}: {ra if ra == rb else f'A: {ra}; B: {rb}'}")
             if ra != rb:
                 differences.append(f"{name}: not comparable (A: {ra}; B: {rb})")
-        fa, fb = (
-            {p["path"]: p["forward_error"] for p in s["parts"] if p.get("forward_error")}
-            for s in (sa, sb)
-        )
+        fa, fb = ({p.path: p.forward_error for p in s.parts if p.forward_error} for s in (sa, sb))
         for path in sorted(set(fa) | set(fb)):
             where = f"forward of {path}" if path else "forward"
             if fa.get(path) == fb.get(path):
@@ -529,23 +496,21 @@ def _side_info(side: _Side) -> SideInfo:
         error = f"{type(side.error).__name__}: {one_line(detail)}"
     if s is None:
         return SideInfo(side.spec, side.sha, error, detail, start_s=side.start_s)
-    tensors = s["tensors"]
-    params = [p.get("parameters") for p in s["parts"]]
+    tensors = s.tensors
+    params = [p.parameters for p in s.parts]
     if params and all(isinstance(p, int) for p in params):
-        count = sum(params)
+        count = sum(p for p in params if p is not None)
     else:
         count = sum(t.numel() for t in _unique(tensors.values()))
     forward_errors = [
-        (f"{p['path']}: " if p["path"] else "") + str(p["forward_error"])
-        for p in s["parts"]
-        if p.get("forward_error")
+        (f"{p.path}: " if p.path else "") + str(p.forward_error) for p in s.parts if p.forward_error
     ]
     return SideInfo(
         spec=side.spec,
         sha=side.sha,
         error=error,
         error_detail=detail,
-        result_type=s["result_type"],
+        result_type=s.result_type,
         parameters=count,
         tensors=len(tensors),
         bytes=sum(t.numel() * t.element_size() for t in _unique(tensors.values())),

@@ -11,8 +11,8 @@ result. The answer holds only what the restricted codec and the tensor arena car
      "tensors": {state-dict key: CPU tensor}, "outputs": {name: CPU tensor},
      "values": {name: None | bool | int | float | str}, "uncompared": {name: reason}}
 
-The parent checks that shape (`_compare.compare._check_summary`) before it trusts it: repo code ran
-beside `summarise` and may have tampered with it.
+The parent checks that shape (`_process.messages.CompareSummary`) before it trusts it: repo code
+ran beside `summarise` and may have tampered with it.
 
 For many batches `compare` keeps a `CompareSession` in the worker instead (`open_session`, the
 `then=` of a call whose result stays there as a handle) and sends it one batch at a time:

@@ -24,7 +24,8 @@ kills the worker), never a `KeyError` nor a value of the wrong type further on.
 `decode_reply` is the one place a reply and its fds are decoded (`Worker.request` calls it);
 a download request is decoded by `_process.worker.answer_download`, which answers it.
 Values inside a reply have shapes of their own, checked here too once decoded:
-`IterationBatch` (a remote iterator's `next`), `HandleInfo` (a kept object), `CompareStep`.
+`IterationBatch` (a remote iterator's `next`), `HandleInfo` (a kept object), `CompareSummary`
+(a compare session's side, once) and `CompareStep` (one batch through it).
 The zygote's requests (`ForkRequest`, `WaitRequest`, `PreloadRequest`, `ProvidedRequest`,
 decoded in the zygote by `zygote_request`) and its answers (`ZygoteHello`, `Forked`, `Waited`,
 `Preloaded`, `Provided`) are here too.
@@ -82,7 +83,9 @@ __all__ = [
     "CALLER_ERRORS",
     "CallRequest",
     "CloseNote",
+    "ComparePart",
     "CompareStep",
+    "CompareSummary",
     "DocReply",
     "ERROR_KINDS",
     "Effects",
@@ -1343,3 +1346,130 @@ class CompareStep:
             r["forward_s"], r["errors"], r["outputs"], r["values"], r["uncompared"], layers,
             r["activations"],
         )  # fmt: skip
+
+
+_PART_FIELDS = frozenset({"parameters", "training", "forward_s", "forward_error"})
+_ENTRYPOINT_FIELDS = frozenset({"kind", "signature", "doc", "source"})
+
+
+@dataclass(frozen=True, slots=True)
+class ComparePart:
+    """A module-like part of a compared result (`path` "" is the result itself): its type, its
+    parameter count (None: not an `nn.Module`), and what its forward took or raised."""
+
+    path: str
+    type: str
+    parameters: int | None = None
+    training: bool | None = None
+    forward_s: float | None = None
+    forward_error: str | None = None
+
+    @classmethod
+    def decode(cls, raw: Any) -> ComparePart:
+        """A part as the worker described it, checked.
+
+        Raises:
+            ProtocolError: it is malformed.
+        """
+        p = _fields(raw, "a compared part", frozenset({"path", "type"}), _PART_FIELDS)
+        parameters, training = p.get("parameters"), p.get("training")
+        forward_s, error = p.get("forward_s"), p.get("forward_error")
+        ok = type(p["path"]) is str and type(p["type"]) is str
+        ok = ok and (parameters is None or (type(parameters) is int and parameters >= 0))
+        ok = ok and (training is None or type(training) is bool)
+        ok = ok and (forward_s is None or (type(forward_s) is float and forward_s >= 0))
+        if not (ok and (error is None or type(error) is str)):
+            raise ProtocolError("a compared part is malformed")
+        return cls(p["path"], p["type"], parameters, training, forward_s, error)
+
+
+@dataclass(frozen=True, slots=True)
+class CompareSummary:
+    """What a compare session says of its side once (`_compare.worker.CompareSession`'s
+    `summary`), checked: repo code ran beside it in the worker. `t0` is the worker's monotonic
+    clock when the result was summarised, `entrypoints` the hubconf's public callables (their
+    `kind`, `signature`, `doc`, `source`; None: unknown), `tensors` the state dicts, `outputs`,
+    `values` and `uncompared` by name. A batch's step adds to it (`after_step`): a new record.
+
+    Example:
+        >>> import torch
+        >>> from isolhub._compare.worker import open_session
+        >>> session = open_session(torch.nn.Linear(2, 3), seed=0)
+        >>> s = CompareSummary.decode(session("summary"))
+        >>> s.result_type, sorted(s.tensors), s.parts[0].parameters
+        ('Linear', ['bias', 'weight'], 9)
+    """
+
+    t0: float
+    result_type: str
+    entrypoints: dict[str, dict[str, str | None]] | None
+    parts: tuple[ComparePart, ...]
+    tensors: dict[str, Any]  # tensors
+    outputs: dict[str, Any]  # tensors
+    values: dict[str, None | bool | int | float | str]
+    uncompared: dict[str, str]
+
+    _REQUIRED = frozenset(
+        {"t0", "result_type", "entrypoints", "parts", "tensors", "outputs", "values", "uncompared"}
+    )
+
+    @classmethod
+    def decode(cls, raw: Any) -> CompareSummary:
+        """A session's summary as the worker sent it, checked.
+
+        Raises:
+            ProtocolError: it is malformed.
+        """
+        import torch
+
+        def by_name(d: Any, ok: Callable[[Any], bool]) -> bool:
+            return type(d) is dict and all(type(k) is str and ok(v) for k, v in d.items())
+
+        def tensor(v: Any) -> bool:
+            return isinstance(v, torch.Tensor)
+
+        def entrypoint(e: Any) -> bool:
+            return (
+                by_name(e, lambda v: v is None or type(v) is str) and e.keys() <= _ENTRYPOINT_FIELDS
+            )
+
+        try:
+            r = _fields(raw, "it", cls._REQUIRED, frozenset())
+            parts = r["parts"]
+            if type(parts) is not list or len(parts) > _MAX_LAYERS:
+                raise ProtocolError("its parts are not a list")
+            decoded = tuple(ComparePart.decode(p) for p in parts)
+        except ProtocolError as e:
+            raise ProtocolError(f"the worker's compare summary is malformed: {e}") from None
+        entrypoints = r["entrypoints"]
+        ok = type(r["t0"]) is float and type(r["result_type"]) is str
+        ok = ok and (entrypoints is None or by_name(entrypoints, entrypoint))
+        ok = ok and by_name(r["tensors"], tensor) and by_name(r["outputs"], tensor)
+        ok = ok and by_name(r["values"], lambda v: v is None or type(v) in (bool, int, float, str))
+        ok = ok and by_name(r["uncompared"], lambda v: type(v) is str)
+        if not ok:
+            raise ProtocolError("the worker's compare summary is malformed")
+        return cls(
+            r["t0"], r["result_type"], entrypoints, decoded, r["tensors"], r["outputs"],
+            r["values"], r["uncompared"],
+        )  # fmt: skip
+
+    def after_step(self, step: CompareStep, *, first: bool) -> CompareSummary:
+        """This summary with what a batch through the session added: each part's first forward
+        error and, from the first batch, its values and what it could not compare (its outputs
+        are compared through the stream instead)."""
+        parts = tuple(
+            dataclasses.replace(p, forward_error=step.errors[p.path])
+            if p.forward_error is None and p.path in step.errors
+            else p
+            for p in self.parts
+        )
+        if not first:
+            return dataclasses.replace(self, parts=parts)
+        return dataclasses.replace(
+            self,
+            parts=parts,
+            outputs={},
+            values={**self.values, **step.values},
+            uncompared={**self.uncompared, **step.uncompared},
+        )
