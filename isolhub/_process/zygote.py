@@ -64,8 +64,9 @@ def _preload() -> None:
     from . import runtime as _runtime  # noqa: F401  (20-30 ms of imports in each fork otherwise)
 
     # Workers inherit all of this. Resolve module paths once here (by-value pickling and the
-    # scan for packages to preload look them up), and freeze the objects: a worker's garbage collector then never walks them,
-    # which would write to, and so copy, every page holding one (a 0.1-0.2 s stall).
+    # scan for packages to preload look them up), and freeze the objects: a worker's garbage
+    # collector then never walks them, which would write to, and so copy, every page holding
+    # one (a 0.1-0.2 s stall).
     prime_module_paths()
     _learned.prime()
     gc.collect()
