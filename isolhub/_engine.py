@@ -314,11 +314,17 @@ def run_load(
         import torch  # noqa: F401
 
         _collect_in_background()
-        with start_worker(snap, sandbox=policy, env=env) as w:
-            return call(
+        w = start_worker(snap, sandbox=policy, env=env)
+        try:
+            result = call(
                 w, model, args, kwargs, result=o.mode, timeout=timeout, seed=o.seed, rng=True,
                 last=True,
             )  # fmt: skip
+        except BaseException:
+            w.close()
+            raise
+        w.close(wait=False)  # its exit, reaping and clean-up happen off the caller's path
+        return result
     w = start_worker(snap, sandbox=policy, env=env)
     try:
         # The random state goes in with the entrypoint call and comes back with its result;

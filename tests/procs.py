@@ -1,7 +1,8 @@
 """What workers may leave behind in the test process: child processes, zombies, scratch dirs.
 
 Tests take a snapshot before and compare after, so a leaked worker, an unreaped one or a scratch
-dir left in the temp dir fails the test that caused it.
+dir left in the temp dir fails the test that caused it. Each first waits for the reaper thread
+(`settle`): a closed `load`'s worker is reaped and cleaned up just after `load` returns.
 
 Example:
     >>> before = child_pids(), scratch_dirs()
@@ -15,9 +16,12 @@ import os
 import tempfile
 from pathlib import Path
 
+from isolhub._process.worker import settle
+
 
 def child_pids() -> set[int]:
     """The pids whose parent is this process (read from /proc)."""
+    settle()
     out = set()
     for pid in os.listdir("/proc"):
         if pid.isdigit():
@@ -32,6 +36,7 @@ def child_pids() -> set[int]:
 
 def zombie_pids() -> list[int]:
     """Zombie grandchildren: workers the zygote has not reaped."""
+    settle()
     out = []
     for child in child_pids():
         for pid in os.listdir("/proc"):
@@ -48,4 +53,11 @@ def zombie_pids() -> list[int]:
 
 def scratch_dirs() -> set[str]:
     """Worker scratch dirs (`isolhub-worker-*`) in the current temp dir."""
+    settle()
     return {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("isolhub-worker-")}
+
+
+def open_fds() -> set[str]:
+    """This process's open file descriptors (numbers, from /proc/self/fd)."""
+    settle()
+    return set(os.listdir("/proc/self/fd"))

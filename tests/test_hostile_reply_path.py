@@ -29,6 +29,7 @@ from isolhub._spec import parse_spec
 from isolhub._transport.codec import MAX_FRAME, recv_frame
 
 from hubrepos import CHANNEL, make_repo, spec_of
+from procs import open_fds
 
 HOSTILE = """
 import torch
@@ -291,7 +292,7 @@ def net():
 
 
 def _open_fds() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
+    return open_fds()
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from isolhub._pool.hub import Hub, Result
 
 from harness_repos import HANG_TIMEOUT, MEMORY_CAP, check_harness_results, evaluate, make_harness
 from hubrepos import make_repo, net_files, spec_of
-from procs import child_pids, scratch_dirs, zombie_pids
+from procs import child_pids, open_fds, scratch_dirs, zombie_pids
 
 
 @pytest.fixture(scope="module")
@@ -396,7 +396,7 @@ def _wait_for(predicate: Any, timeout: float = 20) -> None:
 
 
 def _fds() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
+    return open_fds()
 
 
 @pytest.mark.slow

@@ -62,6 +62,7 @@ from isolhub._transport.codec import decode, encode
 from isolhub._transport.values import decode_value, encode_value
 
 from hubrepos import CHANNEL, make_repo, spec_of
+from procs import open_fds
 
 HANDLE = HandleInfo(3, "torch.nn.Linear", True, True)
 WARNING = {
@@ -609,7 +610,7 @@ def liar(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def _open_fds() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
+    return open_fds()
 
 
 @pytest.mark.parametrize(

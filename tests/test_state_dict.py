@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ import torch
 import isolhub as hub
 
 from hubrepos import make_repo, spec_of
+from procs import open_fds
 
 HUBCONF = """
     import hashlib
@@ -125,8 +125,8 @@ def test_tensors_are_private_writable_copies_on_write(repo: Path) -> None:
 
 def test_a_500_tensor_transfer_leaves_the_parent_fd_count_unchanged(repo: Path) -> None:
     hub.load_state_dict(spec_of(repo), "many", n=5)  # warm the zygote and the cache
-    before = len(os.listdir("/proc/self/fd"))
+    before = len(open_fds())
     sd = hub.load_state_dict(spec_of(repo), "many", n=500)
     assert len(sd) == 500
-    assert len(os.listdir("/proc/self/fd")) == before
+    assert len(open_fds()) == before
     del sd

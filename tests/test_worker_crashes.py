@@ -11,7 +11,7 @@ import pytest
 import isolhub as hub
 
 from hubrepos import make_repo, spec_of
-from procs import child_pids, scratch_dirs, zombie_pids
+from procs import child_pids, open_fds, scratch_dirs, zombie_pids
 
 CRASHES = {
     "raises": ("raise KeyError('boom in hubconf')", hub.RemoteError, "KeyError"),
@@ -76,7 +76,7 @@ def test_a_crash_leaves_no_zombie_no_fd_and_no_scratch_dir(
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # scratch dirs of this test only
     hub.load(spec_of(crash_repo), "ok")  # warm the zygote
-    fds_before = set(os.listdir("/proc/self/fd"))
+    fds_before = open_fds()
     children_before = child_pids()
     scratch_before = scratch_dirs()
     for kind in ("segfault", "os_exit", "raises"):
@@ -84,7 +84,7 @@ def test_a_crash_leaves_no_zombie_no_fd_and_no_scratch_dir(
             hub.load(spec_of(crash_repo), kind)
     with pytest.raises(hub.WorkerTimeoutError):
         hub.load(spec_of(crash_repo), "hang", timeout=0.5)
-    assert set(os.listdir("/proc/self/fd")) == fds_before
+    assert open_fds() == fds_before
     assert child_pids() == children_before
     assert scratch_dirs() == scratch_before == set()
     assert zombie_pids() == []
@@ -109,6 +109,7 @@ def test_the_next_worker_is_forked_ahead_and_a_dead_spare_is_replaced(crash_repo
     from isolhub._process import worker as _process
 
     assert hub.load(spec_of(crash_repo), "ok") == "fine"
+    _process.settle()  # the load's worker reaped, so the zygote's one child is the spare
     zygote = _process._Zygote.get().proc.pid
     deadline = time.monotonic() + 10
     while not (spares := _children_of(zygote)) and time.monotonic() < deadline:

@@ -45,7 +45,7 @@ from .._engine import (
 )
 from .._errors import IsolhubError, WorkerCrashedError, WorkerError
 from .._options import HubOptions
-from .._process.worker import Worker
+from .._process.worker import Worker, settle
 from .._sandbox.policy import Sandbox
 from .._source.snapshot import Snapshot
 
@@ -357,7 +357,7 @@ class LocalBackend:
                 signal.pidfd_send_signal(executor.pidfd, signal.SIGKILL)
 
     def close(self, executor: Worker) -> None:
-        executor.close()
+        executor.close(wait=False)
 
     def shutdown(self) -> None:
-        pass
+        settle()  # every closed worker reaped and cleaned up before the pool says it is shut

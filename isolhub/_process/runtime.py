@@ -177,6 +177,7 @@ def serve(fd: int) -> NoReturn:
         traceback.print_exc()
         code = 70
     _flush()
+    _release_output()
     os._exit(code)
 
 
@@ -251,6 +252,16 @@ def _flush() -> None:
         try:
             stream.flush()
         except Exception:
+            pass
+
+
+def _release_output() -> None:
+    """Let go of the output pipe before exiting: the parent, which reads it to its end, knows
+    all was said without waiting for the kernel to tear this process down (5-13 ms)."""
+    for fd in (1, 2):
+        try:
+            os.close(fd)
+        except OSError:
             pass
 
 

@@ -100,7 +100,14 @@ _INVOKE_WORDS = {
     "state_dict": "taking the state_dict()",
 }
 
-__all__ = ["Worker", "answer_download", "prestart_zygote", "shutdown_zygote", "zygote_packages"]
+__all__ = [
+    "Worker",
+    "answer_download",
+    "prestart_zygote",
+    "settle",
+    "shutdown_zygote",
+    "zygote_packages",
+]
 
 _TAIL_BYTES = 8192
 _ZYGOTE_START_TIMEOUT = 180.0
@@ -893,11 +900,24 @@ class Worker:
             with contextlib.suppress(OSError):
                 send_frame(self.sock, pickle.dumps(note))
 
-    def close(self) -> None:
-        """Ask the worker to exit; kill it if it has not within two seconds."""
+    def close(self, wait: bool = True) -> None:
+        """Ask the worker to exit; kill it if it has not within two seconds.
+
+        `wait=False`: return as soon as the worker has let go of its output, which it does
+        last before exiting, so all it printed has been forwarded; the reaper thread waits for
+        its exit, reaps it and removes its scratch folder and cgroups (`settle` waits for that).
+        """
         if self.closed:
             return
         self.notify(CloseNote())
+        if not wait:
+            self._reader.join(timeout=_GRACE)
+            if not self._reader.is_alive():
+                self.closed = True
+                self._finalizer.detach()
+                self.sock.close()
+                _later(_clean_up, self.pidfd, self._status, self.scratch, self.pid)
+                return
         if not self._dead_within(_GRACE):
             with contextlib.suppress(OSError):
                 signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
@@ -973,9 +993,27 @@ def _finish_reaping() -> None:
             job()
 
 
+def settle(timeout: float = 30.0) -> bool:
+    """Wait until the reaper thread has done what it was given so far: closed workers reaped,
+    their scratch folders and cgroups removed. False if that took over `timeout` seconds.
+
+    Example:
+        >>> settle()
+        True
+    """
+    if _reaper_owner != os.getpid():  # no worker was started in this process
+        _finish_reaping()
+        return True
+    done = threading.Event()
+    _reaper_jobs.put(done.set)
+    return done.wait(timeout)
+
+
 def _clean_up(pidfd: int, status: Callable[[], int], scratch: str, pid: int) -> None:
     with contextlib.suppress(Exception):  # a reaper must outlive any one failure
-        select.select([pidfd], [], [], _GRACE)
+        if not select.select([pidfd], [], [], _GRACE)[0]:  # closed, yet not exiting
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            select.select([pidfd], [], [], _GRACE)
         status()
     with contextlib.suppress(OSError):
         os.close(pidfd)
