@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -121,3 +123,28 @@ def test_the_next_worker_is_forked_ahead_and_a_dead_spare_is_replaced(crash_repo
         time.sleep(0.01)  # dead (a zombie) before the next load asks for it
     assert hub.load(spec_of(crash_repo), "ok") == "fine"
     assert spare not in _children_of(zygote) and zombie_pids() == []
+
+
+def test_all_a_loads_worker_printed_is_forwarded_before_load_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The worker is reaped after `load` returns; what it printed must not arrive after that,
+    # even when this process's stderr is slow to take it.
+    class SlowStderr(io.StringIO):
+        def write(self, text: str) -> int:
+            time.sleep(0.05)
+            return super().write(text)
+
+    hubconf = (
+        "def chatty():\n"
+        "    for i in range(3000):\n"
+        "        print('line', i, 'x' * 80)\n"  # ~270 KiB: more than a pipe holds
+        "    print('the last line', flush=True)\n"
+        "    return 'done'\n"
+    )
+    repo = make_repo(tmp_path / "chatty", {"hubconf.py": hubconf})
+    for _ in range(2):
+        monkeypatch.setattr(sys, "stderr", SlowStderr())
+        assert hub.load(spec_of(repo), "chatty") == "done"
+        err = sys.stderr.getvalue()
+        assert err.count("the last line") == 1 and "line 2999 " in err
