@@ -283,3 +283,24 @@ def test_a_zygote_started_from_a_thread_that_ends_outlives_that_thread(net_spec:
     pid = _zygote_pid()
     assert type(hub.load(net_spec, "net")).version == "v1"
     assert _zygote_pid() == pid
+
+
+@pytest.mark.slow
+def test_a_parent_that_loads_and_exits_leaves_its_stderr_clean_and_no_zygote(
+    tmp_path: Path,
+) -> None:
+    # The first run learns `yaml` (an installed package the hubconf imports) and asks the zygote
+    # to preload it; the second starts a zygote that preloads it. Either parent exits at once.
+    hubconf = "import yaml\nimport torch.nn as nn\n\ndef net():\n    return nn.Linear(2, 2)\n"
+    repo = make_repo(tmp_path / "yamlish", {"hubconf.py": hubconf})
+    code = f"""
+        import isolhub
+        from isolhub._process.worker import _Zygote
+        isolhub.load({str(repo)!r}, 'net', source='local')
+        print(_Zygote.get().proc.pid)
+    """
+    for _ in range(2):
+        parent = _parent(code, _env())
+        out, err = parent.communicate(timeout=120)
+        assert parent.returncode == 0 and err == "", err
+        assert not Path(f"/proc/{int(out)}").exists()  # waited for, so reaped
