@@ -5,6 +5,7 @@ from __future__ import annotations
 import fractions
 import importlib.util
 import inspect
+import os
 import pickle
 import sys
 import textwrap
@@ -163,3 +164,18 @@ def test_a_torchscript_function_without_python_source_is_refused_when_pickled() 
     unit = torch.jit.CompilationUnit("def twice(x: int) -> int:\n    return 2 * x\n")
     with pytest.raises(pickle.PicklingError, match="not compiled from a Python function"):
         _byvalue.dumps(unit.twice)
+
+
+def test_the_remembered_real_path_of_a_module_file_is_what_os_path_realpath_says(
+    tmp_path: Path,
+) -> None:
+    from isolhub._transport.byvalue import _realpath
+
+    (tmp_path / "real/pkg").mkdir(parents=True)
+    (tmp_path / "real/pkg/a.py").write_text("")
+    (tmp_path / "elsewhere.py").write_text("")
+    (tmp_path / "link").symlink_to(tmp_path / "real")  # a symlinked folder
+    (tmp_path / "real/pkg/b.py").symlink_to(tmp_path / "elsewhere.py")  # a symlinked file
+    for path in ["link/pkg/a.py", "link/pkg/b.py", "real/pkg/../pkg/a.py", "link/", "gone.py"]:
+        assert _realpath(str(tmp_path / path)) == os.path.realpath(tmp_path / path), path
+    assert _realpath("relative/x.py") == os.path.realpath("relative/x.py")

@@ -305,7 +305,10 @@ class _WorkerState:
         overlay = init.overlay
         if overlay and overlay not in sys.path:
             sys.path.insert(1, overlay)
-        sys.dont_write_bytecode = True  # the snapshot is immutable and may be read-only
+        # Bytecode of the repo's modules is cached in the snapshot (`__pycache__`, which cache
+        # checks ignore), as a torch.hub process caches it in its hub dir; unless the caller's
+        # environment says not to. A confined worker cannot write there: Python goes without.
+        sys.dont_write_bytecode = bool(os.environ.get("PYTHONDONTWRITEBYTECODE"))
         policy = init.policy
         if policy is not None:
             # Confined before a line of the repo runs; downloads go through the parent.

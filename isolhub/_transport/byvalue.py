@@ -122,9 +122,14 @@ _REALPATHS: dict[str, str] = {}
 def _realpath(path: str) -> str:
     real = _REALPATHS.get(path)
     if real is None:
-        real = os.path.realpath(path)
-        if os.path.isabs(path):  # a relative one depends on the working directory
-            _REALPATHS[path] = real
+        if not os.path.isabs(path):  # depends on the working directory: never remembered
+            return os.path.realpath(path)
+        folder, name = os.path.split(path)
+        if name in ("", ".", "..") or os.path.islink(path):
+            real = os.path.realpath(path)
+        else:  # one lstat for the file; its folder (a package's, shared) is resolved once
+            real = os.path.join(_realpath(folder), name)
+        _REALPATHS[path] = real
     return real
 
 
