@@ -125,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         argv = sys.argv[1:] if argv is None else argv
         os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv], env)
 
+    # As most users run Python: bytecode cached (torch.hub's side and isolhub's workers alike).
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    sys.dont_write_bytecode = False
     tmp = Path(tempfile.mkdtemp(prefix="isolhub-bench-"))
     os.environ["ISOLHUB_HOME"] = str(tmp / "home")
     started = time.perf_counter()
