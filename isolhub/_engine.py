@@ -97,6 +97,7 @@ def start_worker(
     sandbox: Sandbox | None = None,
     limits: ReplyLimits | None = None,
     env: Env | None = None,
+    lazy: bool = False,
 ) -> Worker:
     """Start a worker serving `snapshot` (the caller closes it).
 
@@ -107,7 +108,8 @@ def start_worker(
     MemoryError in the worker instead of the machine swapping or the OOM killer striking.
     With a `sandbox` policy the worker confines itself before importing the repo, and its
     downloads are served by this process (`_weights.broker`). `limits` caps what one reply may make
-    this process hold or print (default: `reply_limits(sandbox)`).
+    this process hold or print (default: `reply_limits(sandbox)`). `lazy` (`Worker.start`): its
+    set-up's outcome is read with the first request's answer, so a failed set-up is raised there.
 
     Raises:
         SandboxError: a sandbox with another start method than the zygote.
@@ -126,7 +128,12 @@ def start_worker(
     own = str(env.site) if env is not None and env.kind == "own" else None
     if sandbox is None:
         return Worker.start(
-            snapshot.label, init, start_method=start_method, limits=limits, own_overlay=own
+            snapshot.label,
+            init,
+            start_method=start_method,
+            limits=limits,
+            own_overlay=own,
+            lazy=lazy,
         )
     if start_method != "zygote":
         raise SandboxError("the sandbox is applied in a worker forked from the zygote; use it")
@@ -147,6 +154,7 @@ def start_worker(
         on_request=weights_broker(sandbox),
         limits=limits,
         own_overlay=own,
+        lazy=lazy,
     )
 
 
@@ -314,7 +322,7 @@ def run_load(
         import torch  # noqa: F401
 
         _collect_in_background()
-        w = start_worker(snap, sandbox=policy, env=env)
+        w = start_worker(snap, sandbox=policy, env=env, lazy=True)
         try:
             result = call(
                 w, model, args, kwargs, result=o.mode, timeout=timeout, seed=o.seed, rng=True,

@@ -189,6 +189,23 @@ def test_a_worker_of_another_protocol_version_is_refused_naming_both(
 
 
 @pytest.mark.slow
+def test_a_lazily_started_worker_of_another_version_is_refused_at_its_first_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `load` reads the worker's hello with its first answer (`lazy=True`): the refusal is the same.
+    repo = make_repo(tmp_path / "r", {"hubconf.py": "def net():\n    return 1\n"})
+    snap = fetch_snapshot(parse_spec(spec_of(repo), "github"), verbose=False)
+    other = PROTOCOL_VERSION + 1
+    _other_isolhub(tmp_path / "elsewhere", other)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    w = start_worker(snap, start_method="spawn", lazy=True)
+    with pytest.raises(isolhub.ProtocolVersionError) as info:
+        w.request(CallRequest(entry="net", result="value"), ValueReply, timeout=60)
+    assert (info.value.worker_protocol, info.value.parent_protocol) == (other, PROTOCOL_VERSION)
+    assert w.closed  # killed and reaped
+
+
+@pytest.mark.slow
 def test_a_worker_of_an_isolhub_before_versions_is_refused_as_version_0(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import os
 import re
@@ -328,6 +329,7 @@ _TEMP_NAME = re.compile(rf"{TEMP_PREFIX}(?P<kind>[a-z]+)-(?P<host>[0-9a-f]{{8}})
 _swept: set[tuple[int, str]] = set()  # (pid, temp dir) already swept
 
 
+@functools.cache
 def host_tag() -> str:
     """8 hex digits naming this host in temp names, so a pid is only judged where it lives."""
     return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]

@@ -524,6 +524,7 @@ class Worker:
         self._lock = threading.RLock()  # one request at a time on the channel
         self._rng_back = False  # the request in flight asked for the worker's random state
         self._request: Request | None = None  # the last request sent, to name its stage
+        self._hello_due: float | None = None  # the handshake's deadline while its answer is due
         self._tail = bytearray()
         self._reader = threading.Thread(
             target=_drain,
@@ -536,8 +537,7 @@ class Worker:
             ),
             name=f"isolhub-out-{pid}",
             daemon=True,
-        )
-        self._reader.start()
+        )  # started by `start`
         # Dropped without close(): killed, reaped and cleaned up all the same.
         _start_reaper()
         self._finalizer = weakref.finalize(self, _reap, self.pidfd, sock, status, scratch, pid)
@@ -552,10 +552,13 @@ class Worker:
         on_request: Broker | None = None,
         limits: ReplyLimits | None = None,
         own_overlay: str | None = None,
+        lazy: bool = False,
     ) -> Worker:
         """Start a worker for `label` and hand it `init` (snapshot, module name, hub dir...).
 
         `on_request` serves its downloads (`_weights.broker.weights_broker`: a sandboxed one's).
+        `lazy`: return once the init is sent; its answer (the hello, or why the set-up failed)
+        is read before the first request's, which is sent meanwhile: one round trip less.
 
         `limits` caps what it may make this process hold or print (`ReplyLimits`).
         `own_overlay`: fork it from the zygote of that environment of its own (`_env.environment`).
@@ -596,16 +599,31 @@ class Worker:
         worker.on_request = on_request
         worker.zygote = zygote
         worker.confined = init.policy is not None
-        init = dataclasses.replace(init, scratch=scratch, spin=worker._spin)
         try:
+            init = dataclasses.replace(init, scratch=scratch, spin=worker._spin)
             send_frame(parent, cloudpickle.dumps(init.to_wire()))
-            reply, fds = worker._reply(time.monotonic() + _HANDSHAKE_TIMEOUT)
-            _close_fds(fds)
-            Hello.decode(reply, label)
         except BaseException:
             worker.kill()
             raise
+        finally:
+            worker._reader.start()  # after the send: starting a thread waits for it to run
+        worker._hello_due = time.monotonic() + _HANDSHAKE_TIMEOUT
+        if not lazy:
+            worker._read_hello()
         return worker
+
+    def _read_hello(self) -> None:
+        """Read the worker's answer to its init: its hello, or the error its set-up raised."""
+        due, self._hello_due = self._hello_due, None
+        if due is None:
+            return
+        try:
+            reply, fds = self._reply(due)
+            _close_fds(fds)
+            Hello.decode(reply, self.label)
+        except BaseException:
+            self.kill()
+            raise
 
     def request(
         self,
@@ -673,7 +691,9 @@ class Worker:
             try:
                 send_frame(self.sock, data, fds)
             except OSError:
+                self._read_hello()  # a set-up that failed says why
                 self._raise_death()
+            self._read_hello()
             reply, got = self._reply(deadline, timeout)
             if len(got) > max_fds:
                 _close_fds(got)
