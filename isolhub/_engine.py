@@ -26,6 +26,7 @@ import builtins
 import dataclasses
 import gc
 import os
+import sys
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -72,6 +73,7 @@ __all__ = [
     "admitted_snapshot",
     "call",
     "call_message",
+    "caller_threads",
     "check_model_name",
     "decode_result",
     "entrypoint_doc",
@@ -89,6 +91,26 @@ __all__ = [
 ]
 
 
+def caller_threads(share: int = 1) -> int:
+    """This process's torch intra-op threads split `share` ways (at least 1): what a worker
+    runs torch with, so that a load uses the threads torch.hub's would in this process, and a
+    pool's workers share them instead of each taking every core.
+
+    Without torch imported here, the CPUs this process may run on stand for its default.
+
+    Example:
+        >>> caller_threads() >= caller_threads(2) >= 1
+        True
+        >>> caller_threads(10**6)
+        1
+    """
+    if "torch" in sys.modules:
+        total = sys.modules["torch"].get_num_threads()
+    else:
+        total = len(os.sched_getaffinity(0))
+    return max(1, total // share)
+
+
 def start_worker(
     snapshot: Snapshot,
     *,
@@ -98,8 +120,11 @@ def start_worker(
     limits: ReplyLimits | None = None,
     env: Env | None = None,
     lazy: bool = False,
+    threads: int | None = None,
 ) -> Worker:
     """Start a worker serving `snapshot` (the caller closes it).
+
+    `threads`: torch's intra-op threads in the worker (`caller_threads`; None: torch's default).
 
     `env` (an `_env.environment.Env`) puts the repo's installed requirements on its `sys.path`; one of
     its own runs in a worker forked from that environment's own zygote.
@@ -122,6 +147,7 @@ def start_worker(
         env=dict(os.environ),
         memory_bytes=memory_bytes,
         overlay=None if env is None else str(env.site),
+        threads=threads,
     )
     if limits is None:
         limits = reply_limits(sandbox)
@@ -322,7 +348,7 @@ def run_load(
         import torch  # noqa: F401
 
         _collect_in_background()
-        w = start_worker(snap, sandbox=policy, env=env, lazy=True)
+        w = start_worker(snap, sandbox=policy, env=env, lazy=True, threads=caller_threads())
         try:
             result = call(
                 w, model, args, kwargs, result=o.mode, timeout=timeout, seed=o.seed, rng=True,
@@ -333,7 +359,7 @@ def run_load(
             raise
         w.close(wait=False)  # its exit, reaping and clean-up happen off the caller's path
         return result
-    w = start_worker(snap, sandbox=policy, env=env)
+    w = start_worker(snap, sandbox=policy, env=env, lazy=True, threads=caller_threads())
     try:
         # The random state goes in with the entrypoint call and comes back with its result;
         # later calls on the handle draw from the worker's own generators.

@@ -211,9 +211,16 @@ def test_an_init_round_trips_as_the_parent_pickles_it() -> None:
         overlay="/site",
         policy=isolhub.Sandbox(weight_hosts=("h.example",)),
         spin=0.25,
+        threads=2,
     )
     assert WorkerInit.decode(pickle.loads(pickle.dumps(init.to_wire()))) == init
     assert WorkerInit.same_protocol(init.to_wire())
+
+
+@pytest.mark.parametrize("threads", [None, 1, 4096])
+def test_an_init_takes_no_thread_count_or_one_from_1_to_4096(threads: int | None) -> None:
+    init = WorkerInit(snapshot="/snap", module_name="m", scratch="/tmp/w", threads=threads)
+    assert WorkerInit.decode(init.to_wire()).threads == threads
 
 
 # -- hostile: a decoded raw dict of the wrong shape ----------------------------------------------
@@ -404,6 +411,12 @@ INIT = WorkerInit(snapshot="/snap", module_name="m", scratch="/tmp/w").to_wire()
         dict(INIT, memory_bytes=True),
         dict(INIT, memory_bytes=-1),
         dict(INIT, spin="fast"),
+        dict(INIT, threads="2"),
+        dict(INIT, threads=True),
+        dict(INIT, threads=0),
+        dict(INIT, threads=-1),
+        dict(INIT, threads=10**6),
+        dict(INIT, threads=2.0),
         dict(INIT, policy={"weight_hosts": ["h.example"]}),  # not a policy
         dict(INIT, protocol="3"),
         ["/snap"],

@@ -308,7 +308,10 @@ def _open_side(
         side.sha, side.path = snap.sha, str(snap.path)
         env = _engine.environment_for(snap, o, o.policy)
         side.env = None if env is None else env.describe()
-        side.worker = worker = _engine.start_worker(snap, sandbox=o.policy, env=env)
+        threads = _engine.caller_threads(2)  # both sides run at once
+        side.worker = worker = _engine.start_worker(
+            snap, sandbox=o.policy, env=env, threads=threads
+        )
         side.start_s = time.monotonic() - began
         then = partial(
             open_session, seed=o.seed, remote=o.mode == "remote", snapshot=str(snap.path),

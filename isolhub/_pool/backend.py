@@ -37,6 +37,7 @@ import cloudpickle
 
 from .._engine import (
     call,
+    caller_threads,
     entrypoint_doc,
     environment_for,
     list_entrypoints,
@@ -345,6 +346,8 @@ class LocalBackend:
             memory_bytes=self._settings.memory_bytes,
             sandbox=self._settings.policy,
             env=self.environment(snapshot),
+            # The workers share this process's threads, as many at once as the pool allows.
+            threads=caller_threads(self._settings.max_workers or self.default_workers()),
         )
 
     def run(self, executor: Worker, job: Job, timeout: float | None) -> Outcome:

@@ -131,12 +131,13 @@ __all__ = [
 ]
 
 # Raised whenever a message changes shape or meaning. 2: requests are `Request` dataclasses.
-# 3: the init carries the parent's version (`WorkerInit`).
-PROTOCOL_VERSION = 3
+# 3: the init carries the parent's version (`WorkerInit`). 4: the init carries `threads`.
+PROTOCOL_VERSION = 4
 
 _TEXT_LIMIT = 1 << 20  # characters of a worker's message or traceback kept in an error
 _NAME_LIMIT = 1000  # characters of a type name, a missing module's name, a path
 _MAX_MISSING = 1000
+_MAX_THREADS = 4096  # a worker's intra-op threads (`WorkerInit.threads`)
 
 
 def _where() -> str:
@@ -229,8 +230,10 @@ class WorkerInit:
     """What the parent hands a new worker first (pickled, as a dict: the parent is trusted):
     the snapshot and the module name its hubconf is imported under, its scratch folder, and
     how it is set up (the parent's environment or, sandboxed, the `policy` it confines itself
-    under). `protocol` is the parent's: a worker of another version answers with its `Hello`
-    alone (`same_protocol`), so that the parent refuses it by name.
+    under). `threads`: torch's intra-op threads in the worker (`torch.set_num_threads`; None:
+    torch's default), the caller's share of its own. `protocol` is the parent's: a worker of
+    another version answers with its `Hello` alone (`same_protocol`), so that the parent refuses
+    it by name.
 
     Example:
         >>> init = WorkerInit(snapshot="/s", module_name="isolhub_hubconf_0", scratch="/t")
@@ -248,6 +251,7 @@ class WorkerInit:
     overlay: str | None = None  # the repo's environment's site folder (`_env.environment`)
     policy: Any = None  # a `_sandbox.policy.Sandbox`: confined, downloads through the parent
     spin: float = 0.0  # `_transport.codec.Spinner`'s seconds of spinning for the next request
+    threads: int | None = None
     protocol: int = PROTOCOL_VERSION
 
     @staticmethod
@@ -285,6 +289,8 @@ class WorkerInit:
         memory = fields.get("memory_bytes")
         check("memory_bytes", memory is None or (type(memory) is int and memory > 0))
         check("spin", type(fields.get("spin", 0.0)) in (int, float))
+        threads = fields.get("threads")
+        check("threads", threads is None or (type(threads) is int and 1 <= threads <= _MAX_THREADS))
         check("protocol", type(fields["protocol"]) is int)
         if fields.get("policy") is not None:
             from .._sandbox.policy import Sandbox

@@ -16,6 +16,7 @@ that module and every preloaded group that imported it from the worker's `sys.mo
 
 Example:
     >>> import sys
+    >>> import tqdm                              # loaded, whatever ran before this example
     >>> from isolhub import get_dir
     >>> before = set(sys.modules) - {"tqdm"}     # as if tqdm was imported since `before`
     >>> "tqdm" in reported(before, private=[]) # in a worker, after a call

@@ -5,7 +5,8 @@ It imports only the layers below it (`_transport.codec`, `_transport.arena`, `_t
 `_process.messages.Request`s (the parent is trusted) and the worker dispatches on their class; it
 answers with a `_process.messages` reply through the restricted codec, plus one arena fd for tensors.
 
-    parent ──WorkerInit (as a dict)──▶ worker: chdir(scratch), snapshot first on sys.path
+    parent ──WorkerInit (as a dict)──▶ worker: chdir(scratch), snapshot first on sys.path,
+                                       torch's threads set
     parent ──ListRequest / HelpRequest / CallRequest──▶ worker: import hubconf (once), run, answer
     parent ──CloseNote (or EOF)──▶ worker exits
 
@@ -323,10 +324,12 @@ class _WorkerState:
             )
             _download.set_fetch_broker(self.fetch_through_parent)
             _route_torch_hub(None)
+            _set_threads(init.threads)
             return
         if init.hub_dir:
             _config.set_dir(init.hub_dir)
         _route_torch_hub(init.hub_dir)
+        _set_threads(init.threads)
 
     def fetch_through_parent(self, url: str, hash_prefix: str | None) -> str:
         """Ask the parent for the file at `url` (it downloads, checks, and passes a read-only fd)."""
@@ -600,6 +603,20 @@ def _state_dict_of(obj: Any) -> Any:
     raise TypeError(
         f"the entrypoint returned a {type(obj).__qualname__}, which has no state_dict()"
     )
+
+
+def _set_threads(threads: int | None) -> None:
+    """Run torch's intra-op work on `threads` threads (None: torch's default), as the caller
+    asked (`WorkerInit.threads`).
+
+    After the sandbox, if any: it starts threads (torch's own pool), and the sandbox applies
+    only to a single-threaded process. The zygote ran no torch op, so OpenMP's pool is not yet
+    made and the fork takes the new count.
+    """
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def _route_torch_hub(hub_dir: str | None) -> None:
