@@ -57,7 +57,10 @@ def _preload() -> None:
 
     import torch.utils.model_zoo  # noqa: F401
 
+    # The sandbox's code: the spare's cgroups, and the policy that a confined worker's init holds
+    # (unpickling it imported the policy, Landlock and seccomp code in each one: 5-13 ms).
     from .._sandbox import caps as _caps  # noqa: F401
+    from .._sandbox import policy as _policy  # noqa: F401
     from .._transport.byvalue import prime_module_paths
     from .._weights import checkpoints as _checkpoints  # noqa: F401
     from . import preload as _learned
