@@ -33,6 +33,11 @@ __all__ = ["PullError", "mark_refused", "pin", "read_storages", "refused"]
 _ALIGN = 64
 _HUGE = 2 << 20
 _MADV_HUGEPAGE = 14
+# Below this, plain pages. Huge pages read 256 MiB in half the time of 4 KiB ones here, but a
+# kernel that must compact memory to find them (THP defrag "madvise") stalls their faults: a
+# ResNet-18's 45 MiB took 16-170 ms of kernel time in the parent, against a steady 31-38 ms in
+# plain pages (docs/performance.md, sixth round).
+_HUGE_FROM = 128 << 20
 _IOV_MAX = 1024
 _CHUNK = 1 << 30  # per iovec; one call moves at most 2 GiB - 4 KiB in all (`_readv` loops)
 _PAIR = struct.Struct("<QQ")
@@ -135,8 +140,8 @@ def _after(pairs: list[tuple[int, int]], done: int) -> list[tuple[int, int]]:
 
 
 def _huge_buffer(size: int) -> ctypes.Array[ctypes.c_char]:
-    """Fresh private anonymous memory of `size` bytes, 2 MiB-aligned and advised for huge
-    pages; unmapped when the last storage on it is gone."""
+    """Fresh private anonymous memory of `size` bytes, 2 MiB-aligned and, from `_HUGE_FROM`
+    bytes, advised for huge pages; unmapped when the last storage on it is gone."""
     span = size + _HUGE
     try:
         raw = map_raw(span, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -145,5 +150,6 @@ def _huge_buffer(size: int) -> ctypes.Array[ctypes.c_char]:
             f"cannot allocate {size} bytes for the worker's storages: {e.strerror}"
         ) from None
     start = (raw + _HUGE - 1) & ~(_HUGE - 1)
-    libc.madvise(start, size, _MADV_HUGEPAGE)  # advice: where refused, plain pages
+    if size >= _HUGE_FROM:
+        libc.madvise(start, size, _MADV_HUGEPAGE)  # advice: where refused, plain pages
     return buffer_at(start, size, mapping=(raw, span))
