@@ -931,7 +931,8 @@ class Worker:
             return
         self.notify(CloseNote())
         if not wait:
-            self._reader.join(timeout=_GRACE)
+            # Not at its end within a second: something the worker started holds the pipe.
+            self._reader.join(timeout=1.0)
             if not self._reader.is_alive():
                 self.closed = True
                 self._finalizer.detach()
