@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 import re
 import shutil
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ from isolhub._process.messages import (
     error_record,
     kind_of,
 )
-from isolhub._source.snapshot import fetch_snapshot
+from isolhub._source.snapshot import Snapshot, fetch_snapshot
 from isolhub._spec import parse_spec
 from isolhub._transport.codec import decode, encode
 
@@ -166,17 +165,30 @@ def _other_isolhub(into: Path, version: int) -> None:
     messages.write_text(text)
 
 
+def _net_snapshot(tmp_path: Path) -> Snapshot:
+    """The snapshot of a new repo whose one entrypoint, `net`, returns 1."""
+    repo = make_repo(tmp_path / "r", {"hubconf.py": "def net():\n    return 1\n"})
+    return fetch_snapshot(parse_spec(spec_of(repo), "github"), verbose=False)
+
+
+def _beside_the_next_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Make spawned workers run a copy of isolhub speaking the next protocol version; that version.
+
+    `python -m isolhub._process.runtime` imports the isolhub of its current directory first: a
+    real way for a worker to run another isolhub than its parent's.
+    """
+    other = PROTOCOL_VERSION + 1
+    _other_isolhub(tmp_path / "elsewhere", other)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    return other
+
+
 @pytest.mark.slow
 def test_a_worker_of_another_protocol_version_is_refused_naming_both(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    repo = make_repo(tmp_path / "r", {"hubconf.py": "def net():\n    return 1\n"})
-    snap = fetch_snapshot(parse_spec(spec_of(repo), "github"), verbose=False)
-    other = PROTOCOL_VERSION + 1
-    _other_isolhub(tmp_path / "elsewhere", other)
-    # `python -m isolhub._process.runtime` imports the isolhub of its current directory first: a real
-    # way for a worker to run another isolhub than its parent's.
-    monkeypatch.chdir(tmp_path / "elsewhere")
+    snap = _net_snapshot(tmp_path)
+    other = _beside_the_next_version(tmp_path, monkeypatch)
     with pytest.raises(isolhub.ProtocolVersionError) as info:
         start_worker(snap, start_method="spawn")
     e = info.value
@@ -193,11 +205,8 @@ def test_a_lazily_started_worker_of_another_version_is_refused_at_its_first_requ
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # `load` reads the worker's hello with its first answer (`lazy=True`): the refusal is the same.
-    repo = make_repo(tmp_path / "r", {"hubconf.py": "def net():\n    return 1\n"})
-    snap = fetch_snapshot(parse_spec(spec_of(repo), "github"), verbose=False)
-    other = PROTOCOL_VERSION + 1
-    _other_isolhub(tmp_path / "elsewhere", other)
-    monkeypatch.chdir(tmp_path / "elsewhere")
+    snap = _net_snapshot(tmp_path)
+    other = _beside_the_next_version(tmp_path, monkeypatch)
     w = start_worker(snap, start_method="spawn", lazy=True)
     with pytest.raises(isolhub.ProtocolVersionError) as info:
         w.request(CallRequest(entry="net", result="value"), ValueReply, timeout=60)
@@ -209,8 +218,7 @@ def test_a_lazily_started_worker_of_another_version_is_refused_at_its_first_requ
 def test_a_worker_of_an_isolhub_before_versions_is_refused_as_version_0(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    repo = make_repo(tmp_path / "r", {"hubconf.py": "def net():\n    return 1\n"})
-    snap = fetch_snapshot(parse_spec(spec_of(repo), "github"), verbose=False)
+    snap = _net_snapshot(tmp_path)
     _other_isolhub(tmp_path / "old", PROTOCOL_VERSION)
     worker = tmp_path / "old" / "isolhub" / "_process/runtime.py"
     # Its hello as isolhub sent it before the handshake had a version.
@@ -228,8 +236,7 @@ def test_a_worker_of_an_isolhub_before_versions_is_refused_as_version_0(
 
 @pytest.mark.slow
 def test_the_same_version_shakes_hands(tmp_path: Path) -> None:
-    repo = make_repo(tmp_path / "r", {"hubconf.py": textwrap.dedent("def net():\n    return 1\n")})
-    snap = fetch_snapshot(parse_spec(spec_of(repo), "github"), verbose=False)
+    snap = _net_snapshot(tmp_path)
     for method in ("spawn", "zygote"):
         with start_worker(snap, start_method=method) as w:
             assert w.request(ListRequest(), EntrypointsReply, timeout=60).names == ("net",)
