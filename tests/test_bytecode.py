@@ -3,21 +3,15 @@ beside them (in the snapshot), unless $PYTHONDONTWRITEBYTECODE says not to or a 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from test_broker import needs_sandbox
+from test_cache_integrity import _verify
 
 import isolhub as hub
-from isolhub._sandbox.policy import probe
 
 from hubrepos import make_repo, spec_of
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-_SANDBOX_MISSING = [n for n in probe().missing if n in hub.Sandbox().requested()]
 
 FILES = {
     "hubconf.py": "from pkg.mod import make\n\n\ndef net():\n    return make()\n",
@@ -35,14 +29,6 @@ def _bytecode(root: Path) -> set[str]:
     return {str(p.relative_to(root).parent) for p in root.rglob("*.pyc")}
 
 
-def _verify() -> dict:
-    cmd = [sys.executable, "-m", "isolhub", "cache", "verify", "--json"]
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
-    assert out.returncode == 0, out.stdout + out.stderr
-    return json.loads(out.stdout)
-
-
 def test_a_load_caches_the_repos_bytecode_in_its_snapshot_and_verify_stays_clean(
     repo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -51,7 +37,8 @@ def test_a_load_caches_the_repos_bytecode_in_its_snapshot_and_verify_stays_clean
     assert _bytecode(snap) == set()
     hub.load(spec_of(repo), "net")
     assert _bytecode(snap) == {"__pycache__", "pkg/__pycache__"}  # hubconf.py and pkg
-    assert _verify()["problems"] == []
+    code, report = _verify()
+    assert code == 0 and report["problems"] == [], report
     hub.load(spec_of(repo), "net")  # and read back by the next worker
 
 
@@ -64,7 +51,7 @@ def test_pythondontwritebytecode_in_the_callers_environment_is_honoured(
     assert _bytecode(snap) == set()
 
 
-@pytest.mark.skipif(bool(_SANDBOX_MISSING), reason=f"no sandbox here: {_SANDBOX_MISSING}")
+@needs_sandbox
 def test_a_sandboxed_worker_writes_no_bytecode_and_loads_all_the_same(
     repo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
