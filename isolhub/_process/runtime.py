@@ -324,12 +324,11 @@ class _WorkerState:
             )
             _download.set_fetch_broker(self.fetch_through_parent)
             _route_torch_hub(None)
-            _set_threads(init.threads)
-            return
-        if init.hub_dir:
-            _config.set_dir(init.hub_dir)
-        _route_torch_hub(init.hub_dir)
-        _set_threads(init.threads)
+        else:
+            if init.hub_dir:
+                _config.set_dir(init.hub_dir)
+            _route_torch_hub(init.hub_dir)
+        _set_threads(init.threads)  # after the sandbox, if any (`_set_threads`)
 
     def fetch_through_parent(self, url: str, hash_prefix: str | None) -> str:
         """Ask the parent for the file at `url` (it downloads, checks, and passes a read-only fd)."""
